@@ -1,0 +1,22 @@
+//! Compiles the published language in `proto/` with protox (a pure-Rust protobuf
+//! compiler: no system `protoc`), then generates prost messages and tonic stubs.
+
+use prost::Message as _;
+
+const PROTOS: &[&str] = &[
+    "proto/orderflow/orders/v1/orders.proto",
+    "proto/orderflow/events/v1/events.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
+    // tonic-reflection serves this set; tonic-prost-build does not write it when it is
+    // handed descriptors, so write it ourselves.
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out_dir.join("descriptor.bin"), descriptors.encode_to_vec())?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}

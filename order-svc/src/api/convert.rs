@@ -1,0 +1,199 @@
+//! Wire ↔ domain conversion. Parsing collects every violation, so a client fixes its
+//! request in one round trip.
+
+use orderflow::orders::v1 as wire;
+
+use super::{ApiError, FieldViolation};
+use crate::domain::{
+    CustomerId, DomainError, LineItem, MAX_ITEMS, Money, OrderId, OrderStatus, PaymentToken,
+    PlaceOrder, Quantity, SagaState, Sku, ValueError, parse_currency,
+};
+use crate::store::OrderRecord;
+
+/// The longest accepted request_id (a UUID is 36 characters).
+const MAX_REQUEST_ID_CHARS: usize = 36;
+
+/// Keeps the value, or records why it is invalid under `field`.
+fn field<T>(
+    violations: &mut Vec<FieldViolation>,
+    field: impl Into<String>,
+    result: Result<T, ValueError>,
+) -> Option<T> {
+    result
+        .map_err(|error| violations.push(FieldViolation::new(field, error)))
+        .ok()
+}
+
+/// Parses a PlaceOrder request into its idempotency key and the domain command.
+pub(super) fn parse_place_order(
+    request: &wire::PlaceOrderRequest,
+    order_id: OrderId,
+) -> Result<(Option<uuid::Uuid>, PlaceOrder), ApiError> {
+    let mut violations = Vec::new();
+    let v = &mut violations;
+
+    let request_id = match request.request_id.as_str() {
+        "" => None,
+        raw => field(v, "request_id", parse_request_id(raw)),
+    };
+    let customer_id = field(v, "customer_id", CustomerId::parse(request.customer_id));
+    let payment_token = field(
+        v,
+        "payment_token",
+        PaymentToken::parse(&request.payment_token),
+    );
+    let total = parse_money(v, request.total.as_ref(), "total");
+
+    let mut items = Vec::with_capacity(request.items.len().min(MAX_ITEMS));
+    if request.items.is_empty() {
+        field(v, "items", Err::<(), _>(ValueError::Missing));
+    } else if request.items.len() > MAX_ITEMS {
+        v.push(FieldViolation::new(
+            "items",
+            format!("must have at most {MAX_ITEMS} items"),
+        ));
+    } else {
+        for (index, item) in request.items.iter().enumerate() {
+            let sku = field(v, format!("items[{index}].sku"), Sku::parse(&item.sku));
+            let quantity = field(
+                v,
+                format!("items[{index}].quantity"),
+                Quantity::parse(item.quantity),
+            );
+            let unit_price = parse_money(
+                v,
+                item.unit_price.as_ref(),
+                &format!("items[{index}].unit_price"),
+            );
+            if let (Some(sku), Some(quantity), Some(unit_price)) = (sku, quantity, unit_price) {
+                items.push(LineItem {
+                    sku,
+                    quantity,
+                    unit_price,
+                });
+            }
+        }
+    }
+
+    match (customer_id, payment_token, total) {
+        (Some(customer_id), Some(payment_token), Some(declared_total)) if violations.is_empty() => {
+            Ok((
+                request_id,
+                PlaceOrder {
+                    order_id,
+                    customer_id,
+                    items,
+                    declared_total,
+                    payment_token,
+                },
+            ))
+        }
+        _ => Err(ApiError::InvalidArgument(violations)),
+    }
+}
+
+/// AIP-155: a request_id is a UUID.
+fn parse_request_id(raw: &str) -> Result<uuid::Uuid, ValueError> {
+    if raw.chars().count() > MAX_REQUEST_ID_CHARS {
+        return Err(ValueError::TooLong(MAX_REQUEST_ID_CHARS));
+    }
+    uuid::Uuid::parse_str(raw)
+        .ok()
+        .filter(|id| !id.is_nil())
+        .ok_or(ValueError::NotUuid)
+}
+
+fn parse_money(
+    violations: &mut Vec<FieldViolation>,
+    money: Option<&wire::Money>,
+    name: &str,
+) -> Option<Money> {
+    let Some(money) = money else {
+        return field(violations, name, Err(ValueError::Missing));
+    };
+    let currency = field(
+        violations,
+        format!("{name}.currency_code"),
+        parse_currency(&money.currency_code),
+    )?;
+    field(
+        violations,
+        format!("{name}.amount_minor"),
+        Money::new(money.amount_minor, currency),
+    )
+}
+
+/// Business-rule refusals, as field violations (or ALREADY_EXISTS).
+pub(super) fn domain_error(error: DomainError) -> ApiError {
+    let field = match &error {
+        DomainError::NoItems | DomainError::TooManyItems => "items".to_owned(),
+        DomainError::CurrencyMismatch { index, .. } => {
+            format!("items[{index}].unit_price.currency_code")
+        }
+        DomainError::TotalOverflow => "total.amount_minor".to_owned(),
+        DomainError::TotalMismatch { .. } => "total.amount_minor".to_owned(),
+        DomainError::AlreadyExists => return ApiError::AlreadyExists(error.to_string()),
+    };
+    ApiError::InvalidArgument(vec![FieldViolation::new(field, error)])
+}
+
+pub(super) fn wire_money(money: Money) -> wire::Money {
+    wire::Money {
+        amount_minor: money.amount_minor(),
+        currency_code: money.currency().code().to_owned(),
+    }
+}
+
+pub(super) fn wire_item(item: &LineItem) -> wire::OrderItem {
+    wire::OrderItem {
+        sku: item.sku.as_str().to_owned(),
+        quantity: item.quantity.get(),
+        unit_price: Some(wire_money(item.unit_price)),
+    }
+}
+
+fn timestamp(at: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        // subsec_nanos is below 1e9 and so fits in i32.
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The current time as a protobuf timestamp.
+pub(super) fn now_timestamp() -> prost_types::Timestamp {
+    timestamp(chrono::Utc::now())
+}
+
+pub(super) fn wire_order(record: &OrderRecord) -> wire::Order {
+    let order = &record.order;
+    let status = match order.status {
+        OrderStatus::Pending => wire::OrderStatus::Pending,
+        OrderStatus::Confirmed => wire::OrderStatus::Confirmed,
+        OrderStatus::Cancelled => wire::OrderStatus::Cancelled,
+    };
+    let saga_state = match order.saga_state {
+        SagaState::AwaitingPayment => wire::SagaState::AwaitingPayment,
+        SagaState::Completed => wire::SagaState::Completed,
+        SagaState::Compensated => wire::SagaState::Compensated,
+    };
+    let reason = match record.cancellation_reason.as_deref() {
+        Some("PAYMENT_FAILED") => wire::CancellationReason::PaymentFailed,
+        Some("PAYMENT_TIMEOUT") => wire::CancellationReason::PaymentTimeout,
+        Some("CUSTOMER_REQUEST") => wire::CancellationReason::CustomerRequest,
+        _ => wire::CancellationReason::Unspecified,
+    };
+    wire::Order {
+        order_id: order.id.to_string(),
+        customer_id: order.customer_id.get(),
+        items: order.items.iter().map(wire_item).collect(),
+        total: Some(wire_money(order.total)),
+        status: status as i32,
+        saga_state: saga_state as i32,
+        cancellation_reason: reason as i32,
+        version: order.version,
+        correlation_id: record.correlation_id.to_string(),
+        created_at: Some(timestamp(record.created_at)),
+        updated_at: Some(timestamp(record.updated_at)),
+    }
+}

@@ -1,0 +1,156 @@
+//! The gRPC edge: parses wire messages into domain values, runs the domain, stores the
+//! result, and maps every failure through [`ApiError`].
+
+mod convert;
+mod error;
+
+use std::time::Duration;
+
+use orderflow::envelope::{EventMeta, seal};
+use orderflow::events::v1::{OrderPlaced, event_envelope::Payload};
+use orderflow::orders::v1::order_service_server::OrderService;
+use orderflow::orders::v1::{
+    GetOrderRequest, GetOrderResponse, OrderStatus as WireStatus, PlaceOrderRequest,
+    PlaceOrderResponse,
+};
+use orderflow_platform::outbox::OutboxMessage;
+use prost::Message as _;
+use sqlx::PgPool;
+use tracing::Instrument as _;
+
+pub use error::{ApiError, FieldViolation};
+
+use crate::domain::{self, Command, Event, OrderId};
+use crate::store::{self, IdempotencyKey, PlaceOutcome};
+
+/// The `OrderService` implementation.
+#[derive(Debug, Clone)]
+pub struct OrderApi {
+    pool: PgPool,
+    orders_topic: String,
+    idempotency_retention: Duration,
+}
+
+impl OrderApi {
+    /// An API writing to `pool` and publishing order events to `orders_topic`.
+    pub fn new(pool: PgPool, orders_topic: String, idempotency_retention: Duration) -> Self {
+        Self {
+            pool,
+            orders_topic,
+            idempotency_retention,
+        }
+    }
+
+    async fn place_order(
+        &self,
+        request: PlaceOrderRequest,
+    ) -> Result<PlaceOrderResponse, ApiError> {
+        let order_id = OrderId::generate();
+        let (request_id, command) = convert::parse_place_order(&request, order_id)?;
+        let events =
+            domain::decide(None, Command::Place(command)).map_err(convert::domain_error)?;
+        let Some(Event::Placed { order }) = events.into_iter().next() else {
+            tracing::error!("decide(Place) returned no Placed event");
+            return Err(ApiError::Internal);
+        };
+        let correlation_id = uuid::Uuid::now_v7();
+        tracing::Span::current()
+            .record("order_id", tracing::field::display(order.id))
+            .record("correlation_id", tracing::field::display(correlation_id));
+
+        let key = request_id.map(|request_id| IdempotencyKey {
+            request_id,
+            fingerprint: PlaceOrderRequest {
+                request_id: String::new(),
+                ..request.clone()
+            }
+            .encode_to_vec(),
+            retention: self.idempotency_retention,
+        });
+        let response = PlaceOrderResponse {
+            order_id: order.id.to_string(),
+            status: WireStatus::Pending as i32,
+            correlation_id: correlation_id.to_string(),
+        };
+        let event = OutboxMessage {
+            topic: self.orders_topic.clone(),
+            envelope: seal(
+                EventMeta {
+                    message_id: uuid::Uuid::now_v7(),
+                    aggregate_id: order.id.as_uuid(),
+                    correlation_id,
+                    causation_id: None,
+                    traceparent: None,
+                    occurred_at: convert::now_timestamp(),
+                },
+                Payload::OrderPlaced(OrderPlaced {
+                    order_id: order.id.to_string(),
+                    customer_id: order.customer_id.get(),
+                    items: order.items.iter().map(convert::wire_item).collect(),
+                    total: Some(convert::wire_money(order.total)),
+                    payment_token: order.payment_token.as_str().to_owned(),
+                }),
+            ),
+        };
+        match store::place_order(
+            &self.pool,
+            &order,
+            correlation_id,
+            key.as_ref(),
+            &event,
+            &response,
+        )
+        .await?
+        {
+            PlaceOutcome::Created(response) => {
+                tracing::info!("order placed");
+                Ok(response)
+            }
+            PlaceOutcome::Replayed(response) => {
+                tracing::info!(original_order_id = %response.order_id, "idempotent replay: original response returned");
+                Ok(response)
+            }
+        }
+    }
+
+    async fn get_order(&self, request: GetOrderRequest) -> Result<GetOrderResponse, ApiError> {
+        let id = OrderId::parse(&request.order_id).map_err(|error| {
+            ApiError::InvalidArgument(vec![FieldViolation::new("order_id", error)])
+        })?;
+        tracing::Span::current().record("order_id", tracing::field::display(id));
+        let record = store::get_order(&self.pool, id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))?;
+        Ok(GetOrderResponse {
+            order: Some(convert::wire_order(&record)),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl OrderService for OrderApi {
+    async fn place_order(
+        &self,
+        request: tonic::Request<PlaceOrderRequest>,
+    ) -> Result<tonic::Response<PlaceOrderResponse>, tonic::Status> {
+        let span = tracing::info_span!(
+            "PlaceOrder",
+            order_id = tracing::field::Empty,
+            correlation_id = tracing::field::Empty
+        );
+        let result = self
+            .place_order(request.into_inner())
+            .instrument(span)
+            .await;
+        Ok(tonic::Response::new(result?))
+    }
+
+    async fn get_order(
+        &self,
+        request: tonic::Request<GetOrderRequest>,
+    ) -> Result<tonic::Response<GetOrderResponse>, tonic::Status> {
+        let span = tracing::info_span!("GetOrder", order_id = tracing::field::Empty);
+        let result = self.get_order(request.into_inner()).instrument(span).await;
+        Ok(tonic::Response::new(result?))
+    }
+}

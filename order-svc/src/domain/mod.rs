@@ -1,0 +1,229 @@
+//! The order aggregate, pure and synchronous: no database, broker or gRPC types here.
+//!
+//! `decide(&state, command)` says which events a command causes (or why it is refused);
+//! `apply(state, event)` is the state those events lead to. The edges (gRPC, the event
+//! consumers) parse wire types into the newtypes below before anything reaches `decide`.
+
+mod currency;
+mod values;
+
+pub use currency::Currency;
+pub use values::{
+    CustomerId, LineItem, Money, OrderId, PaymentToken, Quantity, Sku, ValueError, parse_currency,
+};
+
+/// Business status of an order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderStatus {
+    /// Accepted; payment not settled.
+    Pending,
+    /// Paid; handed to fulfilment.
+    Confirmed,
+    /// Cancelled; nothing is charged.
+    Cancelled,
+}
+
+impl OrderStatus {
+    /// The name stored in the database and shown to people.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Confirmed => "CONFIRMED",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Pending, Self::Confirmed, Self::Cancelled]
+            .into_iter()
+            .find(|s| s.as_str() == name)
+    }
+}
+
+/// Where the order is in the checkout saga.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SagaState {
+    /// OrderPlaced emitted; waiting for the payment outcome.
+    AwaitingPayment,
+    /// Confirmed; capture requested.
+    Completed,
+    /// Cancelled and compensated.
+    Compensated,
+}
+
+impl SagaState {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AwaitingPayment => "AWAITING_PAYMENT",
+            Self::Completed => "COMPLETED",
+            Self::Compensated => "COMPENSATED",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::AwaitingPayment, Self::Completed, Self::Compensated]
+            .into_iter()
+            .find(|s| s.as_str() == name)
+    }
+}
+
+/// An order as the aggregate knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    /// Identity.
+    pub id: OrderId,
+    /// Who ordered.
+    pub customer_id: CustomerId,
+    /// What.
+    pub items: Vec<LineItem>,
+    /// The sum of the items.
+    pub total: Money,
+    /// The card token to charge.
+    pub payment_token: PaymentToken,
+    /// Business status.
+    pub status: OrderStatus,
+    /// Saga position.
+    pub saga_state: SagaState,
+    /// Incremented by every state change; guards compare-and-set updates.
+    pub version: i64,
+}
+
+/// The most lines one order may have: a bound on message size and on work per request.
+pub const MAX_ITEMS: usize = 100;
+
+/// A request to place an order, already parsed into domain values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaceOrder {
+    /// The id the new order will have (chosen by the caller, UUIDv7).
+    pub order_id: OrderId,
+    /// Who orders.
+    pub customer_id: CustomerId,
+    /// What.
+    pub items: Vec<LineItem>,
+    /// The total the client expects to pay.
+    pub declared_total: Money,
+    /// The card token.
+    pub payment_token: PaymentToken,
+}
+
+/// Commands the aggregate understands. (The saga adds confirmation and cancellation.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Place a new order.
+    Place(PlaceOrder),
+}
+
+/// Facts the aggregate records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An order was accepted and awaits payment.
+    Placed {
+        /// The order as placed.
+        order: Order,
+    },
+}
+
+/// Why a command is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    /// An order needs at least one item.
+    #[error("an order needs at least one item")]
+    NoItems,
+    /// Too many lines.
+    #[error("an order has at most {MAX_ITEMS} items")]
+    TooManyItems,
+    /// An item is priced in another currency than the order total.
+    #[error("item {index} is priced in {found}, the order in {expected}")]
+    CurrencyMismatch {
+        /// Which item.
+        index: usize,
+        /// The order's currency.
+        expected: &'static str,
+        /// The item's currency.
+        found: &'static str,
+    },
+    /// A line or the total does not fit in 64 bits of minor units.
+    #[error("the order total overflows")]
+    TotalOverflow,
+    /// The client's total is not the sum of the items.
+    #[error("declared total {declared} does not match the items' sum {computed}")]
+    TotalMismatch {
+        /// What the client said.
+        declared: i64,
+        /// What the items add up to.
+        computed: i64,
+    },
+    /// The order exists already.
+    #[error("the order already exists")]
+    AlreadyExists,
+}
+
+/// Decides what a command does to an order (`None`: the order does not exist yet).
+pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<Event>, DomainError> {
+    match command {
+        Command::Place(place) => {
+            if state.is_some() {
+                return Err(DomainError::AlreadyExists);
+            }
+            let total = checked_total(&place.items, place.declared_total.currency())?;
+            if total != place.declared_total {
+                return Err(DomainError::TotalMismatch {
+                    declared: place.declared_total.amount_minor(),
+                    computed: total.amount_minor(),
+                });
+            }
+            Ok(vec![Event::Placed {
+                order: Order {
+                    id: place.order_id,
+                    customer_id: place.customer_id,
+                    items: place.items,
+                    total,
+                    payment_token: place.payment_token,
+                    status: OrderStatus::Pending,
+                    saga_state: SagaState::AwaitingPayment,
+                    version: 0,
+                },
+            }])
+        }
+    }
+}
+
+/// The state after an event.
+pub fn apply(_state: Option<Order>, event: Event) -> Order {
+    match event {
+        Event::Placed { order } => order,
+    }
+}
+
+/// Sums the items in `currency`, refusing empty, oversized, mixed-currency or overflowing orders.
+fn checked_total(items: &[LineItem], currency: Currency) -> Result<Money, DomainError> {
+    if items.is_empty() {
+        return Err(DomainError::NoItems);
+    }
+    if items.len() > MAX_ITEMS {
+        return Err(DomainError::TooManyItems);
+    }
+    let mut sum: i64 = 0;
+    for (index, item) in items.iter().enumerate() {
+        if item.unit_price.currency() != currency {
+            return Err(DomainError::CurrencyMismatch {
+                index,
+                expected: currency.code(),
+                found: item.unit_price.currency().code(),
+            });
+        }
+        let line = item
+            .unit_price
+            .amount_minor()
+            .checked_mul(i64::from(item.quantity.get()))
+            .ok_or(DomainError::TotalOverflow)?;
+        sum = sum.checked_add(line).ok_or(DomainError::TotalOverflow)?;
+    }
+    Money::new(sum, currency).map_err(|_| DomainError::TotalOverflow)
+}
+
+#[cfg(test)]
+mod tests;

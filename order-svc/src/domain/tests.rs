@@ -1,0 +1,163 @@
+// Unit tests: a failed setup step stops the test with its reason.
+#![allow(clippy::expect_used)]
+
+use super::*;
+
+fn eur() -> Currency {
+    Currency::from_code("EUR").expect("EUR is an ISO-4217 code")
+}
+
+fn item(sku: &str, quantity: i32, unit_price: i64) -> LineItem {
+    LineItem {
+        sku: Sku::parse(sku).expect("valid sku"),
+        quantity: Quantity::parse(quantity).expect("valid quantity"),
+        unit_price: Money::new(unit_price, eur()).expect("valid price"),
+    }
+}
+
+fn place(items: Vec<LineItem>, declared: i64) -> Command {
+    Command::Place(PlaceOrder {
+        order_id: OrderId::generate(),
+        customer_id: CustomerId::parse(42).expect("positive"),
+        items,
+        declared_total: Money::new(declared, eur()).expect("positive"),
+        payment_token: PaymentToken::parse("tok_visa").expect("printable"),
+    })
+}
+
+#[test]
+fn placing_a_new_order_makes_it_pending_and_awaiting_payment() {
+    let events = decide(
+        None,
+        place(vec![item("A-1", 2, 1_250), item("B-2", 1, 500)], 3_000),
+    )
+    .expect("valid order");
+    let [Event::Placed { order }] = events.as_slice() else {
+        panic!("one Placed event, got {events:?}")
+    };
+    assert_eq!(order.total.amount_minor(), 3_000);
+    assert_eq!(order.status, OrderStatus::Pending);
+    assert_eq!(order.saga_state, SagaState::AwaitingPayment);
+    assert_eq!(order.version, 0);
+    let state = apply(None, events[0].clone());
+    assert_eq!(&state, order);
+}
+
+#[test]
+fn placing_an_existing_order_is_refused() {
+    let events = decide(None, place(vec![item("A-1", 1, 100)], 100)).expect("valid order");
+    let state = apply(None, events[0].clone());
+    assert_eq!(
+        decide(Some(&state), place(vec![item("A-1", 1, 100)], 100)),
+        Err(DomainError::AlreadyExists)
+    );
+}
+
+#[test]
+fn a_total_that_is_not_the_sum_is_refused() {
+    assert_eq!(
+        decide(None, place(vec![item("A-1", 3, 100)], 299)),
+        Err(DomainError::TotalMismatch {
+            declared: 299,
+            computed: 300
+        })
+    );
+}
+
+#[test]
+fn an_overflowing_total_is_refused() {
+    let huge = item("A-1", Quantity::MAX, i64::MAX / 2);
+    assert_eq!(
+        decide(None, place(vec![huge], 1)),
+        Err(DomainError::TotalOverflow)
+    );
+    let half = item("A-1", 1, i64::MAX / 2 + 1);
+    assert_eq!(
+        decide(None, place(vec![half.clone(), half], 1)),
+        Err(DomainError::TotalOverflow)
+    );
+}
+
+#[test]
+fn empty_and_oversized_orders_are_refused() {
+    assert_eq!(decide(None, place(vec![], 1)), Err(DomainError::NoItems));
+    let many = vec![item("A-1", 1, 1); MAX_ITEMS + 1];
+    assert_eq!(
+        decide(None, place(many, (MAX_ITEMS + 1) as i64)),
+        Err(DomainError::TooManyItems)
+    );
+}
+
+#[test]
+fn items_in_another_currency_are_refused() {
+    let usd = Currency::from_code("USD").expect("USD is an ISO-4217 code");
+    let mut dollars = item("A-1", 1, 100);
+    dollars.unit_price = Money::new(100, usd).expect("positive");
+    assert_eq!(
+        decide(None, place(vec![item("B-1", 1, 100), dollars], 200)),
+        Err(DomainError::CurrencyMismatch {
+            index: 1,
+            expected: "EUR",
+            found: "USD"
+        })
+    );
+}
+
+#[test]
+fn zero_values_are_missing_and_negatives_are_not_positive() {
+    assert_eq!(CustomerId::parse(0), Err(ValueError::Missing));
+    assert_eq!(CustomerId::parse(-3), Err(ValueError::NotPositive));
+    assert_eq!(Quantity::parse(0), Err(ValueError::Missing));
+    assert_eq!(Quantity::parse(-1), Err(ValueError::NotPositive));
+    assert_eq!(
+        Quantity::parse(Quantity::MAX + 1),
+        Err(ValueError::TooLarge(i64::from(Quantity::MAX)))
+    );
+    assert_eq!(Money::new(0, eur()), Err(ValueError::Missing));
+    assert_eq!(Money::new(-5, eur()), Err(ValueError::NotPositive));
+    assert_eq!(OrderId::parse(""), Err(ValueError::Missing));
+    assert_eq!(
+        OrderId::parse("00000000-0000-0000-0000-000000000000"),
+        Err(ValueError::Missing)
+    );
+    assert_eq!(OrderId::parse("not-a-uuid"), Err(ValueError::NotUuid));
+}
+
+#[test]
+fn strings_are_bounded_and_printable() {
+    assert_eq!(Sku::parse(""), Err(ValueError::Missing));
+    assert_eq!(Sku::parse(&"x".repeat(65)), Err(ValueError::TooLong(64)));
+    assert!(
+        Sku::parse(&"é".repeat(64)).is_ok(),
+        "the bound counts characters, not bytes"
+    );
+    assert_eq!(Sku::parse("A\n1"), Err(ValueError::NotPrintable));
+    assert_eq!(Sku::parse("A\u{202E}1"), Err(ValueError::NotPrintable));
+    assert_eq!(
+        PaymentToken::parse("tok\u{0}"),
+        Err(ValueError::NotPrintable)
+    );
+    assert!(
+        !format!(
+            "{:?}",
+            PaymentToken::parse("tok_secret").expect("printable")
+        )
+        .contains("secret")
+    );
+}
+
+proptest::proptest! {
+    #[test]
+    fn decide_accepts_exactly_the_sums_that_fit(prices in proptest::collection::vec((1i64..=i64::MAX, 1i32..=Quantity::MAX), 1..5)) {
+        let items: Vec<LineItem> = prices.iter().map(|&(p, q)| item("S", q, p)).collect();
+        let exact = prices.iter().try_fold(0i64, |acc, &(p, q)| p.checked_mul(i64::from(q)).and_then(|l| acc.checked_add(l)));
+        match (exact, decide(None, place(items, exact.unwrap_or(1)))) {
+            (Some(sum), Ok(events)) => {
+                let Event::Placed { order } = &events[0];
+                proptest::prop_assert_eq!(order.total.amount_minor(), sum);
+            }
+            (None, Err(DomainError::TotalOverflow)) => {}
+            (expected, got) => proptest::prop_assert!(false, "sum {expected:?} but decide said {got:?}"),
+        }
+    }
+}

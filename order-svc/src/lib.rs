@@ -1,0 +1,103 @@
+//! The order service: accepts orders over gRPC and records each with its `OrderPlaced`
+//! event in one transaction (the transactional outbox). The relay publishes the event.
+
+pub mod api;
+pub mod domain;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use orderflow::orders::v1::order_service_server::OrderServiceServer;
+use orderflow_platform::Secret;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The order database's migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orders");
+
+/// Largest decoded request: 100 items of bounded strings fit in well under 64 KiB.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// The order service's settings: defaults, overridden by environment variables, overridden
+/// by flags. The database URL is a [`Secret`] and never appears in logs or `--help`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "order-svc", about = "orderflow's order service (gRPC)")]
+pub struct Config {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "ORDER_SVC_LISTEN_ADDR", default_value = "127.0.0.1:50051")]
+    pub listen_addr: SocketAddr,
+    /// Postgres URL of the orders database.
+    #[arg(long, env = "ORDER_SVC_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Secret,
+    /// Most open database connections.
+    #[arg(long, env = "ORDER_SVC_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+    /// Topic the order events are published to (by the relay, from the outbox).
+    #[arg(long, env = "ORDER_SVC_ORDERS_TOPIC", default_value = orderflow::topics::ORDERS_EVENTS)]
+    pub orders_topic: String,
+    /// How long a PlaceOrder request_id is honoured, in hours (at least 24).
+    #[arg(long, env = "ORDER_SVC_IDEMPOTENCY_RETENTION_HOURS", default_value_t = 24,
+          value_parser = clap::value_parser!(u64).range(24..))]
+    pub idempotency_retention_hours: u64,
+    /// Deadline of one request, in milliseconds; a slower one is cancelled.
+    #[arg(long, env = "ORDER_SVC_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
+    pub request_timeout_ms: u64,
+    /// Requests served at once; further ones wait for a slot (until their deadline).
+    #[arg(long, env = "ORDER_SVC_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
+    pub max_concurrent_requests: usize,
+    /// Apply the database migrations at start-up.
+    #[arg(long, env = "ORDER_SVC_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
+}
+
+/// Runs the service on `listener` until `shutdown` is cancelled, then stops accepting,
+/// lets requests in flight finish and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let pool =
+        orderflow_platform::connect_postgres(&config.database_url, config.db_max_connections)
+            .await?;
+    if config.migrate {
+        MIGRATOR.run(&pool).await?;
+    }
+    let api = api::OrderApi::new(
+        pool.clone(),
+        config.orders_topic.clone(),
+        Duration::from_secs(config.idempotency_retention_hours * 3600),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<OrderServiceServer<api::OrderApi>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(orderflow::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    // grpcurl up to 1.8 speaks only the v1alpha reflection protocol.
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let local_addr = listener.local_addr()?;
+    tracing::info!(%local_addr, "order-svc serving gRPC");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .timeout(Duration::from_millis(config.request_timeout_ms))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            config.max_concurrent_requests,
+        ))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(OrderServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+        .await?;
+    pool.close().await;
+    tracing::info!("order-svc stopped");
+    Ok(())
+}

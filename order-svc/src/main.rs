@@ -1,0 +1,10 @@
+use clap::Parser as _;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    orderflow_platform::init_logging();
+    let config = order_svc::Config::parse();
+    let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
+    let shutdown = orderflow_platform::shutdown_on_signals();
+    order_svc::run(config, listener, shutdown).await
+}

@@ -1,0 +1,263 @@
+//! The order service's database access. Every write that changes an order inserts its
+//! event into the outbox in the same transaction: the event exists if and only if the
+//! change does.
+
+use std::time::Duration;
+
+use orderflow::orders::v1::PlaceOrderResponse;
+use orderflow_platform::outbox::{self, OutboxMessage};
+use prost::Message as _;
+use sqlx::PgPool;
+
+use crate::domain::{
+    Currency, CustomerId, LineItem, Money, Order, OrderId, OrderStatus, PaymentToken, Quantity,
+    SagaState, Sku,
+};
+
+/// Why a database operation failed, in the terms the API needs to answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or did not answer in time: retry later.
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// A serialization failure or deadlock: the transaction can be retried.
+    #[error("transaction aborted by a concurrent one")]
+    Conflict(#[source] sqlx::Error),
+    /// An idempotency key reused with a different request.
+    #[error("request_id was already used with a different request")]
+    IdempotencyKeyReused,
+    /// Stored data that this code cannot read (a bug or a manual edit).
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    /// Anything else: a bug. The SQL error is logged, never sent to a client.
+    #[error("unexpected database error")]
+    Other(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_) => Self::Unavailable(error),
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                // serialization_failure, deadlock_detected
+                Some("40001" | "40P01") => Self::Conflict(error),
+                // admin_shutdown, crash_shutdown, cannot_connect_now, connection failures
+                Some(code) if code.starts_with("57P") || code.starts_with("08") => {
+                    Self::Unavailable(error)
+                }
+                _ => Self::Other(error),
+            },
+            _ => Self::Other(error),
+        }
+    }
+}
+
+/// The idempotency key of a PlaceOrder call.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    /// The client's request_id.
+    pub request_id: uuid::Uuid,
+    /// The encoded request without its request_id.
+    pub fingerprint: Vec<u8>,
+    /// How long the key is honoured.
+    pub retention: Duration,
+}
+
+/// What PlaceOrder did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlaceOutcome {
+    /// A new order was written with its outbox event.
+    Created(PlaceOrderResponse),
+    /// The key was seen before with the same request: the original response, nothing written.
+    Replayed(PlaceOrderResponse),
+}
+
+/// Writes a new order, its items and its `OrderPlaced` outbox row in one transaction,
+/// guarded by the idempotency key when there is one.
+pub async fn place_order(
+    pool: &PgPool,
+    order: &Order,
+    correlation_id: uuid::Uuid,
+    key: Option<&IdempotencyKey>,
+    event: &OutboxMessage,
+    response: &PlaceOrderResponse,
+) -> Result<PlaceOutcome, StoreError> {
+    let mut tx = pool.begin().await?;
+    if let Some(key) = key {
+        // Claim the key first. A concurrent call with the same key blocks on the unique
+        // index here until this transaction ends, then sees the committed row: N racing
+        // retries create exactly one order. An expired key (not yet cleaned up) is reclaimed.
+        let claimed: Option<(String,)> = sqlx::query_as(
+            "INSERT INTO idempotency_keys (request_id, request_fingerprint, order_id, response, expires_at)
+             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+             ON CONFLICT (request_id) DO UPDATE
+                SET request_fingerprint = EXCLUDED.request_fingerprint, order_id = EXCLUDED.order_id,
+                    response = EXCLUDED.response, created_at = now(), expires_at = EXCLUDED.expires_at
+                WHERE idempotency_keys.expires_at < now()
+             RETURNING request_id",
+        )
+        .bind(key.request_id.to_string())
+        .bind(&key.fingerprint)
+        .bind(order.id.as_uuid())
+        .bind(response.encode_to_vec())
+        .bind(key.retention.as_secs_f64())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if claimed.is_none() {
+            let (fingerprint, original): (Vec<u8>, Vec<u8>) = sqlx::query_as(
+                "SELECT request_fingerprint, response FROM idempotency_keys WHERE request_id = $1",
+            )
+            .bind(key.request_id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+            // Nothing was written in this transaction; dropping it rolls back.
+            drop(tx);
+            if fingerprint != key.fingerprint {
+                return Err(StoreError::IdempotencyKeyReused);
+            }
+            let original = PlaceOrderResponse::decode(original.as_slice())
+                .map_err(|error| StoreError::Corrupt(format!("stored response: {error}")))?;
+            return Ok(PlaceOutcome::Replayed(original));
+        }
+    }
+
+    sqlx::query(
+        "INSERT INTO orders (order_id, customer_id, currency_code, total_minor, payment_token, status, saga_state,
+                             version, correlation_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(order.id.as_uuid())
+    .bind(order.customer_id.get())
+    .bind(order.total.currency().code())
+    .bind(order.total.amount_minor())
+    .bind(order.payment_token.as_str())
+    .bind(order.status.as_str())
+    .bind(order.saga_state.as_str())
+    .bind(order.version)
+    .bind(correlation_id)
+    .execute(&mut *tx)
+    .await?;
+
+    let line_numbers: Vec<i32> = (0..).take(order.items.len()).collect();
+    let skus: Vec<&str> = order.items.iter().map(|item| item.sku.as_str()).collect();
+    let quantities: Vec<i32> = order.items.iter().map(|item| item.quantity.get()).collect();
+    let prices: Vec<i64> = order
+        .items
+        .iter()
+        .map(|item| item.unit_price.amount_minor())
+        .collect();
+    sqlx::query(
+        "INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price_minor)
+         SELECT $1, * FROM UNNEST($2::int[], $3::text[], $4::int[], $5::bigint[])",
+    )
+    .bind(order.id.as_uuid())
+    .bind(&line_numbers)
+    .bind(&skus)
+    .bind(&quantities)
+    .bind(&prices)
+    .execute(&mut *tx)
+    .await?;
+
+    outbox::insert(&mut tx, event).await?;
+
+    // If the process dies before this commit, nothing above exists: the client sees an
+    // error (or a dropped connection) and retries with the same request_id.
+    tx.commit().await?;
+    Ok(PlaceOutcome::Created(response.clone()))
+}
+
+/// An order as stored, with what the API shows besides the aggregate.
+#[derive(Debug, Clone)]
+pub struct OrderRecord {
+    /// The aggregate.
+    pub order: Order,
+    /// Why it was cancelled, if it was (stored name).
+    pub cancellation_reason: Option<String>,
+    /// The correlation id.
+    pub correlation_id: uuid::Uuid,
+    /// Placed at.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Last changed at.
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+type OrderRow = (
+    i64,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    uuid::Uuid,
+    chrono::DateTime<chrono::Utc>,
+    chrono::DateTime<chrono::Utc>,
+);
+
+/// Reads one order and its items; `None` if there is no such order.
+pub async fn get_order(pool: &PgPool, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
+    let row: Option<OrderRow> = sqlx::query_as(
+        "SELECT customer_id, currency_code, total_minor, payment_token, status, saga_state, cancellation_reason,
+                version, correlation_id, created_at, updated_at
+         FROM orders WHERE order_id = $1",
+    )
+    .bind(id.as_uuid())
+    .fetch_optional(pool)
+    .await?;
+    let Some((
+        customer,
+        currency,
+        total,
+        token,
+        status,
+        saga,
+        reason,
+        version,
+        correlation_id,
+        created,
+        updated,
+    )) = row
+    else {
+        return Ok(None);
+    };
+    let items: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT sku, quantity, unit_price_minor FROM order_items WHERE order_id = $1 ORDER BY line_no")
+            .bind(id.as_uuid())
+            .fetch_all(pool)
+            .await?;
+
+    let corrupt = |what: &str| StoreError::Corrupt(format!("order {id}: {what}"));
+    let currency = Currency::from_code(currency.trim()).ok_or_else(|| corrupt("currency"))?;
+    let money = |amount| Money::new(amount, currency).map_err(|_| corrupt("amount"));
+    let items = items
+        .into_iter()
+        .map(|(sku, quantity, price)| {
+            Ok(LineItem {
+                sku: Sku::parse(&sku).map_err(|_| corrupt("sku"))?,
+                quantity: Quantity::parse(quantity).map_err(|_| corrupt("quantity"))?,
+                unit_price: money(price)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let order = Order {
+        id,
+        customer_id: CustomerId::parse(customer).map_err(|_| corrupt("customer_id"))?,
+        items,
+        total: money(total)?,
+        payment_token: PaymentToken::parse(&token).map_err(|_| corrupt("payment_token"))?,
+        status: OrderStatus::parse(&status).ok_or_else(|| corrupt("status"))?,
+        saga_state: SagaState::parse(&saga).ok_or_else(|| corrupt("saga_state"))?,
+        version,
+    };
+    Ok(Some(OrderRecord {
+        order,
+        cancellation_reason: reason,
+        correlation_id,
+        created_at: created,
+        updated_at: updated,
+    }))
+}

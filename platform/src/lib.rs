@@ -1,0 +1,71 @@
+//! What every orderflow process shares. Nothing here knows about orders or payments:
+//! it is the plumbing (secrets, logging, Postgres, Kafka settings, the outbox row,
+//! shutdown) that each service would otherwise write again.
+
+pub mod kafka;
+pub mod outbox;
+pub mod secret;
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+pub use secret::Secret;
+
+/// Installs the JSON log subscriber. The level comes from `RUST_LOG` (default `info`).
+/// Every line carries the span fields in scope, so a line logged inside an order's span
+/// carries its order_id and correlation_id.
+pub fn init_logging() {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // try_init: a second call (tests starting several services in one process) is a no-op.
+    let _ = fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_target(true)
+        .try_init();
+}
+
+/// A token cancelled by SIGINT or SIGTERM: the process then drains its work in flight.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut stream) => {
+                    stream.recv().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops this process");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = terminate => {},
+        }
+        tracing::info!("shutdown requested; draining work in flight");
+        cancel.cancel();
+    });
+    token
+}
+
+/// Opens a Postgres pool. The URL is a [`Secret`]: it carries the password and is never logged.
+pub async fn connect_postgres(
+    url: &Secret,
+    max_connections: u32,
+) -> Result<sqlx::PgPool, sqlx::Error> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url.expose())
+        .await
+}

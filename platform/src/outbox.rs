@@ -1,0 +1,62 @@
+//! The outbox row: an event that a service committed together with its business change
+//! and that its relay will publish to Kafka.
+//!
+//! Every service database has the same `outbox` table (see `migrations/*/`); the relay
+//! reads it, the services only ever insert into it, inside the transaction that makes
+//! the change the event describes.
+
+use orderflow::envelope::headers;
+use orderflow::events::v1::EventEnvelope;
+use prost::Message as _;
+
+/// One event ready to be published.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    /// The topic to publish to.
+    pub topic: String,
+    /// The sealed envelope; its `aggregate_id` becomes the record key.
+    pub envelope: EventEnvelope,
+}
+
+/// Inserts the message into the outbox, inside the caller's transaction. The insert fires
+/// a NOTIFY (a trigger in the migration) that wakes the relay when the transaction commits.
+pub async fn insert(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    message: &OutboxMessage,
+) -> Result<(), sqlx::Error> {
+    let envelope = &message.envelope;
+    let message_id = uuid::Uuid::parse_str(&envelope.message_id)
+        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    sqlx::query(
+        "INSERT INTO outbox (message_id, topic, partition_key, event_type, schema_version, traceparent, payload)
+         VALUES ($1, $2, $3, $4, $5, NULLIF($6, ''), $7)",
+    )
+    .bind(message_id)
+    .bind(&message.topic)
+    .bind(&envelope.aggregate_id)
+    .bind(&envelope.event_type)
+    .bind(i32::try_from(envelope.schema_version).unwrap_or(i32::MAX))
+    .bind(&envelope.traceparent)
+    .bind(envelope.encode_to_vec())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The Kafka headers of an outbox row, mirroring the envelope (see `orderflow::envelope::headers`).
+pub fn record_headers<'a>(
+    message_id: &'a str,
+    event_type: &'a str,
+    schema_version: &'a str,
+    traceparent: Option<&'a str>,
+) -> Vec<(&'static str, &'a str)> {
+    let mut list = vec![
+        (headers::MESSAGE_ID, message_id),
+        (headers::EVENT_TYPE, event_type),
+        (headers::SCHEMA_VERSION, schema_version),
+    ];
+    if let Some(traceparent) = traceparent {
+        list.push((headers::TRACEPARENT, traceparent));
+    }
+    list
+}

@@ -1,0 +1,295 @@
+//! The outbox relay: publishes one service database's outbox rows to Kafka, at least once,
+//! in order per key.
+//!
+//! How it stays correct (see `shared/reference/pitfalls.md` for the failures it avoids):
+//! - Unpublished rows are found by their flag (`published_at IS NULL`), in id order. There
+//!   is no "last published id": a row whose id is lower than one already published but
+//!   whose transaction committed later is simply found on the next pass.
+//! - A batch runs in one transaction that first takes a transaction-scoped advisory lock.
+//!   Only one relay of a database publishes at a time, so two relays can never publish an
+//!   order's second event before its first; a second relay is a hot standby that takes
+//!   over on the next batch when the first dies (its transaction, and so its lock, ends).
+//! - Rows are claimed `FOR UPDATE SKIP LOCKED`, published with an idempotent producer
+//!   (per-partition order kept, no broker-side duplicates from retries) and marked only
+//!   after the broker acknowledged them, in the same transaction.
+//!
+//! Failure windows:
+//! - dies before publishing: the transaction rolls back, the rows stay unpublished and
+//!   the next batch (of this or another relay) publishes them; nothing is lost;
+//! - dies after the broker acknowledged and before the commit that marks the rows: the
+//!   rows stay unpublished and are published again; consumers see a duplicate with the
+//!   same message_id, and their inbox makes it a no-op (at least once, never lost);
+//! - broker down: the producer never times a message out (`message.timeout.ms=0`), so the
+//!   batch waits, its rows stay unpublished, and everything drains when the broker returns.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use orderflow_platform::{Secret, kafka, outbox};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+/// Advisory lock key that makes one relay per database the publisher ("orderflow" in ASCII).
+const PUBLISHER_LOCK: i64 = 0x6f72_6465_7266_6c6f;
+/// The NOTIFY channel the outbox trigger signals on commit.
+const OUTBOX_CHANNEL: &str = "outbox";
+
+/// The relay's settings: defaults, overridden by environment variables, overridden by flags.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "relay",
+    about = "orderflow's outbox relay: publishes outbox rows to Kafka"
+)]
+pub struct Config {
+    /// Postgres URL of the service database whose outbox this relay publishes.
+    #[arg(long, env = "RELAY_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Secret,
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "RELAY_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:19092"
+    )]
+    pub bootstrap_servers: String,
+    /// Kafka client id (shows in broker logs).
+    #[arg(long, env = "RELAY_CLIENT_ID", default_value = "orderflow-relay")]
+    pub client_id: String,
+    /// Most rows published per batch (one transaction).
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: i64,
+    /// Polling fallback: look for rows this often even without a NOTIFY, in milliseconds.
+    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1_000)]
+    pub poll_interval_ms: u64,
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// No unpublished rows.
+    Empty,
+    /// Another relay holds the publisher lock.
+    Busy,
+    /// Rows published and marked, and rows that failed permanently this time.
+    Published {
+        /// Acknowledged by the broker and marked published.
+        published: usize,
+        /// Refused by the broker (kept unpublished, error recorded).
+        failed: usize,
+    },
+}
+
+/// One relay over one database.
+pub struct Relay {
+    pool: PgPool,
+    producer: FutureProducer,
+    batch_size: i64,
+}
+
+type OutboxRow = (
+    i64,
+    uuid::Uuid,
+    String,
+    String,
+    String,
+    i32,
+    Option<String>,
+    Vec<u8>,
+);
+
+impl Relay {
+    /// A relay publishing `pool`'s outbox with `producer`.
+    pub fn new(pool: PgPool, producer: FutureProducer, batch_size: i64) -> Self {
+        Self {
+            pool,
+            producer,
+            batch_size,
+        }
+    }
+
+    /// Publishes the oldest unpublished rows, at most one batch.
+    pub async fn publish_batch(&self) -> anyhow::Result<BatchOutcome> {
+        let mut tx = self.pool.begin().await?;
+        // Ends with the transaction: a relay that dies releases it at once.
+        let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(PUBLISHER_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !leader {
+            return Ok(BatchOutcome::Busy);
+        }
+        let rows: Vec<OutboxRow> = sqlx::query_as(
+            "SELECT id, message_id, topic, partition_key, event_type, schema_version, traceparent, payload
+             FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(self.batch_size)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(BatchOutcome::Empty);
+        }
+
+        // Dying here (or anywhere before the commit) leaves every row unpublished.
+        fail::fail_point!("relay::before_publish");
+
+        // Enqueue the whole batch first, then await the acknowledgements: awaiting each
+        // send in turn would cost one broker round trip per row.
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for (_, message_id, topic, key, event_type, version, traceparent, payload) in &rows {
+            let message_id = message_id.to_string();
+            let version = version.to_string();
+            let mut headers = OwnedHeaders::new();
+            for (name, value) in
+                outbox::record_headers(&message_id, event_type, &version, traceparent.as_deref())
+            {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+            let record = FutureRecord::to(topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers);
+            deliveries.push(self.enqueue(record).await);
+        }
+        let results = join_all(deliveries.into_iter().map(|delivery| async move {
+            match delivery {
+                Ok(future) => match future.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((error, _))) => Err(error.to_string()),
+                    Err(_) => Err("producer dropped the message".to_owned()),
+                },
+                Err(error) => Err(error),
+            }
+        }))
+        .await;
+
+        // Dying here: the broker has the records, the rows are still unpublished, so they are
+        // published again. Consumers deduplicate by message_id.
+        fail::fail_point!("relay::after_ack_before_mark");
+
+        let mut published = Vec::with_capacity(rows.len());
+        let mut failed = 0;
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok(()) => published.push(row.0),
+                Err(error) => {
+                    failed += 1;
+                    tracing::warn!(outbox_id = row.0, message_id = %row.1, %error, "broker refused an outbox row");
+                    sqlx::query("UPDATE outbox SET failed_attempts = failed_attempts + 1, last_error = $2 WHERE id = $1")
+                        .bind(row.0)
+                        .bind(&error)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(&published)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(BatchOutcome::Published {
+            published: published.len(),
+            failed,
+        })
+    }
+
+    /// Hands a record to the producer's queue, waiting while the queue is full.
+    async fn enqueue(
+        &self,
+        mut record: FutureRecord<'_, String, Vec<u8>>,
+    ) -> Result<rdkafka::producer::DeliveryFuture, String> {
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((error, _)) => return Err(error.to_string()),
+            }
+        }
+    }
+
+    /// Publishes batches until `shutdown`, woken by NOTIFY and by a polling fallback.
+    pub async fn run(
+        self,
+        poll_interval: Duration,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(OUTBOX_CHANNEL).await?;
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let pass = self.drain(&shutdown).await;
+            match pass {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "relay pass failed"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                notification = listener.recv() => {
+                    if let Err(error) = notification {
+                        // The listener reconnects on the next recv; meanwhile polling covers.
+                        tracing::warn!(%error, "outbox listener lost its connection");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                _ = tokio::time::sleep(poll_interval) => {}
+            }
+        }
+        // Every batch awaited its acknowledgements, so nothing is in flight; flush anyway.
+        let _ = self.producer.flush(Duration::from_secs(5));
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+
+    /// Publishes batches until the outbox is empty (or another relay is publishing).
+    async fn drain(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        while !shutdown.is_cancelled() {
+            match self.publish_batch().await? {
+                BatchOutcome::Published { published, failed } => {
+                    tracing::debug!(published, failed, "batch published");
+                    if failed > 0 {
+                        // Do not spin on rows the broker refuses; the next wake-up retries them.
+                        return Ok(());
+                    }
+                }
+                BatchOutcome::Empty | BatchOutcome::Busy => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Connects to the database and the broker and runs the relay until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = orderflow_platform::connect_postgres(&config.database_url, 2).await?;
+    let producer: FutureProducer =
+        kafka::producer_config(&config.bootstrap_servers, &config.client_id).create()?;
+    tracing::info!(bootstrap_servers = %config.bootstrap_servers, batch_size = config.batch_size, "relay started");
+    Relay::new(pool, producer, config.batch_size)
+        .run(Duration::from_millis(config.poll_interval_ms), shutdown)
+        .await
+}

@@ -1,0 +1,32 @@
+//! orderflow's published language: the gRPC API (`orders::v1`), the versioned events
+//! (`events::v1`) and the envelope codec every producer and consumer shares.
+//!
+//! This crate holds only contracts: no database, broker or server code.
+
+pub mod envelope;
+
+/// Generated from `proto/orderflow/orders/v1/orders.proto`.
+pub mod orders {
+    pub mod v1 {
+        tonic::include_proto!("orderflow.orders.v1");
+    }
+}
+
+/// Generated from `proto/orderflow/events/v1/events.proto`.
+pub mod events {
+    pub mod v1 {
+        tonic::include_proto!("orderflow.events.v1");
+    }
+}
+
+/// The encoded `FileDescriptorSet` of every proto in `proto/`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
+/// Kafka topic names. Every record on them is an encoded [`events::v1::EventEnvelope`]
+/// keyed by the order id.
+pub mod topics {
+    /// Events of the order service.
+    pub const ORDERS_EVENTS: &str = "orders.events";
+    /// Events of the payment service.
+    pub const PAYMENTS_EVENTS: &str = "payments.events";
+}

@@ -1,0 +1,296 @@
+//! The test harness. Tests run against the real Postgres and Tansu of the local stack
+//! (`scripts/stack up --infra`, which `scripts/test` runs first); each test gets its own
+//! database and its own topic, so tests run in parallel without seeing each other's rows.
+
+// Test support: a failed setup step must stop the test at once with its reason.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use orderflow::orders::v1 as api;
+use orderflow::orders::v1::order_service_client::OrderServiceClient;
+use orderflow_platform::{Secret, kafka};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+/// Where the local stack is.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// Superuser URL, used only to create test databases.
+    pub admin_url: String,
+    /// URL of the `orders` database as the `orders_svc` role.
+    pub orders_url: String,
+    /// Kafka bootstrap servers.
+    pub bootstrap_servers: String,
+}
+
+/// The stack's coordinates, from the environment or else from `.stack/env`.
+pub fn stack() -> &'static Stack {
+    static STACK: OnceLock<Stack> = OnceLock::new();
+    STACK.get_or_init(|| {
+        let mut vars: HashMap<String, String> = std::env::vars().collect();
+        let env_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.stack/env");
+        if let Ok(text) = std::fs::read_to_string(&env_file) {
+            for line in text.lines() {
+                if let Some((key, value)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
+                    vars.entry(key.to_owned()).or_insert_with(|| value.trim_matches('\'').to_owned());
+                }
+            }
+        }
+        let get = |key: &str| {
+            vars.get(key).cloned().unwrap_or_else(|| {
+                panic!("{key} is not set and {} has no value for it: start the stack with `scripts/stack up --infra`", env_file.display())
+            })
+        };
+        Stack {
+            admin_url: get("ORDERFLOW_PG_ADMIN_URL"),
+            orders_url: get("ORDERFLOW_ORDERS_DATABASE_URL"),
+            bootstrap_servers: get("ORDERFLOW_BOOTSTRAP_SERVERS"),
+        }
+    })
+}
+
+/// A database of its own for one test, migrated like the orders database.
+pub struct TestDb {
+    /// The database's name.
+    pub name: String,
+    /// Its URL, as the `orders_svc` role.
+    pub url: String,
+    /// A small pool on it.
+    pub pool: sqlx::PgPool,
+}
+
+/// Creates and migrates a fresh orders database, owned by `orders_svc`.
+pub async fn fresh_orders_db() -> TestDb {
+    use sqlx::Connection as _;
+    let stack = stack();
+    let name = format!("test_{}", uuid::Uuid::now_v7().simple());
+    let mut admin = sqlx::PgConnection::connect(&stack.admin_url)
+        .await
+        .expect("connect as the stack's superuser");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {name} OWNER orders_svc"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("create a test database");
+    let (base, _) = stack
+        .orders_url
+        .rsplit_once('/')
+        .expect("a database URL ends in /NAME");
+    let url = format!("{base}/{name}");
+    let pool = orderflow_platform::connect_postgres(&Secret::new(url.clone()), 8)
+        .await
+        .expect("connect to the test database");
+    order_svc::MIGRATOR
+        .run(&pool)
+        .await
+        .expect("migrate the test database");
+    TestDb { name, url, pool }
+}
+
+/// Creates a topic of its own for one test.
+pub async fn fresh_topic(partitions: i32) -> String {
+    let name = format!("test.{}", uuid::Uuid::now_v7().simple());
+    kafka::ensure_topics(&stack().bootstrap_servers, &[&name], partitions)
+        .await
+        .expect("create a test topic");
+    name
+}
+
+/// An order service running inside the test process.
+pub struct RunningOrderSvc {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningOrderSvc {
+    /// A connected client.
+    pub async fn client(&self) -> OrderServiceClient<tonic::transport::Channel> {
+        OrderServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect to order-svc")
+    }
+
+    /// Stops it gracefully and waits until it has.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("order-svc task")
+            .expect("order-svc stops cleanly");
+    }
+}
+
+/// Starts order-svc on a free port, on `db`, writing events for `topic`.
+pub async fn start_order_svc(db: &TestDb, topic: &str) -> RunningOrderSvc {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a free port");
+    let addr = listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    let config = order_svc::Config {
+        listen_addr: addr,
+        database_url: Secret::new(db.url.clone()),
+        db_max_connections: 8,
+        orders_topic: topic.to_owned(),
+        idempotency_retention_hours: 24,
+        request_timeout_ms: 5_000,
+        max_concurrent_requests: 64,
+        migrate: false,
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(order_svc::run(config, listener, shutdown.clone()));
+    RunningOrderSvc {
+        addr,
+        shutdown,
+        task,
+    }
+}
+
+/// A valid PlaceOrder request: two lines in EUR, total 3 x 12.50 + 1 x 5.00 = 42.50.
+pub fn valid_order(customer_id: i64) -> api::PlaceOrderRequest {
+    let eur = |amount_minor| {
+        Some(api::Money {
+            amount_minor,
+            currency_code: "EUR".into(),
+        })
+    };
+    api::PlaceOrderRequest {
+        request_id: String::new(),
+        customer_id,
+        items: vec![
+            api::OrderItem {
+                sku: "BOOK-1".into(),
+                quantity: 3,
+                unit_price: eur(1_250),
+            },
+            api::OrderItem {
+                sku: "PEN-2".into(),
+                quantity: 1,
+                unit_price: eur(500),
+            },
+        ],
+        total: eur(4_250),
+        payment_token: "tok_visa".into(),
+    }
+}
+
+/// Counts rows of `table` (a fixed name from the test) in `db`.
+pub async fn count(db: &TestDb, table: &'static str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+        .fetch_one(&db.pool)
+        .await
+        .expect("count rows")
+}
+
+/// One record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The partition.
+    pub partition: i32,
+    /// The offset.
+    pub offset: i64,
+    /// The key, as text.
+    pub key: String,
+    /// The headers, as text.
+    pub headers: HashMap<String, String>,
+    /// The value.
+    pub payload: Vec<u8>,
+}
+
+/// Reads `topic` from the beginning of every partition until `done(records)` holds or
+/// `timeout` passes; returns what was read either way.
+pub async fn read_topic(
+    bootstrap_servers: &str,
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[Record]) -> bool + Send + 'static,
+) -> Vec<Record> {
+    let bootstrap_servers = bootstrap_servers.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = kafka::consumer_config(
+            &bootstrap_servers,
+            &format!("reader-{}", uuid::Uuid::now_v7()),
+        )
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("create a consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("topic metadata");
+        let partitions = metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        assert!(partitions > 0, "topic {topic} has no partitions");
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..partitions {
+            let partition = i32::try_from(partition).expect("few partitions");
+            assignment
+                .add_partition_offset(&topic, partition, Offset::Beginning)
+                .expect("assign a partition");
+        }
+        consumer.assign(&assignment).expect("assign partitions");
+        let deadline = Instant::now() + timeout;
+        let mut records = Vec::new();
+        while Instant::now() < deadline && !done(&records) {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => records.push(Record {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+                    headers: message
+                        .headers()
+                        .map(|headers| {
+                            headers
+                                .iter()
+                                .map(|h| {
+                                    (
+                                        h.key.to_owned(),
+                                        String::from_utf8_lossy(h.value.unwrap_or_default())
+                                            .into_owned(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                }),
+                Some(Err(error)) => eprintln!("consumer error (retrying): {error}"),
+                None => {}
+            }
+        }
+        records
+    })
+    .await
+    .expect("reader task")
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes; returns the last answer.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
