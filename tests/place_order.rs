@@ -1,1 +1,567 @@
+//! PlaceOrder and GetOrder against a real Postgres: the order and its outbox event in one
+//! transaction, idempotency keys (including 20 concurrent retries), and validation that
+//! refuses bad requests without writing anything.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use orderflow::envelope;
+use orderflow::events::v1::event_envelope::Payload;
+use orderflow::orders::v1 as api;
+use orderflow_tests::{TestDb, count, fresh_orders_db, start_order_svc, valid_order};
+use tonic::Code;
+use tonic_types::StatusExt as _;
+
+fn new_key() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+async fn assert_nothing_written(db: &TestDb) {
+    for table in ["orders", "order_items", "outbox", "idempotency_keys"] {
+        assert_eq!(count(db, table).await, 0, "{table} must stay empty");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placed_order_is_one_orders_row_and_one_outbox_row_from_one_transaction() {
+    let db = fresh_orders_db().await;
+    let svc = start_order_svc(&db, "orders.events").await;
+    let mut client = svc.client().await;
+
+    let request = api::PlaceOrderRequest {
+        request_id: new_key(),
+        ..valid_order(42)
+    };
+    let response = client
+        .place_order(request.clone())
+        .await
+        .expect("a valid order is accepted")
+        .into_inner();
+    assert_eq!(response.status(), api::OrderStatus::Pending);
+    let order_id = uuid::Uuid::parse_str(&response.order_id).expect("the order id is a UUID");
+    assert_eq!(order_id.get_version_num(), 7, "order ids are UUIDv7");
+
+    assert_eq!(count(&db, "orders").await, 1);
+    assert_eq!(count(&db, "order_items").await, 2);
+    assert_eq!(count(&db, "outbox").await, 1);
+    // Same transaction: both rows carry the id of the transaction that wrote them.
+    let (same_transaction, topic, key, published): (bool, String, String, bool) = sqlx::query_as(
+        "SELECT o.xmin::text = ob.xmin::text, ob.topic, ob.partition_key, ob.published_at IS NOT NULL
+         FROM orders o, outbox ob WHERE o.order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        same_transaction,
+        "the order and its event must commit together"
+    );
+    assert_eq!(
+        (topic.as_str(), key.as_str(), published),
+        ("orders.events", response.order_id.as_str(), false)
+    );
+
+    let (status, saga_state, version): (String, String, i64) =
+        sqlx::query_as("SELECT status, saga_state, version FROM orders WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), saga_state.as_str(), version),
+        ("PENDING", "AWAITING_PAYMENT", 0)
+    );
+
+    // The stored event is the OrderPlaced envelope of this order.
+    let payload: Vec<u8> = sqlx::query_scalar("SELECT payload FROM outbox")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let event = envelope::open(&payload).expect("the outbox holds a valid envelope");
+    assert_eq!(event.aggregate_id, order_id);
+    assert_eq!(event.correlation_id.to_string(), response.correlation_id);
+    assert_eq!(event.causation_id, None);
+    let Payload::OrderPlaced(placed) = event.payload else {
+        panic!("expected OrderPlaced, got {:?}", event.payload)
+    };
+    assert_eq!(placed.order_id, response.order_id);
+    assert_eq!(placed.customer_id, 42);
+    assert_eq!(placed.items, request.items);
+    assert_eq!(placed.total, request.total);
+    assert_eq!(placed.payment_token, "tok_visa");
+
+    // GetOrder reads it back.
+    let order = client
+        .get_order(api::GetOrderRequest {
+            order_id: response.order_id.clone(),
+        })
+        .await
+        .expect("the order exists")
+        .into_inner()
+        .order
+        .expect("an order");
+    assert_eq!(order.status(), api::OrderStatus::Pending);
+    assert_eq!(order.saga_state(), api::SagaState::AwaitingPayment);
+    assert_eq!(order.items, request.items);
+    assert_eq!(order.total, request.total);
+    assert_eq!(order.correlation_id, response.correlation_id);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_the_same_key_returns_the_original_response_and_writes_nothing() {
+    let db = fresh_orders_db().await;
+    let svc = start_order_svc(&db, "orders.events").await;
+    let mut client = svc.client().await;
+    let request = api::PlaceOrderRequest {
+        request_id: new_key(),
+        ..valid_order(7)
+    };
+
+    let first = client
+        .place_order(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let second = client
+        .place_order(request.clone())
+        .await
+        .expect("a retry succeeds")
+        .into_inner();
+    assert_eq!(first, second, "same order id, status and correlation id");
+    assert_eq!(count(&db, "orders").await, 1);
+    assert_eq!(count(&db, "outbox").await, 1);
+
+    // Another key is another order.
+    let other = client
+        .place_order(api::PlaceOrderRequest {
+            request_id: new_key(),
+            ..request.clone()
+        })
+        .await
+        .unwrap();
+    assert_ne!(other.into_inner().order_id, first.order_id);
+    // No key: no protection, a new order each time.
+    let keyless = api::PlaceOrderRequest {
+        request_id: String::new(),
+        ..request
+    };
+    let a = client
+        .place_order(keyless.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let b = client.place_order(keyless).await.unwrap().into_inner();
+    assert_ne!(a.order_id, b.order_id);
+    assert_eq!(count(&db, "orders").await, 4);
+    assert_eq!(count(&db, "outbox").await, 4);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_key_with_a_different_request_is_a_failed_precondition() {
+    let db = fresh_orders_db().await;
+    let svc = start_order_svc(&db, "orders.events").await;
+    let mut client = svc.client().await;
+    let key = new_key();
+    client
+        .place_order(api::PlaceOrderRequest {
+            request_id: key.clone(),
+            ..valid_order(7)
+        })
+        .await
+        .unwrap();
+
+    let different = api::PlaceOrderRequest {
+        request_id: key,
+        ..valid_order(8)
+    };
+    let status = client
+        .place_order(different)
+        .await
+        .expect_err("a reused key with another request is refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("request_id"), "{status:?}");
+    assert_eq!(count(&db, "orders").await, 1);
+    assert_eq!(count(&db, "outbox").await, 1);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_calls_with_one_key_create_exactly_one_order() {
+    let db = fresh_orders_db().await;
+    let svc = start_order_svc(&db, "orders.events").await;
+    let request = api::PlaceOrderRequest {
+        request_id: new_key(),
+        ..valid_order(99)
+    };
+
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        // One connection each, so the calls really race on the server.
+        let mut client = svc.client().await;
+        let request = request.clone();
+        calls.push(tokio::spawn(
+            async move { client.place_order(request).await },
+        ));
+    }
+    let mut order_ids = std::collections::HashSet::new();
+    for call in calls {
+        let response = call
+            .await
+            .unwrap()
+            .expect("every racing retry succeeds")
+            .into_inner();
+        order_ids.insert(response.order_id);
+    }
+    assert_eq!(
+        order_ids.len(),
+        1,
+        "every caller sees the same order: {order_ids:?}"
+    );
+    assert_eq!(count(&db, "orders").await, 1);
+    assert_eq!(count(&db, "outbox").await, 1);
+    assert_eq!(count(&db, "idempotency_keys").await, 1);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_are_kept_for_at_least_24_hours() {
+    let db = fresh_orders_db().await;
+    let svc = start_order_svc(&db, "orders.events").await;
+    let mut client = svc.client().await;
+    client
+        .place_order(api::PlaceOrderRequest {
+            request_id: new_key(),
+            ..valid_order(1)
+        })
+        .await
+        .unwrap();
+    let kept_for_hours: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM expires_at - created_at)::float8 / 3600 FROM idempotency_keys",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(kept_for_hours >= 24.0, "kept for {kept_for_hours} h");
+    svc.stop().await;
+}
+
+/// A request that must be refused, the field the refusal must name, and why.
+struct Invalid {
+    why: &'static str,
+    field: &'static str,
+    request: api::PlaceOrderRequest,
+}
+
+fn invalid_requests() -> Vec<Invalid> {
+    let base = valid_order(5);
+    let eur = |amount_minor| {
+        Some(api::Money {
+            amount_minor,
+            currency_code: "EUR".into(),
+        })
+    };
+    let with_item = |change: &dyn Fn(&mut api::OrderItem)| {
+        let mut request = valid_order(5);
+        change(&mut request.items[0]);
+        request
+    };
+    vec![
+        Invalid {
+            why: "missing customer id",
+            field: "customer_id",
+            request: api::PlaceOrderRequest {
+                customer_id: 0,
+                ..base.clone()
+            },
+        },
+        Invalid {
+            why: "negative customer id",
+            field: "customer_id",
+            request: api::PlaceOrderRequest {
+                customer_id: -1,
+                ..base.clone()
+            },
+        },
+        Invalid {
+            why: "no items",
+            field: "items",
+            request: api::PlaceOrderRequest {
+                items: vec![],
+                ..base.clone()
+            },
+        },
+        Invalid {
+            why: "too many items",
+            field: "items",
+            request: api::PlaceOrderRequest {
+                items: vec![base.items[1].clone(); 101],
+                total: eur(101 * 500),
+                ..base.clone()
+            },
+        },
+        Invalid {
+            why: "zero quantity",
+            field: "items[0].quantity",
+            request: with_item(&|i| i.quantity = 0),
+        },
+        Invalid {
+            why: "negative quantity",
+            field: "items[0].quantity",
+            request: with_item(&|i| i.quantity = -2),
+        },
+        Invalid {
+            why: "zero unit price",
+            field: "items[0].unit_price.amount_minor",
+            request: with_item(&|i| i.unit_price = eur(0)),
+        },
+        Invalid {
+            why: "negative unit price",
+            field: "items[0].unit_price.amount_minor",
+            request: with_item(&|i| i.unit_price = eur(-1)),
+        },
+        Invalid {
+            why: "missing unit price",
+            field: "items[0].unit_price",
+            request: with_item(&|i| i.unit_price = None),
+        },
+        Invalid {
+            why: "overflowing total",
+            field: "total.amount_minor",
+            request: api::PlaceOrderRequest {
+                items: vec![api::OrderItem {
+                    sku: "X".into(),
+                    quantity: 1_000,
+                    unit_price: eur(i64::MAX / 100),
+                }],
+                total: eur(1),
+                ..base.clone()
+            },
+        },
+        Invalid {
+            why: "total not the sum",
+            field: "total.amount_minor",
+            request: api::PlaceOrderRequest {
+                total: eur(4_251),
+                ..base.clone()
+            },
+        },
+        Invalid {
+            why: "missing total",
+            field: "total",
+            request: api::PlaceOrderRequest {
+                total: None,
+                ..base.clone()
+            },
+        },
+        Invalid {
+            why: "unknown currency",
+            field: "total.currency_code",
+            request: api::PlaceOrderRequest {
+                total: Some(api::Money {
+                    amount_minor: 4_250,
+                    currency_code: "XYZ".into(),
+                }),
+                ..base.clone()
+            },
+        },
+        Invalid {
+            why: "lower-case currency",
+            field: "items[0].unit_price.currency_code",
+            request: with_item(&|i| {
+                i.unit_price = Some(api::Money {
+                    amount_minor: 1_250,
+                    currency_code: "eur".into(),
+                })
+            }),
+        },
+        Invalid {
+            why: "mixed currencies",
+            field: "items[1].unit_price.currency_code",
+            request: {
+                let mut r = base.clone();
+                r.items[1].unit_price = Some(api::Money {
+                    amount_minor: 500,
+                    currency_code: "USD".into(),
+                });
+                r
+            },
+        },
+        Invalid {
+            why: "oversized sku",
+            field: "items[0].sku",
+            request: with_item(&|i| i.sku = "S".repeat(65)),
+        },
+        Invalid {
+            why: "empty sku",
+            field: "items[0].sku",
+            request: with_item(&|i| i.sku = String::new()),
+        },
+        Invalid {
+            why: "control character in sku",
+            field: "items[0].sku",
+            request: with_item(&|i| i.sku = "BOOK\u{7}1".into()),
+        },
+        Invalid {
+            why: "missing payment token",
+            field: "payment_token",
+            request: api::PlaceOrderRequest {
+                payment_token: String::new(),
+                ..base.clone()
+            },
+        },
+        Invalid {
+            why: "oversized payment token",
+            field: "payment_token",
+            request: api::PlaceOrderRequest {
+                payment_token: "t".repeat(129),
+                ..base.clone()
+            },
+        },
+        Invalid {
+            why: "newline in payment token",
+            field: "payment_token",
+            request: api::PlaceOrderRequest {
+                payment_token: "tok\nvisa".into(),
+                ..base.clone()
+            },
+        },
+        Invalid {
+            why: "request id not a UUID",
+            field: "request_id",
+            request: api::PlaceOrderRequest {
+                request_id: "retry-1".into(),
+                ..base.clone()
+            },
+        },
+        Invalid {
+            why: "oversized request id",
+            field: "request_id",
+            request: api::PlaceOrderRequest {
+                request_id: "r".repeat(1_000),
+                ..base
+            },
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_invalid_request_is_invalid_argument_naming_the_field_and_writes_nothing() {
+    let db = fresh_orders_db().await;
+    let svc = start_order_svc(&db, "orders.events").await;
+    let mut client = svc.client().await;
+    for case in invalid_requests() {
+        let status = client.place_order(case.request).await.expect_err(case.why);
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{}: {status:?}",
+            case.why
+        );
+        let details = status.get_error_details();
+        let bad_request = details
+            .bad_request()
+            .unwrap_or_else(|| panic!("{}: no BadRequest detail in {status:?}", case.why));
+        let fields: Vec<&str> = bad_request
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert!(
+            fields.contains(&case.field),
+            "{}: expected a violation of {}, got {fields:?}",
+            case.why,
+            case.field
+        );
+        assert!(
+            !status.message().to_lowercase().contains("sql"),
+            "{}: {}",
+            case.why,
+            status.message()
+        );
+    }
+    assert_nothing_written(&db).await;
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_violations_of_a_request_are_reported_at_once() {
+    let db = fresh_orders_db().await;
+    let svc = start_order_svc(&db, "orders.events").await;
+    let mut client = svc.client().await;
+    let request = api::PlaceOrderRequest {
+        customer_id: 0,
+        payment_token: String::new(),
+        items: vec![api::OrderItem {
+            sku: String::new(),
+            quantity: 0,
+            unit_price: None,
+        }],
+        ..valid_order(1)
+    };
+    let status = client.place_order(request).await.expect_err("invalid");
+    let details = status.get_error_details();
+    let mut fields: Vec<String> = details
+        .bad_request()
+        .expect("BadRequest")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "customer_id",
+            "items[0].quantity",
+            "items[0].sku",
+            "items[0].unit_price",
+            "payment_token"
+        ]
+    );
+    assert_nothing_written(&db).await;
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_is_refused_before_it_is_decoded() {
+    let db = fresh_orders_db().await;
+    let svc = start_order_svc(&db, "orders.events").await;
+    let mut client = svc.client().await;
+    let request = api::PlaceOrderRequest {
+        payment_token: "t".repeat(100_000),
+        ..valid_order(1)
+    };
+    let status = client
+        .place_order(request)
+        .await
+        .expect_err("over the decoding limit");
+    assert_ne!(status.code(), Code::Ok);
+    assert_nothing_written(&db).await;
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_order_answers_not_found_and_invalid_argument() {
+    let db = fresh_orders_db().await;
+    let svc = start_order_svc(&db, "orders.events").await;
+    let mut client = svc.client().await;
+    let missing = client
+        .get_order(api::GetOrderRequest {
+            order_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .expect_err("no such order");
+    assert_eq!(missing.code(), Code::NotFound);
+    for bad in ["", "not-a-uuid", "00000000-0000-0000-0000-000000000000"] {
+        let status = client
+            .get_order(api::GetOrderRequest {
+                order_id: bad.into(),
+            })
+            .await
+            .expect_err(bad);
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
+    }
+    svc.stop().await;
+}

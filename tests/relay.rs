@@ -1,1 +1,438 @@
+//! The outbox relay against the real Postgres and broker: what it publishes, and that it
+//! loses nothing when it is killed at the worst moments or when the broker is away.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use orderflow::envelope::{self, EventMeta};
+use orderflow::events::v1::event_envelope::Payload;
+use orderflow::events::v1::{OrderCancelled, OrderConfirmed};
+use orderflow_platform::kafka;
+use orderflow_platform::outbox::{self, OutboxMessage};
+use orderflow_tests::{
+    Record, TestDb, eventually, fresh_orders_db, fresh_topic, read_topic, stack, start_order_svc,
+    valid_order,
+};
+use rdkafka::producer::FutureProducer;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn unpublished(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn outbox_message_ids(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar("SELECT message_id::text FROM outbox ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// Places `n` orders through the real gRPC API; returns their ids.
+async fn place_orders(db: &TestDb, topic: &str, n: usize) -> Vec<String> {
+    let svc = start_order_svc(db, topic).await;
+    let mut client = svc.client().await;
+    let mut ids = Vec::new();
+    for customer in 1..=n {
+        let response = client
+            .place_order(valid_order(customer as i64))
+            .await
+            .expect("order accepted");
+        ids.push(response.into_inner().order_id);
+    }
+    svc.stop().await;
+    ids
+}
+
+/// Runs a relay inside the test process until the returned token is cancelled.
+fn spawn_relay(
+    db: &TestDb,
+    bootstrap_servers: &str,
+    batch_size: i64,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let producer: FutureProducer = kafka::producer_config(bootstrap_servers, "relay-test")
+        .create()
+        .expect("producer");
+    let relay = relay::Relay::new(db.pool.clone(), producer, batch_size);
+    let token = CancellationToken::new();
+    let task = tokio::spawn(relay.run(Duration::from_millis(200), token.clone()));
+    (token, task)
+}
+
+/// Starts the relay binary (failpoints compiled in) as its own process.
+fn spawn_relay_process(db: &TestDb, failpoints: Option<&str>) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_relay-with-failpoints"));
+    command
+        .env("RELAY_DATABASE_URL", &db.url)
+        .env("RELAY_BOOTSTRAP_SERVERS", &stack().bootstrap_servers)
+        .env("RELAY_POLL_INTERVAL_MS", "200")
+        .env("RUST_LOG", "warn")
+        .env_remove("FAILPOINTS")
+        .kill_on_drop(true);
+    if let Some(failpoints) = failpoints {
+        command.env("FAILPOINTS", failpoints);
+    }
+    command.spawn().expect("start the relay binary")
+}
+
+/// kill -9.
+async fn kill_9(child: &mut Child) {
+    child.start_kill().expect("SIGKILL the relay");
+    let status = child.wait().await.expect("reap the relay");
+    assert!(
+        !status.success(),
+        "the relay was killed, not stopped: {status:?}"
+    );
+}
+
+/// Graceful stop (SIGTERM).
+async fn terminate(mut child: Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("running") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("stops within 30 s")
+        .unwrap();
+    assert!(
+        status.success(),
+        "the relay stops cleanly on SIGTERM: {status:?}"
+    );
+}
+
+/// True while a relay holds the publisher lock on `db`, i.e. is inside a batch.
+async fn relay_inside_a_batch(db: &TestDb) -> bool {
+    sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+         WHERE l.locktype = 'advisory' AND l.granted AND d.datname = $1",
+    )
+    .bind(&db.name)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+        > 0
+}
+
+fn count_by_message_id(records: &[Record]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for record in records {
+        *counts
+            .entry(
+                record
+                    .headers
+                    .get("message_id")
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+            .or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placed_orders_reach_kafka_keyed_by_order_id_with_mirrored_headers() {
+    let db = fresh_orders_db().await;
+    let topic = fresh_topic(3).await;
+    let order_ids = place_orders(&db, &topic, 5).await;
+    let (stop, relay) = spawn_relay(&db, &stack().bootstrap_servers, 100);
+
+    assert!(
+        eventually(WAIT, || async { unpublished(&db).await == 0 }).await,
+        "the relay marks every row published"
+    );
+    let records = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 5).await;
+    assert_eq!(records.len(), 5, "one record per order");
+    for record in &records {
+        assert!(
+            order_ids.contains(&record.key),
+            "key {} is an order id",
+            record.key
+        );
+        let event = envelope::open(&record.payload).expect("a consumer decodes the record");
+        assert_eq!(event.aggregate_id.to_string(), record.key);
+        assert_eq!(record.headers["message_id"], event.message_id.to_string());
+        assert_eq!(
+            record.headers["event_type"],
+            "orderflow.events.v1.OrderPlaced"
+        );
+        assert_eq!(record.headers["schema_version"], "1");
+        let Payload::OrderPlaced(placed) = event.payload else {
+            panic!("expected OrderPlaced")
+        };
+        assert_eq!(placed.order_id, record.key);
+    }
+    let published: Vec<String> = records
+        .iter()
+        .map(|r| r.headers["message_id"].clone())
+        .collect();
+    let mut expected = outbox_message_ids(&db).await;
+    let mut published_sorted = published.clone();
+    published_sorted.sort();
+    expected.sort();
+    assert_eq!(
+        published_sorted, expected,
+        "exactly the outbox rows were published"
+    );
+
+    stop.cancel();
+    relay.await.unwrap().expect("the relay stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_after_the_broker_acknowledged_but_before_marking_republishes() {
+    let db = fresh_orders_db().await;
+    let topic = fresh_topic(3).await;
+    place_orders(&db, &topic, 3).await;
+    let expected = outbox_message_ids(&db).await;
+
+    let mut relay = spawn_relay_process(&db, Some("relay::after_ack_before_mark=pause"));
+    let first = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 3).await;
+    assert_eq!(first.len(), 3, "the broker acknowledged the batch");
+    assert!(
+        relay_inside_a_batch(&db).await,
+        "the relay is paused inside its batch"
+    );
+    assert_eq!(
+        unpublished(&db).await,
+        3,
+        "paused before marking: nothing is marked yet"
+    );
+
+    kill_9(&mut relay).await;
+    assert_eq!(
+        unpublished(&db).await,
+        3,
+        "the kill rolled the marking back"
+    );
+
+    let restarted = spawn_relay_process(&db, None);
+    assert!(
+        eventually(WAIT, || async { unpublished(&db).await == 0 }).await,
+        "the restarted relay publishes the rows again"
+    );
+    let all = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 6).await;
+    let counts = count_by_message_id(&all);
+    assert_eq!(
+        counts.len(),
+        3,
+        "nothing lost, nothing invented: {counts:?}"
+    );
+    for id in &expected {
+        assert_eq!(
+            counts.get(id),
+            Some(&2),
+            "{id} was published twice: at least once, never lost"
+        );
+    }
+    terminate(restarted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_before_publishing_loses_nothing() {
+    let db = fresh_orders_db().await;
+    let topic = fresh_topic(3).await;
+    place_orders(&db, &topic, 3).await;
+    let expected = outbox_message_ids(&db).await;
+
+    let mut relay = spawn_relay_process(&db, Some("relay::before_publish=pause"));
+    assert!(
+        eventually(WAIT, || relay_inside_a_batch(&db)).await,
+        "the relay claimed a batch"
+    );
+    let nothing = read_topic(
+        &stack().bootstrap_servers,
+        &topic,
+        Duration::from_secs(2),
+        |r| !r.is_empty(),
+    )
+    .await;
+    assert!(
+        nothing.is_empty(),
+        "paused before publishing: nothing on the topic yet"
+    );
+    kill_9(&mut relay).await;
+    assert_eq!(unpublished(&db).await, 3);
+
+    let restarted = spawn_relay_process(&db, None);
+    assert!(eventually(WAIT, || async { unpublished(&db).await == 0 }).await);
+    let all = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 3).await;
+    // Give a duplicate, if there were one, the time to arrive.
+    let all = if all.len() == 3 {
+        read_topic(
+            &stack().bootstrap_servers,
+            &topic,
+            Duration::from_secs(2),
+            |r| r.len() > 3,
+        )
+        .await
+    } else {
+        all
+    };
+    let counts = count_by_message_id(&all);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for id in &expected {
+        assert_eq!(counts.get(id), Some(&1), "{id} published exactly once");
+    }
+    terminate(restarted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() {
+    let db = fresh_orders_db().await;
+    // A broker of this test's own, on a port where nothing listens yet.
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let bootstrap = format!("127.0.0.1:{port}");
+    let topic = "orders.events";
+    place_orders(&db, topic, 3).await;
+    let (stop, relay) = spawn_relay(&db, &bootstrap, 100);
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        unpublished(&db).await,
+        3,
+        "no broker: every row stays pending"
+    );
+
+    let dir = std::env::temp_dir().join(format!(
+        "orderflow-broker-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let listener = format!("tcp://127.0.0.1:{port}");
+    let mut broker = Command::new("tansu")
+        .args([
+            "broker",
+            "--listener-url",
+            &listener,
+            "--advertised-listener-url",
+            &listener,
+        ])
+        .args(["--storage-engine", "sqlite://broker.db"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start a private tansu broker (scripts/stack install puts it on PATH)");
+    assert!(
+        eventually(WAIT, || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await
+    );
+    kafka::ensure_topics(&bootstrap, &[topic], 3)
+        .await
+        .expect("create the topic on the new broker");
+
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            unpublished(&db).await == 0
+        })
+        .await,
+        "the backlog drains"
+    );
+    let records = read_topic(&bootstrap, topic, WAIT, |r| r.len() >= 3).await;
+    let mut got: Vec<String> = records
+        .iter()
+        .map(|r| r.headers["message_id"].clone())
+        .collect();
+    got.sort();
+    let mut expected = outbox_message_ids(&db).await;
+    expected.sort();
+    assert_eq!(
+        got, expected,
+        "every pending row arrived once the broker was back"
+    );
+
+    stop.cancel();
+    relay.await.unwrap().expect("the relay stops cleanly");
+    broker.start_kill().unwrap();
+    let _ = broker.wait().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
+    // Four events for each of 40 orders, written in order; two relays compete with small
+    // batches. On every key the records must arrive in outbox order (pitfall: concurrent
+    // relays reordering a key's events).
+    let db = fresh_orders_db().await;
+    let topic = fresh_topic(4).await;
+    let orders: Vec<uuid::Uuid> = (0..40).map(|_| uuid::Uuid::now_v7()).collect();
+    for round in 0..4 {
+        let mut tx = db.pool.begin().await.unwrap();
+        for &order in &orders {
+            let payload = if round % 2 == 0 {
+                Payload::OrderConfirmed(OrderConfirmed {
+                    order_id: order.to_string(),
+                    ..Default::default()
+                })
+            } else {
+                Payload::OrderCancelled(OrderCancelled {
+                    order_id: order.to_string(),
+                    ..Default::default()
+                })
+            };
+            let meta = EventMeta {
+                message_id: uuid::Uuid::now_v7(),
+                aggregate_id: order,
+                correlation_id: order,
+                causation_id: None,
+                traceparent: None,
+                occurred_at: prost_types::Timestamp::default(),
+            };
+            let message = OutboxMessage {
+                topic: topic.clone(),
+                envelope: envelope::seal(meta, payload),
+            };
+            outbox::insert(&mut tx, &message).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    let (stop_a, relay_a) = spawn_relay(&db, &stack().bootstrap_servers, 7);
+    let (stop_b, relay_b) = spawn_relay(&db, &stack().bootstrap_servers, 7);
+    assert!(eventually(WAIT, || async { unpublished(&db).await == 0 }).await);
+    let records = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 160).await;
+    assert_eq!(records.len(), 160, "each row published once");
+
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT partition_key, message_id::text FROM outbox ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for (key, message_id) in rows {
+        expected.entry(key).or_default().push(message_id);
+    }
+    let mut sorted = records.clone();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    for record in sorted {
+        seen.entry(record.key.clone())
+            .or_default()
+            .push(record.headers["message_id"].clone());
+    }
+    assert_eq!(
+        seen, expected,
+        "every key's events in the order they were written"
+    );
+
+    stop_a.cancel();
+    stop_b.cancel();
+    relay_a.await.unwrap().unwrap();
+    relay_b.await.unwrap().unwrap();
+}
