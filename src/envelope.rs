@@ -64,10 +64,7 @@ pub fn seal(meta: EventMeta, payload: Payload) -> EventEnvelope {
         occurred_at: Some(meta.occurred_at),
         aggregate_id: meta.aggregate_id.to_string(),
         correlation_id: meta.correlation_id.to_string(),
-        causation_id: meta
-            .causation_id
-            .map(|id| id.to_string())
-            .unwrap_or_default(),
+        causation_id: meta.causation_id.map(|id| id.to_string()).unwrap_or_default(),
         traceparent: meta.traceparent.unwrap_or_default(),
         payload: Some(payload),
     }
@@ -87,9 +84,7 @@ pub enum ContractError {
         event_type: String,
     },
     /// A known event type at a schema version this build does not understand.
-    #[error(
-        "{event_type} schema version {version} is not supported (up to {SUPPORTED_SCHEMA_VERSION})"
-    )]
+    #[error("{event_type} schema version {version} is not supported (up to {SUPPORTED_SCHEMA_VERSION})")]
     UnsupportedSchemaVersion {
         /// The event type.
         event_type: String,

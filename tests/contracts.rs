@@ -119,8 +119,7 @@ fn golden_hex(name: &str, payload: &Payload) -> String {
         let encoded = hex::encode(envelope::seal(meta(), payload.clone()).encode_to_vec());
         std::fs::write(&path, format!("{encoded}\n")).expect("write golden file");
     }
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|_| panic!("missing golden file {}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("missing golden file {}", path.display()));
     text.trim().to_owned()
 }
 
@@ -161,10 +160,7 @@ fn an_envelope_round_trips_with_every_field() {
     for (name, payload) in every_event() {
         let sealed = envelope::seal(meta(), payload.clone());
         assert_eq!(sealed.event_type, envelope::event_type_of(&payload));
-        assert!(
-            sealed.event_type.starts_with("orderflow.events.v1."),
-            "{name}"
-        );
+        assert!(sealed.event_type.starts_with("orderflow.events.v1."), "{name}");
         assert_eq!(sealed.schema_version, SUPPORTED_SCHEMA_VERSION);
         let decoded = EventEnvelope::decode(sealed.encode_to_vec().as_slice()).expect("decode");
         assert_eq!(decoded, sealed, "{name}");

@@ -27,7 +27,10 @@ async fn grpcurl_lists_checks_health_places_and_gets_an_order() {
     let (ok, listed, err) = grpcurl(&["-plaintext", &addr, "list"]).await;
     assert!(ok, "{err}");
     for service in ["orderflow.orders.v1.OrderService", "grpc.health.v1.Health"] {
-        assert!(listed.lines().any(|l| l.trim() == service), "reflection lists {service}: {listed}");
+        assert!(
+            listed.lines().any(|l| l.trim() == service),
+            "reflection lists {service}: {listed}"
+        );
     }
 
     let (ok, health, err) = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]).await;
@@ -43,7 +46,13 @@ async fn grpcurl_lists_checks_health_places_and_gets_an_order() {
         "payment_token": "tok_visa"
     })
     .to_string();
-    let place = ["-plaintext", "-d", body.as_str(), addr.as_str(), "orderflow.orders.v1.OrderService/PlaceOrder"];
+    let place = [
+        "-plaintext",
+        "-d",
+        body.as_str(),
+        addr.as_str(),
+        "orderflow.orders.v1.OrderService/PlaceOrder",
+    ];
     let (ok, placed, err) = grpcurl(&place).await;
     assert!(ok, "{err}");
     let placed: serde_json::Value = serde_json::from_str(&placed).expect("grpcurl prints JSON");
@@ -58,17 +67,33 @@ async fn grpcurl_lists_checks_health_places_and_gets_an_order() {
     assert_eq!(count(&db, "orders").await, 1);
 
     let get = serde_json::json!({ "order_id": order_id }).to_string();
-    let (ok, got, err) =
-        grpcurl(&["-plaintext", "-d", &get, &addr, "orderflow.orders.v1.OrderService/GetOrder"]).await;
+    let (ok, got, err) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        &get,
+        &addr,
+        "orderflow.orders.v1.OrderService/GetOrder",
+    ])
+    .await;
     assert!(ok, "{err}");
     let got: serde_json::Value = serde_json::from_str(&got).unwrap();
     assert_eq!(got["order"]["status"], "ORDER_STATUS_PENDING");
     assert_eq!(got["order"]["sagaState"], "SAGA_STATE_AWAITING_PAYMENT");
-    assert_eq!(got["order"]["total"]["amountMinor"], "2500", "int64 is a string in JSON");
+    assert_eq!(
+        got["order"]["total"]["amountMinor"], "2500",
+        "int64 is a string in JSON"
+    );
 
     // A bad request is INVALID_ARGUMENT with the field named.
     let bad = r#"{"customer_id": 0}"#;
-    let (ok, _, err) = grpcurl(&["-plaintext", "-d", bad, &addr, "orderflow.orders.v1.OrderService/PlaceOrder"]).await;
+    let (ok, _, err) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        bad,
+        &addr,
+        "orderflow.orders.v1.OrderService/PlaceOrder",
+    ])
+    .await;
     assert!(!ok);
     assert!(err.contains("InvalidArgument") && err.contains("customer_id"), "{err}");
     assert_eq!(count(&db, "orders").await, 1);

@@ -52,10 +52,7 @@ async fn a_placed_order_is_one_orders_row_and_one_outbox_row_from_one_transactio
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert!(
-        same_transaction,
-        "the order and its event must commit together"
-    );
+    assert!(same_transaction, "the order and its event must commit together");
     assert_eq!(
         (topic.as_str(), key.as_str(), published),
         ("orders.events", response.order_id.as_str(), false)
@@ -118,11 +115,7 @@ async fn a_retry_with_the_same_key_returns_the_original_response_and_writes_noth
         ..valid_order(7)
     };
 
-    let first = client
-        .place_order(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let first = client.place_order(request.clone()).await.unwrap().into_inner();
     let second = client
         .place_order(request.clone())
         .await
@@ -146,11 +139,7 @@ async fn a_retry_with_the_same_key_returns_the_original_response_and_writes_noth
         request_id: String::new(),
         ..request
     };
-    let a = client
-        .place_order(keyless.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let a = client.place_order(keyless.clone()).await.unwrap().into_inner();
     let b = client.place_order(keyless).await.unwrap().into_inner();
     assert_ne!(a.order_id, b.order_id);
     assert_eq!(count(&db, "orders").await, 4);
@@ -201,24 +190,14 @@ async fn twenty_concurrent_calls_with_one_key_create_exactly_one_order() {
         // One connection each, so the calls really race on the server.
         let mut client = svc.client().await;
         let request = request.clone();
-        calls.push(tokio::spawn(
-            async move { client.place_order(request).await },
-        ));
+        calls.push(tokio::spawn(async move { client.place_order(request).await }));
     }
     let mut order_ids = std::collections::HashSet::new();
     for call in calls {
-        let response = call
-            .await
-            .unwrap()
-            .expect("every racing retry succeeds")
-            .into_inner();
+        let response = call.await.unwrap().expect("every racing retry succeeds").into_inner();
         order_ids.insert(response.order_id);
     }
-    assert_eq!(
-        order_ids.len(),
-        1,
-        "every caller sees the same order: {order_ids:?}"
-    );
+    assert_eq!(order_ids.len(), 1, "every caller sees the same order: {order_ids:?}");
     assert_eq!(count(&db, "orders").await, 1);
     assert_eq!(count(&db, "outbox").await, 1);
     assert_eq!(count(&db, "idempotency_keys").await, 1);
@@ -237,12 +216,11 @@ async fn idempotency_keys_are_kept_for_at_least_24_hours() {
         })
         .await
         .unwrap();
-    let kept_for_hours: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM expires_at - created_at)::float8 / 3600 FROM idempotency_keys",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let kept_for_hours: f64 =
+        sqlx::query_scalar("SELECT extract(epoch FROM expires_at - created_at)::float8 / 3600 FROM idempotency_keys")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert!(kept_for_hours >= 24.0, "kept for {kept_for_hours} h");
     svc.stop().await;
 }
@@ -453,21 +431,12 @@ async fn every_invalid_request_is_invalid_argument_naming_the_field_and_writes_n
     let mut client = svc.client().await;
     for case in invalid_requests() {
         let status = client.place_order(case.request).await.expect_err(case.why);
-        assert_eq!(
-            status.code(),
-            Code::InvalidArgument,
-            "{}: {status:?}",
-            case.why
-        );
+        assert_eq!(status.code(), Code::InvalidArgument, "{}: {status:?}", case.why);
         let details = status.get_error_details();
         let bad_request = details
             .bad_request()
             .unwrap_or_else(|| panic!("{}: no BadRequest detail in {status:?}", case.why));
-        let fields: Vec<&str> = bad_request
-            .field_violations
-            .iter()
-            .map(|v| v.field.as_str())
-            .collect();
+        let fields: Vec<&str> = bad_request.field_violations.iter().map(|v| v.field.as_str()).collect();
         assert!(
             fields.contains(&case.field),
             "{}: expected a violation of {}, got {fields:?}",
@@ -533,10 +502,7 @@ async fn an_oversized_request_is_refused_before_it_is_decoded() {
         payment_token: "t".repeat(100_000),
         ..valid_order(1)
     };
-    let status = client
-        .place_order(request)
-        .await
-        .expect_err("over the decoding limit");
+    let status = client.place_order(request).await.expect_err("over the decoding limit");
     assert_ne!(status.code(), Code::Ok);
     assert_nothing_written(&db).await;
     svc.stop().await;
@@ -556,9 +522,7 @@ async fn get_order_answers_not_found_and_invalid_argument() {
     assert_eq!(missing.code(), Code::NotFound);
     for bad in ["", "not-a-uuid", "00000000-0000-0000-0000-000000000000"] {
         let status = client
-            .get_order(api::GetOrderRequest {
-                order_id: bad.into(),
-            })
+            .get_order(api::GetOrderRequest { order_id: bad.into() })
             .await
             .expect_err(bad);
         assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");

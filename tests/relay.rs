@@ -12,8 +12,7 @@ use orderflow::events::v1::{OrderCancelled, OrderConfirmed};
 use orderflow_platform::kafka;
 use orderflow_platform::outbox::{self, OutboxMessage};
 use orderflow_tests::{
-    Record, TestDb, eventually, fresh_orders_db, fresh_topic, read_topic, stack, start_order_svc,
-    valid_order,
+    Record, TestDb, eventually, fresh_orders_db, fresh_topic, read_topic, stack, start_order_svc, valid_order,
 };
 use rdkafka::producer::FutureProducer;
 use tokio::process::{Child, Command};
@@ -56,10 +55,7 @@ fn spawn_relay(
     db: &TestDb,
     bootstrap_servers: &str,
     batch_size: i64,
-) -> (
-    CancellationToken,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
+) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let producer: FutureProducer = kafka::producer_config(bootstrap_servers, "relay-test")
         .create()
         .expect("producer");
@@ -89,10 +85,7 @@ fn spawn_relay_process(db: &TestDb, failpoints: Option<&str>) -> Child {
 async fn kill_9(child: &mut Child) {
     child.start_kill().expect("SIGKILL the relay");
     let status = child.wait().await.expect("reap the relay");
-    assert!(
-        !status.success(),
-        "the relay was killed, not stopped: {status:?}"
-    );
+    assert!(!status.success(), "the relay was killed, not stopped: {status:?}");
 }
 
 /// Graceful stop (SIGTERM).
@@ -103,10 +96,7 @@ async fn terminate(mut child: Child) {
         .await
         .expect("stops within 30 s")
         .unwrap();
-    assert!(
-        status.success(),
-        "the relay stops cleanly on SIGTERM: {status:?}"
-    );
+    assert!(status.success(), "the relay stops cleanly on SIGTERM: {status:?}");
 }
 
 /// True while a relay holds the publisher lock on `db`, i.e. is inside a batch.
@@ -126,13 +116,7 @@ fn count_by_message_id(records: &[Record]) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for record in records {
         *counts
-            .entry(
-                record
-                    .headers
-                    .get("message_id")
-                    .cloned()
-                    .unwrap_or_default(),
-            )
+            .entry(record.headers.get("message_id").cloned().unwrap_or_default())
             .or_default() += 1;
     }
     counts
@@ -152,36 +136,23 @@ async fn placed_orders_reach_kafka_keyed_by_order_id_with_mirrored_headers() {
     let records = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 5).await;
     assert_eq!(records.len(), 5, "one record per order");
     for record in &records {
-        assert!(
-            order_ids.contains(&record.key),
-            "key {} is an order id",
-            record.key
-        );
+        assert!(order_ids.contains(&record.key), "key {} is an order id", record.key);
         let event = envelope::open(&record.payload).expect("a consumer decodes the record");
         assert_eq!(event.aggregate_id.to_string(), record.key);
         assert_eq!(record.headers["message_id"], event.message_id.to_string());
-        assert_eq!(
-            record.headers["event_type"],
-            "orderflow.events.v1.OrderPlaced"
-        );
+        assert_eq!(record.headers["event_type"], "orderflow.events.v1.OrderPlaced");
         assert_eq!(record.headers["schema_version"], "1");
         let Payload::OrderPlaced(placed) = event.payload else {
             panic!("expected OrderPlaced")
         };
         assert_eq!(placed.order_id, record.key);
     }
-    let published: Vec<String> = records
-        .iter()
-        .map(|r| r.headers["message_id"].clone())
-        .collect();
+    let published: Vec<String> = records.iter().map(|r| r.headers["message_id"].clone()).collect();
     let mut expected = outbox_message_ids(&db).await;
     let mut published_sorted = published.clone();
     published_sorted.sort();
     expected.sort();
-    assert_eq!(
-        published_sorted, expected,
-        "exactly the outbox rows were published"
-    );
+    assert_eq!(published_sorted, expected, "exactly the outbox rows were published");
 
     stop.cancel();
     relay.await.unwrap().expect("the relay stops cleanly");
@@ -197,10 +168,7 @@ async fn a_relay_killed_after_the_broker_acknowledged_but_before_marking_republi
     let mut relay = spawn_relay_process(&db, Some("relay::after_ack_before_mark=pause"));
     let first = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 3).await;
     assert_eq!(first.len(), 3, "the broker acknowledged the batch");
-    assert!(
-        relay_inside_a_batch(&db).await,
-        "the relay is paused inside its batch"
-    );
+    assert!(relay_inside_a_batch(&db).await, "the relay is paused inside its batch");
     assert_eq!(
         unpublished(&db).await,
         3,
@@ -208,11 +176,7 @@ async fn a_relay_killed_after_the_broker_acknowledged_but_before_marking_republi
     );
 
     kill_9(&mut relay).await;
-    assert_eq!(
-        unpublished(&db).await,
-        3,
-        "the kill rolled the marking back"
-    );
+    assert_eq!(unpublished(&db).await, 3, "the kill rolled the marking back");
 
     let restarted = spawn_relay_process(&db, None);
     assert!(
@@ -221,11 +185,7 @@ async fn a_relay_killed_after_the_broker_acknowledged_but_before_marking_republi
     );
     let all = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 6).await;
     let counts = count_by_message_id(&all);
-    assert_eq!(
-        counts.len(),
-        3,
-        "nothing lost, nothing invented: {counts:?}"
-    );
+    assert_eq!(counts.len(), 3, "nothing lost, nothing invented: {counts:?}");
     for id in &expected {
         assert_eq!(
             counts.get(id),
@@ -248,17 +208,11 @@ async fn a_relay_killed_before_publishing_loses_nothing() {
         eventually(WAIT, || relay_inside_a_batch(&db)).await,
         "the relay claimed a batch"
     );
-    let nothing = read_topic(
-        &stack().bootstrap_servers,
-        &topic,
-        Duration::from_secs(2),
-        |r| !r.is_empty(),
-    )
+    let nothing = read_topic(&stack().bootstrap_servers, &topic, Duration::from_secs(2), |r| {
+        !r.is_empty()
+    })
     .await;
-    assert!(
-        nothing.is_empty(),
-        "paused before publishing: nothing on the topic yet"
-    );
+    assert!(nothing.is_empty(), "paused before publishing: nothing on the topic yet");
     kill_9(&mut relay).await;
     assert_eq!(unpublished(&db).await, 3);
 
@@ -267,12 +221,9 @@ async fn a_relay_killed_before_publishing_loses_nothing() {
     let all = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 3).await;
     // Give a duplicate, if there were one, the time to arrive.
     let all = if all.len() == 3 {
-        read_topic(
-            &stack().bootstrap_servers,
-            &topic,
-            Duration::from_secs(2),
-            |r| r.len() > 3,
-        )
+        read_topic(&stack().bootstrap_servers, &topic, Duration::from_secs(2), |r| {
+            r.len() > 3
+        })
         .await
     } else {
         all
@@ -299,16 +250,9 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
     let (stop, relay) = spawn_relay(&db, &bootstrap, 100);
 
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        unpublished(&db).await,
-        3,
-        "no broker: every row stays pending"
-    );
+    assert_eq!(unpublished(&db).await, 3, "no broker: every row stays pending");
 
-    let dir = std::env::temp_dir().join(format!(
-        "orderflow-broker-{}",
-        uuid::Uuid::now_v7().simple()
-    ));
+    let dir = std::env::temp_dir().join(format!("orderflow-broker-{}", uuid::Uuid::now_v7().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let listener = format!("tcp://127.0.0.1:{port}");
     let mut broker = Command::new("tansu")
@@ -328,9 +272,7 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
         .expect("start a private tansu broker (scripts/stack install puts it on PATH)");
     assert!(
         eventually(WAIT, || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
         })
         .await
     );
@@ -339,24 +281,15 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
         .expect("create the topic on the new broker");
 
     assert!(
-        eventually(Duration::from_secs(60), || async {
-            unpublished(&db).await == 0
-        })
-        .await,
+        eventually(Duration::from_secs(60), || async { unpublished(&db).await == 0 }).await,
         "the backlog drains"
     );
     let records = read_topic(&bootstrap, topic, WAIT, |r| r.len() >= 3).await;
-    let mut got: Vec<String> = records
-        .iter()
-        .map(|r| r.headers["message_id"].clone())
-        .collect();
+    let mut got: Vec<String> = records.iter().map(|r| r.headers["message_id"].clone()).collect();
     got.sort();
     let mut expected = outbox_message_ids(&db).await;
     expected.sort();
-    assert_eq!(
-        got, expected,
-        "every pending row arrived once the broker was back"
-    );
+    assert_eq!(got, expected, "every pending row arrived once the broker was back");
 
     stop.cancel();
     relay.await.unwrap().expect("the relay stops cleanly");
@@ -409,11 +342,10 @@ async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
     let records = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 160).await;
     assert_eq!(records.len(), 160, "each row published once");
 
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT partition_key, message_id::text FROM outbox ORDER BY id")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT partition_key, message_id::text FROM outbox ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
     let mut expected: HashMap<String, Vec<String>> = HashMap::new();
     for (key, message_id) in rows {
         expected.entry(key).or_default().push(message_id);
@@ -426,10 +358,7 @@ async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
             .or_default()
             .push(record.headers["message_id"].clone());
     }
-    assert_eq!(
-        seen, expected,
-        "every key's events in the order they were written"
-    );
+    assert_eq!(seen, expected, "every key's events in the order they were written");
 
     stop_a.cancel();
     stop_b.cancel();

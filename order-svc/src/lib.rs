@@ -53,14 +53,8 @@ pub struct Config {
 
 /// Runs the service on `listener` until `shutdown` is cancelled, then stops accepting,
 /// lets requests in flight finish and returns.
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let pool =
-        orderflow_platform::connect_postgres(&config.database_url, config.db_max_connections)
-            .await?;
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = orderflow_platform::connect_postgres(&config.database_url, config.db_max_connections).await?;
     if config.migrate {
         MIGRATOR.run(&pool).await?;
     }
@@ -71,9 +65,7 @@ pub async fn run(
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<OrderServiceServer<api::OrderApi>>()
-        .await;
+    health.set_serving::<OrderServiceServer<api::OrderApi>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(orderflow::FILE_DESCRIPTOR_SET)

@@ -10,8 +10,7 @@ use prost::Message as _;
 use sqlx::PgPool;
 
 use crate::domain::{
-    Currency, CustomerId, LineItem, Money, Order, OrderId, OrderStatus, PaymentToken, Quantity,
-    SagaState, Sku,
+    Currency, CustomerId, LineItem, Money, Order, OrderId, OrderStatus, PaymentToken, Quantity, SagaState, Sku,
 };
 
 /// Why a database operation failed, in the terms the API needs to answer.
@@ -37,17 +36,14 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match &error {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_) => Self::Unavailable(error),
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+                Self::Unavailable(error)
+            }
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 // serialization_failure, deadlock_detected
                 Some("40001" | "40P01") => Self::Conflict(error),
                 // admin_shutdown, crash_shutdown, cannot_connect_now, connection failures
-                Some(code) if code.starts_with("57P") || code.starts_with("08") => {
-                    Self::Unavailable(error)
-                }
+                Some(code) if code.starts_with("57P") || code.starts_with("08") => Self::Unavailable(error),
                 _ => Self::Other(error),
             },
             _ => Self::Other(error),
@@ -107,12 +103,11 @@ pub async fn place_order(
         .fetch_optional(&mut *tx)
         .await?;
         if claimed.is_none() {
-            let (fingerprint, original): (Vec<u8>, Vec<u8>) = sqlx::query_as(
-                "SELECT request_fingerprint, response FROM idempotency_keys WHERE request_id = $1",
-            )
-            .bind(key.request_id.to_string())
-            .fetch_one(&mut *tx)
-            .await?;
+            let (fingerprint, original): (Vec<u8>, Vec<u8>) =
+                sqlx::query_as("SELECT request_fingerprint, response FROM idempotency_keys WHERE request_id = $1")
+                    .bind(key.request_id.to_string())
+                    .fetch_one(&mut *tx)
+                    .await?;
             // Nothing was written in this transaction; dropping it rolls back.
             drop(tx);
             if fingerprint != key.fingerprint {
@@ -144,11 +139,7 @@ pub async fn place_order(
     let line_numbers: Vec<i32> = (0..).take(order.items.len()).collect();
     let skus: Vec<&str> = order.items.iter().map(|item| item.sku.as_str()).collect();
     let quantities: Vec<i32> = order.items.iter().map(|item| item.quantity.get()).collect();
-    let prices: Vec<i64> = order
-        .items
-        .iter()
-        .map(|item| item.unit_price.amount_minor())
-        .collect();
+    let prices: Vec<i64> = order.items.iter().map(|item| item.unit_price.amount_minor()).collect();
     sqlx::query(
         "INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price_minor)
          SELECT $1, * FROM UNNEST($2::int[], $3::text[], $4::int[], $5::bigint[])",
@@ -208,19 +199,7 @@ pub async fn get_order(pool: &PgPool, id: OrderId) -> Result<Option<OrderRecord>
     .bind(id.as_uuid())
     .fetch_optional(pool)
     .await?;
-    let Some((
-        customer,
-        currency,
-        total,
-        token,
-        status,
-        saga,
-        reason,
-        version,
-        correlation_id,
-        created,
-        updated,
-    )) = row
+    let Some((customer, currency, total, token, status, saga, reason, version, correlation_id, created, updated)) = row
     else {
         return Ok(None);
     };

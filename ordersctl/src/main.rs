@@ -19,10 +19,20 @@ use rdkafka::{Offset, TopicPartitionList};
 #[command(name = "ordersctl", about = "orderflow's command-line client")]
 struct Cli {
     /// The order service's gRPC address.
-    #[arg(long, env = "ORDERFLOW_ORDER_SVC_ADDR", default_value = "127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "ORDERFLOW_ORDER_SVC_ADDR",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
     addr: String,
     /// Kafka bootstrap servers.
-    #[arg(long, env = "ORDERFLOW_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:19092", global = true)]
+    #[arg(
+        long,
+        env = "ORDERFLOW_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:19092",
+        global = true
+    )]
     bootstrap_servers: String,
     #[command(subcommand)]
     command: Command,
@@ -74,8 +84,19 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Place { customer, items, currency, payment_token, request_id } => {
-            let money = |amount_minor| Some(api::Money { amount_minor, currency_code: currency.clone() });
+        Command::Place {
+            customer,
+            items,
+            currency,
+            payment_token,
+            request_id,
+        } => {
+            let money = |amount_minor| {
+                Some(api::Money {
+                    amount_minor,
+                    currency_code: currency.clone(),
+                })
+            };
             let mut total: i64 = 0;
             let mut lines = Vec::new();
             for item in &items {
@@ -89,7 +110,11 @@ async fn main() -> anyhow::Result<()> {
                     .checked_mul(i64::from(quantity))
                     .and_then(|line| total.checked_add(line))
                     .context("the total overflows")?;
-                lines.push(api::OrderItem { sku: (*sku).to_owned(), quantity, unit_price: money(price) });
+                lines.push(api::OrderItem {
+                    sku: (*sku).to_owned(),
+                    quantity,
+                    unit_price: money(price),
+                });
             }
             let request = api::PlaceOrderRequest {
                 request_id: request_id.unwrap_or_else(uuid::Uuid::now_v7).to_string(),
@@ -98,7 +123,12 @@ async fn main() -> anyhow::Result<()> {
                 total: money(total),
                 payment_token,
             };
-            let response = client(&cli.addr).await?.place_order(request).await.map_err(status_error)?.into_inner();
+            let response = client(&cli.addr)
+                .await?
+                .place_order(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
             println!(
                 "{}",
                 serde_json::json!({
@@ -133,7 +163,12 @@ async fn main() -> anyhow::Result<()> {
                 })
             );
         }
-        Command::Events { topic, order, count, idle_secs } => {
+        Command::Events {
+            topic,
+            order,
+            count,
+            idle_secs,
+        } => {
             let bootstrap = cli.bootstrap_servers.clone();
             tokio::task::spawn_blocking(move || print_events(&bootstrap, &topic, order.as_deref(), count, idle_secs))
                 .await??;
@@ -143,7 +178,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn client(addr: &str) -> anyhow::Result<OrderServiceClient<tonic::transport::Channel>> {
-    OrderServiceClient::connect(format!("http://{addr}")).await.with_context(|| format!("cannot reach order-svc at {addr}"))
+    OrderServiceClient::connect(format!("http://{addr}"))
+        .await
+        .with_context(|| format!("cannot reach order-svc at {addr}"))
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {
@@ -172,7 +209,9 @@ fn print_events(
     let mut printed = 0;
     let mut last_seen = Instant::now();
     while count.is_none_or(|n| printed < n) && last_seen.elapsed() < Duration::from_secs(idle_secs) {
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
         let message = message?;
         last_seen = Instant::now();
         let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();

@@ -49,11 +49,7 @@ pub fn consumer_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig 
 
 /// Creates the topics that do not exist yet, with `partitions` partitions each.
 /// Existing topics are left as they are.
-pub async fn ensure_topics(
-    bootstrap_servers: &str,
-    names: &[&str],
-    partitions: i32,
-) -> anyhow::Result<()> {
+pub async fn ensure_topics(bootstrap_servers: &str, names: &[&str], partitions: i32) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap_servers)
         .create()?;

@@ -59,10 +59,7 @@ pub fn shutdown_on_signals() -> CancellationToken {
 }
 
 /// Opens a Postgres pool. The URL is a [`Secret`]: it carries the password and is never logged.
-pub async fn connect_postgres(
-    url: &Secret,
-    max_connections: u32,
-) -> Result<sqlx::PgPool, sqlx::Error> {
+pub async fn connect_postgres(url: &Secret, max_connections: u32) -> Result<sqlx::PgPool, sqlx::Error> {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))

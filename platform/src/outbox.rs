@@ -25,8 +25,8 @@ pub async fn insert(
     message: &OutboxMessage,
 ) -> Result<(), sqlx::Error> {
     let envelope = &message.envelope;
-    let message_id = uuid::Uuid::parse_str(&envelope.message_id)
-        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    let message_id =
+        uuid::Uuid::parse_str(&envelope.message_id).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
     sqlx::query(
         "INSERT INTO outbox (message_id, topic, partition_key, event_type, schema_version, traceparent, payload)
          VALUES ($1, $2, $3, $4, $5, NULLIF($6, ''), $7)",

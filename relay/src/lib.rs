@@ -39,20 +39,13 @@ const OUTBOX_CHANNEL: &str = "outbox";
 
 /// The relay's settings: defaults, overridden by environment variables, overridden by flags.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "relay",
-    about = "orderflow's outbox relay: publishes outbox rows to Kafka"
-)]
+#[command(name = "relay", about = "orderflow's outbox relay: publishes outbox rows to Kafka")]
 pub struct Config {
     /// Postgres URL of the service database whose outbox this relay publishes.
     #[arg(long, env = "RELAY_DATABASE_URL", hide_env_values = true)]
     pub database_url: Secret,
     /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        env = "RELAY_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:19092"
-    )]
+    #[arg(long, env = "RELAY_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:19092")]
     pub bootstrap_servers: String,
     /// Kafka client id (shows in broker logs).
     #[arg(long, env = "RELAY_CLIENT_ID", default_value = "orderflow-relay")]
@@ -88,16 +81,7 @@ pub struct Relay {
     batch_size: i64,
 }
 
-type OutboxRow = (
-    i64,
-    uuid::Uuid,
-    String,
-    String,
-    String,
-    i32,
-    Option<String>,
-    Vec<u8>,
-);
+type OutboxRow = (i64, uuid::Uuid, String, String, String, i32, Option<String>, Vec<u8>);
 
 impl Relay {
     /// A relay publishing `pool`'s outbox with `producer`.
@@ -141,18 +125,13 @@ impl Relay {
             let message_id = message_id.to_string();
             let version = version.to_string();
             let mut headers = OwnedHeaders::new();
-            for (name, value) in
-                outbox::record_headers(&message_id, event_type, &version, traceparent.as_deref())
-            {
+            for (name, value) in outbox::record_headers(&message_id, event_type, &version, traceparent.as_deref()) {
                 headers = headers.insert(Header {
                     key: name,
                     value: Some(value),
                 });
             }
-            let record = FutureRecord::to(topic)
-                .key(key)
-                .payload(payload)
-                .headers(headers);
+            let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
             deliveries.push(self.enqueue(record).await);
         }
         let results = join_all(deliveries.into_iter().map(|delivery| async move {
@@ -179,11 +158,13 @@ impl Relay {
                 Err(error) => {
                     failed += 1;
                     tracing::warn!(outbox_id = row.0, message_id = %row.1, %error, "broker refused an outbox row");
-                    sqlx::query("UPDATE outbox SET failed_attempts = failed_attempts + 1, last_error = $2 WHERE id = $1")
-                        .bind(row.0)
-                        .bind(&error)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "UPDATE outbox SET failed_attempts = failed_attempts + 1, last_error = $2 WHERE id = $1",
+                    )
+                    .bind(row.0)
+                    .bind(&error)
+                    .execute(&mut *tx)
+                    .await?;
                 }
             }
         }
@@ -207,9 +188,7 @@ impl Relay {
             match self.producer.send_result(record) {
                 Ok(delivery) => return Ok(delivery),
                 Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
                     back,
                 )) => {
                     record = back;
@@ -221,11 +200,7 @@ impl Relay {
     }
 
     /// Publishes batches until `shutdown`, woken by NOTIFY and by a polling fallback.
-    pub async fn run(
-        self,
-        poll_interval: Duration,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<()> {
+    pub async fn run(self, poll_interval: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(OUTBOX_CHANNEL).await?;
         let mut backoff = Duration::from_millis(100);
@@ -286,8 +261,7 @@ impl Relay {
 /// Connects to the database and the broker and runs the relay until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = orderflow_platform::connect_postgres(&config.database_url, 2).await?;
-    let producer: FutureProducer =
-        kafka::producer_config(&config.bootstrap_servers, &config.client_id).create()?;
+    let producer: FutureProducer = kafka::producer_config(&config.bootstrap_servers, &config.client_id).create()?;
     tracing::info!(bootstrap_servers = %config.bootstrap_servers, batch_size = config.batch_size, "relay started");
     Relay::new(pool, producer, config.batch_size)
         .run(Duration::from_millis(config.poll_interval_ms), shutdown)

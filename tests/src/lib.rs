@@ -38,13 +38,17 @@ pub fn stack() -> &'static Stack {
         if let Ok(text) = std::fs::read_to_string(&env_file) {
             for line in text.lines() {
                 if let Some((key, value)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
-                    vars.entry(key.to_owned()).or_insert_with(|| value.trim_matches('\'').to_owned());
+                    vars.entry(key.to_owned())
+                        .or_insert_with(|| value.trim_matches('\'').to_owned());
                 }
             }
         }
         let get = |key: &str| {
             vars.get(key).cloned().unwrap_or_else(|| {
-                panic!("{key} is not set and {} has no value for it: start the stack with `scripts/stack up --infra`", env_file.display())
+                panic!(
+                    "{key} is not set and {} has no value for it: start the stack with `scripts/stack up --infra`",
+                    env_file.display()
+                )
             })
         };
         Stack {
@@ -73,24 +77,16 @@ pub async fn fresh_orders_db() -> TestDb {
     let mut admin = sqlx::PgConnection::connect(&stack.admin_url)
         .await
         .expect("connect as the stack's superuser");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE DATABASE {name} OWNER orders_svc"
-    )))
-    .execute(&mut admin)
-    .await
-    .expect("create a test database");
-    let (base, _) = stack
-        .orders_url
-        .rsplit_once('/')
-        .expect("a database URL ends in /NAME");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name} OWNER orders_svc")))
+        .execute(&mut admin)
+        .await
+        .expect("create a test database");
+    let (base, _) = stack.orders_url.rsplit_once('/').expect("a database URL ends in /NAME");
     let url = format!("{base}/{name}");
     let pool = orderflow_platform::connect_postgres(&Secret::new(url.clone()), 8)
         .await
         .expect("connect to the test database");
-    order_svc::MIGRATOR
-        .run(&pool)
-        .await
-        .expect("migrate the test database");
+    order_svc::MIGRATOR.run(&pool).await.expect("migrate the test database");
     TestDb { name, url, pool }
 }
 
@@ -134,9 +130,7 @@ pub async fn start_order_svc(db: &TestDb, topic: &str) -> RunningOrderSvc {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind a free port");
-    let addr = listener
-        .local_addr()
-        .expect("a bound listener has an address");
+    let addr = listener.local_addr().expect("a bound listener has an address");
     let config = order_svc::Config {
         listen_addr: addr,
         database_url: Secret::new(db.url.clone()),
@@ -149,11 +143,7 @@ pub async fn start_order_svc(db: &TestDb, topic: &str) -> RunningOrderSvc {
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(order_svc::run(config, listener, shutdown.clone()));
-    RunningOrderSvc {
-        addr,
-        shutdown,
-        task,
-    }
+    RunningOrderSvc { addr, shutdown, task }
 }
 
 /// A valid PlaceOrder request: two lines in EUR, total 3 x 12.50 + 1 x 5.00 = 42.50.
@@ -218,21 +208,15 @@ pub async fn read_topic(
     let bootstrap_servers = bootstrap_servers.to_owned();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = kafka::consumer_config(
-            &bootstrap_servers,
-            &format!("reader-{}", uuid::Uuid::now_v7()),
-        )
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("create a consumer");
+        let consumer: BaseConsumer =
+            kafka::consumer_config(&bootstrap_servers, &format!("reader-{}", uuid::Uuid::now_v7()))
+                .set("enable.auto.commit", "false")
+                .create()
+                .expect("create a consumer");
         let metadata = consumer
             .fetch_metadata(Some(&topic), Duration::from_secs(10))
             .expect("topic metadata");
-        let partitions = metadata
-            .topics()
-            .first()
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
+        let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
         assert!(partitions > 0, "topic {topic} has no partitions");
         let mut assignment = TopicPartitionList::new();
         for partition in 0..partitions {
@@ -258,8 +242,7 @@ pub async fn read_topic(
                                 .map(|h| {
                                     (
                                         h.key.to_owned(),
-                                        String::from_utf8_lossy(h.value.unwrap_or_default())
-                                            .into_owned(),
+                                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
                                     )
                                 })
                                 .collect()

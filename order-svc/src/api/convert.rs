@@ -5,8 +5,8 @@ use orderflow::orders::v1 as wire;
 
 use super::{ApiError, FieldViolation};
 use crate::domain::{
-    CustomerId, DomainError, LineItem, MAX_ITEMS, Money, OrderId, OrderStatus, PaymentToken,
-    PlaceOrder, Quantity, SagaState, Sku, ValueError, parse_currency,
+    CustomerId, DomainError, LineItem, MAX_ITEMS, Money, OrderId, OrderStatus, PaymentToken, PlaceOrder, Quantity,
+    SagaState, Sku, ValueError, parse_currency,
 };
 use crate::store::OrderRecord;
 
@@ -37,11 +37,7 @@ pub(super) fn parse_place_order(
         raw => field(v, "request_id", parse_request_id(raw)),
     };
     let customer_id = field(v, "customer_id", CustomerId::parse(request.customer_id));
-    let payment_token = field(
-        v,
-        "payment_token",
-        PaymentToken::parse(&request.payment_token),
-    );
+    let payment_token = field(v, "payment_token", PaymentToken::parse(&request.payment_token));
     let total = parse_money(v, request.total.as_ref(), "total");
 
     let mut items = Vec::with_capacity(request.items.len().min(MAX_ITEMS));
@@ -55,16 +51,8 @@ pub(super) fn parse_place_order(
     } else {
         for (index, item) in request.items.iter().enumerate() {
             let sku = field(v, format!("items[{index}].sku"), Sku::parse(&item.sku));
-            let quantity = field(
-                v,
-                format!("items[{index}].quantity"),
-                Quantity::parse(item.quantity),
-            );
-            let unit_price = parse_money(
-                v,
-                item.unit_price.as_ref(),
-                &format!("items[{index}].unit_price"),
-            );
+            let quantity = field(v, format!("items[{index}].quantity"), Quantity::parse(item.quantity));
+            let unit_price = parse_money(v, item.unit_price.as_ref(), &format!("items[{index}].unit_price"));
             if let (Some(sku), Some(quantity), Some(unit_price)) = (sku, quantity, unit_price) {
                 items.push(LineItem {
                     sku,
@@ -76,18 +64,16 @@ pub(super) fn parse_place_order(
     }
 
     match (customer_id, payment_token, total) {
-        (Some(customer_id), Some(payment_token), Some(declared_total)) if violations.is_empty() => {
-            Ok((
-                request_id,
-                PlaceOrder {
-                    order_id,
-                    customer_id,
-                    items,
-                    declared_total,
-                    payment_token,
-                },
-            ))
-        }
+        (Some(customer_id), Some(payment_token), Some(declared_total)) if violations.is_empty() => Ok((
+            request_id,
+            PlaceOrder {
+                order_id,
+                customer_id,
+                items,
+                declared_total,
+                payment_token,
+            },
+        )),
         _ => Err(ApiError::InvalidArgument(violations)),
     }
 }
@@ -103,11 +89,7 @@ fn parse_request_id(raw: &str) -> Result<uuid::Uuid, ValueError> {
         .ok_or(ValueError::NotUuid)
 }
 
-fn parse_money(
-    violations: &mut Vec<FieldViolation>,
-    money: Option<&wire::Money>,
-    name: &str,
-) -> Option<Money> {
+fn parse_money(violations: &mut Vec<FieldViolation>, money: Option<&wire::Money>, name: &str) -> Option<Money> {
     let Some(money) = money else {
         return field(violations, name, Err(ValueError::Missing));
     };

@@ -52,13 +52,11 @@ pub enum ApiError {
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::Unavailable(_) => {
-                Self::Unavailable("the order database is unavailable; retry later".into())
-            }
+            StoreError::Unavailable(_) => Self::Unavailable("the order database is unavailable; retry later".into()),
             StoreError::Conflict(_) => Self::Aborted("a concurrent change won; retry".into()),
-            StoreError::IdempotencyKeyReused => Self::FailedPrecondition(
-                "request_id was already used with a different request".into(),
-            ),
+            StoreError::IdempotencyKeyReused => {
+                Self::FailedPrecondition("request_id was already used with a different request".into())
+            }
             StoreError::Corrupt(_) | StoreError::Other(_) => {
                 tracing::error!(error = %error, cause = ?std::error::Error::source(&error), "store error");
                 Self::Internal

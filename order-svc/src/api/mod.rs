@@ -10,8 +10,7 @@ use orderflow::envelope::{EventMeta, seal};
 use orderflow::events::v1::{OrderPlaced, event_envelope::Payload};
 use orderflow::orders::v1::order_service_server::OrderService;
 use orderflow::orders::v1::{
-    GetOrderRequest, GetOrderResponse, OrderStatus as WireStatus, PlaceOrderRequest,
-    PlaceOrderResponse,
+    GetOrderRequest, GetOrderResponse, OrderStatus as WireStatus, PlaceOrderRequest, PlaceOrderResponse,
 };
 use orderflow_platform::outbox::OutboxMessage;
 use prost::Message as _;
@@ -41,14 +40,10 @@ impl OrderApi {
         }
     }
 
-    async fn place_order(
-        &self,
-        request: PlaceOrderRequest,
-    ) -> Result<PlaceOrderResponse, ApiError> {
+    async fn place_order(&self, request: PlaceOrderRequest) -> Result<PlaceOrderResponse, ApiError> {
         let order_id = OrderId::generate();
         let (request_id, command) = convert::parse_place_order(&request, order_id)?;
-        let events =
-            domain::decide(None, Command::Place(command)).map_err(convert::domain_error)?;
+        let events = domain::decide(None, Command::Place(command)).map_err(convert::domain_error)?;
         let Some(Event::Placed { order }) = events.into_iter().next() else {
             tracing::error!("decide(Place) returned no Placed event");
             return Err(ApiError::Internal);
@@ -92,16 +87,7 @@ impl OrderApi {
                 }),
             ),
         };
-        match store::place_order(
-            &self.pool,
-            &order,
-            correlation_id,
-            key.as_ref(),
-            &event,
-            &response,
-        )
-        .await?
-        {
+        match store::place_order(&self.pool, &order, correlation_id, key.as_ref(), &event, &response).await? {
             PlaceOutcome::Created(response) => {
                 tracing::info!("order placed");
                 Ok(response)
@@ -114,9 +100,8 @@ impl OrderApi {
     }
 
     async fn get_order(&self, request: GetOrderRequest) -> Result<GetOrderResponse, ApiError> {
-        let id = OrderId::parse(&request.order_id).map_err(|error| {
-            ApiError::InvalidArgument(vec![FieldViolation::new("order_id", error)])
-        })?;
+        let id = OrderId::parse(&request.order_id)
+            .map_err(|error| ApiError::InvalidArgument(vec![FieldViolation::new("order_id", error)]))?;
         tracing::Span::current().record("order_id", tracing::field::display(id));
         let record = store::get_order(&self.pool, id)
             .await?
@@ -138,10 +123,7 @@ impl OrderService for OrderApi {
             order_id = tracing::field::Empty,
             correlation_id = tracing::field::Empty
         );
-        let result = self
-            .place_order(request.into_inner())
-            .instrument(span)
-            .await;
+        let result = self.place_order(request.into_inner()).instrument(span).await;
         Ok(tonic::Response::new(result?))
     }
 

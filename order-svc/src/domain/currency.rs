@@ -198,10 +198,7 @@ mod tests {
     #[test]
     fn known_codes_resolve_and_others_do_not() {
         assert_eq!(Currency::from_code("EUR").map(Currency::code), Some("EUR"));
-        assert_eq!(
-            Currency::from_code("JPY").map(Currency::minor_unit_exponent),
-            Some(0)
-        );
+        assert_eq!(Currency::from_code("JPY").map(Currency::minor_unit_exponent), Some(0));
         assert_eq!(Currency::from_code("eur"), None);
         assert_eq!(Currency::from_code("XXX"), None);
         assert_eq!(Currency::from_code(""), None);

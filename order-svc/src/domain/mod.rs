@@ -8,9 +8,7 @@ mod currency;
 mod values;
 
 pub use currency::Currency;
-pub use values::{
-    CustomerId, LineItem, Money, OrderId, PaymentToken, Quantity, Sku, ValueError, parse_currency,
-};
+pub use values::{CustomerId, LineItem, Money, OrderId, PaymentToken, Quantity, Sku, ValueError, parse_currency};
 
 /// Business status of an order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

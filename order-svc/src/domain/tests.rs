@@ -27,11 +27,7 @@ fn place(items: Vec<LineItem>, declared: i64) -> Command {
 
 #[test]
 fn placing_a_new_order_makes_it_pending_and_awaiting_payment() {
-    let events = decide(
-        None,
-        place(vec![item("A-1", 2, 1_250), item("B-2", 1, 500)], 3_000),
-    )
-    .expect("valid order");
+    let events = decide(None, place(vec![item("A-1", 2, 1_250), item("B-2", 1, 500)], 3_000)).expect("valid order");
     let [Event::Placed { order }] = events.as_slice() else {
         panic!("one Placed event, got {events:?}")
     };
@@ -67,10 +63,7 @@ fn a_total_that_is_not_the_sum_is_refused() {
 #[test]
 fn an_overflowing_total_is_refused() {
     let huge = item("A-1", Quantity::MAX, i64::MAX / 2);
-    assert_eq!(
-        decide(None, place(vec![huge], 1)),
-        Err(DomainError::TotalOverflow)
-    );
+    assert_eq!(decide(None, place(vec![huge], 1)), Err(DomainError::TotalOverflow));
     let half = item("A-1", 1, i64::MAX / 2 + 1);
     assert_eq!(
         decide(None, place(vec![half.clone(), half], 1)),
@@ -133,17 +126,8 @@ fn strings_are_bounded_and_printable() {
     );
     assert_eq!(Sku::parse("A\n1"), Err(ValueError::NotPrintable));
     assert_eq!(Sku::parse("A\u{202E}1"), Err(ValueError::NotPrintable));
-    assert_eq!(
-        PaymentToken::parse("tok\u{0}"),
-        Err(ValueError::NotPrintable)
-    );
-    assert!(
-        !format!(
-            "{:?}",
-            PaymentToken::parse("tok_secret").expect("printable")
-        )
-        .contains("secret")
-    );
+    assert_eq!(PaymentToken::parse("tok\u{0}"), Err(ValueError::NotPrintable));
+    assert!(!format!("{:?}", PaymentToken::parse("tok_secret").expect("printable")).contains("secret"));
 }
 
 proptest::proptest! {

@@ -153,10 +153,8 @@ fn printable(raw: &str, max_chars: usize) -> Result<String, ValueError> {
     if raw.chars().count() > max_chars {
         return Err(ValueError::TooLong(max_chars));
     }
-    let invisible = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{FEFF}')
-    };
+    let invisible =
+        |c: char| c.is_control() || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{FEFF}');
     if raw.chars().any(invisible) {
         return Err(ValueError::NotPrintable);
     }
