@@ -56,12 +56,21 @@ fn spawn_relay(
     bootstrap_servers: &str,
     batch_size: i64,
 ) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    spawn_relay_polling_every(db, bootstrap_servers, batch_size, Duration::from_millis(200))
+}
+
+fn spawn_relay_polling_every(
+    db: &TestDb,
+    bootstrap_servers: &str,
+    batch_size: i64,
+    poll_interval: Duration,
+) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let producer: FutureProducer = kafka::producer_config(bootstrap_servers, "relay-test")
         .create()
         .expect("producer");
     let relay = relay::Relay::new(db.pool.clone(), producer, batch_size);
     let token = CancellationToken::new();
-    let task = tokio::spawn(relay.run(Duration::from_millis(200), token.clone()));
+    let task = tokio::spawn(relay.run(poll_interval, token.clone()));
     (token, task)
 }
 
@@ -364,4 +373,21 @@ async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
     stop_b.cancel();
     relay_a.await.unwrap().unwrap();
     relay_b.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_wakes_the_relay_at_once_without_waiting_for_the_poll() {
+    let db = fresh_orders_db().await;
+    let topic = fresh_topic(3).await;
+    // The polling fallback would take a minute: only the NOTIFY sent at commit can be this fast.
+    let (stop, relay) = spawn_relay_polling_every(&db, &stack().bootstrap_servers, 100, Duration::from_secs(60));
+    // Let the relay finish its first (empty) pass and start listening.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    place_orders(&db, &topic, 1).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async { unpublished(&db).await == 0 }).await,
+        "the relay published within 5 s of the commit"
+    );
+    stop.cancel();
+    relay.await.unwrap().expect("the relay stops cleanly");
 }

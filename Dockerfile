@@ -1,0 +1,13 @@
+# The orderflow binaries, for docker-compose.yml. The same binaries run in the local stack.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p order-svc -p relay -p ordersctl
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 orderflow
+COPY --from=build /src/target/release/order-svc /src/target/release/relay /src/target/release/ordersctl /usr/local/bin/
+USER orderflow
