@@ -6,6 +6,7 @@ use prost::Message as _;
 const PROTOS: &[&str] = &[
     "proto/orderflow/orders/v1/orders.proto",
     "proto/orderflow/events/v1/events.proto",
+    "proto/orderflow/gateway/v1/gateway.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -19,6 +19,13 @@ pub mod events {
     }
 }
 
+/// Generated from `proto/orderflow/gateway/v1/gateway.proto`: the card processor's API.
+pub mod gateway {
+    pub mod v1 {
+        tonic::include_proto!("orderflow.gateway.v1");
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every proto in `proto/`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
 
@@ -29,4 +36,8 @@ pub mod topics {
     pub const ORDERS_EVENTS: &str = "orders.events";
     /// Events of the payment service.
     pub const PAYMENTS_EVENTS: &str = "payments.events";
+    /// The dead-letter topic of `topic`.
+    pub fn dead_letter(topic: &str) -> String {
+        format!("{topic}.dlq")
+    }
 }

@@ -3,6 +3,8 @@
 
 pub mod api;
 pub mod domain;
+pub mod projector;
+pub mod saga;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -49,12 +51,32 @@ pub struct Config {
     /// Apply the database migrations at start-up.
     #[arg(long, env = "ORDER_SVC_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
+    /// Kafka bootstrap servers. Without them the service only serves gRPC (no payment
+    /// events consumed, no sweeper).
+    #[arg(long, env = "ORDER_SVC_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: Option<String>,
+    /// Topic of the payment events (consumed).
+    #[arg(long, env = "ORDER_SVC_PAYMENTS_TOPIC", default_value = orderflow::topics::PAYMENTS_EVENTS)]
+    pub payments_topic: String,
+    /// Consumer group of the payment events.
+    #[arg(long, env = "ORDER_SVC_GROUP_ID", default_value = "order")]
+    pub group_id: String,
+    /// Partitions handled at once.
+    #[arg(long, env = "ORDER_SVC_WORKERS", default_value_t = 12)]
+    pub workers: usize,
+    /// An order still PENDING this long after it was placed is cancelled (PAYMENT_TIMEOUT).
+    #[arg(long, env = "ORDER_SVC_SAGA_DEADLINE_MS", default_value_t = 30_000)]
+    pub saga_deadline_ms: u64,
+    /// How often the sweeper looks for overdue orders.
+    #[arg(long, env = "ORDER_SVC_SWEEP_INTERVAL_MS", default_value_t = 1_000)]
+    pub sweep_interval_ms: u64,
 }
 
 /// Runs the service on `listener` until `shutdown` is cancelled, then stops accepting,
 /// lets requests in flight finish and returns.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = orderflow_platform::connect_postgres(&config.database_url, config.db_max_connections).await?;
+    let shutdown_consumer = shutdown.clone();
     if config.migrate {
         MIGRATOR.run(&pool).await?;
     }
@@ -75,6 +97,33 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // grpcurl up to 1.8 speaks only the v1alpha reflection protocol.
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    // The saga: the payment events consumer and the sweeper, stopped with the server.
+    let mut background = Vec::new();
+    if let Some(bootstrap_servers) = config.bootstrap_servers.clone() {
+        let settings = orderflow_platform::consumer::ConsumerSettings {
+            bootstrap_servers,
+            group_id: config.group_id.clone(),
+            topics: vec![config.payments_topic.clone()],
+            workers: config.workers,
+        };
+        let handler = std::sync::Arc::new(saga::PaymentEventsHandler::new(
+            pool.clone(),
+            config.orders_topic.clone(),
+        ));
+        background.push(tokio::spawn(async move {
+            if let Err(error) = orderflow_platform::consumer::run(settings, handler, shutdown_consumer).await {
+                tracing::error!(error = format!("{error:#}"), "payment events consumer stopped");
+            }
+        }));
+        background.push(tokio::spawn(saga::sweep(
+            pool.clone(),
+            config.orders_topic.clone(),
+            Duration::from_millis(config.saga_deadline_ms),
+            Duration::from_millis(config.sweep_interval_ms),
+            shutdown.clone(),
+        )));
+    }
+
     let local_addr = listener.local_addr()?;
     tracing::info!(%local_addr, "order-svc serving gRPC");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -89,6 +138,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .add_service(OrderServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
+    for task in background {
+        let _ = task.await;
+    }
     pool.close().await;
     tracing::info!("order-svc stopped");
     Ok(())

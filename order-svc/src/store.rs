@@ -240,3 +240,120 @@ pub async fn get_order(pool: &PgPool, id: OrderId) -> Result<Option<OrderRecord>
         updated_at: updated,
     }))
 }
+
+/// What a compare-and-set transition did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransitionOutcome {
+    /// The change, its inbox row and its event committed.
+    Applied,
+    /// The inbox already had the message: nothing was written.
+    Duplicate,
+    /// The order's version moved since it was read: nothing was written; decide again.
+    Conflict,
+}
+
+/// Moves `before` to `after` if the stored version is still `before.version`, in one
+/// transaction with the inbox row of the causing message (if any) and the outbox event.
+pub async fn transition(
+    pool: &PgPool,
+    before: &Order,
+    after: &Order,
+    cancellation_reason: Option<&str>,
+    caused_by: Option<(&str, uuid::Uuid)>,
+    event: &OutboxMessage,
+) -> Result<TransitionOutcome, StoreError> {
+    let mut tx = pool.begin().await?;
+    if let Some((consumer, message_id)) = caused_by
+        && !orderflow_platform::inbox::record(&mut tx, consumer, message_id).await?
+    {
+        return Ok(TransitionOutcome::Duplicate);
+    }
+    let changed = sqlx::query(
+        "UPDATE orders SET status = $3, saga_state = $4, cancellation_reason = $5, version = $6,
+                           updated_at = now(), settled_at = now()
+         WHERE order_id = $1 AND version = $2",
+    )
+    .bind(before.id.as_uuid())
+    .bind(before.version)
+    .bind(after.status.as_str())
+    .bind(after.saga_state.as_str())
+    .bind(cancellation_reason)
+    .bind(after.version)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if changed == 0 {
+        // Someone else (a payment event, another sweeper) changed the order first.
+        return Ok(TransitionOutcome::Conflict);
+    }
+    outbox::insert(&mut tx, event).await?;
+    tx.commit().await?;
+    Ok(TransitionOutcome::Applied)
+}
+
+/// Orders still PENDING `deadline` after they were placed, by the database's clock,
+/// oldest first, with how long they have waited.
+pub async fn pending_past_deadline(
+    pool: &PgPool,
+    deadline: Duration,
+    limit: i64,
+) -> Result<Vec<(OrderId, u64)>, StoreError> {
+    let rows: Vec<(uuid::Uuid, f64)> = sqlx::query_as(
+        "SELECT order_id, extract(epoch FROM now() - created_at)::float8 FROM orders
+         WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1)
+         ORDER BY created_at LIMIT $2",
+    )
+    .bind(deadline.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, waited)| (OrderId::from(id), waited.max(0.0) as u64))
+        .collect())
+}
+
+/// An order as the read model shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OrderView {
+    /// The order.
+    pub order_id: uuid::Uuid,
+    /// The customer (unknown until OrderPlaced is projected).
+    pub customer_id: Option<i64>,
+    /// Currency.
+    pub currency_code: Option<String>,
+    /// Total.
+    pub total_minor: Option<i64>,
+    /// `[{"sku", "quantity", "unit_price_minor"}]`.
+    pub items: Option<serde_json::Value>,
+    /// Status name.
+    pub status: String,
+    /// Saga state name.
+    pub saga_state: String,
+    /// Cancellation reason name.
+    pub cancellation_reason: Option<String>,
+    /// Payment state name.
+    pub payment_state: Option<String>,
+    /// Correlation id.
+    pub correlation_id: Option<uuid::Uuid>,
+    /// The last event applied.
+    pub last_event_type: String,
+    /// `[{"event_type", "occurred_at", "message_id"}]`.
+    pub history: serde_json::Value,
+    /// Placed at.
+    pub placed_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Last change.
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Reads the read model's row of an order.
+pub async fn get_order_view(pool: &PgPool, id: OrderId) -> Result<Option<OrderView>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT order_id, customer_id, currency_code, total_minor, items, status, saga_state, cancellation_reason,
+                payment_state, correlation_id, last_event_type, history, placed_at, updated_at
+         FROM order_read WHERE order_id = $1",
+    )
+    .bind(id.as_uuid())
+    .fetch_optional(pool)
+    .await?)
+}

@@ -63,6 +63,30 @@ enum Command {
         /// The order id.
         order_id: String,
     },
+    /// Check every invariant across all stores; exits 1 on any violation.
+    Verify {
+        /// The orders database.
+        #[arg(long, env = "ORDERFLOW_ORDERS_DATABASE_URL", hide_env_values = true)]
+        orders_db: String,
+        /// The payments database.
+        #[arg(long, env = "ORDERFLOW_PAYMENTS_DATABASE_URL", hide_env_values = true)]
+        payments_db: String,
+        /// The fulfilment database.
+        #[arg(long, env = "ORDERFLOW_FULFILMENT_DATABASE_URL", hide_env_values = true)]
+        fulfilment_db: String,
+        /// The gateway's database.
+        #[arg(long, env = "ORDERFLOW_GATEWAY_DATABASE_URL", hide_env_values = true)]
+        gateway_db: String,
+        /// The saga deadline in force, in milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        deadline_ms: u64,
+        /// Slack past the deadline before a PENDING order counts as stuck (sweeper period, lag).
+        #[arg(long, default_value_t = 5_000)]
+        grace_ms: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the events on a topic, decoded, from the beginning.
     Events {
         /// The topic.
@@ -162,6 +186,39 @@ async fn main() -> anyhow::Result<()> {
                     "correlation_id": order.correlation_id,
                 })
             );
+        }
+        Command::Verify {
+            orders_db,
+            payments_db,
+            fulfilment_db,
+            gateway_db,
+            deadline_ms,
+            grace_ms,
+            json,
+        } => {
+            let connect = |url: String| async move {
+                orderflow_platform::connect_postgres(&orderflow_platform::Secret::new(url), 2).await
+            };
+            let stores = ordersctl::verify::Stores {
+                orders: connect(orders_db).await.context("orders database")?,
+                payments: connect(payments_db).await.context("payments database")?,
+                fulfilment: connect(fulfilment_db).await.context("fulfilment database")?,
+                gateway: connect(gateway_db).await.context("gateway database")?,
+            };
+            let report = ordersctl::verify::verify(
+                &stores,
+                Duration::from_millis(deadline_ms),
+                Duration::from_millis(grace_ms),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", ordersctl::verify::render(&report));
+            }
+            if report.violations() > 0 {
+                std::process::exit(1);
+            }
         }
         Command::Events {
             topic,

@@ -1,7 +1,8 @@
-//! The payment service is built by the saga issue (#3). Until then this binary only says
-//! so and exits non-zero, so that nothing mistakes it for a working service.
+use clap::Parser as _;
 
-fn main() -> std::process::ExitCode {
-    eprintln!("payment-svc is not implemented yet: see the saga issue");
-    std::process::ExitCode::FAILURE
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    orderflow_platform::init_logging();
+    let config = payment_svc::Config::parse();
+    payment_svc::run(config, orderflow_platform::shutdown_on_signals()).await
 }

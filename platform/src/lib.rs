@@ -2,6 +2,8 @@
 //! it is the plumbing (secrets, logging, Postgres, Kafka settings, the outbox row,
 //! shutdown) that each service would otherwise write again.
 
+pub mod consumer;
+pub mod inbox;
 pub mod kafka;
 pub mod outbox;
 pub mod secret;

@@ -5,8 +5,9 @@
 //! reads it, the services only ever insert into it, inside the transaction that makes
 //! the change the event describes.
 
-use orderflow::envelope::headers;
+use orderflow::envelope::{EventMeta, headers, seal};
 use orderflow::events::v1::EventEnvelope;
+use orderflow::events::v1::event_envelope::Payload;
 use prost::Message as _;
 
 /// One event ready to be published.
@@ -59,4 +60,31 @@ pub fn record_headers<'a>(
         list.push((headers::TRACEPARENT, traceparent));
     }
     list
+}
+
+/// The current time as a protobuf timestamp.
+pub fn now_timestamp() -> prost_types::Timestamp {
+    let now = chrono::Utc::now();
+    prost_types::Timestamp {
+        seconds: now.timestamp(),
+        // Below one billion, so it fits.
+        nanos: i32::try_from(now.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// An event caused by `cause`: same order, same correlation id and trace, `cause` as its
+/// causation, a new message id.
+pub fn caused_by(topic: &str, cause: &orderflow::envelope::OpenedEvent, payload: Payload) -> OutboxMessage {
+    let meta = EventMeta {
+        message_id: uuid::Uuid::now_v7(),
+        aggregate_id: cause.aggregate_id,
+        correlation_id: cause.correlation_id,
+        causation_id: Some(cause.message_id),
+        traceparent: cause.traceparent.clone(),
+        occurred_at: now_timestamp(),
+    };
+    OutboxMessage {
+        topic: topic.to_owned(),
+        envelope: seal(meta, payload),
+    }
 }

@@ -56,6 +56,9 @@ pub struct Config {
     /// Polling fallback: look for rows this often even without a NOTIFY, in milliseconds.
     #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1_000)]
     pub poll_interval_ms: u64,
+    /// Fault injection for tests and the chaos harness: publish every row twice.
+    #[arg(long, env = "RELAY_PUBLISH_TWICE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub publish_twice: bool,
 }
 
 /// What one batch did.
@@ -79,6 +82,7 @@ pub struct Relay {
     pool: PgPool,
     producer: FutureProducer,
     batch_size: i64,
+    publish_twice: bool,
 }
 
 type OutboxRow = (i64, uuid::Uuid, String, String, String, i32, Option<String>, Vec<u8>);
@@ -90,6 +94,16 @@ impl Relay {
             pool,
             producer,
             batch_size,
+            publish_twice: false,
+        }
+    }
+
+    /// Publishes every row twice: the duplicate-delivery fault of the tests and the chaos
+    /// harness (what a crash between publish and mark does to every row).
+    pub fn publishing_twice(self) -> Self {
+        Self {
+            publish_twice: true,
+            ..self
         }
     }
 
@@ -131,6 +145,13 @@ impl Relay {
                     value: Some(value),
                 });
             }
+            if self.publish_twice {
+                let again = FutureRecord::to(topic)
+                    .key(key)
+                    .payload(payload)
+                    .headers(headers.clone());
+                deliveries.push(self.enqueue(again).await);
+            }
             let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
             deliveries.push(self.enqueue(record).await);
         }
@@ -150,6 +171,12 @@ impl Relay {
         // published again. Consumers deduplicate by message_id.
         fail::fail_point!("relay::after_ack_before_mark");
 
+        // With publish_twice, each row has two deliveries: both must succeed.
+        let per_row = if self.publish_twice { 2 } else { 1 };
+        let results: Vec<Result<(), String>> = results
+            .chunks(per_row)
+            .map(|chunk| chunk.iter().cloned().collect::<Result<Vec<()>, String>>().map(drop))
+            .collect();
         let mut published = Vec::with_capacity(rows.len());
         let mut failed = 0;
         for (row, result) in rows.iter().zip(results) {
@@ -263,7 +290,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let pool = orderflow_platform::connect_postgres(&config.database_url, 2).await?;
     let producer: FutureProducer = kafka::producer_config(&config.bootstrap_servers, &config.client_id).create()?;
     tracing::info!(bootstrap_servers = %config.bootstrap_servers, batch_size = config.batch_size, "relay started");
-    Relay::new(pool, producer, config.batch_size)
+    let relay = Relay::new(pool, producer, config.batch_size);
+    let relay = if config.publish_twice {
+        relay.publishing_twice()
+    } else {
+        relay
+    };
+    relay
         .run(Duration::from_millis(config.poll_interval_ms), shutdown)
         .await
 }

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use orderflow::orders::v1 as api;
 use orderflow::orders::v1::order_service_client::OrderServiceClient;
 use orderflow_platform::{Secret, kafka};
+
+pub mod saga;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
@@ -71,6 +73,11 @@ pub struct TestDb {
 
 /// Creates and migrates a fresh orders database, owned by `orders_svc`.
 pub async fn fresh_orders_db() -> TestDb {
+    fresh_db(&order_svc::MIGRATOR).await
+}
+
+/// Creates a fresh database owned by `orders_svc` and applies `migrator`.
+pub async fn fresh_db(migrator: &sqlx::migrate::Migrator) -> TestDb {
     use sqlx::Connection as _;
     let stack = stack();
     let name = format!("test_{}", uuid::Uuid::now_v7().simple());
@@ -86,14 +93,15 @@ pub async fn fresh_orders_db() -> TestDb {
     let pool = orderflow_platform::connect_postgres(&Secret::new(url.clone()), 8)
         .await
         .expect("connect to the test database");
-    order_svc::MIGRATOR.run(&pool).await.expect("migrate the test database");
+    migrator.run(&pool).await.expect("migrate the test database");
     TestDb { name, url, pool }
 }
 
-/// Creates a topic of its own for one test.
+/// Creates a topic of its own for one test, with its dead-letter topic.
 pub async fn fresh_topic(partitions: i32) -> String {
     let name = format!("test.{}", uuid::Uuid::now_v7().simple());
-    kafka::ensure_topics(&stack().bootstrap_servers, &[&name], partitions)
+    let dead_letters = orderflow::topics::dead_letter(&name);
+    kafka::ensure_topics(&stack().bootstrap_servers, &[&name, &dead_letters], partitions)
         .await
         .expect("create a test topic");
     name
@@ -125,8 +133,17 @@ impl RunningOrderSvc {
     }
 }
 
-/// Starts order-svc on a free port, on `db`, writing events for `topic`.
+/// Starts order-svc on a free port, on `db`, writing events for `topic` (gRPC only).
 pub async fn start_order_svc(db: &TestDb, topic: &str) -> RunningOrderSvc {
+    start_order_svc_with(db, topic, |_| {}).await
+}
+
+/// Starts order-svc with `adjust` applied to its configuration.
+pub async fn start_order_svc_with(
+    db: &TestDb,
+    topic: &str,
+    adjust: impl FnOnce(&mut order_svc::Config),
+) -> RunningOrderSvc {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind a free port");
@@ -140,7 +157,15 @@ pub async fn start_order_svc(db: &TestDb, topic: &str) -> RunningOrderSvc {
         request_timeout_ms: 5_000,
         max_concurrent_requests: 64,
         migrate: false,
+        bootstrap_servers: None,
+        payments_topic: orderflow::topics::PAYMENTS_EVENTS.to_owned(),
+        group_id: "order".to_owned(),
+        workers: 4,
+        saga_deadline_ms: 30_000,
+        sweep_interval_ms: 1_000,
     };
+    let mut config = config;
+    adjust(&mut config);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(order_svc::run(config, listener, shutdown.clone()));
     RunningOrderSvc { addr, shutdown, task }

@@ -8,7 +8,7 @@ use crate::domain::{
     CustomerId, DomainError, LineItem, MAX_ITEMS, Money, OrderId, OrderStatus, PaymentToken, PlaceOrder, Quantity,
     SagaState, Sku, ValueError, parse_currency,
 };
-use crate::store::OrderRecord;
+use crate::store::{OrderRecord, OrderView};
 
 /// The longest accepted request_id (a UUID is 36 characters).
 const MAX_REQUEST_ID_CHARS: usize = 36;
@@ -115,6 +115,7 @@ pub(super) fn domain_error(error: DomainError) -> ApiError {
         DomainError::TotalOverflow => "total.amount_minor".to_owned(),
         DomainError::TotalMismatch { .. } => "total.amount_minor".to_owned(),
         DomainError::AlreadyExists => return ApiError::AlreadyExists(error.to_string()),
+        DomainError::NotFound => return ApiError::NotFound(error.to_string()),
     };
     ApiError::InvalidArgument(vec![FieldViolation::new(field, error)])
 }
@@ -159,12 +160,7 @@ pub(super) fn wire_order(record: &OrderRecord) -> wire::Order {
         SagaState::Completed => wire::SagaState::Completed,
         SagaState::Compensated => wire::SagaState::Compensated,
     };
-    let reason = match record.cancellation_reason.as_deref() {
-        Some("PAYMENT_FAILED") => wire::CancellationReason::PaymentFailed,
-        Some("PAYMENT_TIMEOUT") => wire::CancellationReason::PaymentTimeout,
-        Some("CUSTOMER_REQUEST") => wire::CancellationReason::CustomerRequest,
-        _ => wire::CancellationReason::Unspecified,
-    };
+    let reason = reason_of(record.cancellation_reason.as_deref());
     wire::Order {
         order_id: order.id.to_string(),
         customer_id: order.customer_id.get(),
@@ -177,5 +173,97 @@ pub(super) fn wire_order(record: &OrderRecord) -> wire::Order {
         correlation_id: record.correlation_id.to_string(),
         created_at: Some(timestamp(record.created_at)),
         updated_at: Some(timestamp(record.updated_at)),
+        payment_state: wire::PaymentState::Unspecified as i32,
+        last_event_type: String::new(),
+        history: Vec::new(),
+    }
+}
+
+fn reason_of(name: Option<&str>) -> wire::CancellationReason {
+    match name {
+        Some("PAYMENT_FAILED") => wire::CancellationReason::PaymentFailed,
+        Some("PAYMENT_TIMEOUT") => wire::CancellationReason::PaymentTimeout,
+        Some("CUSTOMER_REQUEST") => wire::CancellationReason::CustomerRequest,
+        _ => wire::CancellationReason::Unspecified,
+    }
+}
+
+/// The read model's view of an order, on the wire.
+pub(super) fn wire_order_view(view: &OrderView) -> wire::Order {
+    let currency = view.currency_code.clone().unwrap_or_default().trim().to_owned();
+    let money = |amount_minor: i64| {
+        Some(wire::Money {
+            amount_minor,
+            currency_code: currency.clone(),
+        })
+    };
+    let items = view
+        .items
+        .as_ref()
+        .and_then(serde_json::Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| wire::OrderItem {
+                    sku: item["sku"].as_str().unwrap_or_default().to_owned(),
+                    quantity: item["quantity"]
+                        .as_i64()
+                        .and_then(|q| i32::try_from(q).ok())
+                        .unwrap_or_default(),
+                    unit_price: money(item["unit_price_minor"].as_i64().unwrap_or_default()),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let history = view
+        .history
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .map(|entry| wire::OrderHistoryEntry {
+                    event_type: entry["event_type"].as_str().unwrap_or_default().to_owned(),
+                    occurred_at: entry["occurred_at"]
+                        .as_str()
+                        .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+                        .map(|at| timestamp(at.with_timezone(&chrono::Utc))),
+                    message_id: entry["message_id"].as_str().unwrap_or_default().to_owned(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let status = match view.status.as_str() {
+        "CONFIRMED" => wire::OrderStatus::Confirmed,
+        "CANCELLED" => wire::OrderStatus::Cancelled,
+        _ => wire::OrderStatus::Pending,
+    };
+    let saga_state = match view.saga_state.as_str() {
+        "COMPLETED" => wire::SagaState::Completed,
+        "COMPENSATED" => wire::SagaState::Compensated,
+        _ => wire::SagaState::AwaitingPayment,
+    };
+    let payment_state = match view.payment_state.as_deref() {
+        Some("AUTHORIZED") => wire::PaymentState::Authorized,
+        Some("FAILED") => wire::PaymentState::Failed,
+        Some("CAPTURED") => wire::PaymentState::Captured,
+        Some("VOIDED") => wire::PaymentState::Voided,
+        _ => wire::PaymentState::Unspecified,
+    };
+    wire::Order {
+        order_id: view.order_id.to_string(),
+        customer_id: view.customer_id.unwrap_or_default(),
+        items,
+        total: view.total_minor.and_then(money),
+        status: status as i32,
+        saga_state: saga_state as i32,
+        cancellation_reason: reason_of(view.cancellation_reason.as_deref()) as i32,
+        // The write model's version: 0 when placed, 1 once settled (the only change so far).
+        version: i64::from(status != wire::OrderStatus::Pending),
+        correlation_id: view.correlation_id.map(|id| id.to_string()).unwrap_or_default(),
+        created_at: view.placed_at.map(timestamp),
+        updated_at: Some(timestamp(view.updated_at)),
+        payment_state: payment_state as i32,
+        last_event_type: view.last_event_type.clone(),
+        history,
     }
 }

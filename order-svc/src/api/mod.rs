@@ -103,6 +103,15 @@ impl OrderApi {
         let id = OrderId::parse(&request.order_id)
             .map_err(|error| ApiError::InvalidArgument(vec![FieldViolation::new("order_id", error)]))?;
         tracing::Span::current().record("order_id", tracing::field::display(id));
+        // The read model first; an order placed a moment ago may not be projected yet, and
+        // then the write model answers (without history).
+        if let Some(view) = store::get_order_view(&self.pool, id).await?
+            && view.customer_id.is_some()
+        {
+            return Ok(GetOrderResponse {
+                order: Some(convert::wire_order_view(&view)),
+            });
+        }
         let record = store::get_order(&self.pool, id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))?;

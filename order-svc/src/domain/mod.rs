@@ -107,11 +107,45 @@ pub struct PlaceOrder {
     pub payment_token: PaymentToken,
 }
 
-/// Commands the aggregate understands. (The saga adds confirmation and cancellation.)
+/// Why an order was cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancellationReason {
+    /// The payment was declined or failed.
+    PaymentFailed,
+    /// No payment outcome arrived before the saga deadline.
+    PaymentTimeout,
+}
+
+impl CancellationReason {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PaymentFailed => "PAYMENT_FAILED",
+            Self::PaymentTimeout => "PAYMENT_TIMEOUT",
+        }
+    }
+}
+
+/// Commands the aggregate understands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Place a new order.
     Place(PlaceOrder),
+    /// The payment service authorized the order's money.
+    RecordPaymentAuthorized {
+        /// The payment.
+        payment_id: String,
+    },
+    /// The payment service could not get the money.
+    RecordPaymentFailed {
+        /// The gateway's explanation.
+        detail: String,
+    },
+    /// The saga deadline passed (the sweeper).
+    Expire {
+        /// How long the order waited.
+        waited_secs: u64,
+    },
 }
 
 /// Facts the aggregate records.
@@ -121,6 +155,18 @@ pub enum Event {
     Placed {
         /// The order as placed.
         order: Order,
+    },
+    /// Payment authorized: the order is confirmed and goes to fulfilment.
+    Confirmed {
+        /// The payment.
+        payment_id: String,
+    },
+    /// The order is cancelled; any authorization must be voided.
+    Cancelled {
+        /// Why.
+        reason: CancellationReason,
+        /// Detail for people.
+        detail: String,
     },
 }
 
@@ -157,6 +203,9 @@ pub enum DomainError {
     /// The order exists already.
     #[error("the order already exists")]
     AlreadyExists,
+    /// A command that needs an existing order found none.
+    #[error("no such order")]
+    NotFound,
 }
 
 /// Decides what a command does to an order (`None`: the order does not exist yet).
@@ -186,13 +235,53 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<Event>, Dom
                 },
             }])
         }
+        // A payment outcome or the deadline only ever moves a PENDING order. Anything that
+        // arrives once the order is terminal (a late, duplicate or out-of-order event, a
+        // second sweeper) changes nothing: the caller records it and moves on. A late
+        // authorization of a cancelled order is voided by the payment service, which sees
+        // the OrderCancelled after it on the same partition.
+        Command::RecordPaymentAuthorized { payment_id } => match state {
+            None => Err(DomainError::NotFound),
+            Some(order) if order.status == OrderStatus::Pending => Ok(vec![Event::Confirmed { payment_id }]),
+            Some(_) => Ok(vec![]),
+        },
+        Command::RecordPaymentFailed { detail } => match state {
+            None => Err(DomainError::NotFound),
+            Some(order) if order.status == OrderStatus::Pending => Ok(vec![Event::Cancelled {
+                reason: CancellationReason::PaymentFailed,
+                detail,
+            }]),
+            Some(_) => Ok(vec![]),
+        },
+        Command::Expire { waited_secs } => match state {
+            None => Err(DomainError::NotFound),
+            Some(order) if order.status == OrderStatus::Pending => Ok(vec![Event::Cancelled {
+                reason: CancellationReason::PaymentTimeout,
+                detail: format!("no payment outcome after {waited_secs} s"),
+            }]),
+            Some(_) => Ok(vec![]),
+        },
     }
 }
 
-/// The state after an event.
-pub fn apply(_state: Option<Order>, event: Event) -> Order {
-    match event {
-        Event::Placed { order } => order,
+/// The state after an event. Every change after placement bumps the version, which the
+/// store uses for compare-and-set.
+pub fn apply(state: Option<Order>, event: Event) -> Option<Order> {
+    match (state, event) {
+        (_, Event::Placed { order }) => Some(order),
+        (Some(order), Event::Confirmed { .. }) => Some(Order {
+            status: OrderStatus::Confirmed,
+            saga_state: SagaState::Completed,
+            version: order.version + 1,
+            ..order
+        }),
+        (Some(order), Event::Cancelled { .. }) => Some(Order {
+            status: OrderStatus::Cancelled,
+            saga_state: SagaState::Compensated,
+            version: order.version + 1,
+            ..order
+        }),
+        (None, _) => None,
     }
 }
 

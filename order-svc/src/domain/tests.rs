@@ -35,14 +35,93 @@ fn placing_a_new_order_makes_it_pending_and_awaiting_payment() {
     assert_eq!(order.status, OrderStatus::Pending);
     assert_eq!(order.saga_state, SagaState::AwaitingPayment);
     assert_eq!(order.version, 0);
-    let state = apply(None, events[0].clone());
+    let state = apply(None, events[0].clone()).expect("placed");
     assert_eq!(&state, order);
+}
+
+fn placed() -> Order {
+    let events = decide(None, place(vec![item("A-1", 1, 100)], 100)).expect("valid order");
+    apply(None, events[0].clone()).expect("placed")
+}
+
+fn authorized() -> Command {
+    Command::RecordPaymentAuthorized {
+        payment_id: "p-1".into(),
+    }
+}
+
+#[test]
+fn an_authorization_confirms_a_pending_order_once() {
+    let order = placed();
+    let events = decide(Some(&order), authorized()).expect("pending order");
+    assert_eq!(
+        events,
+        vec![Event::Confirmed {
+            payment_id: "p-1".into()
+        }]
+    );
+    let confirmed = apply(Some(order), events[0].clone()).expect("exists");
+    assert_eq!(
+        (confirmed.status, confirmed.saga_state, confirmed.version),
+        (OrderStatus::Confirmed, SagaState::Completed, 1)
+    );
+    assert_eq!(
+        decide(Some(&confirmed), authorized()),
+        Ok(vec![]),
+        "a duplicate changes nothing"
+    );
+}
+
+#[test]
+fn a_failed_payment_cancels_and_the_deadline_cancels_with_its_own_reason() {
+    let failed = decide(
+        Some(&placed()),
+        Command::RecordPaymentFailed {
+            detail: "declined".into(),
+        },
+    )
+    .expect("pending");
+    assert_eq!(
+        failed,
+        vec![Event::Cancelled {
+            reason: CancellationReason::PaymentFailed,
+            detail: "declined".into()
+        }]
+    );
+    let expired = decide(Some(&placed()), Command::Expire { waited_secs: 30 }).expect("pending");
+    assert!(matches!(
+        expired.as_slice(),
+        [Event::Cancelled {
+            reason: CancellationReason::PaymentTimeout,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn a_terminal_order_is_never_resurrected() {
+    let order = placed();
+    let cancelled = apply(
+        Some(order.clone()),
+        decide(Some(&order), Command::Expire { waited_secs: 1 }).expect("pending")[0].clone(),
+    )
+    .expect("exists");
+    assert_eq!(cancelled.status, OrderStatus::Cancelled);
+    // A late authorization, a late failure, a second sweeper: nothing changes.
+    for command in [
+        authorized(),
+        Command::RecordPaymentFailed { detail: "x".into() },
+        Command::Expire { waited_secs: 2 },
+    ] {
+        assert_eq!(decide(Some(&cancelled), command), Ok(vec![]));
+    }
+    assert_eq!(decide(None, authorized()), Err(DomainError::NotFound));
 }
 
 #[test]
 fn placing_an_existing_order_is_refused() {
     let events = decide(None, place(vec![item("A-1", 1, 100)], 100)).expect("valid order");
-    let state = apply(None, events[0].clone());
+    let state = apply(None, events[0].clone()).expect("placed");
     assert_eq!(
         decide(Some(&state), place(vec![item("A-1", 1, 100)], 100)),
         Err(DomainError::AlreadyExists)
@@ -137,7 +216,7 @@ proptest::proptest! {
         let exact = prices.iter().try_fold(0i64, |acc, &(p, q)| p.checked_mul(i64::from(q)).and_then(|l| acc.checked_add(l)));
         match (exact, decide(None, place(items, exact.unwrap_or(1)))) {
             (Some(sum), Ok(events)) => {
-                let Event::Placed { order } = &events[0];
+                let Event::Placed { order } = &events[0] else { panic!("Placed expected") };
                 proptest::prop_assert_eq!(order.total.amount_minor(), sum);
             }
             (None, Err(DomainError::TotalOverflow)) => {}

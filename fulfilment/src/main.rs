@@ -1,0 +1,8 @@
+use clap::Parser as _;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    orderflow_platform::init_logging();
+    let config = fulfilment::Config::parse();
+    fulfilment::run(config, orderflow_platform::shutdown_on_signals()).await
+}

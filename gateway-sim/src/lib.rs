@@ -1,0 +1,472 @@
+//! The gateway simulator: a card processor with its own database. Its ledger is the truth
+//! about money; the invariant checker counts charges there.
+//!
+//! Every operation is guarded by its idempotency key: the first call with a key does the
+//! work and stores the reply in the same transaction; a retry with the same key and the
+//! same parameters gets the stored reply and moves no money; the same key with other
+//! parameters is FAILED_PRECONDITION. Faults (latency, declines, late or lost replies)
+//! are applied after the transaction committed: the money has moved, the reply has not.
+
+pub mod faults;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use orderflow::gateway::v1::gateway_admin_service_server::{GatewayAdminService, GatewayAdminServiceServer};
+use orderflow::gateway::v1::gateway_service_server::{GatewayService, GatewayServiceServer};
+use orderflow::gateway::v1::{
+    AuthorizationStatus, AuthorizeRequest, AuthorizeResponse, CaptureRequest, CaptureResponse, Faults,
+    GetFaultsRequest, GetFaultsResponse, SetFaultsRequest, SetFaultsResponse, VoidRequest, VoidResponse,
+};
+use orderflow_platform::Secret;
+use prost::Message as _;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::RwLock;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// The gateway database's migrations.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/gateway");
+
+/// The simulator's settings (the initial faults can be changed at run time through
+/// `GatewayAdminService`).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "gateway-sim", about = "orderflow's card-processor simulator")]
+pub struct Config {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "GATEWAY_LISTEN_ADDR", default_value = "127.0.0.1:50061")]
+    pub listen_addr: SocketAddr,
+    /// Postgres URL of the gateway's own database.
+    #[arg(long, env = "GATEWAY_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Secret,
+    /// How long an idempotency key is honoured, in hours (at least 24).
+    #[arg(long, env = "GATEWAY_KEY_RETENTION_HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(24..))]
+    pub key_retention_hours: u64,
+    /// Fixed latency of every call, in milliseconds.
+    #[arg(long, env = "GATEWAY_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u32,
+    /// Uniform extra latency up to this many milliseconds.
+    #[arg(long, env = "GATEWAY_LATENCY_JITTER_MS", default_value_t = 0)]
+    pub latency_jitter_ms: u32,
+    /// Share of authorizations declined.
+    #[arg(long, env = "GATEWAY_DECLINE_RATE", default_value_t = 0.0)]
+    pub decline_rate: f64,
+    /// Share of first replies that come too late (the money moved).
+    #[arg(long, env = "GATEWAY_TIMEOUT_RATE", default_value_t = 0.0)]
+    pub timeout_rate: f64,
+    /// Share of authorizations whose first replies never come.
+    #[arg(long, env = "GATEWAY_HANG_RATE", default_value_t = 0.0)]
+    pub hang_rate: f64,
+    /// How many calls of a hanging key hang.
+    #[arg(long, env = "GATEWAY_HANG_ATTEMPTS", default_value_t = 1)]
+    pub hang_attempts: u32,
+    /// How late a late reply is, in milliseconds.
+    #[arg(long, env = "GATEWAY_TIMEOUT_REPLY_DELAY_MS", default_value_t = 10_000)]
+    pub timeout_reply_delay_ms: u32,
+    /// Seed of the fault decisions.
+    #[arg(long, env = "GATEWAY_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// Apply the migrations at start-up.
+    #[arg(long, env = "GATEWAY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
+}
+
+impl Config {
+    fn faults(&self) -> Faults {
+        Faults {
+            latency_ms: self.latency_ms,
+            latency_jitter_ms: self.latency_jitter_ms,
+            decline_rate: self.decline_rate,
+            timeout_rate: self.timeout_rate,
+            hang_rate: self.hang_rate,
+            hang_attempts: self.hang_attempts,
+            timeout_reply_delay_ms: self.timeout_reply_delay_ms,
+            seed: self.seed,
+        }
+    }
+}
+
+/// The service state shared by both gRPC services.
+#[derive(Clone)]
+pub struct Gateway {
+    pool: PgPool,
+    faults: Arc<RwLock<Faults>>,
+    key_retention: Duration,
+}
+
+/// Outcome of claiming an idempotency key.
+enum Claim {
+    /// First use: do the work in this transaction.
+    New(sqlx::Transaction<'static, sqlx::Postgres>),
+    /// Seen before with the same parameters: the stored reply, and this call's attempt number.
+    Replay(Vec<u8>, u32),
+}
+
+fn unavailable(error: sqlx::Error) -> Status {
+    tracing::warn!(%error, "gateway database error");
+    Status::unavailable("gateway storage unavailable")
+}
+
+fn required(value: &str, field: &str) -> Result<(), Status> {
+    if value.is_empty() || value.len() > 200 || value.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!("{field} is missing or invalid")));
+    }
+    Ok(())
+}
+
+fn positive_money(money: Option<&orderflow::orders::v1::Money>) -> Result<(i64, String), Status> {
+    match money {
+        Some(m) if m.amount_minor > 0 && m.currency_code.len() == 3 => Ok((m.amount_minor, m.currency_code.clone())),
+        _ => Err(Status::invalid_argument("amount must be positive with a currency code")),
+    }
+}
+
+fn parse_authorization(id: &str) -> Result<uuid::Uuid, Status> {
+    uuid::Uuid::parse_str(id).map_err(|_| Status::invalid_argument("authorization_id must be a UUID"))
+}
+
+impl Gateway {
+    /// A gateway on `pool` with initial `faults`.
+    pub fn new(pool: PgPool, faults: Faults, key_retention: Duration) -> Self {
+        Self {
+            pool,
+            faults: Arc::new(RwLock::new(faults)),
+            key_retention,
+        }
+    }
+
+    /// Claims `key` for `operation`. A concurrent call with the same key waits on the
+    /// primary key until the first one commits, then replays its reply.
+    async fn claim(&self, key: &str, operation: &str, fingerprint: &[u8]) -> Result<Claim, Status> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (idempotency_key, operation, fingerprint, response, expires_at)
+             VALUES ($1, $2, $3, '', now() + make_interval(secs => $4))
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(operation)
+        .bind(fingerprint)
+        .bind(self.key_retention.as_secs_f64())
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        if inserted == 1 {
+            return Ok(Claim::New(tx));
+        }
+        let (stored_operation, stored_fingerprint, response, attempts): (String, Vec<u8>, Vec<u8>, i32) =
+            sqlx::query_as(
+                "UPDATE idempotency_keys SET attempts = attempts + 1 WHERE idempotency_key = $1
+             RETURNING operation, fingerprint, response, attempts",
+            )
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if stored_operation != operation || stored_fingerprint != fingerprint {
+            return Err(Status::failed_precondition(
+                "idempotency key reused with different parameters",
+            ));
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Claim::Replay(response, u32::try_from(attempts).unwrap_or(u32::MAX)))
+    }
+
+    /// Stores the reply with the key and commits the work.
+    async fn finish(
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        key: &str,
+        response: &[u8],
+    ) -> Result<(), Status> {
+        sqlx::query("UPDATE idempotency_keys SET response = $2 WHERE idempotency_key = $1")
+            .bind(key)
+            .bind(response)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn faults(&self) -> Faults {
+        self.faults.read().await.clone()
+    }
+
+    /// Applies the reply faults of this attempt: the work is committed, the reply may be
+    /// late or never come.
+    async fn deliver<T>(&self, reply: T, key: &str, token: &str, attempt: u32) -> Result<Response<T>, Status> {
+        match faults::reply(&self.faults().await, key, token, attempt) {
+            faults::Reply::Now => {}
+            faults::Reply::Late(ms) => {
+                tracing::info!(key, attempt, ms, "fault: late reply");
+                tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+            }
+            faults::Reply::Never => {
+                tracing::info!(key, attempt, "fault: this reply never comes");
+                std::future::pending::<()>().await;
+            }
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn latency(&self, key: &str) {
+        let ms = faults::latency_ms(&self.faults().await, key, 0);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl GatewayService for Gateway {
+    async fn authorize(&self, request: Request<AuthorizeRequest>) -> Result<Response<AuthorizeResponse>, Status> {
+        let request = request.into_inner();
+        required(&request.idempotency_key, "idempotency_key")?;
+        required(&request.order_id, "order_id")?;
+        required(&request.payment_token, "payment_token")?;
+        let (amount, currency) = positive_money(request.amount.as_ref())?;
+        self.latency(&request.idempotency_key).await;
+        let key = request.idempotency_key.clone();
+        let fingerprint = AuthorizeRequest {
+            idempotency_key: String::new(),
+            ..request.clone()
+        }
+        .encode_to_vec();
+        let (reply, attempt) = match self.claim(&key, "AUTHORIZE", &fingerprint).await? {
+            Claim::Replay(bytes, attempt) => (
+                AuthorizeResponse::decode(bytes.as_slice()).map_err(|_| Status::internal("stored reply"))?,
+                attempt,
+            ),
+            Claim::New(mut tx) => {
+                let reply = if faults::declines(&self.faults().await, &key, &request.payment_token) {
+                    sqlx::query(
+                        "INSERT INTO ledger (operation, order_id, amount_minor, currency_code, idempotency_key)
+                         VALUES ('DECLINE', $1, $2, $3, $4)",
+                    )
+                    .bind(&request.order_id)
+                    .bind(amount)
+                    .bind(&currency)
+                    .bind(&key)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                    AuthorizeResponse {
+                        authorization_id: String::new(),
+                        status: AuthorizationStatus::Declined as i32,
+                        decline_reason: "insufficient_funds".into(),
+                    }
+                } else {
+                    let authorization_id = uuid::Uuid::now_v7();
+                    sqlx::query(
+                        "INSERT INTO authorizations (authorization_id, order_id, amount_minor, currency_code, state)
+                         VALUES ($1, $2, $3, $4, 'AUTHORIZED')",
+                    )
+                    .bind(authorization_id)
+                    .bind(&request.order_id)
+                    .bind(amount)
+                    .bind(&currency)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                    sqlx::query(
+                        "INSERT INTO ledger (operation, order_id, authorization_id, amount_minor, currency_code, idempotency_key)
+                         VALUES ('AUTHORIZE', $1, $2, $3, $4, $5)",
+                    )
+                    .bind(&request.order_id)
+                    .bind(authorization_id)
+                    .bind(amount)
+                    .bind(&currency)
+                    .bind(&key)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                    AuthorizeResponse {
+                        authorization_id: authorization_id.to_string(),
+                        status: AuthorizationStatus::Approved as i32,
+                        decline_reason: String::new(),
+                    }
+                };
+                Self::finish(tx, &key, &reply.encode_to_vec()).await?;
+                (reply, 1)
+            }
+        };
+        self.deliver(reply, &key, &request.payment_token, attempt).await
+    }
+
+    async fn capture(&self, request: Request<CaptureRequest>) -> Result<Response<CaptureResponse>, Status> {
+        let request = request.into_inner();
+        required(&request.idempotency_key, "idempotency_key")?;
+        let authorization_id = parse_authorization(&request.authorization_id)?;
+        let (amount, currency) = positive_money(request.amount.as_ref())?;
+        self.latency(&request.idempotency_key).await;
+        let key = request.idempotency_key.clone();
+        let fingerprint = CaptureRequest {
+            idempotency_key: String::new(),
+            ..request.clone()
+        }
+        .encode_to_vec();
+        let (reply, attempt) = match self.claim(&key, "CAPTURE", &fingerprint).await? {
+            Claim::Replay(bytes, attempt) => (
+                CaptureResponse::decode(bytes.as_slice()).map_err(|_| Status::internal("stored reply"))?,
+                attempt,
+            ),
+            Claim::New(mut tx) => {
+                let row: Option<(String, String, i64, String)> = sqlx::query_as(
+                    "SELECT order_id, state, amount_minor, currency_code FROM authorizations
+                     WHERE authorization_id = $1 FOR UPDATE",
+                )
+                .bind(authorization_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                let Some((order_id, state, authorized, authorized_currency)) = row else {
+                    return Err(Status::not_found("no such authorization"));
+                };
+                if state != "AUTHORIZED" {
+                    return Err(Status::failed_precondition(format!("authorization is {state}")));
+                }
+                if amount > authorized || currency != authorized_currency.trim() {
+                    return Err(Status::invalid_argument("capture exceeds the authorization"));
+                }
+                sqlx::query(
+                    "UPDATE authorizations SET state = 'CAPTURED', captured_minor = $2, updated_at = now()
+                     WHERE authorization_id = $1",
+                )
+                .bind(authorization_id)
+                .bind(amount)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                sqlx::query(
+                    "INSERT INTO ledger (operation, order_id, authorization_id, amount_minor, currency_code, idempotency_key)
+                     VALUES ('CAPTURE', $1, $2, $3, $4, $5)",
+                )
+                .bind(&order_id)
+                .bind(authorization_id)
+                .bind(amount)
+                .bind(&currency)
+                .bind(&key)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                let reply = CaptureResponse {
+                    capture_id: uuid::Uuid::now_v7().to_string(),
+                };
+                Self::finish(tx, &key, &reply.encode_to_vec()).await?;
+                (reply, 1)
+            }
+        };
+        self.deliver(reply, &key, "", attempt).await
+    }
+
+    async fn void(&self, request: Request<VoidRequest>) -> Result<Response<VoidResponse>, Status> {
+        let request = request.into_inner();
+        required(&request.idempotency_key, "idempotency_key")?;
+        let authorization_id = parse_authorization(&request.authorization_id)?;
+        self.latency(&request.idempotency_key).await;
+        let key = request.idempotency_key.clone();
+        let fingerprint = VoidRequest {
+            idempotency_key: String::new(),
+            ..request.clone()
+        }
+        .encode_to_vec();
+        let attempt = match self.claim(&key, "VOID", &fingerprint).await? {
+            Claim::Replay(_, attempt) => attempt,
+            Claim::New(mut tx) => {
+                let row: Option<(String, String, i64, String)> = sqlx::query_as(
+                    "SELECT order_id, state, amount_minor, currency_code FROM authorizations
+                     WHERE authorization_id = $1 FOR UPDATE",
+                )
+                .bind(authorization_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                let Some((order_id, state, amount, currency)) = row else {
+                    return Err(Status::not_found("no such authorization"));
+                };
+                match state.as_str() {
+                    "AUTHORIZED" => {
+                        sqlx::query(
+                            "UPDATE authorizations SET state = 'VOIDED', updated_at = now() WHERE authorization_id = $1",
+                        )
+                        .bind(authorization_id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                        sqlx::query(
+                            "INSERT INTO ledger (operation, order_id, authorization_id, amount_minor, currency_code, idempotency_key)
+                             VALUES ('VOID', $1, $2, $3, $4, $5)",
+                        )
+                        .bind(&order_id)
+                        .bind(authorization_id)
+                        .bind(amount)
+                        .bind(currency.trim())
+                        .bind(&key)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    }
+                    "VOIDED" => {}
+                    other => return Err(Status::failed_precondition(format!("authorization is {other}"))),
+                }
+                Self::finish(tx, &key, &VoidResponse {}.encode_to_vec()).await?;
+                1
+            }
+        };
+        self.deliver(VoidResponse {}, &key, "", attempt).await
+    }
+}
+
+#[tonic::async_trait]
+impl GatewayAdminService for Gateway {
+    async fn set_faults(&self, request: Request<SetFaultsRequest>) -> Result<Response<SetFaultsResponse>, Status> {
+        let faults = request.into_inner().faults.unwrap_or_default();
+        let rates = [faults.decline_rate, faults.timeout_rate, faults.hang_rate];
+        if rates.iter().any(|rate| !(0.0..=1.0).contains(rate)) {
+            return Err(Status::invalid_argument("rates are between 0 and 1"));
+        }
+        tracing::info!(?faults, "faults changed");
+        *self.faults.write().await = faults.clone();
+        Ok(Response::new(SetFaultsResponse { faults: Some(faults) }))
+    }
+
+    async fn get_faults(&self, _: Request<GetFaultsRequest>) -> Result<Response<GetFaultsResponse>, Status> {
+        Ok(Response::new(GetFaultsResponse {
+            faults: Some(self.faults().await),
+        }))
+    }
+}
+
+/// Runs the simulator on `listener` until `shutdown`.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = orderflow_platform::connect_postgres(&config.database_url, 16).await?;
+    if config.migrate {
+        MIGRATOR.run(&pool).await?;
+    }
+    let gateway = Gateway::new(
+        pool.clone(),
+        config.faults(),
+        Duration::from_secs(config.key_retention_hours * 3600),
+    );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GatewayServiceServer<Gateway>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(orderflow::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    tracing::info!(local_addr = %listener.local_addr()?, "gateway-sim serving gRPC");
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(GatewayServiceServer::new(gateway.clone()))
+        .add_service(GatewayAdminServiceServer::new(gateway))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.cancelled(),
+        )
+        .await?;
+    pool.close().await;
+    Ok(())
+}

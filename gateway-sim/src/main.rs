@@ -1,0 +1,9 @@
+use clap::Parser as _;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    orderflow_platform::init_logging();
+    let config = gateway_sim::Config::parse();
+    let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
+    gateway_sim::run(config, listener, orderflow_platform::shutdown_on_signals()).await
+}

@@ -1,0 +1,202 @@
+//! The read model: a projector consuming `orders.events` and `payments.events` (consumer
+//! group `projector`) keeps one `order_read` row per order, idempotent per event (inbox).
+//!
+//! Events of one order arrive in order within a topic but not across the two topics (a
+//! PaymentAuthorized may be projected before its OrderPlaced), so every update is
+//! order-insensitive: a terminal status is never replaced, a settled payment state never
+//! goes back to AUTHORIZED, and fields only ever fill in.
+
+use std::sync::Arc;
+
+use orderflow::envelope::{self, OpenedEvent, event_type_of};
+use orderflow::events::v1::event_envelope::Payload;
+use orderflow::orders::v1::CancellationReason;
+use orderflow_platform::Secret;
+use orderflow_platform::consumer::{self, ConsumerSettings, Handler, HandlerError, Incoming, Outcome};
+use orderflow_platform::inbox;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// The name this consumer records in the inbox.
+pub const INBOX: &str = "projector";
+
+/// The projector's settings.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "order-projector", about = "orderflow's read-model projector")]
+pub struct Config {
+    /// Postgres URL of the orders database (which holds `order_read`).
+    #[arg(long, env = "PROJECTOR_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Secret,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "PROJECTOR_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:19092")]
+    pub bootstrap_servers: String,
+    /// Consumer group.
+    #[arg(long, env = "PROJECTOR_GROUP_ID", default_value = "projector")]
+    pub group_id: String,
+    /// Topics to project.
+    #[arg(long, env = "PROJECTOR_TOPICS", value_delimiter = ',', default_values_t = [orderflow::topics::ORDERS_EVENTS.to_owned(), orderflow::topics::PAYMENTS_EVENTS.to_owned()])]
+    pub topics: Vec<String>,
+    /// Partitions handled at once.
+    #[arg(long, env = "PROJECTOR_WORKERS", default_value_t = 12)]
+    pub workers: usize,
+}
+
+/// Projects events into `order_read`.
+pub struct Projector {
+    pool: PgPool,
+}
+
+/// The columns one event sets (None: leave as is).
+#[derive(Default)]
+struct Change {
+    customer_id: Option<i64>,
+    currency_code: Option<String>,
+    total_minor: Option<i64>,
+    items: Option<serde_json::Value>,
+    status: Option<&'static str>,
+    saga_state: Option<&'static str>,
+    cancellation_reason: Option<&'static str>,
+    payment_state: Option<&'static str>,
+    placed: bool,
+}
+
+fn change_of(payload: &Payload) -> Change {
+    match payload {
+        Payload::OrderPlaced(placed) => Change {
+            customer_id: Some(placed.customer_id),
+            currency_code: placed.total.as_ref().map(|m| m.currency_code.clone()),
+            total_minor: placed.total.as_ref().map(|m| m.amount_minor),
+            items: Some(serde_json::Value::Array(
+                placed
+                    .items
+                    .iter()
+                    .map(|item| {
+                        serde_json::json!({
+                            "sku": item.sku,
+                            "quantity": item.quantity,
+                            "unit_price_minor": item.unit_price.as_ref().map(|m| m.amount_minor).unwrap_or_default(),
+                        })
+                    })
+                    .collect(),
+            )),
+            placed: true,
+            ..Change::default()
+        },
+        Payload::OrderConfirmed(_) => Change {
+            status: Some("CONFIRMED"),
+            saga_state: Some("COMPLETED"),
+            ..Change::default()
+        },
+        Payload::OrderCancelled(cancelled) => Change {
+            status: Some("CANCELLED"),
+            saga_state: Some("COMPENSATED"),
+            cancellation_reason: Some(match cancelled.reason() {
+                CancellationReason::PaymentTimeout => "PAYMENT_TIMEOUT",
+                CancellationReason::CustomerRequest => "CUSTOMER_REQUEST",
+                _ => "PAYMENT_FAILED",
+            }),
+            ..Change::default()
+        },
+        Payload::PaymentAuthorized(_) => Change {
+            payment_state: Some("AUTHORIZED"),
+            ..Change::default()
+        },
+        Payload::PaymentFailed(_) => Change {
+            payment_state: Some("FAILED"),
+            ..Change::default()
+        },
+        Payload::PaymentCaptured(_) => Change {
+            payment_state: Some("CAPTURED"),
+            ..Change::default()
+        },
+        Payload::PaymentVoided(_) => Change {
+            payment_state: Some("VOIDED"),
+            ..Change::default()
+        },
+    }
+}
+
+impl Projector {
+    /// A projector writing to `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    async fn project(&self, event: &OpenedEvent) -> Result<Outcome, HandlerError> {
+        let change = change_of(&event.payload);
+        let occurred_at = chrono::Utc::now();
+        let entry = serde_json::json!({
+            "event_type": event_type_of(&event.payload),
+            "message_id": event.message_id.to_string(),
+            "occurred_at": occurred_at.to_rfc3339(),
+        });
+        let mut tx = self.pool.begin().await?;
+        if !inbox::record(&mut tx, INBOX, event.message_id).await? {
+            return Ok(Outcome::Duplicate);
+        }
+        sqlx::query(
+            "INSERT INTO order_read AS r (order_id, customer_id, currency_code, total_minor, items, placed_at,
+                 correlation_id, status, saga_state, cancellation_reason, payment_state, last_event_type, history)
+             VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN now() END, $7, COALESCE($8, 'PENDING'),
+                     COALESCE($9, 'AWAITING_PAYMENT'), $10, $11, $12, jsonb_build_array($13::jsonb))
+             ON CONFLICT (order_id) DO UPDATE SET
+                 customer_id = COALESCE(EXCLUDED.customer_id, r.customer_id),
+                 currency_code = COALESCE(EXCLUDED.currency_code, r.currency_code),
+                 total_minor = COALESCE(EXCLUDED.total_minor, r.total_minor),
+                 items = COALESCE(EXCLUDED.items, r.items),
+                 placed_at = COALESCE(r.placed_at, EXCLUDED.placed_at),
+                 correlation_id = COALESCE(r.correlation_id, EXCLUDED.correlation_id),
+                 -- a terminal status is final
+                 status = CASE WHEN r.status = 'PENDING' AND $8::text IS NOT NULL THEN $8 ELSE r.status END,
+                 saga_state = CASE WHEN r.status = 'PENDING' AND $9::text IS NOT NULL THEN $9 ELSE r.saga_state END,
+                 cancellation_reason = COALESCE(r.cancellation_reason, EXCLUDED.cancellation_reason),
+                 -- AUTHORIZED may be followed by a settled state, never the other way round
+                 payment_state = CASE WHEN $11::text IS NULL THEN r.payment_state
+                                      WHEN r.payment_state IS NULL OR r.payment_state = 'AUTHORIZED' THEN $11
+                                      ELSE r.payment_state END,
+                 last_event_type = EXCLUDED.last_event_type,
+                 history = CASE WHEN jsonb_array_length(r.history) >= 50 THEN r.history
+                                ELSE r.history || jsonb_build_array($13::jsonb) END,
+                 updated_at = now(),
+                 projected_at = now()",
+        )
+        .bind(event.aggregate_id)
+        .bind(change.customer_id)
+        .bind(change.currency_code)
+        .bind(change.total_minor)
+        .bind(change.items)
+        .bind(change.placed)
+        .bind(event.correlation_id)
+        .bind(change.status)
+        .bind(change.saga_state)
+        .bind(change.cancellation_reason)
+        .bind(change.payment_state)
+        .bind(event_type_of(&event.payload))
+        .bind(entry)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Outcome::Processed)
+    }
+}
+
+impl Handler for Projector {
+    async fn handle(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
+        let event = envelope::open(&message.payload).map_err(|e| HandlerError::Permanent(e.to_string()))?;
+        self.project(&event).await
+    }
+}
+
+/// Projects until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = orderflow_platform::connect_postgres(&config.database_url, 8).await?;
+    let settings = ConsumerSettings {
+        bootstrap_servers: config.bootstrap_servers,
+        group_id: config.group_id,
+        topics: config.topics,
+        workers: config.workers,
+    };
+    consumer::run(settings, Arc::new(Projector::new(pool.clone())), shutdown).await?;
+    pool.close().await;
+    Ok(())
+}

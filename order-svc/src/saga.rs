@@ -1,0 +1,204 @@
+//! The order service's side of the checkout saga: it reacts to the payment events
+//! (consumer group `order`) and cancels orders whose payment outcome is overdue (the sweeper).
+//! Every change is a compare-and-set on the order's version, committed with its inbox row
+//! and its outbox event.
+
+use std::time::Duration;
+
+use orderflow::envelope::{self, EventMeta, OpenedEvent};
+use orderflow::events::v1::event_envelope::Payload;
+use orderflow::events::v1::{OrderCancelled, OrderConfirmed};
+use orderflow::orders::v1::CancellationReason as WireReason;
+use orderflow_platform::consumer::{Handler, HandlerError, Incoming, Outcome};
+use orderflow_platform::inbox;
+use orderflow_platform::outbox::{self, OutboxMessage};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{self, CancellationReason, Command, Event, Order, OrderId};
+use crate::store::{self, StoreError, TransitionOutcome};
+
+/// The name this consumer records in the inbox.
+pub const INBOX: &str = "order";
+
+fn store_error(error: StoreError) -> HandlerError {
+    match error {
+        StoreError::Corrupt(what) => HandlerError::Permanent(what),
+        other => HandlerError::Transient(other.into()),
+    }
+}
+
+/// The order event that records `event` (Confirmed or Cancelled), as the wire payload.
+fn payload_of(order: &Order, event: &Event) -> Option<(Payload, Option<&'static str>)> {
+    match event {
+        Event::Placed { .. } => None,
+        Event::Confirmed { payment_id } => Some((
+            Payload::OrderConfirmed(OrderConfirmed {
+                order_id: order.id.to_string(),
+                payment_id: payment_id.clone(),
+                total: Some(orderflow::orders::v1::Money {
+                    amount_minor: order.total.amount_minor(),
+                    currency_code: order.total.currency().code().to_owned(),
+                }),
+            }),
+            None,
+        )),
+        Event::Cancelled { reason, detail } => {
+            let wire = match reason {
+                CancellationReason::PaymentFailed => WireReason::PaymentFailed,
+                CancellationReason::PaymentTimeout => WireReason::PaymentTimeout,
+            };
+            Some((
+                Payload::OrderCancelled(OrderCancelled {
+                    order_id: order.id.to_string(),
+                    reason: wire as i32,
+                    detail: detail.clone(),
+                }),
+                Some(reason.as_str()),
+            ))
+        }
+    }
+}
+
+/// Consumes `payments.events`.
+pub struct PaymentEventsHandler {
+    pool: PgPool,
+    orders_topic: String,
+}
+
+impl PaymentEventsHandler {
+    /// A handler over `pool`, emitting order events for `orders_topic`.
+    pub fn new(pool: PgPool, orders_topic: String) -> Self {
+        Self { pool, orders_topic }
+    }
+
+    async fn apply(&self, event: &OpenedEvent, command: Command) -> Result<Outcome, HandlerError> {
+        let id = OrderId::from(event.aggregate_id);
+        let record = store::get_order(&self.pool, id).await.map_err(store_error)?;
+        let Some(record) = record else {
+            return Err(HandlerError::Permanent(format!("unknown order {id}")));
+        };
+        let before = record.order;
+        let events = domain::decide(Some(&before), command).map_err(|e| HandlerError::Permanent(e.to_string()))?;
+        let Some(change) = events.into_iter().next() else {
+            // Late, duplicate or out of order: recorded, never applied.
+            let mut tx = self.pool.begin().await?;
+            let first = inbox::record(&mut tx, INBOX, event.message_id).await?;
+            tx.commit().await?;
+            tracing::info!(
+                status = before.status.as_str(),
+                "payment event ignored: the order is already settled"
+            );
+            return Ok(if first { Outcome::Ignored } else { Outcome::Duplicate });
+        };
+        let Some((payload, reason)) = payload_of(&before, &change) else {
+            return Err(HandlerError::Permanent("unexpected event".into()));
+        };
+        let Some(after) = domain::apply(Some(before.clone()), change) else {
+            return Err(HandlerError::Permanent("order vanished".into()));
+        };
+        let message = outbox::caused_by(&self.orders_topic, event, payload);
+        match store::transition(
+            &self.pool,
+            &before,
+            &after,
+            reason,
+            Some((INBOX, event.message_id)),
+            &message,
+        )
+        .await
+        .map_err(store_error)?
+        {
+            TransitionOutcome::Applied => {
+                tracing::info!(status = after.status.as_str(), "order settled");
+                Ok(Outcome::Processed)
+            }
+            TransitionOutcome::Duplicate => Ok(Outcome::Duplicate),
+            // The sweeper (or a redelivery) won the race: decide again on the new state.
+            TransitionOutcome::Conflict => Err(HandlerError::Transient(anyhow::anyhow!("order changed concurrently"))),
+        }
+    }
+}
+
+impl Handler for PaymentEventsHandler {
+    async fn handle(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
+        let event = envelope::open(&message.payload).map_err(|e| HandlerError::Permanent(e.to_string()))?;
+        if inbox::seen(&self.pool, INBOX, event.message_id).await? {
+            return Ok(Outcome::Duplicate);
+        }
+        let command = match &event.payload {
+            Payload::PaymentAuthorized(authorized) => Command::RecordPaymentAuthorized {
+                payment_id: authorized.payment_id.clone(),
+            },
+            Payload::PaymentFailed(failed) => Command::RecordPaymentFailed {
+                detail: failed.detail.clone(),
+            },
+            _ => return Ok(Outcome::Ignored),
+        };
+        self.apply(&event, command).await
+    }
+}
+
+/// Cancels orders whose payment outcome did not arrive within `deadline` (by the
+/// database's clock), every `interval`, until `shutdown`. Any number of sweepers may run:
+/// each cancellation is a compare-and-set, so two sweepers (or a sweeper and a late
+/// payment event) never both change an order.
+pub async fn sweep(
+    pool: PgPool,
+    orders_topic: String,
+    deadline: Duration,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match sweep_once(&pool, &orders_topic, deadline).await {
+            Ok(0) => {}
+            Ok(cancelled) => tracing::info!(cancelled, "sweeper cancelled overdue orders"),
+            Err(error) => tracing::warn!(%error, "sweep failed; trying again next round"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// One sweep; returns how many orders it cancelled.
+pub async fn sweep_once(pool: &PgPool, orders_topic: &str, deadline: Duration) -> Result<usize, StoreError> {
+    let mut cancelled = 0;
+    for (id, waited_secs) in store::pending_past_deadline(pool, deadline, 200).await? {
+        let Some(record) = store::get_order(pool, id).await? else {
+            continue;
+        };
+        let before = record.order;
+        let Ok(events) = domain::decide(Some(&before), Command::Expire { waited_secs }) else {
+            continue;
+        };
+        let Some(change) = events.into_iter().next() else {
+            continue;
+        };
+        let Some((payload, reason)) = payload_of(&before, &change) else {
+            continue;
+        };
+        let Some(after) = domain::apply(Some(before.clone()), change) else {
+            continue;
+        };
+        let meta = EventMeta {
+            message_id: uuid::Uuid::now_v7(),
+            aggregate_id: id.as_uuid(),
+            correlation_id: record.correlation_id,
+            causation_id: None,
+            traceparent: None,
+            occurred_at: outbox::now_timestamp(),
+        };
+        let message = OutboxMessage {
+            topic: orders_topic.to_owned(),
+            envelope: envelope::seal(meta, payload),
+        };
+        if store::transition(pool, &before, &after, reason, None, &message).await? == TransitionOutcome::Applied {
+            tracing::info!(order_id = %id, waited_secs, "order cancelled: payment timeout");
+            cancelled += 1;
+        }
+    }
+    Ok(cancelled)
+}

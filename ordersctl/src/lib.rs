@@ -1,0 +1,3 @@
+//! ordersctl's library part: what the CLI and the tests share.
+
+pub mod verify;

@@ -1,0 +1,186 @@
+//! The invariant checker. It reads every store (orders, payments, fulfilment and the
+//! gateway's ledger, which is the truth about money) and counts violations of what the
+//! system promises, with example order ids.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+/// The stores to check.
+pub struct Stores {
+    /// The orders database (orders and the read model).
+    pub orders: PgPool,
+    /// The payments database.
+    pub payments: PgPool,
+    /// The fulfilment database.
+    pub fulfilment: PgPool,
+    /// The gateway's database.
+    pub gateway: PgPool,
+}
+
+/// One invariant and what broke it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    /// What is checked.
+    pub name: &'static str,
+    /// How many orders break it.
+    pub violations: usize,
+    /// Up to five of them.
+    pub examples: Vec<String>,
+}
+
+/// The whole verdict.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// Orders by status.
+    pub orders_by_status: HashMap<String, i64>,
+    /// Authorizations at the gateway by state.
+    pub gateway_authorizations_by_state: HashMap<String, i64>,
+    /// Shipments recorded.
+    pub shipments: usize,
+    /// Every invariant.
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// Total violations.
+    pub fn violations(&self) -> usize {
+        self.checks.iter().map(|c| c.violations).sum()
+    }
+}
+
+fn check(name: &'static str, mut ids: Vec<String>) -> Check {
+    ids.sort();
+    Check {
+        name,
+        violations: ids.len(),
+        examples: ids.into_iter().take(5).collect(),
+    }
+}
+
+async fn ids(pool: &PgPool, sql: &'static str) -> Result<HashSet<String>, sqlx::Error> {
+    let rows: Vec<(String,)> = sqlx::query_as(sql).fetch_all(pool).await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+async fn counts(pool: &PgPool, sql: &'static str) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(sql).fetch_all(pool).await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Checks every invariant. `deadline` is the saga deadline; an order PENDING longer than
+/// `deadline + grace` is stuck.
+pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Result<Report, sqlx::Error> {
+    let orders = &stores.orders;
+    let confirmed = ids(orders, "SELECT order_id::text FROM orders WHERE status = 'CONFIRMED'").await?;
+    let cancelled = ids(orders, "SELECT order_id::text FROM orders WHERE status = 'CANCELLED'").await?;
+    let stuck: Vec<(String,)> = sqlx::query_as(
+        "SELECT order_id::text FROM orders WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1)",
+    )
+    .bind((deadline + grace).as_secs_f64())
+    .fetch_all(orders)
+    .await?;
+
+    let gateway = &stores.gateway;
+    let captured = ids(
+        gateway,
+        "SELECT DISTINCT order_id FROM authorizations WHERE state = 'CAPTURED'",
+    )
+    .await?;
+    let holding = ids(
+        gateway,
+        "SELECT DISTINCT order_id FROM authorizations WHERE state IN ('AUTHORIZED', 'CAPTURED')",
+    )
+    .await?;
+    let charged_twice = ids(
+        gateway,
+        "SELECT order_id FROM ledger GROUP BY order_id
+         HAVING count(*) FILTER (WHERE operation = 'AUTHORIZE') > 1 OR count(*) FILTER (WHERE operation = 'CAPTURE') > 1",
+    )
+    .await?;
+    let shipments = ids(&stores.fulfilment, "SELECT order_id::text FROM shipments").await?;
+    let shipped_twice = ids(
+        &stores.fulfilment,
+        "SELECT order_id::text FROM shipments GROUP BY order_id HAVING count(*) > 1",
+    )
+    .await?;
+    let payments_twice = ids(
+        &stores.payments,
+        "SELECT order_id::text FROM payments GROUP BY order_id HAVING count(*) > 1",
+    )
+    .await?;
+
+    let mismatched: Vec<(String,)> = sqlx::query_as(
+        "SELECT o.order_id::text FROM orders o LEFT JOIN order_read r USING (order_id)
+         WHERE r.order_id IS NULL OR r.status <> o.status OR r.saga_state <> o.saga_state",
+    )
+    .fetch_all(orders)
+    .await?;
+
+    let checks = vec![
+        check(
+            "orders PENDING past the saga deadline",
+            stuck.into_iter().map(|(id,)| id).collect(),
+        ),
+        check(
+            "CONFIRMED orders without a capture at the gateway",
+            confirmed.difference(&captured).cloned().collect(),
+        ),
+        check(
+            "CANCELLED orders whose money is still authorized or captured at the gateway",
+            cancelled.intersection(&holding).cloned().collect(),
+        ),
+        check(
+            "orders authorized or captured more than once at the gateway",
+            charged_twice.into_iter().collect(),
+        ),
+        check(
+            "orders with more than one payment row",
+            payments_twice.into_iter().collect(),
+        ),
+        check(
+            "CONFIRMED orders without a shipment",
+            confirmed.difference(&shipments).cloned().collect(),
+        ),
+        check(
+            "shipments of orders that are not CONFIRMED, or shipped twice",
+            shipments.difference(&confirmed).cloned().chain(shipped_twice).collect(),
+        ),
+        check(
+            "read model differs from the orders table",
+            mismatched.into_iter().map(|(id,)| id).collect(),
+        ),
+    ];
+    Ok(Report {
+        orders_by_status: counts(orders, "SELECT status, count(*) FROM orders GROUP BY status").await?,
+        gateway_authorizations_by_state: counts(gateway, "SELECT state, count(*) FROM authorizations GROUP BY state")
+            .await?,
+        shipments: shipments.len(),
+        checks,
+    })
+}
+
+/// The report for people.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let mut statuses: Vec<_> = report.orders_by_status.iter().collect();
+    statuses.sort();
+    out.push_str(&format!("orders: {statuses:?}\n"));
+    let mut states: Vec<_> = report.gateway_authorizations_by_state.iter().collect();
+    states.sort();
+    out.push_str(&format!(
+        "gateway authorizations: {states:?}\nshipments: {}\n\n",
+        report.shipments
+    ));
+    for check in &report.checks {
+        let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
+        out.push_str(&format!("{mark} {:>6}  {}", check.violations, check.name));
+        if !check.examples.is_empty() {
+            out.push_str(&format!("  e.g. {}", check.examples.join(", ")));
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!("\n{} violation(s)\n", report.violations()));
+    out
+}

@@ -1,0 +1,399 @@
+//! The payment service: consumes the order events (group `payment`) and moves money through
+//! the gateway. One payment per order (`payments.order_id` is UNIQUE); every gateway call
+//! carries an idempotency key derived from the order (`authorize:<order id>`, ...), never
+//! from the Kafka message, so every redelivery and every retry after a crash replays the
+//! same key and the gateway moves money at most once.
+
+pub mod domain;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::{Action, PaymentState};
+use orderflow::envelope::{self, OpenedEvent};
+use orderflow::events::v1::event_envelope::Payload;
+use orderflow::events::v1::{PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentFailureReason, PaymentVoided};
+use orderflow::gateway::v1::gateway_service_client::GatewayServiceClient;
+use orderflow::gateway::v1::{AuthorizationStatus, AuthorizeRequest, CaptureRequest, VoidRequest};
+use orderflow::orders::v1::Money;
+use orderflow_platform::consumer::{self, ConsumerSettings, HandlerError, Incoming, Outcome};
+use orderflow_platform::{Secret, inbox, outbox};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// The payments database's migrations.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/payments");
+
+/// The name this consumer records in its inbox.
+const INBOX: &str = "payment";
+
+/// The payment service's settings.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "payment-svc", about = "orderflow's payment service")]
+pub struct Config {
+    /// Postgres URL of the payments database.
+    #[arg(long, env = "PAYMENT_SVC_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Secret,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "PAYMENT_SVC_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:19092")]
+    pub bootstrap_servers: String,
+    /// Consumer group.
+    #[arg(long, env = "PAYMENT_SVC_GROUP_ID", default_value = "payment")]
+    pub group_id: String,
+    /// Topic of the order events (consumed).
+    #[arg(long, env = "PAYMENT_SVC_ORDERS_TOPIC", default_value = orderflow::topics::ORDERS_EVENTS)]
+    pub orders_topic: String,
+    /// Topic of the payment events (produced, through the outbox).
+    #[arg(long, env = "PAYMENT_SVC_PAYMENTS_TOPIC", default_value = orderflow::topics::PAYMENTS_EVENTS)]
+    pub payments_topic: String,
+    /// The gateway's gRPC address.
+    #[arg(long, env = "PAYMENT_SVC_GATEWAY_ADDR", default_value = "127.0.0.1:50061")]
+    pub gateway_addr: String,
+    /// How long to wait for one gateway reply before retrying (with the same key).
+    #[arg(long, env = "PAYMENT_SVC_GATEWAY_TIMEOUT_MS", default_value_t = 1_000)]
+    pub gateway_timeout_ms: u64,
+    /// Partitions handled at once.
+    #[arg(long, env = "PAYMENT_SVC_WORKERS", default_value_t = 12)]
+    pub workers: usize,
+    /// Most open database connections.
+    #[arg(long, env = "PAYMENT_SVC_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+    /// Apply the migrations at start-up.
+    #[arg(long, env = "PAYMENT_SVC_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
+}
+
+/// Handles the order events.
+pub struct PaymentHandler {
+    pool: PgPool,
+    gateway: GatewayServiceClient<tonic::transport::Channel>,
+    gateway_timeout: Duration,
+    payments_topic: String,
+}
+
+/// A payment as stored.
+struct PaymentRow {
+    payment_id: uuid::Uuid,
+    state: PaymentState,
+    authorization_id: Option<String>,
+    amount_minor: i64,
+    currency_code: String,
+}
+
+fn gateway_error(status: tonic::Status) -> HandlerError {
+    use tonic::Code;
+    match status.code() {
+        Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound | Code::OutOfRange => {
+            HandlerError::Permanent(format!("gateway refused: {:?} {}", status.code(), status.message()))
+        }
+        _ => HandlerError::Transient(anyhow::anyhow!("gateway: {:?} {}", status.code(), status.message())),
+    }
+}
+
+impl PaymentHandler {
+    /// A handler writing to `pool` and calling `gateway`.
+    pub fn new(
+        pool: PgPool,
+        gateway: GatewayServiceClient<tonic::transport::Channel>,
+        gateway_timeout: Duration,
+        payments_topic: String,
+    ) -> Self {
+        Self {
+            pool,
+            gateway,
+            gateway_timeout,
+            payments_topic,
+        }
+    }
+
+    async fn load(&self, order_id: uuid::Uuid) -> Result<Option<PaymentRow>, HandlerError> {
+        let row: Option<(uuid::Uuid, String, Option<String>, i64, String)> = sqlx::query_as(
+            "SELECT payment_id, state, authorization_id, amount_minor, currency_code FROM payments WHERE order_id = $1",
+        )
+        .bind(order_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|(payment_id, state, authorization_id, amount_minor, currency_code)| {
+            let state = PaymentState::parse(&state)
+                .ok_or_else(|| HandlerError::Permanent(format!("stored payment state {state:?} is unknown")))?;
+            Ok(PaymentRow {
+                payment_id,
+                state,
+                authorization_id,
+                amount_minor,
+                currency_code,
+            })
+        })
+        .transpose()
+    }
+
+    /// Calls the gateway with a deadline; a missing reply is transient (the retry reuses the key).
+    async fn call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, HandlerError> {
+        match tokio::time::timeout(self.gateway_timeout, call).await {
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Err(status)) => Err(gateway_error(status)),
+            Err(_) => Err(HandlerError::Transient(anyhow::anyhow!(
+                "no gateway reply within {:?}",
+                self.gateway_timeout
+            ))),
+        }
+    }
+
+    /// Records the message as processed without any other effect.
+    async fn record_only(&self, event: &OpenedEvent) -> Result<Outcome, HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        let outcome = if inbox::record(&mut tx, INBOX, event.message_id).await? {
+            Outcome::Processed
+        } else {
+            Outcome::Duplicate
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn order_placed(
+        &self,
+        event: &OpenedEvent,
+        order_id: uuid::Uuid,
+        total: Option<&Money>,
+        token: &str,
+    ) -> Result<Outcome, HandlerError> {
+        let existing = self.load(order_id).await?;
+        match domain::on_order_placed(existing.map(|p| p.state)) {
+            Action::Authorize => {}
+            _ => return self.record_only(event).await,
+        }
+        let total = total
+            .filter(|m| m.amount_minor > 0)
+            .ok_or_else(|| HandlerError::Permanent("OrderPlaced without a total".into()))?;
+
+        // Dying during or after this call leaves an authorization at the gateway that we have
+        // not recorded. The message is redelivered (its offset was not stored), we call again
+        // with the same key, and the gateway returns the same authorization: no second charge.
+        let reply = self
+            .call(self.gateway.clone().authorize(AuthorizeRequest {
+                idempotency_key: format!("authorize:{order_id}"),
+                order_id: order_id.to_string(),
+                amount: Some(total.clone()),
+                payment_token: token.to_owned(),
+            }))
+            .await?;
+        let approved = reply.status() == AuthorizationStatus::Approved;
+
+        let payment_id = uuid::Uuid::now_v7();
+        let mut tx = self.pool.begin().await?;
+        if !inbox::record(&mut tx, INBOX, event.message_id).await? {
+            return Ok(Outcome::Duplicate);
+        }
+        let (state, authorization_id, failure) = if approved {
+            (PaymentState::Authorized, Some(reply.authorization_id.clone()), None)
+        } else {
+            (PaymentState::Failed, None, Some(reply.decline_reason.clone()))
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO payments (payment_id, order_id, amount_minor, currency_code, state, authorization_id, failure_reason)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (order_id) DO NOTHING",
+        )
+        .bind(payment_id)
+        .bind(order_id)
+        .bind(total.amount_minor)
+        .bind(&total.currency_code)
+        .bind(state.as_str())
+        .bind(&authorization_id)
+        .bind(&failure)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            // Another message made a payment row for this order meanwhile (only possible if
+            // order events of one order were handled concurrently): start over and decide again.
+            return Err(HandlerError::Transient(anyhow::anyhow!(
+                "payment row appeared concurrently"
+            )));
+        }
+        let payload = if approved {
+            Payload::PaymentAuthorized(PaymentAuthorized {
+                order_id: order_id.to_string(),
+                payment_id: payment_id.to_string(),
+                authorization_id: reply.authorization_id,
+                amount: Some(total.clone()),
+            })
+        } else {
+            Payload::PaymentFailed(PaymentFailed {
+                order_id: order_id.to_string(),
+                payment_id: payment_id.to_string(),
+                reason: PaymentFailureReason::Declined as i32,
+                detail: reply.decline_reason,
+            })
+        };
+        outbox::insert(&mut tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
+        tx.commit().await?;
+        // Dying here: the offset is not stored yet; the redelivery finds the inbox row.
+        tracing::info!(approved, "payment recorded");
+        Ok(Outcome::Processed)
+    }
+
+    async fn order_confirmed(&self, event: &OpenedEvent, order_id: uuid::Uuid) -> Result<Outcome, HandlerError> {
+        let payment = self.load(order_id).await?;
+        match domain::on_order_confirmed(payment.as_ref().map(|p| p.state)) {
+            Action::Capture => {}
+            Action::Refuse(why) => return Err(HandlerError::Permanent(why.into())),
+            _ => return self.record_only(event).await,
+        }
+        let Some(payment) = payment else {
+            return Err(HandlerError::Permanent("no payment".into()));
+        };
+        let amount = Money {
+            amount_minor: payment.amount_minor,
+            currency_code: payment.currency_code.trim().to_owned(),
+        };
+        // Same key on every retry: at most one capture.
+        self.call(self.gateway.clone().capture(CaptureRequest {
+            idempotency_key: format!("capture:{order_id}"),
+            authorization_id: payment.authorization_id.clone().unwrap_or_default(),
+            amount: Some(amount.clone()),
+        }))
+        .await?;
+        self.transition(
+            event,
+            order_id,
+            PaymentState::Authorized,
+            PaymentState::Captured,
+            Payload::PaymentCaptured(PaymentCaptured {
+                order_id: order_id.to_string(),
+                payment_id: payment.payment_id.to_string(),
+                amount: Some(amount),
+            }),
+        )
+        .await
+    }
+
+    async fn order_cancelled(&self, event: &OpenedEvent, order_id: uuid::Uuid) -> Result<Outcome, HandlerError> {
+        let payment = self.load(order_id).await?;
+        match domain::on_order_cancelled(payment.as_ref().map(|p| p.state)) {
+            Action::Void => {}
+            Action::RecordCancellation => {
+                // No payment yet: remember the cancellation so that a later OrderPlaced
+                // (a redrive, a replay) never charges this order.
+                let mut tx = self.pool.begin().await?;
+                if !inbox::record(&mut tx, INBOX, event.message_id).await? {
+                    return Ok(Outcome::Duplicate);
+                }
+                sqlx::query(
+                    "INSERT INTO payments (payment_id, order_id, amount_minor, currency_code, state)
+                     VALUES ($1, $2, 0, 'XXX', 'CANCELLED_BEFORE_AUTHORIZATION') ON CONFLICT (order_id) DO NOTHING",
+                )
+                .bind(uuid::Uuid::now_v7())
+                .bind(order_id)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                return Ok(Outcome::Processed);
+            }
+            Action::Refuse(why) => return Err(HandlerError::Permanent(why.into())),
+            _ => return self.record_only(event).await,
+        }
+        let Some(payment) = payment else {
+            return Err(HandlerError::Permanent("no payment".into()));
+        };
+        self.call(self.gateway.clone().void(VoidRequest {
+            idempotency_key: format!("void:{order_id}"),
+            authorization_id: payment.authorization_id.clone().unwrap_or_default(),
+        }))
+        .await?;
+        self.transition(
+            event,
+            order_id,
+            PaymentState::Authorized,
+            PaymentState::Voided,
+            Payload::PaymentVoided(PaymentVoided {
+                order_id: order_id.to_string(),
+                payment_id: payment.payment_id.to_string(),
+                amount: Some(Money {
+                    amount_minor: payment.amount_minor,
+                    currency_code: payment.currency_code.trim().to_owned(),
+                }),
+            }),
+        )
+        .await
+    }
+
+    /// Compare-and-set `from` → `to` with the inbox row and the outbox event, in one transaction.
+    async fn transition(
+        &self,
+        event: &OpenedEvent,
+        order_id: uuid::Uuid,
+        from: PaymentState,
+        to: PaymentState,
+        payload: Payload,
+    ) -> Result<Outcome, HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        if !inbox::record(&mut tx, INBOX, event.message_id).await? {
+            return Ok(Outcome::Duplicate);
+        }
+        let changed = sqlx::query(
+            "UPDATE payments SET state = $3, version = version + 1, updated_at = now() WHERE order_id = $1 AND state = $2",
+        )
+        .bind(order_id)
+        .bind(from.as_str())
+        .bind(to.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            return Err(HandlerError::Transient(anyhow::anyhow!(
+                "payment changed concurrently; deciding again"
+            )));
+        }
+        outbox::insert(&mut tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
+        tx.commit().await?;
+        tracing::info!(from = from.as_str(), to = to.as_str(), "payment transition");
+        Ok(Outcome::Processed)
+    }
+}
+
+impl consumer::Handler for PaymentHandler {
+    async fn handle(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
+        let event = envelope::open(&message.payload).map_err(|error| HandlerError::Permanent(error.to_string()))?;
+        if inbox::seen(&self.pool, INBOX, event.message_id).await? {
+            return Ok(Outcome::Duplicate);
+        }
+        let order_id = event.aggregate_id;
+        match &event.payload {
+            Payload::OrderPlaced(placed) => {
+                self.order_placed(&event, order_id, placed.total.as_ref(), &placed.payment_token)
+                    .await
+            }
+            Payload::OrderConfirmed(_) => self.order_confirmed(&event, order_id).await,
+            Payload::OrderCancelled(_) => self.order_cancelled(&event, order_id).await,
+            _ => Ok(Outcome::Ignored),
+        }
+    }
+}
+
+/// Connects and consumes until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = orderflow_platform::connect_postgres(&config.database_url, config.db_max_connections).await?;
+    if config.migrate {
+        MIGRATOR.run(&pool).await?;
+    }
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", config.gateway_addr))?.connect_lazy();
+    let handler = PaymentHandler::new(
+        pool.clone(),
+        GatewayServiceClient::new(channel),
+        Duration::from_millis(config.gateway_timeout_ms),
+        config.payments_topic.clone(),
+    );
+    let settings = ConsumerSettings {
+        bootstrap_servers: config.bootstrap_servers,
+        group_id: config.group_id,
+        topics: vec![config.orders_topic],
+        workers: config.workers,
+    };
+    consumer::run(settings, Arc::new(handler), shutdown).await?;
+    pool.close().await;
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! The one consumer loop every service uses.
+//!
+//! - Offsets are stored only after the handler returned, that is after its database
+//!   transaction committed (`enable.auto.offset.store=false`); auto-commit then commits the
+//!   stored offsets. Dying anywhere before the store means a redelivery, which the
+//!   handler's inbox makes a no-op.
+//! - Messages of one partition are handled one after another, in order, by one worker;
+//!   different partitions run concurrently on different workers.
+//! - A transient error (database or gateway away) is retried with exponential backoff and
+//!   jitter, for as long as it takes: the message is never dropped.
+//! - A permanent error (undecodable bytes, unknown event type, an unknown order...) sends
+//!   the message to `<topic>.dlq` with headers saying why and where it came from, and the
+//!   partition keeps flowing. Nothing panics on a message.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rdkafka::Message as _;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::kafka;
+
+/// A message as handlers see it.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Where it came from.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// The record key (the order id), if any.
+    pub key: Option<Vec<u8>>,
+    /// The record value.
+    pub payload: Vec<u8>,
+    /// The record headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Incoming {
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+    }
+}
+
+/// What a handler did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its effect was committed.
+    Processed,
+    /// The inbox knew it: a redelivery, nothing done.
+    Duplicate,
+    /// Not for this consumer (an event type it does not act on).
+    Ignored,
+}
+
+/// Why a handler could not process a message.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Retrying later may succeed (a dependency is away, a concurrent change won).
+    #[error("transient: {0:#}")]
+    Transient(anyhow::Error),
+    /// Retrying the same bytes will fail the same way: dead-letter it.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl From<sqlx::Error> for HandlerError {
+    fn from(error: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &error {
+            // Class 22 (data exception) and 23 (integrity violation) do not heal by retrying.
+            if db
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
+            {
+                return Self::Permanent(format!("database refused the effect: {}", db.message()));
+            }
+        }
+        Self::Transient(error.into())
+    }
+}
+
+/// Handles one message. Implementations are idempotent (an inbox, compare-and-set updates).
+pub trait Handler: Send + Sync + 'static {
+    /// Processes `message`.
+    fn handle(&self, message: &Incoming) -> impl Future<Output = Result<Outcome, HandlerError>> + Send;
+}
+
+/// Where and how to consume.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// Kafka bootstrap servers.
+    pub bootstrap_servers: String,
+    /// The consumer group.
+    pub group_id: String,
+    /// The topics.
+    pub topics: Vec<String>,
+    /// How many partitions are handled at once.
+    pub workers: usize,
+}
+
+/// Consumes until `shutdown`; then lets every worker finish its message and returns.
+pub async fn run<H: Handler>(
+    settings: ConsumerSettings,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let consumer: Arc<StreamConsumer> =
+        Arc::new(kafka::consumer_config(&settings.bootstrap_servers, &settings.group_id).create()?);
+    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let dead_letters: FutureProducer =
+        kafka::producer_config(&settings.bootstrap_servers, &format!("{}-dlq", settings.group_id)).create()?;
+    tracing::info!(group = %settings.group_id, topics = ?settings.topics, "consumer started");
+
+    let workers = settings.workers.max(1);
+    let mut senders = Vec::with_capacity(workers);
+    let mut tasks = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (sender, mut receiver) = mpsc::channel::<Incoming>(64);
+        senders.push(sender);
+        let handler = handler.clone();
+        let consumer = consumer.clone();
+        let dead_letters = dead_letters.clone();
+        let shutdown = shutdown.clone();
+        let group = settings.group_id.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(message) = receiver.recv().await {
+                let span = tracing::info_span!(
+                    "consume",
+                    group = %group,
+                    topic = %message.topic,
+                    partition = message.partition,
+                    offset = message.offset,
+                    order_id = %String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()),
+                    message_id = %message.header(orderflow::envelope::headers::MESSAGE_ID).unwrap_or_default(),
+                );
+                let done = process(&*handler, &message, &dead_letters, &shutdown)
+                    .instrument(span)
+                    .await;
+                if !done {
+                    // Shutting down before the message was processed: leave its offset
+                    // unstored, so it is redelivered; stop taking more from this partition.
+                    break;
+                }
+                // The effect is committed (or dead-lettered): now, and only now, the offset.
+                // Dying here redelivers the message, and the inbox absorbs it.
+                if let Err(error) = consumer.store_offset(&message.topic, message.partition, message.offset + 1) {
+                    tracing::warn!(%error, "cannot store the offset; the message will be redelivered");
+                }
+            }
+        }));
+    }
+
+    loop {
+        let received = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            received = consumer.recv() => received,
+        };
+        match received {
+            Ok(message) => {
+                let incoming = Incoming {
+                    topic: message.topic().to_owned(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                    headers: message
+                        .headers()
+                        .map(|headers| {
+                            headers
+                                .iter()
+                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                };
+                let worker = usize::try_from(incoming.partition).unwrap_or(0) % workers;
+                if senders[worker].send(incoming).await.is_err() {
+                    break;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "consumer error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    drop(senders);
+    for task in tasks {
+        let _ = task.await;
+    }
+    // Commit what was stored before leaving the group.
+    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    tracing::info!(group = %settings.group_id, "consumer stopped");
+    Ok(())
+}
+
+/// Handles one message until it is processed or dead-lettered (true), or until shutdown
+/// interrupts a retry (false).
+async fn process<H: Handler>(
+    handler: &H,
+    message: &Incoming,
+    dead_letters: &FutureProducer,
+    shutdown: &CancellationToken,
+) -> bool {
+    let first_failure = SystemTime::now();
+    let mut attempts: u32 = 0;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        attempts += 1;
+        let error = match handler.handle(message).await {
+            Ok(outcome) => {
+                tracing::debug!(?outcome, "message handled");
+                return true;
+            }
+            Err(error) => error,
+        };
+        match error {
+            HandlerError::Permanent(reason) => {
+                tracing::error!(%reason, attempts, "message cannot be processed; dead-lettering it");
+                match dead_letter(dead_letters, message, &reason, attempts, first_failure).await {
+                    Ok(()) => return true,
+                    Err(error) => tracing::warn!(%error, "cannot dead-letter yet; retrying"),
+                }
+            }
+            HandlerError::Transient(error) => {
+                tracing::warn!(error = format!("{error:#}"), attempts, "transient failure; retrying");
+            }
+        }
+        let jittered = backoff.mul_f64(0.5 + jitter());
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(jittered) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A number in [0, 1) that differs between calls (spreads retries of many workers).
+fn jitter() -> f64 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 1_000) / 1_000.0
+}
+
+fn rfc3339(at: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339()
+}
+
+async fn dead_letter(
+    producer: &FutureProducer,
+    message: &Incoming,
+    reason: &str,
+    attempts: u32,
+    first_failure: SystemTime,
+) -> anyhow::Result<()> {
+    let topic = orderflow::topics::dead_letter(&message.topic);
+    let mut headers = OwnedHeaders::new();
+    for (key, value) in &message.headers {
+        headers = headers.insert(Header {
+            key: key.as_str(),
+            value: Some(value.as_slice()),
+        });
+    }
+    let attempts = attempts.to_string();
+    let partition = message.partition.to_string();
+    let offset = message.offset.to_string();
+    let first = rfc3339(first_failure);
+    let last = rfc3339(SystemTime::now());
+    let key = String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()).into_owned();
+    for (name, value) in [
+        ("dlq.error", reason),
+        ("dlq.attempts", attempts.as_str()),
+        ("dlq.original_topic", message.topic.as_str()),
+        ("dlq.original_partition", partition.as_str()),
+        ("dlq.original_offset", offset.as_str()),
+        ("dlq.original_key", key.as_str()),
+        ("dlq.first_failure_at", first.as_str()),
+        ("dlq.last_failure_at", last.as_str()),
+    ] {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value),
+        });
+    }
+    let mut record = FutureRecord::to(&topic).payload(&message.payload).headers(headers);
+    if let Some(key) = &message.key {
+        record = record.key(key);
+    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(error, _)| anyhow::anyhow!(error))?;
+    Ok(())
+}

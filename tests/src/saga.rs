@@ -1,0 +1,273 @@
+//! The whole checkout saga inside one test process: gateway simulator, order-svc (API,
+//! payment-events consumer, sweeper), payment-svc, fulfilment, projector and both relays,
+//! each test with its own four databases, its own topics and its own consumer groups.
+
+use std::time::Duration;
+
+use orderflow::gateway::v1::Faults;
+use orderflow::orders::v1::order_service_client::OrderServiceClient;
+use orderflow_platform::{Secret, kafka};
+use rdkafka::producer::FutureProducer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{RunningOrderSvc, TestDb, fresh_db, fresh_topic, stack, start_order_svc_with};
+
+/// How a saga is set up.
+#[derive(Debug, Clone)]
+pub struct SagaOptions {
+    /// The saga deadline (the sweeper cancels PENDING orders older than this).
+    pub deadline: Duration,
+    /// The gateway's faults.
+    pub faults: Faults,
+    /// Both relays publish every event twice.
+    pub publish_twice: bool,
+    /// How long payment-svc waits for one gateway reply.
+    pub gateway_timeout: Duration,
+}
+
+impl Default for SagaOptions {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(60),
+            faults: Faults {
+                hang_attempts: 1,
+                timeout_reply_delay_ms: 3_000,
+                seed: 7,
+                ..Faults::default()
+            },
+            publish_twice: false,
+            gateway_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A running saga.
+pub struct Saga {
+    /// The orders database.
+    pub orders: TestDb,
+    /// The payments database.
+    pub payments: TestDb,
+    /// The fulfilment database.
+    pub fulfilment: TestDb,
+    /// The gateway's database.
+    pub gateway: TestDb,
+    /// Topic of the order events.
+    pub orders_topic: String,
+    /// Topic of the payment events.
+    pub payments_topic: String,
+    /// The options it runs with.
+    pub options: SagaOptions,
+    /// The gateway's address.
+    pub gateway_addr: std::net::SocketAddr,
+    order_svc: Option<RunningOrderSvc>,
+    suffix: String,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    payment: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+fn spawn_logged(
+    name: &'static str,
+    future: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(error) = future.await {
+            panic!("{name} failed: {error:#}");
+        }
+    })
+}
+
+impl Saga {
+    /// Starts every component.
+    pub async fn start(options: SagaOptions) -> Saga {
+        let (orders, payments, fulfilment, gateway) = tokio::join!(
+            fresh_db(&order_svc::MIGRATOR),
+            fresh_db(&payment_svc::MIGRATOR),
+            fresh_db(&fulfilment::MIGRATOR),
+            fresh_db(&gateway_sim::MIGRATOR),
+        );
+        let (orders_topic, payments_topic) = tokio::join!(fresh_topic(4), fresh_topic(4));
+        let suffix = uuid::Uuid::now_v7().simple().to_string();
+        let bootstrap = stack().bootstrap_servers.clone();
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let gateway_addr = listener.local_addr().expect("address");
+        let faults = options.faults.clone();
+        let gateway_config = gateway_sim::Config {
+            listen_addr: gateway_addr,
+            database_url: Secret::new(gateway.url.clone()),
+            key_retention_hours: 24,
+            latency_ms: faults.latency_ms,
+            latency_jitter_ms: faults.latency_jitter_ms,
+            decline_rate: faults.decline_rate,
+            timeout_rate: faults.timeout_rate,
+            hang_rate: faults.hang_rate,
+            hang_attempts: faults.hang_attempts,
+            timeout_reply_delay_ms: faults.timeout_reply_delay_ms,
+            seed: faults.seed,
+            migrate: false,
+        };
+        tasks.push(spawn_logged(
+            "gateway-sim",
+            gateway_sim::run(gateway_config, listener, shutdown.clone()),
+        ));
+
+        let deadline = options.deadline;
+        let (topic_o, topic_p, boot, sfx) = (
+            orders_topic.clone(),
+            payments_topic.clone(),
+            bootstrap.clone(),
+            suffix.clone(),
+        );
+        let order_svc = start_order_svc_with(&orders, &orders_topic, move |config| {
+            config.bootstrap_servers = Some(boot);
+            config.orders_topic = topic_o;
+            config.payments_topic = topic_p;
+            config.group_id = format!("order-{sfx}");
+            config.saga_deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+            config.sweep_interval_ms = 200;
+        })
+        .await;
+
+        for (db, name) in [(&orders, "relay-orders"), (&payments, "relay-payments")] {
+            let producer: FutureProducer = kafka::producer_config(&bootstrap, name).create().expect("producer");
+            let relay = relay::Relay::new(db.pool.clone(), producer, 500);
+            let relay = if options.publish_twice {
+                relay.publishing_twice()
+            } else {
+                relay
+            };
+            tasks.push(spawn_logged(
+                name,
+                relay.run(Duration::from_millis(200), shutdown.clone()),
+            ));
+        }
+
+        let fulfilment_config = fulfilment::Config {
+            database_url: Secret::new(fulfilment.url.clone()),
+            bootstrap_servers: bootstrap.clone(),
+            group_id: format!("fulfilment-{suffix}"),
+            orders_topic: orders_topic.clone(),
+            migrate: false,
+        };
+        tasks.push(spawn_logged(
+            "fulfilment",
+            fulfilment::run(fulfilment_config, shutdown.clone()),
+        ));
+
+        let projector_config = order_svc::projector::Config {
+            database_url: Secret::new(orders.url.clone()),
+            bootstrap_servers: bootstrap.clone(),
+            group_id: format!("projector-{suffix}"),
+            topics: vec![orders_topic.clone(), payments_topic.clone()],
+            workers: 4,
+        };
+        tasks.push(spawn_logged(
+            "projector",
+            order_svc::projector::run(projector_config, shutdown.clone()),
+        ));
+
+        let mut saga = Saga {
+            orders,
+            payments,
+            fulfilment,
+            gateway,
+            orders_topic,
+            payments_topic,
+            options,
+            gateway_addr,
+            order_svc: Some(order_svc),
+            suffix,
+            shutdown,
+            tasks,
+            payment: None,
+        };
+        saga.start_payment_svc().await;
+        saga
+    }
+
+    /// The payment service's consumer group.
+    pub fn payment_group(&self) -> String {
+        format!("payment-{}", self.suffix)
+    }
+
+    /// Starts payment-svc (again).
+    pub async fn start_payment_svc(&mut self) {
+        let config = payment_svc::Config {
+            database_url: Secret::new(self.payments.url.clone()),
+            bootstrap_servers: stack().bootstrap_servers.clone(),
+            group_id: self.payment_group(),
+            orders_topic: self.orders_topic.clone(),
+            payments_topic: self.payments_topic.clone(),
+            gateway_addr: self.gateway_addr.to_string(),
+            gateway_timeout_ms: u64::try_from(self.options.gateway_timeout.as_millis()).unwrap_or(u64::MAX),
+            workers: 4,
+            db_max_connections: 8,
+            migrate: false,
+        };
+        let token = CancellationToken::new();
+        let task = spawn_logged("payment-svc", payment_svc::run(config, token.clone()));
+        self.payment = Some((token, task));
+    }
+
+    /// Stops payment-svc gracefully (it leaves its consumer group).
+    pub async fn stop_payment_svc(&mut self) {
+        if let Some((token, task)) = self.payment.take() {
+            token.cancel();
+            task.await.expect("payment-svc stops");
+        }
+    }
+
+    /// A client of the order service.
+    pub async fn client(&self) -> OrderServiceClient<tonic::transport::Channel> {
+        self.order_svc.as_ref().expect("running").client().await
+    }
+
+    /// The stores, for the invariant checker.
+    pub fn stores(&self) -> ordersctl::verify::Stores {
+        ordersctl::verify::Stores {
+            orders: self.orders.pool.clone(),
+            payments: self.payments.pool.clone(),
+            fulfilment: self.fulfilment.pool.clone(),
+            gateway: self.gateway.pool.clone(),
+        }
+    }
+
+    /// Runs the invariant checker.
+    pub async fn verify(&self) -> ordersctl::verify::Report {
+        ordersctl::verify::verify(&self.stores(), self.options.deadline, Duration::from_secs(5))
+            .await
+            .expect("verify")
+    }
+
+    /// Waits until no order is PENDING and the read model agrees with every order.
+    pub async fn settled(&self, timeout: Duration) -> bool {
+        crate::eventually(timeout, || async {
+            let (pending, unprojected): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM orders WHERE status = 'PENDING'),
+                        (SELECT count(*) FROM orders o LEFT JOIN order_read r USING (order_id)
+                         WHERE r.order_id IS NULL OR r.status <> o.status)",
+            )
+            .fetch_one(&self.orders.pool)
+            .await
+            .expect("count");
+            pending == 0 && unprojected == 0
+        })
+        .await
+    }
+
+    /// Stops everything.
+    pub async fn stop(mut self) {
+        self.stop_payment_svc().await;
+        if let Some(order_svc) = self.order_svc.take() {
+            order_svc.stop().await;
+        }
+        self.shutdown.cancel();
+        for task in self.tasks.drain(..) {
+            task.await.expect("component stops cleanly");
+        }
+    }
+}
