@@ -105,3 +105,337 @@ async fn a_paid_order_is_confirmed_captured_once_and_shipped_once() {
     assert_no_violations(&saga).await;
     saga.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_declined_order_is_cancelled_with_no_capture_and_one_cancellation() {
+    let saga = Saga::start(SagaOptions::default()).await;
+    let order_id = place(&saga, "tok_decline").await;
+    assert!(saga.settled(SETTLE).await);
+    let order = get(&saga, &order_id).await;
+    assert_eq!(order.status(), api::OrderStatus::Cancelled);
+    assert_eq!(order.cancellation_reason(), api::CancellationReason::PaymentFailed);
+    assert_eq!(
+        ledger(&saga, &order_id).await,
+        ["DECLINE"],
+        "nothing authorized, nothing captured"
+    );
+
+    let records = read_topic(&stack().bootstrap_servers, &saga.orders_topic, SETTLE, |r| r.len() >= 2).await;
+    // Give a second cancellation, if there were one, time to show up.
+    let records = read_topic(
+        &stack().bootstrap_servers,
+        &saga.orders_topic,
+        Duration::from_secs(2),
+        move |r| r.len() > records.len(),
+    )
+    .await;
+    assert_eq!(
+        event_types(&records, &order_id),
+        ["OrderPlaced", "OrderCancelled"],
+        "exactly one OrderCancelled"
+    );
+    let shipments: i64 = sqlx::query_scalar("SELECT count(*) FROM shipments")
+        .fetch_one(&saga.fulfilment.pool)
+        .await
+        .unwrap();
+    assert_eq!(shipments, 0);
+    assert_no_violations(&saga).await;
+    saga.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_gateway_lets_the_sweeper_cancel_and_the_late_authorization_is_voided() {
+    // The first six authorization calls never answer; payment-svc gives each 500 ms. The
+    // saga deadline (2 s) passes first: the sweeper cancels. The seventh call returns the
+    // authorization made by the first, and the OrderCancelled behind it voids it.
+    let options = SagaOptions {
+        deadline: Duration::from_secs(2),
+        faults: Faults {
+            hang_attempts: 6,
+            seed: 7,
+            ..Faults::default()
+        },
+        ..SagaOptions::default()
+    };
+    let saga = Saga::start(options).await;
+    let order_id = place(&saga, "tok_hang").await;
+    assert!(saga.settled(SETTLE).await);
+    let order = get(&saga, &order_id).await;
+    assert_eq!(order.status(), api::OrderStatus::Cancelled);
+    assert_eq!(order.cancellation_reason(), api::CancellationReason::PaymentTimeout);
+    assert!(
+        eventually(SETTLE, || async {
+            ledger(&saga, &order_id).await == ["AUTHORIZE", "VOID"]
+        })
+        .await,
+        "the late authorization is voided: {:?}",
+        ledger(&saga, &order_id).await
+    );
+    let state: String = sqlx::query_scalar("SELECT state FROM authorizations WHERE order_id = $1")
+        .bind(&order_id)
+        .fetch_one(&saga.gateway.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "VOIDED", "no money kept for a cancelled order");
+    assert!(
+        eventually(SETTLE, || async {
+            get(&saga, &order_id).await.payment_state() == api::PaymentState::Voided
+        })
+        .await
+    );
+    // The late PaymentAuthorized did not resurrect the order.
+    let (status, version): (String, i64) =
+        sqlx::query_as("SELECT status, version FROM orders WHERE order_id = $1::uuid")
+            .bind(&order_id)
+            .fetch_one(&saga.orders.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), version), ("CANCELLED", 1));
+    assert_no_violations(&saga).await;
+    saga.stop().await;
+}
+
+/// Commits offset 0 on every partition of `topic` for `group` (no member may be active).
+async fn reset_group_to_start(group: &str, topic: &str) {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(&stack().bootstrap_servers, group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let partitions = metadata.topics()[0].partitions().len();
+    let mut list = rdkafka::TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition_offset(topic, i32::try_from(partition).unwrap(), rdkafka::Offset::Offset(0))
+            .unwrap();
+    }
+    consumer
+        .commit(&list, CommitMode::Sync)
+        .expect("reset the group's offsets to 0");
+}
+
+/// The group's committed offsets and the high watermarks on `topic`, per partition.
+async fn committed_and_end(group: &str, topic: &str) -> Vec<(i64, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(&stack().bootstrap_servers, group)
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    for partition in 0..metadata.topics()[0].partitions().len() {
+        list.add_partition(topic, i32::try_from(partition).unwrap());
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+    committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
+                .unwrap();
+            (e.offset().to_raw().unwrap_or(-1).max(0), high)
+        })
+        .collect()
+}
+
+/// Whether the group has committed everything on `topic`.
+async fn caught_up(group: &str, topic: &str) -> bool {
+    committed_and_end(group, topic)
+        .await
+        .iter()
+        .all(|(committed, end)| committed == end)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicated_and_replayed_events_charge_once_and_change_each_order_once() {
+    let saga = Saga::start(SagaOptions {
+        publish_twice: true,
+        ..SagaOptions::default()
+    })
+    .await;
+    let mut saga = saga;
+    let mut order_ids = Vec::new();
+    for i in 0..20 {
+        order_ids.push(place(&saga, if i % 4 == 0 { "tok_decline" } else { "tok_visa" }).await);
+    }
+    assert!(saga.settled(SETTLE).await);
+    let group = saga.payment_group();
+    let records = read_topic(
+        &stack().bootstrap_servers,
+        &saga.orders_topic,
+        Duration::from_secs(5),
+        |_| false,
+    )
+    .await;
+    assert!(
+        records.len() >= 80,
+        "every order event was published twice: {} records",
+        records.len()
+    );
+    let caught = eventually(SETTLE, || async { caught_up(&group, &saga.orders_topic).await }).await;
+    assert!(
+        caught,
+        "committed vs end: {:?}",
+        committed_and_end(&group, &saga.orders_topic).await
+    );
+
+    // Replay the whole topic to the payment service.
+    saga.stop_payment_svc().await;
+    reset_group_to_start(&group, &saga.orders_topic).await;
+    let restarted = committed_and_end(&group, &saga.orders_topic).await;
+    assert!(
+        restarted.iter().all(|(committed, _)| *committed == 0),
+        "the group starts over: {restarted:?}"
+    );
+    saga.start_payment_svc().await;
+    let caught = eventually(SETTLE, || async { caught_up(&group, &saga.orders_topic).await }).await;
+    assert!(
+        caught,
+        "replayed the whole topic: {:?}",
+        committed_and_end(&group, &saga.orders_topic).await
+    );
+
+    for order_id in &order_ids {
+        let operations = ledger(&saga, order_id).await;
+        assert!(
+            operations == ["AUTHORIZE", "CAPTURE"] || operations == ["DECLINE"],
+            "{order_id}: one authorization and one capture, or one decline: {operations:?}"
+        );
+    }
+    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+        .fetch_one(&saga.payments.pool)
+        .await
+        .unwrap();
+    assert_eq!(payments, 20, "one payment row per order");
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM orders")
+        .fetch_all(&saga.orders.pool)
+        .await
+        .unwrap();
+    assert!(
+        versions.iter().all(|v| *v == 1),
+        "one state transition per order: {versions:?}"
+    );
+    let settling_events: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT partition_key, count(*) FROM outbox WHERE event_type <> 'orderflow.events.v1.OrderPlaced' GROUP BY 1",
+    )
+    .fetch_all(&saga.orders.pool)
+    .await
+    .unwrap();
+    assert_eq!(settling_events.len(), 20);
+    assert!(
+        settling_events.iter().all(|(_, n)| *n == 1),
+        "one OrderConfirmed or OrderCancelled each: {settling_events:?}"
+    );
+    let shipments: i64 = sqlx::query_scalar("SELECT count(*) FROM shipments")
+        .fetch_one(&saga.fulfilment.pool)
+        .await
+        .unwrap();
+    assert_eq!(shipments, 15);
+    assert_no_violations(&saga).await;
+    saga.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_orders_with_declines_and_lost_replies_break_no_invariant() {
+    let options = SagaOptions {
+        faults: Faults {
+            decline_rate: 0.05,
+            timeout_rate: 0.01,
+            timeout_reply_delay_ms: 1_500,
+            hang_attempts: 1,
+            seed: 11,
+            ..Faults::default()
+        },
+        ..SagaOptions::default()
+    };
+    let saga = Saga::start(options).await;
+    let mut placing = Vec::new();
+    for worker in 0..10 {
+        let mut client = saga.client().await;
+        placing.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..100 {
+                let request = api::PlaceOrderRequest {
+                    request_id: uuid::Uuid::now_v7().to_string(),
+                    ..valid_order(1 + worker * 100 + i)
+                };
+                ids.push(
+                    client
+                        .place_order(request)
+                        .await
+                        .expect("accepted")
+                        .into_inner()
+                        .order_id,
+                );
+            }
+            ids
+        }));
+    }
+    let mut order_ids = Vec::new();
+    for worker in placing {
+        order_ids.extend(worker.await.unwrap());
+    }
+    assert_eq!(order_ids.len(), 1_000);
+    assert!(
+        saga.settled(Duration::from_secs(180)).await,
+        "every order reaches a terminal state"
+    );
+    assert!(
+        eventually(SETTLE, || async {
+            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM authorizations WHERE state = 'AUTHORIZED'")
+                .fetch_one(&saga.gateway.pool)
+                .await
+                .unwrap();
+            open == 0
+        })
+        .await,
+        "every authorization is captured or voided"
+    );
+    let report = saga.verify().await;
+    assert_eq!(report.violations(), 0, "{}", ordersctl::verify::render(&report));
+    let cancelled = report.orders_by_status.get("CANCELLED").copied().unwrap_or(0);
+    let confirmed = report.orders_by_status.get("CONFIRMED").copied().unwrap_or(0);
+    assert_eq!(cancelled + confirmed, 1_000);
+    assert!((20..=90).contains(&cancelled), "about 5% declined: {cancelled}");
+    let late_replies: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE attempts > 1")
+        .fetch_one(&saga.gateway.pool)
+        .await
+        .unwrap();
+    assert!(
+        late_replies > 0,
+        "some replies were lost and the calls retried with the same key"
+    );
+    println!("{}", ordersctl::verify::render(&report));
+    saga.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_placed_while_the_payment_service_is_down_is_paid_when_it_returns() {
+    let mut saga = Saga::start(SagaOptions::default()).await;
+    let first = place(&saga, "tok_visa").await;
+    assert!(saga.settled(SETTLE).await);
+    saga.stop_payment_svc().await;
+
+    // The next message on the partition is exactly where the restarted consumer resumes:
+    // skipping it (committing one past the end) would strand this order.
+    let second = place(&saga, "tok_visa").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        ledger(&saga, &second).await,
+        Vec::<String>::new(),
+        "nobody charged it while the service was down"
+    );
+    saga.start_payment_svc().await;
+    assert!(saga.settled(SETTLE).await, "the order placed during the outage settles");
+    for order_id in [&first, &second] {
+        assert_eq!(get(&saga, order_id).await.status(), api::OrderStatus::Confirmed);
+        assert!(
+            eventually(SETTLE, || async {
+                ledger(&saga, order_id).await == ["AUTHORIZE", "CAPTURE"]
+            })
+            .await
+        );
+    }
+    assert_no_violations(&saga).await;
+    saga.stop().await;
+}

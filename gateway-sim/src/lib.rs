@@ -191,7 +191,7 @@ impl Gateway {
     }
 
     async fn faults(&self) -> Faults {
-        self.faults.read().await.clone()
+        *self.faults.read().await
     }
 
     /// Applies the reply faults of this attempt: the work is committed, the reply may be
@@ -428,7 +428,7 @@ impl GatewayAdminService for Gateway {
             return Err(Status::invalid_argument("rates are between 0 and 1"));
         }
         tracing::info!(?faults, "faults changed");
-        *self.faults.write().await = faults.clone();
+        *self.faults.write().await = faults;
         Ok(Response::new(SetFaultsResponse { faults: Some(faults) }))
     }
 

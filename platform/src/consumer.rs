@@ -155,7 +155,9 @@ pub async fn run<H: Handler>(
                 }
                 // The effect is committed (or dead-lettered): now, and only now, the offset.
                 // Dying here redelivers the message, and the inbox absorbs it.
-                if let Err(error) = consumer.store_offset(&message.topic, message.partition, message.offset + 1) {
+                // The message's own offset: librdkafka commits offset + 1 itself. (Passing
+                // offset + 1 here would skip the next message after a restart: a lost event.)
+                if let Err(error) = consumer.store_offset(&message.topic, message.partition, message.offset) {
                     tracing::warn!(%error, "cannot store the offset; the message will be redelivered");
                 }
             }

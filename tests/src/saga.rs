@@ -95,7 +95,7 @@ impl Saga {
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let gateway_addr = listener.local_addr().expect("address");
-        let faults = options.faults.clone();
+        let faults = options.faults;
         let gateway_config = gateway_sim::Config {
             listen_addr: gateway_addr,
             database_url: Secret::new(gateway.url.clone()),
