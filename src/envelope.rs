@@ -119,6 +119,8 @@ pub struct OpenedEvent {
     pub traceparent: Option<String>,
     /// The schema version the producer wrote (at most [`SUPPORTED_SCHEMA_VERSION`]).
     pub schema_version: u32,
+    /// When the fact happened, as the producer stated it.
+    pub occurred_at: Option<prost_types::Timestamp>,
     /// The event.
     pub payload: Payload,
 }
@@ -165,6 +167,7 @@ pub fn open(bytes: &[u8]) -> Result<OpenedEvent, ContractError> {
         causation_id,
         traceparent: (!envelope.traceparent.is_empty()).then_some(envelope.traceparent),
         schema_version: envelope.schema_version,
+        occurred_at: envelope.occurred_at,
         payload,
     })
 }

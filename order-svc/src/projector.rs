@@ -124,11 +124,19 @@ impl Projector {
 
     async fn project(&self, event: &OpenedEvent) -> Result<Outcome, HandlerError> {
         let change = change_of(&event.payload);
-        let occurred_at = chrono::Utc::now();
+        let projected_at = chrono::Utc::now();
+        let occurred_at = event
+            .occurred_at
+            .as_ref()
+            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+            .unwrap_or(projected_at);
+        // Both times are kept: projected_at - occurred_at is the read model's lag for this
+        // event (`ordersctl verify` reports its percentiles).
         let entry = serde_json::json!({
             "event_type": event_type_of(&event.payload),
             "message_id": event.message_id.to_string(),
             "occurred_at": occurred_at.to_rfc3339(),
+            "projected_at": projected_at.to_rfc3339(),
         });
         let mut tx = self.pool.begin().await?;
         if !inbox::record(&mut tx, INBOX, event.message_id).await? {

@@ -30,9 +30,24 @@ pub struct Check {
     pub examples: Vec<String>,
 }
 
+/// Percentiles of a latency, in milliseconds.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Latency {
+    /// How many samples.
+    pub samples: i64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Maximum.
+    pub max_ms: f64,
+}
+
 /// The whole verdict.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
+    /// Read-model lag: event occurred (its producing transaction) → projected, per event.
+    pub read_model_lag: Option<Latency>,
     /// Orders by status.
     pub orders_by_status: HashMap<String, i64>,
     /// Authorizations at the gateway by state.
@@ -152,7 +167,24 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
             mismatched.into_iter().map(|(id,)| id).collect(),
         ),
     ];
+    let lag: (i64, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms)::float8
+         FROM (SELECT (extract(epoch FROM (e->>'projected_at')::timestamptz - (e->>'occurred_at')::timestamptz) * 1000)::float8 AS ms
+               FROM order_read, jsonb_array_elements(history) AS e WHERE e ? 'projected_at') lags",
+    )
+    .fetch_one(orders)
+    .await?;
+    let read_model_lag = match lag {
+        (samples, Some(p50_ms), Some(p99_ms), Some(max_ms)) if samples > 0 => Some(Latency {
+            samples,
+            p50_ms,
+            p99_ms,
+            max_ms,
+        }),
+        _ => None,
+    };
     Ok(Report {
+        read_model_lag,
         orders_by_status: counts(orders, "SELECT status, count(*) FROM orders GROUP BY status").await?,
         gateway_authorizations_by_state: counts(gateway, "SELECT state, count(*) FROM authorizations GROUP BY state")
             .await?,
@@ -170,9 +202,16 @@ pub fn render(report: &Report) -> String {
     let mut states: Vec<_> = report.gateway_authorizations_by_state.iter().collect();
     states.sort();
     out.push_str(&format!(
-        "gateway authorizations: {states:?}\nshipments: {}\n\n",
+        "gateway authorizations: {states:?}\nshipments: {}\n",
         report.shipments
     ));
+    if let Some(lag) = report.read_model_lag {
+        out.push_str(&format!(
+            "read-model lag (event committed -> projected), {} events: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms\n",
+            lag.samples, lag.p50_ms, lag.p99_ms, lag.max_ms
+        ));
+    }
+    out.push('\n');
     for check in &report.checks {
         let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
         out.push_str(&format!("{mark} {:>6}  {}", check.violations, check.name));
