@@ -127,6 +127,65 @@ fn parse_authorization(id: &str) -> Result<uuid::Uuid, Status> {
     uuid::Uuid::parse_str(id).map_err(|_| Status::invalid_argument("authorization_id must be a UUID"))
 }
 
+/// One ledger line, written in the transaction that moves the money.
+struct LedgerLine<'a> {
+    operation: &'static str,
+    order_id: &'a str,
+    authorization_id: Option<uuid::Uuid>,
+    amount_minor: i64,
+    currency_code: &'a str,
+    idempotency_key: &'a str,
+}
+
+async fn append_ledger(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    line: LedgerLine<'_>,
+) -> Result<(), Status> {
+    sqlx::query(
+        "INSERT INTO ledger (operation, order_id, authorization_id, amount_minor, currency_code, idempotency_key)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(line.operation)
+    .bind(line.order_id)
+    .bind(line.authorization_id)
+    .bind(line.amount_minor)
+    .bind(line.currency_code.trim())
+    .bind(line.idempotency_key)
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+/// An authorization, locked for the rest of the transaction.
+struct LockedAuthorization {
+    order_id: String,
+    state: String,
+    amount_minor: i64,
+    currency_code: String,
+}
+
+async fn lock_authorization(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    authorization_id: uuid::Uuid,
+) -> Result<LockedAuthorization, Status> {
+    let row: Option<(String, String, i64, String)> = sqlx::query_as(
+        "SELECT order_id, state, amount_minor, currency_code FROM authorizations WHERE authorization_id = $1 FOR UPDATE",
+    )
+    .bind(authorization_id)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    let (order_id, state, amount_minor, currency_code) =
+        row.ok_or_else(|| Status::not_found("no such authorization"))?;
+    Ok(LockedAuthorization {
+        order_id,
+        state,
+        amount_minor,
+        currency_code: currency_code.trim().to_owned(),
+    })
+}
+
 impl Gateway {
     /// A gateway on `pool` with initial `faults`.
     pub fn new(pool: PgPool, faults: Faults, key_retention: Duration) -> Self {
@@ -241,17 +300,15 @@ impl GatewayService for Gateway {
             ),
             Claim::New(mut tx) => {
                 let reply = if faults::declines(&self.faults().await, &key, &request.payment_token) {
-                    sqlx::query(
-                        "INSERT INTO ledger (operation, order_id, amount_minor, currency_code, idempotency_key)
-                         VALUES ('DECLINE', $1, $2, $3, $4)",
-                    )
-                    .bind(&request.order_id)
-                    .bind(amount)
-                    .bind(&currency)
-                    .bind(&key)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
+                    let line = LedgerLine {
+                        operation: "DECLINE",
+                        order_id: &request.order_id,
+                        authorization_id: None,
+                        amount_minor: amount,
+                        currency_code: &currency,
+                        idempotency_key: &key,
+                    };
+                    append_ledger(&mut tx, line).await?;
                     AuthorizeResponse {
                         authorization_id: String::new(),
                         status: AuthorizationStatus::Declined as i32,
@@ -270,18 +327,15 @@ impl GatewayService for Gateway {
                     .execute(&mut *tx)
                     .await
                     .map_err(unavailable)?;
-                    sqlx::query(
-                        "INSERT INTO ledger (operation, order_id, authorization_id, amount_minor, currency_code, idempotency_key)
-                         VALUES ('AUTHORIZE', $1, $2, $3, $4, $5)",
-                    )
-                    .bind(&request.order_id)
-                    .bind(authorization_id)
-                    .bind(amount)
-                    .bind(&currency)
-                    .bind(&key)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
+                    let line = LedgerLine {
+                        operation: "AUTHORIZE",
+                        order_id: &request.order_id,
+                        authorization_id: Some(authorization_id),
+                        amount_minor: amount,
+                        currency_code: &currency,
+                        idempotency_key: &key,
+                    };
+                    append_ledger(&mut tx, line).await?;
                     AuthorizeResponse {
                         authorization_id: authorization_id.to_string(),
                         status: AuthorizationStatus::Approved as i32,
@@ -313,21 +367,14 @@ impl GatewayService for Gateway {
                 attempt,
             ),
             Claim::New(mut tx) => {
-                let row: Option<(String, String, i64, String)> = sqlx::query_as(
-                    "SELECT order_id, state, amount_minor, currency_code FROM authorizations
-                     WHERE authorization_id = $1 FOR UPDATE",
-                )
-                .bind(authorization_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-                let Some((order_id, state, authorized, authorized_currency)) = row else {
-                    return Err(Status::not_found("no such authorization"));
-                };
-                if state != "AUTHORIZED" {
-                    return Err(Status::failed_precondition(format!("authorization is {state}")));
+                let authorization = lock_authorization(&mut tx, authorization_id).await?;
+                if authorization.state != "AUTHORIZED" {
+                    return Err(Status::failed_precondition(format!(
+                        "authorization is {}",
+                        authorization.state
+                    )));
                 }
-                if amount > authorized || currency != authorized_currency.trim() {
+                if amount > authorization.amount_minor || currency != authorization.currency_code {
                     return Err(Status::invalid_argument("capture exceeds the authorization"));
                 }
                 sqlx::query(
@@ -339,18 +386,15 @@ impl GatewayService for Gateway {
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
-                sqlx::query(
-                    "INSERT INTO ledger (operation, order_id, authorization_id, amount_minor, currency_code, idempotency_key)
-                     VALUES ('CAPTURE', $1, $2, $3, $4, $5)",
-                )
-                .bind(&order_id)
-                .bind(authorization_id)
-                .bind(amount)
-                .bind(&currency)
-                .bind(&key)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+                let line = LedgerLine {
+                    operation: "CAPTURE",
+                    order_id: &authorization.order_id,
+                    authorization_id: Some(authorization_id),
+                    amount_minor: amount,
+                    currency_code: &currency,
+                    idempotency_key: &key,
+                };
+                append_ledger(&mut tx, line).await?;
                 let reply = CaptureResponse {
                     capture_id: uuid::Uuid::now_v7().to_string(),
                 };
@@ -375,18 +419,8 @@ impl GatewayService for Gateway {
         let attempt = match self.claim(&key, "VOID", &fingerprint).await? {
             Claim::Replay(_, attempt) => attempt,
             Claim::New(mut tx) => {
-                let row: Option<(String, String, i64, String)> = sqlx::query_as(
-                    "SELECT order_id, state, amount_minor, currency_code FROM authorizations
-                     WHERE authorization_id = $1 FOR UPDATE",
-                )
-                .bind(authorization_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-                let Some((order_id, state, amount, currency)) = row else {
-                    return Err(Status::not_found("no such authorization"));
-                };
-                match state.as_str() {
+                let authorization = lock_authorization(&mut tx, authorization_id).await?;
+                match authorization.state.as_str() {
                     "AUTHORIZED" => {
                         sqlx::query(
                             "UPDATE authorizations SET state = 'VOIDED', updated_at = now() WHERE authorization_id = $1",
@@ -395,18 +429,15 @@ impl GatewayService for Gateway {
                         .execute(&mut *tx)
                         .await
                         .map_err(unavailable)?;
-                        sqlx::query(
-                            "INSERT INTO ledger (operation, order_id, authorization_id, amount_minor, currency_code, idempotency_key)
-                             VALUES ('VOID', $1, $2, $3, $4, $5)",
-                        )
-                        .bind(&order_id)
-                        .bind(authorization_id)
-                        .bind(amount)
-                        .bind(currency.trim())
-                        .bind(&key)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(unavailable)?;
+                        let line = LedgerLine {
+                            operation: "VOID",
+                            order_id: &authorization.order_id,
+                            authorization_id: Some(authorization_id),
+                            amount_minor: authorization.amount_minor,
+                            currency_code: &authorization.currency_code,
+                            idempotency_key: &key,
+                        };
+                        append_ledger(&mut tx, line).await?;
                     }
                     "VOIDED" => {}
                     other => return Err(Status::failed_precondition(format!("authorization is {other}"))),

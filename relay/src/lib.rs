@@ -285,6 +285,18 @@ impl Relay {
     }
 }
 
+/// The relay binary: logging, failpoints (when compiled in), configuration from flags and
+/// environment, and a run until SIGINT or SIGTERM. Shared by `relay` and the test crate's
+/// `relay-with-failpoints`, which differ only in the `failpoints` feature.
+pub async fn main_from_env() -> anyhow::Result<()> {
+    use clap::Parser as _;
+    orderflow_platform::init_logging();
+    // Reads FAILPOINTS (e.g. `relay::after_ack_before_mark=pause`) when built with the
+    // `failpoints` feature; does nothing otherwise.
+    let _failpoints = fail::FailScenario::setup();
+    run(Config::parse(), orderflow_platform::shutdown_on_signals()).await
+}
+
 /// Connects to the database and the broker and runs the relay until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = orderflow_platform::connect_postgres(&config.database_url, 2).await?;
