@@ -529,3 +529,36 @@ async fn get_order_answers_not_found_and_invalid_argument() {
     }
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_sweepers_at_once_cancel_each_overdue_order_exactly_once() {
+    let db = fresh_orders_db().await;
+    let svc = start_order_svc(&db, "orders.events").await;
+    let mut client = svc.client().await;
+    for customer in 1..=30 {
+        client.place_order(valid_order(customer)).await.unwrap();
+    }
+    svc.stop().await;
+    // Deadline zero: every order is overdue. Two sweepers race over the same orders.
+    let deadline = std::time::Duration::ZERO;
+    let (a, b, c) = tokio::join!(
+        order_svc::saga::sweep_once(&db.pool, "orders.events", deadline),
+        order_svc::saga::sweep_once(&db.pool, "orders.events", deadline),
+        order_svc::saga::sweep_once(&db.pool, "orders.events", deadline),
+    );
+    let cancelled = a.unwrap() + b.unwrap() + c.unwrap();
+    assert_eq!(cancelled, 30, "each order cancelled by exactly one sweeper");
+    let (orders, versions_ok, cancellations): (i64, bool, i64) = sqlx::query_as(
+        "SELECT count(*), bool_and(version = 1 AND status = 'CANCELLED' AND cancellation_reason = 'PAYMENT_TIMEOUT'),
+                (SELECT count(*) FROM outbox WHERE event_type = 'orderflow.events.v1.OrderCancelled')
+         FROM orders",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (orders, versions_ok, cancellations),
+        (30, true, 30),
+        "one transition and one OrderCancelled per order"
+    );
+}
