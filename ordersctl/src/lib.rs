@@ -1,3 +1,4 @@
 //! ordersctl's library part: what the CLI and the tests share.
 
+pub mod dlq;
 pub mod verify;

@@ -63,6 +63,11 @@ enum Command {
         /// The order id.
         order_id: String,
     },
+    /// Dead letters: list, show, redrive.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Check every invariant across all stores; exits 1 on any violation.
     Verify {
         /// The orders database.
@@ -101,6 +106,46 @@ enum Command {
         /// Stop after this many seconds without a new event.
         #[arg(long, default_value_t = 5)]
         idle_secs: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// One line per dead letter: where it came from, who gave up, why.
+    List {
+        /// The dead-letter topic.
+        #[arg(long, default_value = "orders.events.dlq")]
+        topic: String,
+    },
+    /// One dead letter in full: headers and decoded payload.
+    Show {
+        /// The dead-letter topic.
+        #[arg(long, default_value = "orders.events.dlq")]
+        topic: String,
+        /// Its partition in the dead-letter topic.
+        #[arg(long, default_value_t = 0)]
+        partition: i32,
+        /// Its offset there.
+        #[arg(long)]
+        offset: i64,
+    },
+    /// Republish dead letters to their original topic (safe to repeat: the inboxes deduplicate).
+    Redrive {
+        /// The dead-letter topic.
+        #[arg(long, default_value = "orders.events.dlq")]
+        topic: String,
+        /// Only those this consumer group gave up on.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only those of this order id.
+        #[arg(long)]
+        key: Option<String>,
+        /// Say what would be republished; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many records a second.
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
     },
 }
 
@@ -187,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
                 })
             );
         }
+        Command::Dlq { command } => dlq(&cli.bootstrap_servers, command).await?,
         Command::Verify {
             orders_db,
             payments_db,
@@ -294,6 +340,69 @@ fn print_events(
         };
         println!("{line}");
         printed += 1;
+    }
+    Ok(())
+}
+
+async fn dlq(bootstrap_servers: &str, command: DlqCommand) -> anyhow::Result<()> {
+    use ordersctl::dlq;
+    match command {
+        DlqCommand::List { topic } => {
+            let servers = bootstrap_servers.to_owned();
+            let letters = tokio::task::spawn_blocking(move || dlq::read_all(&servers, &topic)).await??;
+            for letter in &letters {
+                let (origin_topic, origin_partition, origin_offset) = letter.origin();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "partition": letter.partition,
+                        "offset": letter.offset,
+                        "key": String::from_utf8_lossy(letter.key.as_deref().unwrap_or_default()),
+                        "original": format!("{origin_topic}/{origin_partition}/{origin_offset}"),
+                        "group": letter.header("dlq.consumer_group"),
+                        "attempts": letter.header("dlq.attempts"),
+                        "error": letter.header("dlq.error"),
+                        "last_failure_at": letter.header("dlq.last_failure_at"),
+                    })
+                );
+            }
+            eprintln!("{} dead letter(s)", letters.len());
+        }
+        DlqCommand::Show {
+            topic,
+            partition,
+            offset,
+        } => {
+            let servers = bootstrap_servers.to_owned();
+            let letters = tokio::task::spawn_blocking(move || dlq::read_all(&servers, &topic)).await??;
+            let letter = letters
+                .iter()
+                .find(|l| l.partition == partition && l.offset == offset)
+                .context("no dead letter at that partition and offset")?;
+            for (name, value) in &letter.headers {
+                println!("{name}: {}", String::from_utf8_lossy(value));
+            }
+            match envelope::open(&letter.payload) {
+                Ok(event) => println!("payload: {:?}", event.payload),
+                Err(error) => println!("payload ({} bytes) does not open: {error}", letter.payload.len()),
+            }
+        }
+        DlqCommand::Redrive {
+            topic,
+            group,
+            key,
+            dry_run,
+            rate,
+        } => {
+            let options = dlq::RedriveOptions {
+                group,
+                key,
+                dry_run,
+                rate_per_sec: rate,
+            };
+            let summary = dlq::redrive(bootstrap_servers, &topic, &options).await?;
+            println!("{}", serde_json::to_string(&summary)?);
+        }
     }
     Ok(())
 }

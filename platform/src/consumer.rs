@@ -145,7 +145,7 @@ pub async fn run<H: Handler>(
                     order_id = %String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()),
                     message_id = %message.header(orderflow::envelope::headers::MESSAGE_ID).unwrap_or_default(),
                 );
-                let done = process(&*handler, &message, &dead_letters, &shutdown)
+                let done = process(&*handler, &message, &dead_letters, &group, &shutdown)
                     .instrument(span)
                     .await;
                 if !done {
@@ -214,6 +214,7 @@ async fn process<H: Handler>(
     handler: &H,
     message: &Incoming,
     dead_letters: &FutureProducer,
+    group: &str,
     shutdown: &CancellationToken,
 ) -> bool {
     let first_failure = SystemTime::now();
@@ -231,7 +232,7 @@ async fn process<H: Handler>(
         match error {
             HandlerError::Permanent(reason) => {
                 tracing::error!(%reason, attempts, "message cannot be processed; dead-lettering it");
-                match dead_letter(dead_letters, message, &reason, attempts, first_failure).await {
+                match dead_letter(dead_letters, message, group, &reason, attempts, first_failure).await {
                     Ok(()) => return true,
                     Err(error) => tracing::warn!(%error, "cannot dead-letter yet; retrying"),
                 }
@@ -265,6 +266,7 @@ fn rfc3339(at: SystemTime) -> String {
 async fn dead_letter(
     producer: &FutureProducer,
     message: &Incoming,
+    group: &str,
     reason: &str,
     attempts: u32,
     first_failure: SystemTime,
@@ -285,6 +287,7 @@ async fn dead_letter(
     let key = String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()).into_owned();
     for (name, value) in [
         ("dlq.error", reason),
+        ("dlq.consumer_group", group),
         ("dlq.attempts", attempts.as_str()),
         ("dlq.original_topic", message.topic.as_str()),
         ("dlq.original_partition", partition.as_str()),

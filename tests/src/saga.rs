@@ -24,6 +24,8 @@ pub struct SagaOptions {
     pub publish_twice: bool,
     /// How long payment-svc waits for one gateway reply.
     pub gateway_timeout: Duration,
+    /// Partitions of each topic.
+    pub partitions: i32,
 }
 
 impl Default for SagaOptions {
@@ -38,6 +40,7 @@ impl Default for SagaOptions {
             },
             publish_twice: false,
             gateway_timeout: Duration::from_millis(500),
+            partitions: 4,
         }
     }
 }
@@ -87,7 +90,8 @@ impl Saga {
             fresh_db(&fulfilment::MIGRATOR),
             fresh_db(&gateway_sim::MIGRATOR),
         );
-        let (orders_topic, payments_topic) = tokio::join!(fresh_topic(4), fresh_topic(4));
+        let (orders_topic, payments_topic) =
+            tokio::join!(fresh_topic(options.partitions), fresh_topic(options.partitions));
         let suffix = uuid::Uuid::now_v7().simple().to_string();
         let bootstrap = stack().bootstrap_servers.clone();
         let shutdown = CancellationToken::new();

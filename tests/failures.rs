@@ -1,0 +1,273 @@
+//! Failure handling on the real stack: poison messages of every kind go to the dead-letter
+//! topic with their context, the partition keeps flowing and no process stops; a repaired
+//! dead letter, redriven, completes its saga.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use orderflow::envelope::{self, EventMeta};
+use orderflow::events::v1::event_envelope::Payload;
+use orderflow::events::v1::{EventEnvelope, OrderPlaced, PaymentAuthorized};
+use orderflow::orders::v1 as api;
+use orderflow_platform::kafka;
+use orderflow_tests::saga::{Saga, SagaOptions};
+use orderflow_tests::{eventually, stack, valid_order};
+use prost::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn meta(order: uuid::Uuid) -> EventMeta {
+    EventMeta {
+        message_id: uuid::Uuid::now_v7(),
+        aggregate_id: order,
+        correlation_id: uuid::Uuid::now_v7(),
+        causation_id: None,
+        traceparent: None,
+        occurred_at: orderflow_platform::outbox::now_timestamp(),
+    }
+}
+
+/// Writes raw bytes straight into a topic, as a buggy or foreign producer would.
+async fn produce(topic: &str, key: &str, payload: Vec<u8>) {
+    let producer: FutureProducer = kafka::producer_config(&stack().bootstrap_servers, "poisoner")
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to(topic).key(key).payload(&payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+}
+
+async fn dead_letters(topic: &str) -> Vec<ordersctl::dlq::DeadLetter> {
+    let (servers, dlq) = (stack().bootstrap_servers.clone(), orderflow::topics::dead_letter(topic));
+    tokio::task::spawn_blocking(move || ordersctl::dlq::read_all(&servers, &dlq))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn status(saga: &Saga, order_id: &str) -> api::OrderStatus {
+    let response = saga
+        .client()
+        .await
+        .get_order(api::GetOrderRequest {
+            order_id: order_id.into(),
+        })
+        .await
+        .expect("found");
+    response.into_inner().order.expect("order").status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_messages_are_dead_lettered_with_context_and_the_partition_keeps_flowing() {
+    // One partition: the poison and the good order share it.
+    let saga = Saga::start(SagaOptions {
+        partitions: 1,
+        ..SagaOptions::default()
+    })
+    .await;
+    let topic = saga.orders_topic.clone();
+    let order = uuid::Uuid::now_v7();
+
+    let placed_without_total = OrderPlaced {
+        order_id: order.to_string(),
+        customer_id: 1,
+        ..Default::default()
+    };
+    let mut unknown_type = EventEnvelope {
+        event_type: "orderflow.events.v1.OrderShipped".into(),
+        payload: None,
+        ..envelope::seal(meta(order), Payload::OrderPlaced(placed_without_total.clone()))
+    }
+    .encode_to_vec();
+    prost::encoding::encode_key(40, prost::encoding::WireType::LengthDelimited, &mut unknown_type);
+    prost::encoding::encode_varint(0, &mut unknown_type);
+    let mut newer_version = envelope::seal(meta(order), Payload::OrderPlaced(placed_without_total.clone()));
+    newer_version.schema_version = 99;
+    let mut missing_id = envelope::seal(meta(order), Payload::OrderPlaced(placed_without_total.clone()));
+    missing_id.message_id = String::new();
+    let invalid = envelope::seal(meta(order), Payload::OrderPlaced(placed_without_total));
+
+    let poison: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "undecodable",
+            b"\xff\xfe not a protobuf envelope".to_vec(),
+            "undecodable",
+        ),
+        ("unknown-type", unknown_type, "unknown event type"),
+        ("newer-version", newer_version.encode_to_vec(), "schema version 99"),
+        ("missing-id", missing_id.encode_to_vec(), "message_id"),
+        ("invalid", invalid.encode_to_vec(), "without a total"),
+    ];
+    for (key, payload, _) in &poison {
+        produce(&topic, key, payload.clone()).await;
+    }
+    // A payment event for an order nobody knows, to the order service.
+    let stray = envelope::seal(
+        meta(order),
+        Payload::PaymentAuthorized(PaymentAuthorized {
+            order_id: order.to_string(),
+            ..Default::default()
+        }),
+    );
+    produce(&saga.payments_topic, "unknown-order", stray.encode_to_vec()).await;
+
+    // A real order behind the poison, on the same partition.
+    let good = saga
+        .client()
+        .await
+        .place_order(valid_order(5))
+        .await
+        .unwrap()
+        .into_inner()
+        .order_id;
+    assert!(
+        eventually(WAIT, || async {
+            status(&saga, &good).await == api::OrderStatus::Confirmed
+        })
+        .await,
+        "later messages of the partition are processed"
+    );
+
+    let letters = dead_letters(&topic).await;
+    for (key, _, reason) in &poison {
+        let found: Vec<_> = letters
+            .iter()
+            .filter(|l| l.key.as_deref() == Some(key.as_bytes()))
+            .collect();
+        assert!(!found.is_empty(), "{key} was dead-lettered");
+        let letter = found[0];
+        assert!(
+            found
+                .iter()
+                .any(|l| l.header("dlq.error").unwrap_or_default().contains(reason)),
+            "{key}: reason mentions {reason:?}: {:?}",
+            found.iter().map(|l| l.header("dlq.error")).collect::<Vec<_>>()
+        );
+        assert_eq!(letter.header("dlq.original_topic").as_deref(), Some(topic.as_str()));
+        assert_eq!(letter.header("dlq.original_partition").as_deref(), Some("0"));
+        assert_eq!(letter.header("dlq.original_key").as_deref(), Some(*key));
+        for header in [
+            "dlq.original_offset",
+            "dlq.attempts",
+            "dlq.first_failure_at",
+            "dlq.last_failure_at",
+            "dlq.consumer_group",
+        ] {
+            assert!(
+                letter.header(header).is_some_and(|v| !v.is_empty()),
+                "{key}: header {header}"
+            );
+        }
+    }
+    // The payment service is the one that refuses an OrderPlaced without a total.
+    assert!(letters.iter().any(|l| {
+        l.key.as_deref() == Some(b"invalid".as_slice())
+            && l.header("dlq.consumer_group")
+                .is_some_and(|g| g.starts_with("payment-"))
+    }));
+    let stray_letters = dead_letters(&saga.payments_topic).await;
+    assert!(
+        stray_letters
+            .iter()
+            .any(|l| l.header("dlq.error").unwrap_or_default().contains("unknown order")
+                && l.header("dlq.consumer_group").is_some_and(|g| g.starts_with("order-"))),
+        "the order service dead-letters a payment for an unknown order"
+    );
+    saga.stop().await; // every component still running stops cleanly (none crashed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repaired_dead_letter_redriven_completes_its_saga() {
+    let mut saga = Saga::start(SagaOptions::default()).await;
+    // An earlier, different authorization attempt left a key at the gateway that this
+    // order's authorization collides with: the gateway refuses (FAILED_PRECONDITION), the
+    // payment service dead-letters the OrderPlaced, and the order waits.
+    saga.stop_payment_svc().await;
+    let request = api::PlaceOrderRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        ..valid_order(9)
+    };
+    let placed = saga
+        .client()
+        .await
+        .place_order(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .order_id;
+    sqlx::query(
+        "INSERT INTO idempotency_keys (idempotency_key, operation, fingerprint, response, expires_at)
+         VALUES ($1, 'AUTHORIZE', '\\x00', '', now() + interval '1 day')",
+    )
+    .bind(format!("authorize:{placed}"))
+    .execute(&saga.gateway.pool)
+    .await
+    .unwrap();
+    saga.start_payment_svc().await;
+    assert!(
+        eventually(WAIT, || async {
+            dead_letters(&saga.orders_topic)
+                .await
+                .iter()
+                .any(|l| l.key.as_deref() == Some(placed.as_bytes()))
+        })
+        .await,
+        "the payment service dead-letters the OrderPlaced the gateway refuses"
+    );
+    assert_eq!(
+        status(&saga, &placed).await,
+        api::OrderStatus::Pending,
+        "the order waits"
+    );
+
+    // Repair: the operator removes the stale key. Then redrive what the payment group gave up on.
+    sqlx::query("DELETE FROM idempotency_keys WHERE idempotency_key = $1")
+        .bind(format!("authorize:{placed}"))
+        .execute(&saga.gateway.pool)
+        .await
+        .unwrap();
+    let options = ordersctl::dlq::RedriveOptions {
+        group: Some(saga.payment_group()),
+        key: Some(placed.clone()),
+        dry_run: true,
+        rate_per_sec: 10,
+    };
+    let dry = ordersctl::dlq::redrive(
+        &stack().bootstrap_servers,
+        &orderflow::topics::dead_letter(&saga.orders_topic),
+        &options,
+    )
+    .await
+    .unwrap();
+    assert_eq!((dry.distinct, dry.republished), (1, 0), "a dry run publishes nothing");
+    let options = ordersctl::dlq::RedriveOptions {
+        dry_run: false,
+        ..options
+    };
+    let done = ordersctl::dlq::redrive(
+        &stack().bootstrap_servers,
+        &orderflow::topics::dead_letter(&saga.orders_topic),
+        &options,
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.republished, 1);
+    assert!(
+        eventually(WAIT, || async {
+            status(&saga, &placed).await == api::OrderStatus::Confirmed
+        })
+        .await,
+        "the redriven OrderPlaced completes the saga"
+    );
+    assert!(saga.settled(WAIT).await);
+    let report = saga.verify().await;
+    assert_eq!(report.violations(), 0, "{}", ordersctl::verify::render(&report));
+    saga.stop().await;
+}
