@@ -562,3 +562,67 @@ async fn two_sweepers_at_once_cancel_each_overdue_order_exactly_once() {
         "one transition and one OrderCancelled per order"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn housekeeping_deletes_only_what_is_past_its_retention_in_batches() {
+    use orderflow_platform::housekeeping;
+    use std::time::Duration;
+    let db = fresh_orders_db().await;
+    // 1,200 outbox rows published two hours ago (more than two batches), 10 published just
+    // now, 5 never published; old and new inbox rows of two consumers; expired and live keys.
+    sqlx::query(
+        "INSERT INTO outbox (message_id, topic, partition_key, event_type, schema_version, payload, published_at)
+         SELECT gen_random_uuid(), 't', 'k', 'e', 1, '', CASE WHEN n <= 1200 THEN now() - interval '2 hours'
+                                                             WHEN n <= 1210 THEN now() END
+         FROM generate_series(1, 1215) AS n",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let svc = start_order_svc(&db, "orders.events").await;
+    let mut client = svc.client().await;
+    for customer in 1..=3 {
+        let request = api::PlaceOrderRequest {
+            request_id: new_key(),
+            ..valid_order(customer)
+        };
+        client.place_order(request).await.unwrap();
+    }
+    // (The service's own housekeeping ran while it was up; these rows come after it stopped.)
+    svc.stop().await;
+    sqlx::query(
+        "INSERT INTO inbox (consumer, message_id, processed_at)
+         SELECT c, gen_random_uuid(), CASE WHEN n % 2 = 0 THEN now() - interval '8 days' ELSE now() END
+         FROM generate_series(1, 100) AS n, unnest(ARRAY['order', 'projector']) AS c",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE idempotency_keys SET expires_at = now() - interval '1 minute' WHERE ctid IN (SELECT ctid FROM idempotency_keys LIMIT 2)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let outbox = housekeeping::purge(&db.pool, &housekeeping::published_outbox(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert_eq!(outbox, 1_200, "only rows published longer ago than the retention");
+    let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(unpublished, 5 + 3, "unpublished rows are never deleted");
+    assert_eq!(count(&db, "outbox").await, 10 + 5 + 3);
+
+    let inbox = housekeeping::purge(&db.pool, &housekeeping::inbox("order", Duration::from_secs(7 * 86_400)))
+        .await
+        .unwrap();
+    assert_eq!(inbox, 50, "only this consumer's rows older than the window");
+    assert_eq!(count(&db, "inbox").await, 150);
+
+    let keys = housekeeping::purge(&db.pool, &housekeeping::expired_request_ids())
+        .await
+        .unwrap();
+    assert_eq!(keys, 2);
+    assert_eq!(count(&db, "idempotency_keys").await, 1);
+}

@@ -33,6 +33,9 @@ pub struct Config {
     /// Topic of the order events.
     #[arg(long, env = "FULFILMENT_ORDERS_TOPIC", default_value = orderflow::topics::ORDERS_EVENTS)]
     pub orders_topic: String,
+    /// Inbox rows are kept this long: the deduplication window (longer than any redrive).
+    #[arg(long, env = "FULFILMENT_INBOX_RETENTION_HOURS", default_value_t = 168)]
+    pub inbox_retention_hours: u64,
     /// Apply the migrations at start-up.
     #[arg(long, env = "FULFILMENT_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -75,6 +78,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if config.migrate {
         MIGRATOR.run(&pool).await?;
     }
+    let cleanup = orderflow_platform::housekeeping::inbox(
+        INBOX,
+        std::time::Duration::from_secs(config.inbox_retention_hours * 3600),
+    );
+    tokio::spawn(orderflow_platform::housekeeping::run(
+        pool.clone(),
+        vec![cleanup],
+        orderflow_platform::housekeeping::INTERVAL,
+        shutdown.clone(),
+    ));
     let settings = ConsumerSettings {
         bootstrap_servers: config.bootstrap_servers,
         group_id: config.group_id,

@@ -476,6 +476,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     if config.migrate {
         MIGRATOR.run(&pool).await?;
     }
+    tokio::spawn(orderflow_platform::housekeeping::run(
+        pool.clone(),
+        vec![orderflow_platform::housekeeping::expired_gateway_keys()],
+        orderflow_platform::housekeeping::INTERVAL,
+        shutdown.clone(),
+    ));
     let gateway = Gateway::new(
         pool.clone(),
         config.faults(),

@@ -67,6 +67,9 @@ pub struct Config {
     /// An order still PENDING this long after it was placed is cancelled (PAYMENT_TIMEOUT).
     #[arg(long, env = "ORDER_SVC_SAGA_DEADLINE_MS", default_value_t = 30_000)]
     pub saga_deadline_ms: u64,
+    /// Inbox rows are kept this long: the deduplication window (longer than any redrive).
+    #[arg(long, env = "ORDER_SVC_INBOX_RETENTION_HOURS", default_value_t = 168)]
+    pub inbox_retention_hours: u64,
     /// How often the sweeper looks for overdue orders.
     #[arg(long, env = "ORDER_SVC_SWEEP_INTERVAL_MS", default_value_t = 1_000)]
     pub sweep_interval_ms: u64,
@@ -97,8 +100,20 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // grpcurl up to 1.8 speaks only the v1alpha reflection protocol.
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    // Housekeeping: expired idempotency keys, and this consumer's old inbox rows.
+    let mut background = vec![tokio::spawn(orderflow_platform::housekeeping::run(
+        pool.clone(),
+        vec![
+            orderflow_platform::housekeeping::expired_request_ids(),
+            orderflow_platform::housekeeping::inbox(
+                saga::INBOX,
+                Duration::from_secs(config.inbox_retention_hours * 3600),
+            ),
+        ],
+        orderflow_platform::housekeeping::INTERVAL,
+        shutdown.clone(),
+    ))];
     // The saga: the payment events consumer and the sweeper, stopped with the server.
-    let mut background = Vec::new();
     if let Some(bootstrap_servers) = config.bootstrap_servers.clone() {
         let settings = orderflow_platform::consumer::ConsumerSettings {
             bootstrap_servers,

@@ -39,6 +39,9 @@ pub struct Config {
     /// Partitions handled at once.
     #[arg(long, env = "PROJECTOR_WORKERS", default_value_t = 12)]
     pub workers: usize,
+    /// Inbox rows are kept this long: the deduplication window (longer than any redrive).
+    #[arg(long, env = "PROJECTOR_INBOX_RETENTION_HOURS", default_value_t = 168)]
+    pub inbox_retention_hours: u64,
 }
 
 /// Projects events into `order_read`.
@@ -198,6 +201,16 @@ impl Handler for Projector {
 /// Projects until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = orderflow_platform::connect_postgres(&config.database_url, 8).await?;
+    let cleanup = orderflow_platform::housekeeping::inbox(
+        INBOX,
+        std::time::Duration::from_secs(config.inbox_retention_hours * 3600),
+    );
+    tokio::spawn(orderflow_platform::housekeeping::run(
+        pool.clone(),
+        vec![cleanup],
+        orderflow_platform::housekeeping::INTERVAL,
+        shutdown.clone(),
+    ));
     let settings = ConsumerSettings {
         bootstrap_servers: config.bootstrap_servers,
         group_id: config.group_id,

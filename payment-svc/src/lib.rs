@@ -58,6 +58,9 @@ pub struct Config {
     /// Most open database connections.
     #[arg(long, env = "PAYMENT_SVC_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
+    /// Inbox rows are kept this long: the deduplication window (longer than any redrive).
+    #[arg(long, env = "PAYMENT_SVC_INBOX_RETENTION_HOURS", default_value_t = 168)]
+    pub inbox_retention_hours: u64,
     /// Apply the migrations at start-up.
     #[arg(long, env = "PAYMENT_SVC_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -387,6 +390,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Duration::from_millis(config.gateway_timeout_ms),
         config.payments_topic.clone(),
     );
+    let cleanup =
+        orderflow_platform::housekeeping::inbox(INBOX, Duration::from_secs(config.inbox_retention_hours * 3600));
+    tokio::spawn(orderflow_platform::housekeeping::run(
+        pool.clone(),
+        vec![cleanup],
+        orderflow_platform::housekeeping::INTERVAL,
+        shutdown.clone(),
+    ));
     let settings = ConsumerSettings {
         bootstrap_servers: config.bootstrap_servers,
         group_id: config.group_id,

@@ -56,6 +56,9 @@ pub struct Config {
     /// Polling fallback: look for rows this often even without a NOTIFY, in milliseconds.
     #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1_000)]
     pub poll_interval_ms: u64,
+    /// Published rows are deleted this long after publication, in seconds.
+    #[arg(long, env = "RELAY_PUBLISHED_RETENTION_SECS", default_value_t = 3_600)]
+    pub published_retention_secs: u64,
     /// Fault injection for tests and the chaos harness: publish every row twice.
     #[arg(long, env = "RELAY_PUBLISH_TWICE", default_value_t = false, action = clap::ArgAction::Set)]
     pub publish_twice: bool,
@@ -302,6 +305,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let pool = orderflow_platform::connect_postgres(&config.database_url, 2).await?;
     let producer: FutureProducer = kafka::producer_config(&config.bootstrap_servers, &config.client_id).create()?;
     tracing::info!(bootstrap_servers = %config.bootstrap_servers, batch_size = config.batch_size, "relay started");
+    let cleanup =
+        orderflow_platform::housekeeping::published_outbox(Duration::from_secs(config.published_retention_secs));
+    tokio::spawn(orderflow_platform::housekeeping::run(
+        pool.clone(),
+        vec![cleanup],
+        orderflow_platform::housekeeping::INTERVAL,
+        shutdown.clone(),
+    ));
     let relay = Relay::new(pool, producer, config.batch_size);
     let relay = if config.publish_twice {
         relay.publishing_twice()

@@ -163,6 +163,7 @@ pub async fn start_order_svc_with(
         workers: 4,
         saga_deadline_ms: 30_000,
         sweep_interval_ms: 1_000,
+        inbox_retention_hours: 168,
     };
     let mut config = config;
     adjust(&mut config);

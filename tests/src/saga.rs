@@ -156,6 +156,7 @@ impl Saga {
             group_id: format!("fulfilment-{suffix}"),
             orders_topic: orders_topic.clone(),
             migrate: false,
+            inbox_retention_hours: 168,
         };
         tasks.push(spawn_logged(
             "fulfilment",
@@ -168,6 +169,7 @@ impl Saga {
             group_id: format!("projector-{suffix}"),
             topics: vec![orders_topic.clone(), payments_topic.clone()],
             workers: 4,
+            inbox_retention_hours: 168,
         };
         tasks.push(spawn_logged(
             "projector",
@@ -211,6 +213,7 @@ impl Saga {
             workers: 4,
             db_max_connections: 8,
             migrate: false,
+            inbox_retention_hours: 168,
         };
         let token = CancellationToken::new();
         let task = spawn_logged("payment-svc", payment_svc::run(config, token.clone()));

@@ -1,0 +1,111 @@
+//! Table hygiene: published outbox rows, old inbox rows and expired idempotency keys are
+//! deleted in small batches, so cleanup never holds long locks or fights live traffic.
+//!
+//! The inbox retention is the deduplication window: a redelivery (or a dead-letter redrive)
+//! older than it would be processed again. Keep it longer than the longest redrive you
+//! would ever do (default 7 days).
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Rows deleted per statement.
+pub const BATCH: i64 = 500;
+
+/// One cleanup job: a DELETE of at most `$2` rows older than `$1` seconds (and, where the
+/// statement has it, for consumer `$3`).
+#[derive(Debug, Clone)]
+pub struct Purge {
+    /// For logs.
+    pub name: &'static str,
+    /// The statement.
+    pub sql: &'static str,
+    /// Rows older than this go.
+    pub retention: Duration,
+    /// The consumer whose inbox rows these are, for inbox purges.
+    pub consumer: Option<String>,
+}
+
+/// Published outbox rows, once the broker has had them for `retention`.
+pub fn published_outbox(retention: Duration) -> Purge {
+    Purge {
+        name: "outbox",
+        sql: "DELETE FROM outbox WHERE id IN (
+                  SELECT id FROM outbox WHERE published_at < now() - make_interval(secs => $1) ORDER BY id LIMIT $2)",
+        retention,
+        consumer: None,
+    }
+}
+
+/// One consumer's inbox rows older than the deduplication window.
+pub fn inbox(consumer: &str, retention: Duration) -> Purge {
+    Purge {
+        name: "inbox",
+        sql: "DELETE FROM inbox WHERE consumer = $3 AND message_id IN (
+                  SELECT message_id FROM inbox WHERE consumer = $3 AND processed_at < now() - make_interval(secs => $1)
+                  LIMIT $2)",
+        retention,
+        consumer: Some(consumer.to_owned()),
+    }
+}
+
+/// PlaceOrder idempotency keys past their expiry (the orders database).
+pub fn expired_request_ids() -> Purge {
+    Purge {
+        name: "idempotency_keys",
+        sql: "DELETE FROM idempotency_keys WHERE request_id IN (
+                  SELECT request_id FROM idempotency_keys WHERE expires_at < now() - make_interval(secs => $1) LIMIT $2)",
+        retention: Duration::ZERO,
+        consumer: None,
+    }
+}
+
+/// Gateway idempotency keys past their expiry (the gateway's database).
+pub fn expired_gateway_keys() -> Purge {
+    Purge {
+        name: "gateway idempotency_keys",
+        sql: "DELETE FROM idempotency_keys WHERE idempotency_key IN (
+                  SELECT idempotency_key FROM idempotency_keys WHERE expires_at < now() - make_interval(secs => $1) LIMIT $2)",
+        retention: Duration::ZERO,
+        consumer: None,
+    }
+}
+
+/// How often housekeeping runs.
+pub const INTERVAL: Duration = Duration::from_secs(60);
+
+/// Deletes in batches until fewer than a batch is left; returns the rows deleted.
+pub async fn purge(pool: &PgPool, job: &Purge) -> Result<u64, sqlx::Error> {
+    let mut total = 0;
+    loop {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(job.sql))
+            .bind(job.retention.as_secs_f64())
+            .bind(BATCH);
+        if let Some(consumer) = &job.consumer {
+            query = query.bind(consumer);
+        }
+        let deleted = query.execute(pool).await?.rows_affected();
+        total += deleted;
+        if deleted < u64::try_from(BATCH).unwrap_or(u64::MAX) {
+            return Ok(total);
+        }
+    }
+}
+
+/// Runs `jobs` every `interval` until `shutdown`.
+pub async fn run(pool: PgPool, jobs: Vec<Purge>, interval: Duration, shutdown: CancellationToken) {
+    loop {
+        for job in &jobs {
+            match purge(&pool, job).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::info!(table = job.name, deleted, "housekeeping"),
+                Err(error) => tracing::warn!(table = job.name, %error, "housekeeping failed; next round retries"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
