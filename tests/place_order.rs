@@ -626,3 +626,69 @@ async fn housekeeping_deletes_only_what_is_past_its_retention_in_batches() {
     assert_eq!(keys, 2);
     assert_eq!(count(&db, "idempotency_keys").await, 1);
 }
+
+async fn health_of(addr: std::net::SocketAddr) -> i32 {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: "orderflow.orders.v1.OrderService".into(),
+    };
+    health.check(request).await.unwrap().into_inner().status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_database_and_the_broker() {
+    use orderflow_tests::{eventually, stack, start_order_svc_with};
+    use std::time::Duration;
+    const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    let wait = Duration::from_secs(20);
+
+    // A broker address where nothing listens: NOT_SERVING, although the database is fine.
+    let db = fresh_orders_db().await;
+    let svc = start_order_svc_with(&db, "orders.events", |c| {
+        c.bootstrap_servers = Some("127.0.0.1:9".into())
+    })
+    .await;
+    assert!(
+        eventually(wait, || async { health_of(svc.addr).await == NOT_SERVING }).await,
+        "no broker: NOT_SERVING"
+    );
+    svc.stop().await;
+
+    // A real broker: SERVING; then the database refuses connections: NOT_SERVING; then back.
+    let db = fresh_orders_db().await;
+    let broker = stack().bootstrap_servers.clone();
+    let svc = start_order_svc_with(&db, "orders.events", move |c| {
+        c.bootstrap_servers = Some(broker);
+        c.db_max_connections = 1;
+    })
+    .await;
+    assert!(
+        eventually(wait, || async { health_of(svc.addr).await == SERVING }).await,
+        "SERVING when all is up"
+    );
+    let admin = sqlx::PgPool::connect(&stack().admin_url).await.unwrap();
+    let block = format!("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false", db.name);
+    sqlx::query(sqlx::AssertSqlSafe(block)).execute(&admin).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db.name)
+        .execute(&admin)
+        .await
+        .unwrap();
+    assert!(
+        eventually(wait, || async { health_of(svc.addr).await == NOT_SERVING }).await,
+        "database away: NOT_SERVING"
+    );
+    let unblock = format!("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true", db.name);
+    sqlx::query(sqlx::AssertSqlSafe(unblock)).execute(&admin).await.unwrap();
+    assert!(
+        eventually(wait, || async { health_of(svc.addr).await == SERVING }).await,
+        "back: SERVING"
+    );
+    svc.stop().await;
+}

@@ -489,6 +489,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     );
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<GatewayServiceServer<Gateway>>().await;
+    tokio::spawn(orderflow_platform::health::watch(
+        health,
+        vec![<GatewayServiceServer<Gateway> as tonic::server::NamedService>::NAME],
+        pool.clone(),
+        None,
+        shutdown.clone(),
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(orderflow::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -113,6 +113,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         orderflow_platform::housekeeping::INTERVAL,
         shutdown.clone(),
     ))];
+    // Readiness: NOT_SERVING while the database or the broker does not answer.
+    background.push(tokio::spawn(orderflow_platform::health::watch(
+        health,
+        vec![<OrderServiceServer<api::OrderApi> as tonic::server::NamedService>::NAME],
+        pool.clone(),
+        config.bootstrap_servers.clone(),
+        shutdown.clone(),
+    )));
     // The saga: the payment events consumer and the sweeper, stopped with the server.
     if let Some(bootstrap_servers) = config.bootstrap_servers.clone() {
         let settings = orderflow_platform::consumer::ConsumerSettings {

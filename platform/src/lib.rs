@@ -3,6 +3,7 @@
 //! shutdown) that each service would otherwise write again.
 
 pub mod consumer;
+pub mod health;
 pub mod housekeeping;
 pub mod inbox;
 pub mod kafka;
