@@ -3,6 +3,7 @@ use clap::Parser as _;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     orderflow_platform::init_logging();
+    orderflow_platform::telemetry::install_metrics_from_env()?;
     let config = order_svc::Config::parse();
     let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
     let shutdown = orderflow_platform::shutdown_on_signals();

@@ -187,6 +187,8 @@ impl Projector {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        let lag = (chrono::Utc::now() - occurred_at).to_std().unwrap_or_default();
+        metrics::histogram!(orderflow_platform::telemetry::READ_MODEL_LAG).record(lag.as_secs_f64());
         Ok(Outcome::Processed)
     }
 }

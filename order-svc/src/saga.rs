@@ -10,8 +10,8 @@ use orderflow::events::v1::event_envelope::Payload;
 use orderflow::events::v1::{OrderCancelled, OrderConfirmed};
 use orderflow::orders::v1::CancellationReason as WireReason;
 use orderflow_platform::consumer::{Handler, HandlerError, Incoming, Outcome};
-use orderflow_platform::inbox;
 use orderflow_platform::outbox::{self, OutboxMessage};
+use orderflow_platform::{inbox, telemetry};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +60,12 @@ fn payload_of(order: &Order, event: &Event) -> Option<(Payload, Option<&'static 
     }
 }
 
+/// Placed → terminal, for the saga completion histogram.
+fn record_completion(placed_at: chrono::DateTime<chrono::Utc>, status: &'static str) {
+    let elapsed = (chrono::Utc::now() - placed_at).to_std().unwrap_or_default();
+    metrics::histogram!(telemetry::SAGA_COMPLETION, "status" => status).record(elapsed.as_secs_f64());
+}
+
 /// Consumes `payments.events`.
 pub struct PaymentEventsHandler {
     pool: PgPool,
@@ -78,6 +84,7 @@ impl PaymentEventsHandler {
         let Some(record) = record else {
             return Err(HandlerError::Permanent(format!("unknown order {id}")));
         };
+        let placed_at = record.created_at;
         let before = record.order;
         let events = domain::decide(Some(&before), command).map_err(|e| HandlerError::Permanent(e.to_string()))?;
         let Some(change) = events.into_iter().next() else {
@@ -111,6 +118,7 @@ impl PaymentEventsHandler {
         {
             TransitionOutcome::Applied => {
                 tracing::info!(status = after.status.as_str(), "order settled");
+                record_completion(placed_at, after.status.as_str());
                 Ok(Outcome::Processed)
             }
             TransitionOutcome::Duplicate => Ok(Outcome::Duplicate),
@@ -197,6 +205,8 @@ pub async fn sweep_once(pool: &PgPool, orders_topic: &str, deadline: Duration) -
         };
         if store::transition(pool, &before, &after, reason, None, &message).await? == TransitionOutcome::Applied {
             tracing::info!(order_id = %id, waited_secs, "order cancelled: payment timeout");
+            metrics::counter!(telemetry::SWEEPER_CANCELLATIONS).increment(1);
+            record_completion(record.created_at, after.status.as_str());
             cancelled += 1;
         }
     }

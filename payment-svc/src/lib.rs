@@ -17,7 +17,7 @@ use orderflow::gateway::v1::gateway_service_client::GatewayServiceClient;
 use orderflow::gateway::v1::{AuthorizationStatus, AuthorizeRequest, CaptureRequest, VoidRequest};
 use orderflow::orders::v1::Money;
 use orderflow_platform::consumer::{self, ConsumerSettings, HandlerError, Incoming, Outcome};
-use orderflow_platform::{Secret, inbox, outbox};
+use orderflow_platform::{Secret, inbox, outbox, telemetry};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -133,16 +133,24 @@ impl PaymentHandler {
     /// Calls the gateway with a deadline; a missing reply is transient (the retry reuses the key).
     async fn call<T>(
         &self,
+        operation: &'static str,
         call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, HandlerError> {
-        match tokio::time::timeout(self.gateway_timeout, call).await {
-            Ok(Ok(reply)) => Ok(reply.into_inner()),
-            Ok(Err(status)) => Err(gateway_error(status)),
-            Err(_) => Err(HandlerError::Transient(anyhow::anyhow!(
-                "no gateway reply within {:?}",
-                self.gateway_timeout
-            ))),
-        }
+        let started = std::time::Instant::now();
+        let (outcome, result) = match tokio::time::timeout(self.gateway_timeout, call).await {
+            Ok(Ok(reply)) => ("ok", Ok(reply.into_inner())),
+            Ok(Err(status)) => ("error", Err(gateway_error(status))),
+            Err(_) => (
+                "timeout",
+                Err(HandlerError::Transient(anyhow::anyhow!(
+                    "no gateway reply within {:?}",
+                    self.gateway_timeout
+                ))),
+            ),
+        };
+        metrics::histogram!(telemetry::GATEWAY_CALL_DURATION, "operation" => operation, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Records the message as processed without any other effect.
@@ -177,12 +185,15 @@ impl PaymentHandler {
         // not recorded. The message is redelivered (its offset was not stored), we call again
         // with the same key, and the gateway returns the same authorization: no second charge.
         let reply = self
-            .call(self.gateway.clone().authorize(AuthorizeRequest {
-                idempotency_key: format!("authorize:{order_id}"),
-                order_id: order_id.to_string(),
-                amount: Some(total.clone()),
-                payment_token: token.to_owned(),
-            }))
+            .call(
+                "authorize",
+                self.gateway.clone().authorize(AuthorizeRequest {
+                    idempotency_key: format!("authorize:{order_id}"),
+                    order_id: order_id.to_string(),
+                    amount: Some(total.clone()),
+                    payment_token: token.to_owned(),
+                }),
+            )
             .await?;
         let approved = reply.status() == AuthorizationStatus::Approved;
 
@@ -254,11 +265,14 @@ impl PaymentHandler {
             currency_code: payment.currency_code.trim().to_owned(),
         };
         // Same key on every retry: at most one capture.
-        self.call(self.gateway.clone().capture(CaptureRequest {
-            idempotency_key: format!("capture:{order_id}"),
-            authorization_id: payment.authorization_id.clone().unwrap_or_default(),
-            amount: Some(amount.clone()),
-        }))
+        self.call(
+            "capture",
+            self.gateway.clone().capture(CaptureRequest {
+                idempotency_key: format!("capture:{order_id}"),
+                authorization_id: payment.authorization_id.clone().unwrap_or_default(),
+                amount: Some(amount.clone()),
+            }),
+        )
         .await?;
         self.transition(
             event,
@@ -302,10 +316,13 @@ impl PaymentHandler {
         let Some(payment) = payment else {
             return Err(HandlerError::Permanent("no payment".into()));
         };
-        self.call(self.gateway.clone().void(VoidRequest {
-            idempotency_key: format!("void:{order_id}"),
-            authorization_id: payment.authorization_id.clone().unwrap_or_default(),
-        }))
+        self.call(
+            "void",
+            self.gateway.clone().void(VoidRequest {
+                idempotency_key: format!("void:{order_id}"),
+                authorization_id: payment.authorization_id.clone().unwrap_or_default(),
+            }),
+        )
         .await?;
         self.transition(
             event,

@@ -3,6 +3,7 @@ use clap::Parser as _;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     orderflow_platform::init_logging();
+    orderflow_platform::telemetry::install_metrics_from_env()?;
     let config = payment_svc::Config::parse();
     payment_svc::run(config, orderflow_platform::shutdown_on_signals()).await
 }

@@ -25,6 +25,28 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::kafka;
+use crate::telemetry;
+
+/// Publishes librdkafka's per-partition consumer lag as a gauge (statistics every 5 s).
+struct LagContext {
+    group: String,
+}
+
+impl rdkafka::ClientContext for LagContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, partition_stats) in &stats.partitions {
+                if *partition >= 0 && partition_stats.consumer_lag >= 0 {
+                    metrics::gauge!(telemetry::CONSUMER_LAG, "group" => self.group.clone(), "topic" => topic.clone(),
+                        "partition" => partition.to_string())
+                    .set(partition_stats.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagContext {}
 
 /// A message as handlers see it.
 #[derive(Debug, Clone)]
@@ -115,8 +137,13 @@ pub async fn run<H: Handler>(
     handler: Arc<H>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let consumer: Arc<StreamConsumer> =
-        Arc::new(kafka::consumer_config(&settings.bootstrap_servers, &settings.group_id).create()?);
+    let consumer: Arc<StreamConsumer<LagContext>> = Arc::new(
+        kafka::consumer_config(&settings.bootstrap_servers, &settings.group_id)
+            .set("statistics.interval.ms", "5000")
+            .create_with_context(LagContext {
+                group: settings.group_id.clone(),
+            })?,
+    );
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let dead_letters: FutureProducer =
@@ -225,6 +252,14 @@ async fn process<H: Handler>(
         let error = match handler.handle(message).await {
             Ok(outcome) => {
                 tracing::debug!(?outcome, "message handled");
+                let outcome = match outcome {
+                    Outcome::Processed => "processed",
+                    Outcome::Duplicate => "duplicate",
+                    Outcome::Ignored => "ignored",
+                };
+                metrics::counter!(telemetry::CONSUMER_MESSAGES, "group" => group.to_owned(),
+                    "topic" => message.topic.clone(), "outcome" => outcome)
+                .increment(1);
                 return true;
             }
             Err(error) => error,
@@ -233,11 +268,17 @@ async fn process<H: Handler>(
             HandlerError::Permanent(reason) => {
                 tracing::error!(%reason, attempts, "message cannot be processed; dead-lettering it");
                 match dead_letter(dead_letters, message, group, &reason, attempts, first_failure).await {
-                    Ok(()) => return true,
+                    Ok(()) => {
+                        metrics::counter!(telemetry::CONSUMER_MESSAGES, "group" => group.to_owned(),
+                            "topic" => message.topic.clone(), "outcome" => "dead_lettered")
+                        .increment(1);
+                        return true;
+                    }
                     Err(error) => tracing::warn!(%error, "cannot dead-letter yet; retrying"),
                 }
             }
             HandlerError::Transient(error) => {
+                metrics::counter!(telemetry::CONSUMER_RETRIES, "group" => group.to_owned()).increment(1);
                 tracing::warn!(error = format!("{error:#}"), attempts, "transient failure; retrying");
             }
         }

@@ -9,6 +9,7 @@ pub mod inbox;
 pub mod kafka;
 pub mod outbox;
 pub mod secret;
+pub mod telemetry;
 
 use std::time::Duration;
 

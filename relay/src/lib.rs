@@ -25,7 +25,7 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use orderflow_platform::{Secret, kafka, outbox};
+use orderflow_platform::{Secret, kafka, outbox, telemetry};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use sqlx::PgPool;
@@ -88,7 +88,17 @@ pub struct Relay {
     publish_twice: bool,
 }
 
-type OutboxRow = (i64, uuid::Uuid, String, String, String, i32, Option<String>, Vec<u8>);
+type OutboxRow = (
+    i64,
+    uuid::Uuid,
+    String,
+    String,
+    String,
+    i32,
+    Option<String>,
+    Vec<u8>,
+    chrono::DateTime<chrono::Utc>,
+);
 
 impl Relay {
     /// A relay publishing `pool`'s outbox with `producer`.
@@ -122,7 +132,7 @@ impl Relay {
             return Ok(BatchOutcome::Busy);
         }
         let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT id, message_id, topic, partition_key, event_type, schema_version, traceparent, payload
+            "SELECT id, message_id, topic, partition_key, event_type, schema_version, traceparent, payload, created_at
              FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(self.batch_size)
@@ -138,7 +148,7 @@ impl Relay {
         // Enqueue the whole batch first, then await the acknowledgements: awaiting each
         // send in turn would cost one broker round trip per row.
         let mut deliveries = Vec::with_capacity(rows.len());
-        for (_, message_id, topic, key, event_type, version, traceparent, payload) in &rows {
+        for (_, message_id, topic, key, event_type, version, traceparent, payload, _) in &rows {
             let message_id = message_id.to_string();
             let version = version.to_string();
             let mut headers = OwnedHeaders::new();
@@ -182,11 +192,18 @@ impl Relay {
             .collect();
         let mut published = Vec::with_capacity(rows.len());
         let mut failed = 0;
+        let acknowledged_at = chrono::Utc::now();
         for (row, result) in rows.iter().zip(results) {
             match result {
-                Ok(()) => published.push(row.0),
+                Ok(()) => {
+                    published.push(row.0);
+                    // Commit → acknowledgement (created_at is the inserting transaction's time).
+                    let lag = (acknowledged_at - row.8).to_std().unwrap_or_default();
+                    metrics::histogram!(telemetry::RELAY_LAG).record(lag.as_secs_f64());
+                }
                 Err(error) => {
                     failed += 1;
+                    metrics::counter!(telemetry::RELAY_PUBLISH_ERRORS).increment(1);
                     tracing::warn!(outbox_id = row.0, message_id = %row.1, %error, "broker refused an outbox row");
                     sqlx::query(
                         "UPDATE outbox SET failed_attempts = failed_attempts + 1, last_error = $2 WHERE id = $1",
@@ -203,6 +220,7 @@ impl Relay {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        metrics::counter!(telemetry::RELAY_PUBLISHED).increment(published.len() as u64);
         Ok(BatchOutcome::Published {
             published: published.len(),
             failed,
@@ -272,6 +290,16 @@ impl Relay {
 
     /// Publishes batches until the outbox is empty (or another relay is publishing).
     async fn drain(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let result = self.drain_batches(shutdown).await;
+        // The partial index makes this count cheap: it only covers unpublished rows.
+        let pending = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE published_at IS NULL");
+        if let Ok(pending) = pending.fetch_one(&self.pool).await {
+            metrics::gauge!(telemetry::OUTBOX_PENDING).set(pending as f64);
+        }
+        result
+    }
+
+    async fn drain_batches(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         while !shutdown.is_cancelled() {
             match self.publish_batch().await? {
                 BatchOutcome::Published { published, failed } => {
@@ -294,6 +322,7 @@ impl Relay {
 pub async fn main_from_env() -> anyhow::Result<()> {
     use clap::Parser as _;
     orderflow_platform::init_logging();
+    orderflow_platform::telemetry::install_metrics_from_env()?;
     // Reads FAILPOINTS (e.g. `relay::after_ack_before_mark=pause`) when built with the
     // `failpoints` feature; does nothing otherwise.
     let _failpoints = fail::FailScenario::setup();

@@ -13,6 +13,7 @@ use orderflow::orders::v1::{
     GetOrderRequest, GetOrderResponse, OrderStatus as WireStatus, PlaceOrderRequest, PlaceOrderResponse,
 };
 use orderflow_platform::outbox::OutboxMessage;
+use orderflow_platform::telemetry;
 use prost::Message as _;
 use sqlx::PgPool;
 use tracing::Instrument as _;
@@ -121,6 +122,23 @@ impl OrderApi {
     }
 }
 
+/// Maps the result through the one `ApiError` → `Status` mapping and records the request's
+/// metrics (count by method and code, duration by method).
+fn respond<T>(
+    method: &'static str,
+    started: std::time::Instant,
+    result: Result<T, ApiError>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    let result = result.map(tonic::Response::new).map_err(tonic::Status::from);
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    };
+    metrics::counter!(telemetry::GRPC_REQUESTS, "method" => method, "code" => format!("{code:?}")).increment(1);
+    metrics::histogram!(telemetry::GRPC_DURATION, "method" => method).record(started.elapsed().as_secs_f64());
+    result
+}
+
 #[tonic::async_trait]
 impl OrderService for OrderApi {
     async fn place_order(
@@ -132,8 +150,9 @@ impl OrderService for OrderApi {
             order_id = tracing::field::Empty,
             correlation_id = tracing::field::Empty
         );
+        let started = std::time::Instant::now();
         let result = self.place_order(request.into_inner()).instrument(span).await;
-        Ok(tonic::Response::new(result?))
+        respond("PlaceOrder", started, result)
     }
 
     async fn get_order(
@@ -141,7 +160,8 @@ impl OrderService for OrderApi {
         request: tonic::Request<GetOrderRequest>,
     ) -> Result<tonic::Response<GetOrderResponse>, tonic::Status> {
         let span = tracing::info_span!("GetOrder", order_id = tracing::field::Empty);
+        let started = std::time::Instant::now();
         let result = self.get_order(request.into_inner()).instrument(span).await;
-        Ok(tonic::Response::new(result?))
+        respond("GetOrder", started, result)
     }
 }

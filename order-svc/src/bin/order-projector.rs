@@ -3,6 +3,7 @@ use clap::Parser as _;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     orderflow_platform::init_logging();
+    orderflow_platform::telemetry::install_metrics_from_env()?;
     let config = order_svc::projector::Config::parse();
     order_svc::projector::run(config, orderflow_platform::shutdown_on_signals()).await
 }

@@ -1,0 +1,68 @@
+//! Observability on the real stack: after one order went through the saga, the Prometheus
+//! endpoint shows every metric an operator needs (this test binary owns the process-wide
+//! recorder, so it runs alone in its process).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use orderflow::orders::v1 as api;
+use orderflow_tests::saga::{Saga, SagaOptions};
+use orderflow_tests::{eventually, valid_order};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prometheus_shows_requests_relay_lag_consumers_saga_gateway_and_read_model() {
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    orderflow_platform::telemetry::install_metrics(addr).expect("install the recorder");
+    let saga = Saga::start(SagaOptions::default()).await;
+    let request = api::PlaceOrderRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        ..valid_order(3)
+    };
+    saga.client().await.place_order(request).await.unwrap();
+    let bad = api::PlaceOrderRequest {
+        customer_id: 0,
+        ..valid_order(3)
+    };
+    saga.client().await.place_order(bad).await.expect_err("invalid");
+    assert!(saga.settled(Duration::from_secs(60)).await);
+
+    let expected = [
+        r#"orderflow_grpc_requests_total{method="PlaceOrder",code="Ok"} 1"#,
+        r#"orderflow_grpc_requests_total{method="PlaceOrder",code="InvalidArgument"} 1"#,
+        "orderflow_grpc_request_duration_seconds_bucket",
+        "orderflow_relay_lag_seconds_bucket",
+        "orderflow_relay_published_total",
+        "orderflow_outbox_pending_rows",
+        r#"outcome="processed""#,
+        "orderflow_saga_completion_seconds_bucket{status=\"CONFIRMED\"",
+        r#"orderflow_gateway_call_duration_seconds_bucket{operation="authorize",outcome="ok""#,
+        "orderflow_read_model_lag_seconds_bucket",
+        // librdkafka's statistics arrive every 5 s
+        "orderflow_consumer_lag_messages",
+    ];
+    let complete = eventually(Duration::from_secs(20), || async {
+        let text = scrape(addr).await;
+        expected.iter().all(|name| text.contains(name))
+    })
+    .await;
+    let text = scrape(addr).await;
+    let missing: Vec<_> = expected.iter().filter(|name| !text.contains(*name)).collect();
+    assert!(complete, "missing {missing:?} in:\n{text}");
+    saga.stop().await;
+}
