@@ -20,7 +20,10 @@ use rdkafka::Message as _;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+/// How long a consumer may hold no partition before it is re-created.
+const REJOIN_AFTER: Duration = Duration::from_secs(20);
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -137,15 +140,20 @@ pub async fn run<H: Handler>(
     handler: Arc<H>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let consumer: Arc<StreamConsumer<LagContext>> = Arc::new(
-        kafka::consumer_config(&settings.bootstrap_servers, &settings.group_id)
-            .set("statistics.interval.ms", "5000")
-            .create_with_context(LagContext {
-                group: settings.group_id.clone(),
-            })?,
-    );
-    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics)?;
+    let create = || -> anyhow::Result<Arc<StreamConsumer<LagContext>>> {
+        let consumer: StreamConsumer<LagContext> =
+            kafka::consumer_config(&settings.bootstrap_servers, &settings.group_id)
+                .set("statistics.interval.ms", "5000")
+                .create_with_context(LagContext {
+                    group: settings.group_id.clone(),
+                })?;
+        let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(Arc::new(consumer))
+    };
+    let mut consumer = create()?;
+    // Workers store offsets through whichever consumer is current (see the watchdog below).
+    let (current_consumer, consumer_for_workers) = watch::channel(consumer.clone());
     let dead_letters: FutureProducer =
         kafka::producer_config(&settings.bootstrap_servers, &format!("{}-dlq", settings.group_id)).create()?;
     tracing::info!(group = %settings.group_id, topics = ?settings.topics, "consumer started");
@@ -157,7 +165,7 @@ pub async fn run<H: Handler>(
         let (sender, mut receiver) = mpsc::channel::<Incoming>(64);
         senders.push(sender);
         let handler = handler.clone();
-        let consumer = consumer.clone();
+        let consumer = consumer_for_workers.clone();
         let dead_letters = dead_letters.clone();
         let shutdown = shutdown.clone();
         let group = settings.group_id.clone();
@@ -184,16 +192,44 @@ pub async fn run<H: Handler>(
                 // Dying here redelivers the message, and the inbox absorbs it.
                 // The message's own offset: librdkafka commits offset + 1 itself. (Passing
                 // offset + 1 here would skip the next message after a restart: a lost event.)
-                if let Err(error) = consumer.store_offset(&message.topic, message.partition, message.offset) {
+                if let Err(error) =
+                    consumer
+                        .borrow()
+                        .clone()
+                        .store_offset(&message.topic, message.partition, message.offset)
+                {
                     tracing::warn!(%error, "cannot store the offset; the message will be redelivered");
                 }
             }
         }));
     }
 
+    // Watchdog: after a long broker outage every member's session has expired, and the
+    // local broker does not give a rejoining member its partitions back; a new member does
+    // get them. So a consumer that has held no partition for REJOIN_AFTER is re-created.
+    let mut watchdog = tokio::time::interval(Duration::from_secs(5));
+    let mut unassigned_since: Option<std::time::Instant> = None;
     loop {
         let received = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = watchdog.tick() => {
+                let assigned = consumer.assignment().map(|list| list.count() > 0).unwrap_or(false);
+                if assigned {
+                    unassigned_since = None;
+                } else if unassigned_since.get_or_insert_with(std::time::Instant::now).elapsed() >= REJOIN_AFTER {
+                    tracing::warn!(group = %settings.group_id, "no partitions assigned for {REJOIN_AFTER:?}; re-creating the consumer to rejoin the group");
+                    match create() {
+                        Ok(fresh) => {
+                            consumer = fresh;
+                            // The old consumer closes (leaves the group) when its last handle goes.
+                            let _ = current_consumer.send(consumer.clone());
+                            unassigned_since = None;
+                        }
+                        Err(error) => tracing::warn!(%error, "cannot re-create the consumer; trying again"),
+                    }
+                }
+                continue;
+            }
             received = consumer.recv() => received,
         };
         match received {

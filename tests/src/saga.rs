@@ -228,6 +228,11 @@ impl Saga {
         }
     }
 
+    /// The order service's gRPC address.
+    pub fn order_svc_addr(&self) -> std::net::SocketAddr {
+        self.order_svc.as_ref().expect("running").addr
+    }
+
     /// A client of the order service.
     pub async fn client(&self) -> OrderServiceClient<tonic::transport::Channel> {
         self.order_svc.as_ref().expect("running").client().await
