@@ -29,6 +29,8 @@ async fn prometheus_shows_requests_relay_lag_consumers_saga_gateway_and_read_mod
         probe.local_addr().unwrap()
     };
     orderflow_platform::telemetry::install_metrics(addr).expect("install the recorder");
+    // The same tracing setup as every binary (no OTLP endpoint: ids only, nothing exported).
+    let _telemetry = orderflow_platform::telemetry::init("orderflow-tests");
     let saga = Saga::start(SagaOptions::default()).await;
     let request = api::PlaceOrderRequest {
         request_id: uuid::Uuid::now_v7().to_string(),
@@ -64,5 +66,50 @@ async fn prometheus_shows_requests_relay_lag_consumers_saga_gateway_and_read_mod
     let text = scrape(addr).await;
     let missing: Vec<_> = expected.iter().filter(|name| !text.contains(*name)).collect();
     assert!(complete, "missing {missing:?} in:\n{text}");
+
+    // One trace per order: every event of the order, in both services, carries the trace id
+    // of the PlaceOrder call, each from its own span.
+    let placed: Vec<(String, String)> =
+        sqlx::query_as("SELECT event_type, traceparent FROM outbox WHERE traceparent IS NOT NULL ORDER BY id")
+            .fetch_all(&saga.orders.pool)
+            .await
+            .unwrap();
+    let paid: Vec<(String, String)> =
+        sqlx::query_as("SELECT event_type, traceparent FROM outbox WHERE traceparent IS NOT NULL ORDER BY id")
+            .fetch_all(&saga.payments.pool)
+            .await
+            .unwrap();
+    let chain: Vec<&(String, String)> = placed.iter().chain(paid.iter()).collect();
+    let types: Vec<&str> = chain
+        .iter()
+        .map(|(t, _)| t.trim_start_matches("orderflow.events.v1."))
+        .collect();
+    assert_eq!(
+        types,
+        ["OrderPlaced", "OrderConfirmed", "PaymentAuthorized", "PaymentCaptured"],
+        "every event has a traceparent"
+    );
+    let trace_ids: std::collections::HashSet<&str> = chain
+        .iter()
+        .map(|(_, tp)| orderflow_platform::telemetry::trace_id_of(tp).expect("W3C traceparent"))
+        .collect();
+    assert_eq!(trace_ids.len(), 1, "one trace across both services: {chain:?}");
+    let span_ids: std::collections::HashSet<&str> = chain.iter().map(|(_, tp)| tp.split('-').nth(2).unwrap()).collect();
+    assert_eq!(span_ids.len(), 4, "each event from its own span: {chain:?}");
+    // The Kafka record carries the stored traceparent as a header.
+    let records = orderflow_tests::read_topic(
+        &orderflow_tests::stack().bootstrap_servers,
+        &saga.orders_topic,
+        Duration::from_secs(10),
+        |r| r.len() >= 2,
+    )
+    .await;
+    for record in &records {
+        let header = record.headers.get("traceparent").expect("traceparent header");
+        assert!(
+            placed.iter().any(|(_, tp)| tp == header),
+            "header {header} is the stored traceparent"
+        );
+    }
     saga.stop().await;
 }

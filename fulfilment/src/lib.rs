@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use orderflow::envelope;
 use orderflow::events::v1::event_envelope::Payload;
 use orderflow_platform::consumer::{self, ConsumerSettings, Handler, HandlerError, Incoming, Outcome};
 use orderflow_platform::{Secret, inbox};
@@ -48,7 +47,7 @@ pub struct Fulfilment {
 
 impl Handler for Fulfilment {
     async fn handle(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
-        let event = envelope::open(&message.payload).map_err(|e| HandlerError::Permanent(e.to_string()))?;
+        let event = message.open()?;
         let Payload::OrderConfirmed(_) = event.payload else {
             return Ok(Outcome::Ignored);
         };

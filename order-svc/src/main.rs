@@ -2,7 +2,7 @@ use clap::Parser as _;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    orderflow_platform::init_logging();
+    let _telemetry = orderflow_platform::telemetry::init("order-svc");
     orderflow_platform::telemetry::install_metrics_from_env()?;
     let config = order_svc::Config::parse();
     let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use orderflow::envelope::{self, OpenedEvent, event_type_of};
+use orderflow::envelope::{OpenedEvent, event_type_of};
 use orderflow::events::v1::event_envelope::Payload;
 use orderflow::orders::v1::CancellationReason;
 use orderflow_platform::Secret;
@@ -195,7 +195,7 @@ impl Projector {
 
 impl Handler for Projector {
     async fn handle(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
-        let event = envelope::open(&message.payload).map_err(|e| HandlerError::Permanent(e.to_string()))?;
+        let event = message.open()?;
         self.project(&event).await
     }
 }

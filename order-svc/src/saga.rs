@@ -130,7 +130,7 @@ impl PaymentEventsHandler {
 
 impl Handler for PaymentEventsHandler {
     async fn handle(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
-        let event = envelope::open(&message.payload).map_err(|e| HandlerError::Permanent(e.to_string()))?;
+        let event = message.open()?;
         if inbox::seen(&self.pool, INBOX, event.message_id).await? {
             return Ok(Outcome::Duplicate);
         }

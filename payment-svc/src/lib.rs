@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use domain::{Action, PaymentState};
-use orderflow::envelope::{self, OpenedEvent};
+use orderflow::envelope::OpenedEvent;
 use orderflow::events::v1::event_envelope::Payload;
 use orderflow::events::v1::{PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentFailureReason, PaymentVoided};
 use orderflow::gateway::v1::gateway_service_client::GatewayServiceClient;
@@ -20,6 +20,7 @@ use orderflow_platform::consumer::{self, ConsumerSettings, HandlerError, Incomin
 use orderflow_platform::{Secret, inbox, outbox, telemetry};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 /// The payments database's migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/payments");
@@ -137,7 +138,11 @@ impl PaymentHandler {
         call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, HandlerError> {
         let started = std::time::Instant::now();
-        let (outcome, result) = match tokio::time::timeout(self.gateway_timeout, call).await {
+        let span = tracing::info_span!("gateway_call", operation, outcome = tracing::field::Empty);
+        let (outcome, result) = match tokio::time::timeout(self.gateway_timeout, call)
+            .instrument(span.clone())
+            .await
+        {
             Ok(Ok(reply)) => ("ok", Ok(reply.into_inner())),
             Ok(Err(status)) => ("error", Err(gateway_error(status))),
             Err(_) => (
@@ -148,6 +153,7 @@ impl PaymentHandler {
                 ))),
             ),
         };
+        span.record("outcome", outcome);
         metrics::histogram!(telemetry::GATEWAY_CALL_DURATION, "operation" => operation, "outcome" => outcome)
             .record(started.elapsed().as_secs_f64());
         result
@@ -350,34 +356,39 @@ impl PaymentHandler {
         to: PaymentState,
         payload: Payload,
     ) -> Result<Outcome, HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        if !inbox::record(&mut tx, INBOX, event.message_id).await? {
-            return Ok(Outcome::Duplicate);
+        let span = tracing::info_span!("payment_transition", from = from.as_str(), to = to.as_str());
+        async {
+            let mut tx = self.pool.begin().await?;
+            if !inbox::record(&mut tx, INBOX, event.message_id).await? {
+                return Ok(Outcome::Duplicate);
+            }
+            let changed = sqlx::query(
+                "UPDATE payments SET state = $3, version = version + 1, updated_at = now() WHERE order_id = $1 AND state = $2",
+            )
+            .bind(order_id)
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if changed == 0 {
+                return Err(HandlerError::Transient(anyhow::anyhow!(
+                    "payment changed concurrently; deciding again"
+                )));
+            }
+            outbox::insert(&mut tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
+            tx.commit().await?;
+            tracing::info!(from = from.as_str(), to = to.as_str(), "payment transition");
+            Ok(Outcome::Processed)
         }
-        let changed = sqlx::query(
-            "UPDATE payments SET state = $3, version = version + 1, updated_at = now() WHERE order_id = $1 AND state = $2",
-        )
-        .bind(order_id)
-        .bind(from.as_str())
-        .bind(to.as_str())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if changed == 0 {
-            return Err(HandlerError::Transient(anyhow::anyhow!(
-                "payment changed concurrently; deciding again"
-            )));
-        }
-        outbox::insert(&mut tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
-        tx.commit().await?;
-        tracing::info!(from = from.as_str(), to = to.as_str(), "payment transition");
-        Ok(Outcome::Processed)
+        .instrument(span)
+        .await
     }
 }
 
 impl consumer::Handler for PaymentHandler {
     async fn handle(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
-        let event = envelope::open(&message.payload).map_err(|error| HandlerError::Permanent(error.to_string()))?;
+        let event = message.open()?;
         if inbox::seen(&self.pool, INBOX, event.message_id).await? {
             return Ok(Outcome::Duplicate);
         }

@@ -69,6 +69,15 @@ pub struct Incoming {
 }
 
 impl Incoming {
+    /// Decodes the envelope (a contract error is permanent) and records its correlation id on
+    /// the current span, so every log line about this message carries it.
+    pub fn open(&self) -> Result<orderflow::envelope::OpenedEvent, HandlerError> {
+        let event =
+            orderflow::envelope::open(&self.payload).map_err(|error| HandlerError::Permanent(error.to_string()))?;
+        tracing::Span::current().record("correlation_id", tracing::field::display(event.correlation_id));
+        Ok(event)
+    }
+
     /// A header's value as text.
     pub fn header(&self, name: &str) -> Option<String> {
         self.headers
@@ -179,7 +188,16 @@ pub async fn run<H: Handler>(
                     offset = message.offset,
                     order_id = %String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()),
                     message_id = %message.header(orderflow::envelope::headers::MESSAGE_ID).unwrap_or_default(),
+                    correlation_id = tracing::field::Empty,
+                    trace_id = tracing::field::Empty,
                 );
+                // One trace per order: this span continues the producer's trace.
+                if let Some(traceparent) = message.header(orderflow::envelope::headers::TRACEPARENT) {
+                    telemetry::continue_trace(&span, &traceparent);
+                    if let Some(trace_id) = telemetry::trace_id_of(&traceparent) {
+                        span.record("trace_id", trace_id);
+                    }
+                }
                 let done = process(&*handler, &message, &dead_letters, &group, &shutdown)
                     .instrument(span)
                     .await;
@@ -220,9 +238,11 @@ pub async fn run<H: Handler>(
                     tracing::warn!(group = %settings.group_id, "no partitions assigned for {REJOIN_AFTER:?}; re-creating the consumer to rejoin the group");
                     match create() {
                         Ok(fresh) => {
-                            consumer = fresh;
-                            // The old consumer closes (leaves the group) when its last handle goes.
+                            let old = std::mem::replace(&mut consumer, fresh);
                             let _ = current_consumer.send(consumer.clone());
+                            // Closing a consumer blocks until the broker answers (it leaves the
+                            // group), possibly for as long as the outage lasts: never on a worker.
+                            tokio::task::spawn_blocking(move || drop(old));
                             unassigned_since = None;
                         }
                         Err(error) => tracing::warn!(%error, "cannot re-create the consumer; trying again"),

@@ -17,22 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 pub use secret::Secret;
 
-/// Installs the JSON log subscriber. The level comes from `RUST_LOG` (default `info`).
-/// Every line carries the span fields in scope, so a line logged inside an order's span
-/// carries its order_id and correlation_id.
-pub fn init_logging() {
-    use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // try_init: a second call (tests starting several services in one process) is a no-op.
-    let _ = fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_current_span(true)
-        .with_span_list(false)
-        .with_target(true)
-        .try_init();
-}
-
 /// A token cancelled by SIGINT or SIGTERM: the process then drains its work in flight.
 pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();

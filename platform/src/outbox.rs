@@ -80,7 +80,8 @@ pub fn caused_by(topic: &str, cause: &orderflow::envelope::OpenedEvent, payload:
         aggregate_id: cause.aggregate_id,
         correlation_id: cause.correlation_id,
         causation_id: Some(cause.message_id),
-        traceparent: cause.traceparent.clone(),
+        // The current span (the consumer's, a child of the producer's) continues the trace.
+        traceparent: crate::telemetry::current_traceparent().or_else(|| cause.traceparent.clone()),
         occurred_at: now_timestamp(),
     };
     OutboxMessage {

@@ -56,3 +56,98 @@ pub fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     tracing::info!(%addr, "serving Prometheus metrics");
     Ok(())
 }
+
+/// Keeps the tracer provider alive; dropping it flushes the spans still buffered.
+pub struct TelemetryGuard {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Installs the process's subscriber: JSON log lines (level from `RUST_LOG`, default `info`)
+/// and OpenTelemetry spans. Spans always get W3C trace ids, which travel with every event
+/// (outbox row, Kafka header, envelope) so one order is one trace across the services.
+/// They are exported over OTLP only when the standard variables say where
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); without a
+/// collector nothing is sent and nothing waits. A second call is a no-op.
+pub fn init(service: &'static str) -> TelemetryGuard {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service)
+        .build();
+    let mut builder = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_resource(resource);
+    let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some());
+    if configured {
+        match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
+            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+            Err(error) => eprintln!("OTLP export disabled: {error}"),
+        }
+    }
+    let provider = builder.build();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt::layer()
+        .json()
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_target(true);
+    let spans = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(spans)
+        .try_init()
+        .is_ok();
+    TelemetryGuard {
+        provider: installed.then_some(provider),
+    }
+}
+
+fn propagator_inject(cx: &opentelemetry::Context) -> Option<String> {
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|propagator| propagator.inject_context(cx, &mut carrier));
+    carrier.remove("traceparent")
+}
+
+/// The W3C traceparent of the current span, if it has a valid trace context.
+pub fn current_traceparent() -> Option<String> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    propagator_inject(&tracing::Span::current().context())
+}
+
+/// The OpenTelemetry context a W3C traceparent describes.
+pub fn context_of(traceparent: &str) -> opentelemetry::Context {
+    let carrier = std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&carrier))
+}
+
+/// Makes `span` a child of the span that `traceparent` names (the producer of a message).
+pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let _ = span.set_parent(context_of(traceparent));
+}
+
+/// The trace id of a W3C traceparent (`00-<trace id>-<span id>-<flags>`).
+pub fn trace_id_of(traceparent: &str) -> Option<&str> {
+    traceparent.split('-').nth(1).filter(|id| id.len() == 32)
+}
+
+/// The current span's trace id, as it appears in logs.
+pub fn current_trace_id() -> Option<String> {
+    current_traceparent()
+        .as_deref()
+        .and_then(trace_id_of)
+        .map(str::to_owned)
+}

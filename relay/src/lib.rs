@@ -148,7 +148,16 @@ impl Relay {
         // Enqueue the whole batch first, then await the acknowledgements: awaiting each
         // send in turn would cost one broker round trip per row.
         let mut deliveries = Vec::with_capacity(rows.len());
+        // One span per batch, linked to the trace of every row it publishes (the row's own
+        // traceparent travels on in the record's headers, so consumers continue that trace).
+        let batch_span = tracing::info_span!("relay_publish", rows = rows.len());
         for (_, message_id, topic, key, event_type, version, traceparent, payload, _) in &rows {
+            if let Some(traceparent) = traceparent {
+                use opentelemetry::trace::TraceContextExt as _;
+                use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+                let linked = telemetry::context_of(traceparent);
+                batch_span.add_link(linked.span().span_context().clone());
+            }
             let message_id = message_id.to_string();
             let version = version.to_string();
             let mut headers = OwnedHeaders::new();
@@ -168,6 +177,7 @@ impl Relay {
             let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
             deliveries.push(self.enqueue(record).await);
         }
+        let _entered = batch_span.enter();
         let results = join_all(deliveries.into_iter().map(|delivery| async move {
             match delivery {
                 Ok(future) => match future.await {
@@ -321,7 +331,7 @@ impl Relay {
 /// `relay-with-failpoints`, which differ only in the `failpoints` feature.
 pub async fn main_from_env() -> anyhow::Result<()> {
     use clap::Parser as _;
-    orderflow_platform::init_logging();
+    let _telemetry = orderflow_platform::telemetry::init("relay");
     orderflow_platform::telemetry::install_metrics_from_env()?;
     // Reads FAILPOINTS (e.g. `relay::after_ack_before_mark=pause`) when built with the
     // `failpoints` feature; does nothing otherwise.

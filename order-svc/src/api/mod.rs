@@ -52,7 +52,8 @@ impl OrderApi {
         let correlation_id = uuid::Uuid::now_v7();
         tracing::Span::current()
             .record("order_id", tracing::field::display(order.id))
-            .record("correlation_id", tracing::field::display(correlation_id));
+            .record("correlation_id", tracing::field::display(correlation_id))
+            .record("trace_id", telemetry::current_trace_id().unwrap_or_default());
 
         let key = request_id.map(|request_id| IdempotencyKey {
             request_id,
@@ -76,7 +77,8 @@ impl OrderApi {
                     aggregate_id: order.id.as_uuid(),
                     correlation_id,
                     causation_id: None,
-                    traceparent: None,
+                    // The trace of this call travels with the event to every service.
+                    traceparent: telemetry::current_traceparent(),
                     occurred_at: convert::now_timestamp(),
                 },
                 Payload::OrderPlaced(OrderPlaced {
@@ -148,7 +150,8 @@ impl OrderService for OrderApi {
         let span = tracing::info_span!(
             "PlaceOrder",
             order_id = tracing::field::Empty,
-            correlation_id = tracing::field::Empty
+            correlation_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty
         );
         let started = std::time::Instant::now();
         let result = self.place_order(request.into_inner()).instrument(span).await;
