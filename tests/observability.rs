@@ -23,7 +23,7 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn prometheus_shows_requests_relay_lag_consumers_saga_gateway_and_read_model() {
+async fn metrics_cover_every_hop_and_each_order_is_one_trace_across_services() {
     let addr = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap()
@@ -111,5 +111,40 @@ async fn prometheus_shows_requests_relay_lag_consumers_saga_gateway_and_read_mod
             "header {header} is the stored traceparent"
         );
     }
+
+    // An order the sweeper cancels continues the trace of its PlaceOrder call too.
+    let mut saga = saga;
+    saga.stop_payment_svc().await;
+    let request = api::PlaceOrderRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        ..valid_order(4)
+    };
+    let overdue = saga
+        .client()
+        .await
+        .place_order(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .order_id;
+    let cancelled = order_svc::saga::sweep_once(&saga.orders.pool, &saga.orders_topic, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(cancelled, 1);
+    let events: Vec<(String, String)> =
+        sqlx::query_as("SELECT event_type, traceparent FROM outbox WHERE partition_key = $1 ORDER BY id")
+            .bind(&overdue)
+            .fetch_all(&saga.orders.pool)
+            .await
+            .unwrap();
+    assert_eq!(events.len(), 2, "{events:?}");
+    let ids: Vec<&str> = events
+        .iter()
+        .map(|(_, tp)| orderflow_platform::telemetry::trace_id_of(tp).unwrap())
+        .collect();
+    assert_eq!(
+        ids[0], ids[1],
+        "the sweeper's OrderCancelled is in the order's trace: {events:?}"
+    );
     saga.stop().await;
 }

@@ -67,6 +67,7 @@ async fn assert_all_settled(saga: &Saga, accepted: &[String]) {
         "no accepted order lost"
     );
     let report = saga.verify().await;
+    println!("{}", ordersctl::verify::render(&report));
     assert_eq!(report.violations(), 0, "{}", ordersctl::verify::render(&report));
 }
 

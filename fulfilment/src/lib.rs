@@ -77,16 +77,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if config.migrate {
         MIGRATOR.run(&pool).await?;
     }
-    let cleanup = orderflow_platform::housekeeping::inbox(
-        INBOX,
-        std::time::Duration::from_secs(config.inbox_retention_hours * 3600),
-    );
-    tokio::spawn(orderflow_platform::housekeeping::run(
-        pool.clone(),
-        vec![cleanup],
-        orderflow_platform::housekeeping::INTERVAL,
-        shutdown.clone(),
-    ));
+    orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
     let settings = ConsumerSettings {
         bootstrap_servers: config.bootstrap_servers,
         group_id: config.group_id,

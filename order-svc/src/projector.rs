@@ -203,16 +203,7 @@ impl Handler for Projector {
 /// Projects until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = orderflow_platform::connect_postgres(&config.database_url, 8).await?;
-    let cleanup = orderflow_platform::housekeeping::inbox(
-        INBOX,
-        std::time::Duration::from_secs(config.inbox_retention_hours * 3600),
-    );
-    tokio::spawn(orderflow_platform::housekeeping::run(
-        pool.clone(),
-        vec![cleanup],
-        orderflow_platform::housekeeping::INTERVAL,
-        shutdown.clone(),
-    ));
+    orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
     let settings = ConsumerSettings {
         bootstrap_servers: config.bootstrap_servers,
         group_id: config.group_id,

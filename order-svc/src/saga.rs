@@ -191,12 +191,18 @@ pub async fn sweep_once(pool: &PgPool, orders_topic: &str, deadline: Duration) -
         let Some(after) = domain::apply(Some(before.clone()), change) else {
             continue;
         };
+        // The cancellation continues the order's trace (started by its PlaceOrder call).
+        let span = tracing::info_span!("sweeper_cancel", order_id = %id, correlation_id = %record.correlation_id);
+        if let Some(traceparent) = &record.traceparent {
+            telemetry::continue_trace(&span, traceparent);
+        }
+        let traceparent = span.in_scope(telemetry::current_traceparent);
         let meta = EventMeta {
             message_id: uuid::Uuid::now_v7(),
             aggregate_id: id.as_uuid(),
             correlation_id: record.correlation_id,
             causation_id: None,
-            traceparent: None,
+            traceparent,
             occurred_at: outbox::now_timestamp(),
         };
         let message = OutboxMessage {

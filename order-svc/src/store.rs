@@ -122,8 +122,8 @@ pub async fn place_order(
 
     sqlx::query(
         "INSERT INTO orders (order_id, customer_id, currency_code, total_minor, payment_token, status, saga_state,
-                             version, correlation_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                             version, correlation_id, traceparent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULLIF($10, ''))",
     )
     .bind(order.id.as_uuid())
     .bind(order.customer_id.get())
@@ -134,6 +134,7 @@ pub async fn place_order(
     .bind(order.saga_state.as_str())
     .bind(order.version)
     .bind(correlation_id)
+    .bind(&event.envelope.traceparent)
     .execute(&mut *tx)
     .await?;
 
@@ -174,6 +175,8 @@ pub struct OrderRecord {
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// Last changed at.
     pub updated_at: chrono::DateTime<chrono::Utc>,
+    /// The W3C trace context of the PlaceOrder call.
+    pub traceparent: Option<String>,
 }
 
 type OrderRow = (
@@ -188,19 +191,33 @@ type OrderRow = (
     uuid::Uuid,
     chrono::DateTime<chrono::Utc>,
     chrono::DateTime<chrono::Utc>,
+    Option<String>,
 );
 
 /// Reads one order and its items; `None` if there is no such order.
 pub async fn get_order(pool: &PgPool, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
     let row: Option<OrderRow> = sqlx::query_as(
         "SELECT customer_id, currency_code, total_minor, payment_token, status, saga_state, cancellation_reason,
-                version, correlation_id, created_at, updated_at
+                version, correlation_id, created_at, updated_at, traceparent
          FROM orders WHERE order_id = $1",
     )
     .bind(id.as_uuid())
     .fetch_optional(pool)
     .await?;
-    let Some((customer, currency, total, token, status, saga, reason, version, correlation_id, created, updated)) = row
+    let Some((
+        customer,
+        currency,
+        total,
+        token,
+        status,
+        saga,
+        reason,
+        version,
+        correlation_id,
+        created,
+        updated,
+        traceparent,
+    )) = row
     else {
         return Ok(None);
     };
@@ -239,6 +256,7 @@ pub async fn get_order(pool: &PgPool, id: OrderId) -> Result<Option<OrderRecord>
         correlation_id,
         created_at: created,
         updated_at: updated,
+        traceparent,
     }))
 }
 

@@ -43,11 +43,43 @@ pub struct Latency {
     pub max_ms: f64,
 }
 
+/// One table's size.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableSize {
+    /// `database.table`.
+    pub table: String,
+    /// Rows.
+    pub rows: i64,
+    /// Bytes on disk, indexes included.
+    pub bytes: i64,
+}
+
+async fn sizes(pool: &PgPool, database: &str, tables: &[&str]) -> Result<Vec<TableSize>, sqlx::Error> {
+    let mut out = Vec::new();
+    for table in tables {
+        let (rows, bytes): (i64, i64) = sqlx::query_as(
+            "SELECT (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I', $1), false, true, '')))[1]::text::bigint,
+                    pg_total_relation_size($1::regclass)",
+        )
+        .bind(table)
+        .fetch_one(pool)
+        .await?;
+        out.push(TableSize {
+            table: format!("{database}.{table}"),
+            rows,
+            bytes,
+        });
+    }
+    Ok(out)
+}
+
 /// The whole verdict.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     /// Read-model lag: event occurred (its producing transaction) → projected, per event.
     pub read_model_lag: Option<Latency>,
+    /// Rows and total size (with indexes and TOAST) of the tables that grow with traffic.
+    pub table_sizes: Vec<TableSize>,
     /// Orders by status.
     pub orders_by_status: HashMap<String, i64>,
     /// Authorizations at the gateway by state.
@@ -183,8 +215,18 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
         }),
         _ => None,
     };
+    let mut table_sizes = sizes(
+        orders,
+        "orders",
+        &["orders", "outbox", "inbox", "idempotency_keys", "order_read"],
+    )
+    .await?;
+    table_sizes.extend(sizes(&stores.payments, "payments", &["payments", "outbox", "inbox"]).await?);
+    table_sizes.extend(sizes(&stores.fulfilment, "fulfilment", &["shipments", "inbox"]).await?);
+    table_sizes.extend(sizes(gateway, "gateway", &["ledger", "authorizations", "idempotency_keys"]).await?);
     Ok(Report {
         read_model_lag,
+        table_sizes,
         orders_by_status: counts(orders, "SELECT status, count(*) FROM orders GROUP BY status").await?,
         gateway_authorizations_by_state: counts(gateway, "SELECT state, count(*) FROM authorizations GROUP BY state")
             .await?,
@@ -212,6 +254,11 @@ pub fn render(report: &Report) -> String {
         ));
     }
     out.push('\n');
+    out.push_str("tables:");
+    for size in &report.table_sizes {
+        out.push_str(&format!(" {} {} rows {} kB;", size.table, size.rows, size.bytes / 1024));
+    }
+    out.push_str("\n\n");
     for check in &report.checks {
         let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
         out.push_str(&format!("{mark} {:>6}  {}", check.violations, check.name));

@@ -418,14 +418,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Duration::from_millis(config.gateway_timeout_ms),
         config.payments_topic.clone(),
     );
-    let cleanup =
-        orderflow_platform::housekeeping::inbox(INBOX, Duration::from_secs(config.inbox_retention_hours * 3600));
-    tokio::spawn(orderflow_platform::housekeeping::run(
-        pool.clone(),
-        vec![cleanup],
-        orderflow_platform::housekeeping::INTERVAL,
-        shutdown.clone(),
-    ));
+    orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
     let settings = ConsumerSettings {
         bootstrap_servers: config.bootstrap_servers,
         group_id: config.group_id,

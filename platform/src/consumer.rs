@@ -223,19 +223,31 @@ pub async fn run<H: Handler>(
     }
 
     // Watchdog: after a long broker outage every member's session has expired, and the
-    // local broker does not give a rejoining member its partitions back; a new member does
-    // get them. So a consumer that has held no partition for REJOIN_AFTER is re-created.
+    // local broker gives rejoining members none or only some of their partitions back; a new
+    // member does get them all. So a consumer missing partitions for REJOIN_AFTER is
+    // re-created. As the only member of its group (the local stack's rule, and the default)
+    // it must hold every partition of its topics; as one of several members
+    // (ORDERFLOW_CONSUMER_SOLE_MEMBER=false, Apache Kafka scaled out) it must hold at least one.
+    let sole_member = std::env::var("ORDERFLOW_CONSUMER_SOLE_MEMBER").map_or(true, |v| v != "false");
     let mut watchdog = tokio::time::interval(Duration::from_secs(5));
     let mut unassigned_since: Option<std::time::Instant> = None;
     loop {
         let received = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = watchdog.tick() => {
-                let assigned = consumer.assignment().map(|list| list.count() > 0).unwrap_or(false);
+                let held = consumer.assignment().map(|list| list.count()).unwrap_or(0);
+                let wanted = if sole_member {
+                    let (probe, topics) = (consumer.clone(), settings.topics.clone());
+                    tokio::task::spawn_blocking(move || partitions_of(&*probe, &topics)).await.unwrap_or(None)
+                } else {
+                    Some(1)
+                };
+                // Unknown (metadata unavailable, the broker is away): judge on holding nothing.
+                let assigned = held > 0 && wanted.is_none_or(|wanted| held >= wanted);
                 if assigned {
                     unassigned_since = None;
                 } else if unassigned_since.get_or_insert_with(std::time::Instant::now).elapsed() >= REJOIN_AFTER {
-                    tracing::warn!(group = %settings.group_id, "no partitions assigned for {REJOIN_AFTER:?}; re-creating the consumer to rejoin the group");
+                    tracing::warn!(group = %settings.group_id, "partitions missing for {REJOIN_AFTER:?}; re-creating the consumer to rejoin the group");
                     match create() {
                         Ok(fresh) => {
                             let old = std::mem::replace(&mut consumer, fresh);
@@ -289,6 +301,16 @@ pub async fn run<H: Handler>(
     let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
     tracing::info!(group = %settings.group_id, "consumer stopped");
     Ok(())
+}
+
+/// How many partitions `topics` have, or None when the broker does not answer.
+fn partitions_of<C: rdkafka::consumer::Consumer<LagContext>>(consumer: &C, topics: &[String]) -> Option<usize> {
+    let mut total = 0;
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)).ok()?;
+        total += metadata.topics().first()?.partitions().len();
+    }
+    Some(total)
 }
 
 /// Handles one message until it is processed or dead-lettered (true), or until shutdown

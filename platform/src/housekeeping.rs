@@ -93,6 +93,12 @@ pub async fn purge(pool: &PgPool, job: &Purge) -> Result<u64, sqlx::Error> {
     }
 }
 
+/// Starts the periodic cleanup of one consumer's inbox rows older than `retention_hours`.
+pub fn spawn_inbox_cleanup(pool: &PgPool, consumer: &str, retention_hours: u64, shutdown: &CancellationToken) {
+    let job = inbox(consumer, Duration::from_secs(retention_hours * 3600));
+    tokio::spawn(run(pool.clone(), vec![job], INTERVAL, shutdown.clone()));
+}
+
 /// Runs `jobs` every `interval` until `shutdown`.
 pub async fn run(pool: PgPool, jobs: Vec<Purge>, interval: Duration, shutdown: CancellationToken) {
     loop {

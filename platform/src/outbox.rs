@@ -19,8 +19,9 @@ pub struct OutboxMessage {
     pub envelope: EventEnvelope,
 }
 
-/// Inserts the message into the outbox, inside the caller's transaction. The insert fires
+/// Inserts the message into the outbox, inside the caller's transaction (a span of its own). The insert fires
 /// a NOTIFY (a trigger in the migration) that wakes the relay when the transaction commits.
+#[tracing::instrument(name = "outbox_write", skip_all, fields(event_type = %message.envelope.event_type))]
 pub async fn insert(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     message: &OutboxMessage,
