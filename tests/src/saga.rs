@@ -255,7 +255,8 @@ impl Saga {
             .expect("verify")
     }
 
-    /// Waits until no order is PENDING and the read model agrees with every order.
+    /// Waits until the saga is quiet: no order PENDING, the read model agrees with every
+    /// order, and no authorization is left open at the gateway.
     pub async fn settled(&self, timeout: Duration) -> bool {
         crate::eventually(timeout, || async {
             let (pending, unprojected): (i64, i64) = sqlx::query_as(
@@ -266,7 +267,12 @@ impl Saga {
             .fetch_one(&self.orders.pool)
             .await
             .expect("count");
-            pending == 0 && unprojected == 0
+            // Every authorization captured (confirmed orders) or voided (cancelled ones).
+            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM authorizations WHERE state = 'AUTHORIZED'")
+                .fetch_one(&self.gateway.pool)
+                .await
+                .expect("count");
+            pending == 0 && unprojected == 0 && open == 0
         })
         .await
     }
