@@ -190,18 +190,7 @@ async fn a_repaired_dead_letter_redriven_completes_its_saga() {
     // order's authorization collides with: the gateway refuses (FAILED_PRECONDITION), the
     // payment service dead-letters the OrderPlaced, and the order waits.
     saga.stop_payment_svc().await;
-    let request = api::PlaceOrderRequest {
-        request_id: uuid::Uuid::now_v7().to_string(),
-        ..valid_order(9)
-    };
-    let placed = saga
-        .client()
-        .await
-        .place_order(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .order_id;
+    let placed = saga.place(9, "tok_visa").await;
     sqlx::query(
         "INSERT INTO idempotency_keys (idempotency_key, operation, fingerprint, response, expires_at)
          VALUES ($1, 'AUTHORIZE', '\\x00', '', now() + interval '1 day')",

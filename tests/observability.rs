@@ -115,18 +115,7 @@ async fn metrics_cover_every_hop_and_each_order_is_one_trace_across_services() {
     // An order the sweeper cancels continues the trace of its PlaceOrder call too.
     let mut saga = saga;
     saga.stop_payment_svc().await;
-    let request = api::PlaceOrderRequest {
-        request_id: uuid::Uuid::now_v7().to_string(),
-        ..valid_order(4)
-    };
-    let overdue = saga
-        .client()
-        .await
-        .place_order(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .order_id;
+    let overdue = saga.place(4, "tok_visa").await;
     let cancelled = order_svc::saga::sweep_once(&saga.orders.pool, &saga.orders_topic, Duration::ZERO)
         .await
         .unwrap();

@@ -24,18 +24,7 @@ async fn ledger(saga: &Saga, order_id: &str) -> Vec<String> {
 }
 
 async fn place(saga: &Saga, token: &str) -> String {
-    let request = api::PlaceOrderRequest {
-        request_id: uuid::Uuid::now_v7().to_string(),
-        payment_token: token.into(),
-        ..valid_order(42)
-    };
-    saga.client()
-        .await
-        .place_order(request)
-        .await
-        .expect("accepted")
-        .into_inner()
-        .order_id
+    saga.place(42, token).await
 }
 
 async fn get(saga: &Saga, order_id: &str) -> api::Order {

@@ -238,6 +238,23 @@ impl Saga {
         self.order_svc.as_ref().expect("running").client().await
     }
 
+    /// Places an order of `customer_id` paid with `payment_token`, with a fresh idempotency
+    /// key; returns its id.
+    pub async fn place(&self, customer_id: i64, payment_token: &str) -> String {
+        let request = orderflow::orders::v1::PlaceOrderRequest {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            payment_token: payment_token.into(),
+            ..crate::valid_order(customer_id)
+        };
+        self.client()
+            .await
+            .place_order(request)
+            .await
+            .expect("accepted")
+            .into_inner()
+            .order_id
+    }
+
     /// The stores, for the invariant checker.
     pub fn stores(&self) -> ordersctl::verify::Stores {
         ordersctl::verify::Stores {
