@@ -63,14 +63,18 @@ pub fn record_headers<'a>(
     list
 }
 
+/// A time as a protobuf timestamp.
+pub fn timestamp(at: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        // Below one billion, so it fits.
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
 /// The current time as a protobuf timestamp.
 pub fn now_timestamp() -> prost_types::Timestamp {
-    let now = chrono::Utc::now();
-    prost_types::Timestamp {
-        seconds: now.timestamp(),
-        // Below one billion, so it fits.
-        nanos: i32::try_from(now.timestamp_subsec_nanos()).unwrap_or(0),
-    }
+    timestamp(chrono::Utc::now())
 }
 
 /// An event caused by `cause`: same order, same correlation id and trace, `cause` as its

@@ -9,6 +9,7 @@ use crate::domain::{
     SagaState, Sku, ValueError, parse_currency,
 };
 use crate::store::{OrderRecord, OrderView};
+use orderflow_platform::outbox::timestamp;
 
 /// The longest accepted request_id (a UUID is 36 characters).
 const MAX_REQUEST_ID_CHARS: usize = 36;
@@ -133,19 +134,6 @@ pub(super) fn wire_item(item: &LineItem) -> wire::OrderItem {
         quantity: item.quantity.get(),
         unit_price: Some(wire_money(item.unit_price)),
     }
-}
-
-fn timestamp(at: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.timestamp(),
-        // subsec_nanos is below 1e9 and so fits in i32.
-        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
-    }
-}
-
-/// The current time as a protobuf timestamp.
-pub(super) fn now_timestamp() -> prost_types::Timestamp {
-    timestamp(chrono::Utc::now())
 }
 
 pub(super) fn wire_order(record: &OrderRecord) -> wire::Order {

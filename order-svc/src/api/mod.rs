@@ -79,7 +79,7 @@ impl OrderApi {
                     causation_id: None,
                     // The trace of this call travels with the event to every service.
                     traceparent: telemetry::current_traceparent(),
-                    occurred_at: convert::now_timestamp(),
+                    occurred_at: orderflow_platform::outbox::now_timestamp(),
                 },
                 Payload::OrderPlaced(OrderPlaced {
                     order_id: order.id.to_string(),
