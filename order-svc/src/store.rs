@@ -8,7 +8,6 @@ use orderflow::orders::v1::PlaceOrderResponse;
 use orderflow_platform::outbox::{self, OutboxMessage};
 use prost::Message as _;
 use sqlx::PgPool;
-use tracing::Instrument as _;
 
 use crate::domain::{
     Currency, CustomerId, LineItem, Money, Order, OrderId, OrderStatus, PaymentToken, Quantity, SagaState, Sku,
@@ -273,25 +272,8 @@ pub enum TransitionOutcome {
 
 /// Moves `before` to `after` if the stored version is still `before.version`, in one
 /// transaction with the inbox row of the causing message (if any) and the outbox event.
+#[tracing::instrument(name = "order_transition", skip_all, fields(from = before.status.as_str(), to = after.status.as_str()))]
 pub async fn transition(
-    pool: &PgPool,
-    before: &Order,
-    after: &Order,
-    cancellation_reason: Option<&str>,
-    caused_by: Option<(&str, uuid::Uuid)>,
-    event: &OutboxMessage,
-) -> Result<TransitionOutcome, StoreError> {
-    let span = tracing::info_span!(
-        "order_transition",
-        from = before.status.as_str(),
-        to = after.status.as_str()
-    );
-    transition_in(pool, before, after, cancellation_reason, caused_by, event)
-        .instrument(span)
-        .await
-}
-
-async fn transition_in(
     pool: &PgPool,
     before: &Order,
     after: &Order,

@@ -348,6 +348,7 @@ impl PaymentHandler {
     }
 
     /// Compare-and-set `from` → `to` with the inbox row and the outbox event, in one transaction.
+    #[tracing::instrument(name = "payment_transition", skip_all, fields(from = from.as_str(), to = to.as_str()))]
     async fn transition(
         &self,
         event: &OpenedEvent,
@@ -356,33 +357,28 @@ impl PaymentHandler {
         to: PaymentState,
         payload: Payload,
     ) -> Result<Outcome, HandlerError> {
-        let span = tracing::info_span!("payment_transition", from = from.as_str(), to = to.as_str());
-        async {
-            let mut tx = self.pool.begin().await?;
-            if !inbox::record(&mut tx, INBOX, event.message_id).await? {
-                return Ok(Outcome::Duplicate);
-            }
-            let changed = sqlx::query(
-                "UPDATE payments SET state = $3, version = version + 1, updated_at = now() WHERE order_id = $1 AND state = $2",
-            )
-            .bind(order_id)
-            .bind(from.as_str())
-            .bind(to.as_str())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if changed == 0 {
-                return Err(HandlerError::Transient(anyhow::anyhow!(
-                    "payment changed concurrently; deciding again"
-                )));
-            }
-            outbox::insert(&mut tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
-            tx.commit().await?;
-            tracing::info!(from = from.as_str(), to = to.as_str(), "payment transition");
-            Ok(Outcome::Processed)
+        let mut tx = self.pool.begin().await?;
+        if !inbox::record(&mut tx, INBOX, event.message_id).await? {
+            return Ok(Outcome::Duplicate);
         }
-        .instrument(span)
-        .await
+        let changed = sqlx::query(
+            "UPDATE payments SET state = $3, version = version + 1, updated_at = now() WHERE order_id = $1 AND state = $2",
+        )
+        .bind(order_id)
+        .bind(from.as_str())
+        .bind(to.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            return Err(HandlerError::Transient(anyhow::anyhow!(
+                "payment changed concurrently; deciding again"
+            )));
+        }
+        outbox::insert(&mut tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
+        tx.commit().await?;
+        tracing::info!(from = from.as_str(), to = to.as_str(), "payment transition");
+        Ok(Outcome::Processed)
     }
 }
 
