@@ -66,6 +66,25 @@ fn record_completion(placed_at: chrono::DateTime<chrono::Utc>, status: &'static 
     metrics::histogram!(telemetry::SAGA_COMPLETION, "status" => status).record(elapsed.as_secs_f64());
 }
 
+/// A change decided for a PENDING order: its new state, the event to emit, the stored reason.
+struct Settlement {
+    after: Order,
+    payload: Payload,
+    reason: Option<&'static str>,
+}
+
+/// Decides `command` on `before`: `Ok(None)` when nothing changes (the order is settled
+/// already), `Err` when the command cannot be applied at all.
+fn settle(before: &Order, command: Command) -> Result<Option<Settlement>, String> {
+    let events = domain::decide(Some(before), command).map_err(|e| e.to_string())?;
+    let Some(change) = events.into_iter().next() else {
+        return Ok(None);
+    };
+    let (payload, reason) = payload_of(before, &change).ok_or("unexpected event")?;
+    let after = domain::apply(Some(before.clone()), change).ok_or("order vanished")?;
+    Ok(Some(Settlement { after, payload, reason }))
+}
+
 /// Consumes `payments.events`.
 pub struct PaymentEventsHandler {
     pool: PgPool,
@@ -86,8 +105,8 @@ impl PaymentEventsHandler {
         };
         let placed_at = record.created_at;
         let before = record.order;
-        let events = domain::decide(Some(&before), command).map_err(|e| HandlerError::Permanent(e.to_string()))?;
-        let Some(change) = events.into_iter().next() else {
+        let Some(Settlement { after, payload, reason }) = settle(&before, command).map_err(HandlerError::Permanent)?
+        else {
             // Late, duplicate or out of order: recorded, never applied.
             let mut tx = self.pool.begin().await?;
             let first = inbox::record(&mut tx, INBOX, event.message_id).await?;
@@ -97,12 +116,6 @@ impl PaymentEventsHandler {
                 "payment event ignored: the order is already settled"
             );
             return Ok(if first { Outcome::Ignored } else { Outcome::Duplicate });
-        };
-        let Some((payload, reason)) = payload_of(&before, &change) else {
-            return Err(HandlerError::Permanent("unexpected event".into()));
-        };
-        let Some(after) = domain::apply(Some(before.clone()), change) else {
-            return Err(HandlerError::Permanent("order vanished".into()));
         };
         let message = outbox::caused_by(&self.orders_topic, event, payload);
         match store::transition(
@@ -179,16 +192,7 @@ pub async fn sweep_once(pool: &PgPool, orders_topic: &str, deadline: Duration) -
             continue;
         };
         let before = record.order;
-        let Ok(events) = domain::decide(Some(&before), Command::Expire { waited_secs }) else {
-            continue;
-        };
-        let Some(change) = events.into_iter().next() else {
-            continue;
-        };
-        let Some((payload, reason)) = payload_of(&before, &change) else {
-            continue;
-        };
-        let Some(after) = domain::apply(Some(before.clone()), change) else {
+        let Ok(Some(Settlement { after, payload, reason })) = settle(&before, Command::Expire { waited_secs }) else {
             continue;
         };
         // The cancellation continues the order's trace (started by its PlaceOrder call).
