@@ -11,10 +11,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message as _;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::consumer::Consumer as _;
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 
 /// One dead letter.
 #[derive(Debug, Clone)]
@@ -52,20 +51,12 @@ impl DeadLetter {
 
 /// Reads every dead letter of `topic` (a `.dlq` topic) present now.
 pub fn read_all(bootstrap_servers: &str, topic: &str) -> anyhow::Result<Vec<DeadLetter>> {
-    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(
-        bootstrap_servers,
-        &format!("ordersctl-dlq-{}", uuid::Uuid::now_v7()),
-    )
-    .set("enable.auto.commit", "false")
-    .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
-    let mut assignment = TopicPartitionList::new();
+    let (consumer, partitions) = orderflow_platform::kafka::reader_from_start(bootstrap_servers, topic)?;
+    // Read each non-empty partition up to its high watermark as of now.
     let mut remaining = Vec::new();
-    for partition in 0..i32::try_from(partitions)? {
+    for partition in 0..partitions {
         let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
         if high > low {
-            assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
             remaining.push((partition, high));
         }
     }
@@ -73,7 +64,6 @@ pub fn read_all(bootstrap_servers: &str, topic: &str) -> anyhow::Result<Vec<Dead
     if remaining.is_empty() {
         return Ok(letters);
     }
-    consumer.assign(&assignment)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !remaining.is_empty() && Instant::now() < deadline {
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {

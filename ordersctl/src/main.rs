@@ -11,9 +11,7 @@ use clap::{Parser, Subcommand};
 use orderflow::envelope;
 use orderflow::orders::v1 as api;
 use orderflow::orders::v1::order_service_client::OrderServiceClient;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Message as _;
-use rdkafka::{Offset, TopicPartitionList};
 
 #[derive(Debug, Parser)]
 #[command(name = "ordersctl", about = "orderflow's command-line client")]
@@ -297,18 +295,7 @@ fn print_events(
     count: Option<usize>,
     idle_secs: u64,
 ) -> anyhow::Result<()> {
-    // A throw-away group: reading never moves anyone's committed offsets.
-    let consumer: BaseConsumer =
-        orderflow_platform::kafka::consumer_config(bootstrap_servers, &format!("ordersctl-{}", uuid::Uuid::now_v7()))
-            .set("enable.auto.commit", "false")
-            .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..i32::try_from(partitions)? {
-        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
-    }
-    consumer.assign(&assignment)?;
+    let (consumer, _) = orderflow_platform::kafka::reader_from_start(bootstrap_servers, topic)?;
     let mut printed = 0;
     let mut last_seen = Instant::now();
     while count.is_none_or(|n| printed < n) && last_seen.elapsed() < Duration::from_secs(idle_secs) {

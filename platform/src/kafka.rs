@@ -6,10 +6,11 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// Settings of an idempotent producer that never gives up on a message.
 pub fn producer_config(bootstrap_servers: &str, client_id: &str) -> ClientConfig {
@@ -45,6 +46,24 @@ pub fn consumer_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig 
         .set("fetch.wait.max.ms", "10")
         .set("session.timeout.ms", "10000");
     config
+}
+
+/// A consumer assigned every partition of `topic` from the beginning, in a throw-away group
+/// with nothing committed, so reading never moves anyone's offsets (tools and tests).
+/// Returns it with the number of partitions.
+pub fn reader_from_start(bootstrap_servers: &str, topic: &str) -> anyhow::Result<(BaseConsumer, i32)> {
+    let group = format!("reader-{}", uuid::Uuid::now_v7());
+    let consumer: BaseConsumer = consumer_config(bootstrap_servers, &group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = i32::try_from(metadata.topics().first().map_or(0, |t| t.partitions().len()))?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    Ok((consumer, partitions))
 }
 
 /// Creates the topics that do not exist yet, with `partitions` partitions each.

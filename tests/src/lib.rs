@@ -15,9 +15,7 @@ use orderflow::orders::v1::order_service_client::OrderServiceClient;
 use orderflow_platform::{Secret, kafka};
 
 pub mod saga;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Headers as _, Message as _};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 /// Where the local stack is.
@@ -234,24 +232,9 @@ pub async fn read_topic(
     let bootstrap_servers = bootstrap_servers.to_owned();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer =
-            kafka::consumer_config(&bootstrap_servers, &format!("reader-{}", uuid::Uuid::now_v7()))
-                .set("enable.auto.commit", "false")
-                .create()
-                .expect("create a consumer");
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .expect("topic metadata");
-        let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+        let (consumer, partitions) =
+            kafka::reader_from_start(&bootstrap_servers, &topic).expect("a reader of the topic");
         assert!(partitions > 0, "topic {topic} has no partitions");
-        let mut assignment = TopicPartitionList::new();
-        for partition in 0..partitions {
-            let partition = i32::try_from(partition).expect("few partitions");
-            assignment
-                .add_partition_offset(&topic, partition, Offset::Beginning)
-                .expect("assign a partition");
-        }
-        consumer.assign(&assignment).expect("assign partitions");
         let deadline = Instant::now() + timeout;
         let mut records = Vec::new();
         while Instant::now() < deadline && !done(&records) {
