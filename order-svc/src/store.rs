@@ -289,7 +289,7 @@ pub async fn transition(
     }
     let changed = sqlx::query(
         "UPDATE orders SET status = $3, saga_state = $4, cancellation_reason = $5, version = $6,
-                           updated_at = now(), settled_at = now()
+                           updated_at = now(), settled_at = clock_timestamp()
          WHERE order_id = $1 AND version = $2",
     )
     .bind(before.id.as_uuid())

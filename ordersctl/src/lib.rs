@@ -1,4 +1,5 @@
 //! ordersctl's library part: what the CLI and the tests share.
 
+pub mod bench;
 pub mod dlq;
 pub mod verify;

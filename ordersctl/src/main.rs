@@ -2,6 +2,9 @@
 //!
 //!   ordersctl place --customer 42 --item BOOK-1:2:1250 --currency EUR
 //!   ordersctl get ORDER_ID
+//!   ordersctl watch ORDER_ID
+//!   ordersctl bench --rate 200 --duration 60
+//!   ordersctl bench --find-ceiling
 //!   ordersctl events --topic orders.events --count 3
 
 use std::time::{Duration, Instant};
@@ -41,10 +44,10 @@ enum Command {
     /// Place an order.
     Place {
         /// The customer id.
-        #[arg(long)]
-        customer: i64,
+        #[arg(long, required_unless_present = "from_json")]
+        customer: Option<i64>,
         /// An item as SKU:QUANTITY:UNIT_PRICE_MINOR; repeat for more items.
-        #[arg(long = "item", required = true)]
+        #[arg(long = "item", required_unless_present = "from_json")]
         items: Vec<String>,
         /// ISO-4217 currency of every price.
         #[arg(long, default_value = "EUR")]
@@ -55,12 +58,37 @@ enum Command {
         /// Idempotency key (a UUID); a new one by default. Reuse it to retry safely.
         #[arg(long)]
         request_id: Option<uuid::Uuid>,
+        /// The order as JSON instead of flags ("-" reads standard input):
+        /// {"customer_id": 42, "currency": "EUR", "payment_token": "tok_visa",
+        ///  "items": [{"sku": "BOOK-1", "quantity": 2, "unit_price_minor": 1250}]}
+        #[arg(long, conflicts_with_all = ["customer", "items"])]
+        from_json: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show an order.
     Get {
         /// The order id.
         order_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
+    /// Follow an order until it is CONFIRMED or CANCELLED; prints every change.
+    Watch {
+        /// The order id.
+        order_id: String,
+        /// Give up after this many seconds (exit 1).
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open-model load at a fixed rate, with latencies, backlogs, the invariant checker, a
+    /// JSON file and an HTML report; --find-ceiling steps the rate up until the service level breaks.
+    Bench(Box<BenchArgs>),
     /// Dead letters: list, show, redrive.
     Dlq {
         #[command(subcommand)]
@@ -68,18 +96,8 @@ enum Command {
     },
     /// Check every invariant across all stores; exits 1 on any violation.
     Verify {
-        /// The orders database.
-        #[arg(long, env = "ORDERFLOW_ORDERS_DATABASE_URL", hide_env_values = true)]
-        orders_db: String,
-        /// The payments database.
-        #[arg(long, env = "ORDERFLOW_PAYMENTS_DATABASE_URL", hide_env_values = true)]
-        payments_db: String,
-        /// The fulfilment database.
-        #[arg(long, env = "ORDERFLOW_FULFILMENT_DATABASE_URL", hide_env_values = true)]
-        fulfilment_db: String,
-        /// The gateway's database.
-        #[arg(long, env = "ORDERFLOW_GATEWAY_DATABASE_URL", hide_env_values = true)]
-        gateway_db: String,
+        #[command(flatten)]
+        stores: StoreArgs,
         /// The saga deadline in force, in milliseconds.
         #[arg(long, default_value_t = 30_000)]
         deadline_ms: u64,
@@ -105,6 +123,119 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         idle_secs: u64,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Orders a second offered (the first step's rate with --find-ceiling).
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Warm-up seconds before each measured window.
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
+    /// Seed of the workload: one seed, the same orders.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Distinct customers (Zipfian ranks).
+    #[arg(long, default_value_t = 1_000_000)]
+    customers: u64,
+    /// Zipf exponent of the customer popularity.
+    #[arg(long, default_value_t = 1.1)]
+    zipf_s: f64,
+    /// Share of orders paid with a card the gateway declines.
+    #[arg(long, default_value_t = 0.05)]
+    decline_rate: f64,
+    /// Share of orders whose gateway reply is late (charged, reply lost to a timeout).
+    #[arg(long, default_value_t = 0.01)]
+    late_reply_rate: f64,
+    /// HTTP/2 connections to order-svc.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Calls in flight at most.
+    #[arg(long, default_value_t = 4096)]
+    max_in_flight: usize,
+    /// Step the rate up until the service level breaks; report the highest that held.
+    #[arg(long)]
+    find_ceiling: bool,
+    /// Each step's rate is the previous one's times this.
+    #[arg(long, default_value_t = 1.25)]
+    step_factor: f64,
+    /// Stop searching at this rate.
+    #[arg(long, default_value_t = 5_000.0)]
+    max_rate: f64,
+    /// Measured seconds per step.
+    #[arg(long, default_value_t = 30)]
+    step_secs: u64,
+    /// A step breaks when the saga completion p99 passes this.
+    #[arg(long, default_value_t = 2_000.0)]
+    saga_p99_limit_ms: f64,
+    /// pgbench's duration in seconds (0 skips the Postgres ceiling).
+    #[arg(long, default_value_t = 20)]
+    pgbench_secs: u32,
+    /// pgbench's clients.
+    #[arg(long, default_value_t = 8)]
+    pgbench_clients: u32,
+    /// How long to wait for the system to settle after the load, in seconds.
+    #[arg(long, default_value_t = 180)]
+    drain_timeout_secs: u64,
+    /// Metrics endpoints of the consuming processes (consumer lag).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:9101,127.0.0.1:9102,127.0.0.1:9103,127.0.0.1:9104"
+    )]
+    consumer_metrics: Vec<String>,
+    /// Where the JSON and HTML reports go.
+    #[arg(long, default_value = "bench-results")]
+    out: std::path::PathBuf,
+    /// Print the JSON report on standard output instead of the summary.
+    #[arg(long)]
+    json: bool,
+    /// The stack directory (pid files, for CPU per process).
+    #[arg(long, env = "ORDERFLOW_STACK_DIR")]
+    stack_dir: Option<std::path::PathBuf>,
+    /// The Postgres admin URL (pgbench's scratch database).
+    #[arg(long, env = "ORDERFLOW_PG_ADMIN_URL", hide_env_values = true)]
+    admin_db: Option<String>,
+    /// The saga deadline in force, in milliseconds (for the invariant checker).
+    #[arg(long, env = "ORDERFLOW_SAGA_DEADLINE_MS", default_value_t = 30_000)]
+    deadline_ms: u64,
+    #[command(flatten)]
+    stores: StoreArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// The orders database.
+    #[arg(long, env = "ORDERFLOW_ORDERS_DATABASE_URL", hide_env_values = true)]
+    orders_db: String,
+    /// The payments database.
+    #[arg(long, env = "ORDERFLOW_PAYMENTS_DATABASE_URL", hide_env_values = true)]
+    payments_db: String,
+    /// The fulfilment database.
+    #[arg(long, env = "ORDERFLOW_FULFILMENT_DATABASE_URL", hide_env_values = true)]
+    fulfilment_db: String,
+    /// The gateway's database.
+    #[arg(long, env = "ORDERFLOW_GATEWAY_DATABASE_URL", hide_env_values = true)]
+    gateway_db: String,
+}
+
+impl StoreArgs {
+    async fn connect(&self, pool_size: u32) -> anyhow::Result<ordersctl::verify::Stores> {
+        let connect = |url: &str| {
+            let url = url.to_owned();
+            async move { orderflow_platform::connect_postgres(&orderflow_platform::Secret::new(url), pool_size).await }
+        };
+        Ok(ordersctl::verify::Stores {
+            orders: connect(&self.orders_db).await.context("orders database")?,
+            payments: connect(&self.payments_db).await.context("payments database")?,
+            fulfilment: connect(&self.fulfilment_db).await.context("fulfilment database")?,
+            gateway: connect(&self.gateway_db).await.context("gateway database")?,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,98 +288,61 @@ async fn main() -> anyhow::Result<()> {
             currency,
             payment_token,
             request_id,
+            from_json,
+            json,
         } => {
-            let money = |amount_minor| {
-                Some(api::Money {
-                    amount_minor,
-                    currency_code: currency.clone(),
-                })
+            let mut request = match from_json {
+                Some(source) => order_from_json(&source)?,
+                None => order_from_flags(customer.unwrap_or_default(), &items, &currency, payment_token)?,
             };
-            let mut total: i64 = 0;
-            let mut lines = Vec::new();
-            for item in &items {
-                let parts: Vec<&str> = item.split(':').collect();
-                let [sku, quantity, price] = parts.as_slice() else {
-                    anyhow::bail!("--item {item}: expected SKU:QUANTITY:UNIT_PRICE_MINOR");
-                };
-                let quantity: i32 = quantity.parse().with_context(|| format!("--item {item}: quantity"))?;
-                let price: i64 = price.parse().with_context(|| format!("--item {item}: price"))?;
-                total = price
-                    .checked_mul(i64::from(quantity))
-                    .and_then(|line| total.checked_add(line))
-                    .context("the total overflows")?;
-                lines.push(api::OrderItem {
-                    sku: (*sku).to_owned(),
-                    quantity,
-                    unit_price: money(price),
-                });
-            }
-            let request = api::PlaceOrderRequest {
-                request_id: request_id.unwrap_or_else(uuid::Uuid::now_v7).to_string(),
-                customer_id: customer,
-                items: lines,
-                total: money(total),
-                payment_token,
-            };
+            request.request_id = request_id.unwrap_or_else(uuid::Uuid::now_v7).to_string();
             let response = client(&cli.addr)
                 .await?
                 .place_order(request)
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "order_id": response.order_id,
-                    "status": response.status().as_str_name(),
-                    "correlation_id": response.correlation_id,
-                })
-            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "order_id": response.order_id,
+                        "status": response.status().as_str_name(),
+                        "correlation_id": response.correlation_id,
+                    })
+                );
+            } else {
+                println!("order_id        {}", response.order_id);
+                println!("status          {}", response.status().as_str_name());
+                println!("correlation_id  {}", response.correlation_id);
+            }
         }
-        Command::Get { order_id } => {
-            let response = client(&cli.addr)
-                .await?
-                .get_order(api::GetOrderRequest { order_id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let order = response.order.context("the server sent no order")?;
-            let total = order.total.clone().unwrap_or_default();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "order_id": order.order_id,
-                    "customer_id": order.customer_id,
-                    "status": order.status().as_str_name(),
-                    "saga_state": order.saga_state().as_str_name(),
-                    "cancellation_reason": order.cancellation_reason().as_str_name(),
-                    "total_minor": total.amount_minor,
-                    "currency": total.currency_code,
-                    "items": order.items.len(),
-                    "version": order.version,
-                    "correlation_id": order.correlation_id,
-                })
-            );
+        Command::Get { order_id, json } => {
+            let order = get_order(&cli.addr, order_id).await?;
+            if json {
+                println!("{}", order_json(&order));
+            } else {
+                print!("{}", order_table(&order));
+            }
         }
+        Command::Watch {
+            order_id,
+            timeout_secs,
+            json,
+        } => {
+            if !watch(&cli.addr, order_id, Duration::from_secs(timeout_secs), json).await? {
+                std::process::exit(1);
+            }
+        }
+        Command::Bench(args) => bench(&cli.addr, *args).await?,
         Command::Dlq { command } => dlq(&cli.bootstrap_servers, command).await?,
         Command::Verify {
-            orders_db,
-            payments_db,
-            fulfilment_db,
-            gateway_db,
+            stores,
             deadline_ms,
             grace_ms,
             json,
         } => {
-            let connect = |url: String| async move {
-                orderflow_platform::connect_postgres(&orderflow_platform::Secret::new(url), 2).await
-            };
-            let stores = ordersctl::verify::Stores {
-                orders: connect(orders_db).await.context("orders database")?,
-                payments: connect(payments_db).await.context("payments database")?,
-                fulfilment: connect(fulfilment_db).await.context("fulfilment database")?,
-                gateway: connect(gateway_db).await.context("gateway database")?,
-            };
+            let stores = stores.connect(2).await?;
             let report = ordersctl::verify::verify(
                 &stores,
                 Duration::from_millis(deadline_ms),
@@ -274,6 +368,256 @@ async fn main() -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || print_events(&bootstrap, &topic, order.as_deref(), count, idle_secs))
                 .await??;
         }
+    }
+    Ok(())
+}
+
+fn money(amount_minor: i64, currency: &str) -> Option<api::Money> {
+    Some(api::Money {
+        amount_minor,
+        currency_code: currency.to_owned(),
+    })
+}
+
+/// The request from `--customer`, `--item SKU:QUANTITY:UNIT_PRICE_MINOR`..., with its total.
+fn order_from_flags(
+    customer: i64,
+    items: &[String],
+    currency: &str,
+    payment_token: String,
+) -> anyhow::Result<api::PlaceOrderRequest> {
+    let mut total: i64 = 0;
+    let mut lines = Vec::new();
+    for item in items {
+        let parts: Vec<&str> = item.split(':').collect();
+        let [sku, quantity, price] = parts.as_slice() else {
+            anyhow::bail!("--item {item}: expected SKU:QUANTITY:UNIT_PRICE_MINOR");
+        };
+        let quantity: i32 = quantity.parse().with_context(|| format!("--item {item}: quantity"))?;
+        let price: i64 = price.parse().with_context(|| format!("--item {item}: price"))?;
+        total = price
+            .checked_mul(i64::from(quantity))
+            .and_then(|line| total.checked_add(line))
+            .context("the total overflows")?;
+        lines.push(api::OrderItem {
+            sku: (*sku).to_owned(),
+            quantity,
+            unit_price: money(price, currency),
+        });
+    }
+    Ok(api::PlaceOrderRequest {
+        request_id: String::new(),
+        customer_id: customer,
+        items: lines,
+        total: money(total, currency),
+        payment_token,
+    })
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonOrder {
+    customer_id: i64,
+    #[serde(default = "default_currency")]
+    currency: String,
+    #[serde(default = "default_token")]
+    payment_token: String,
+    items: Vec<JsonItem>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonItem {
+    sku: String,
+    quantity: i32,
+    unit_price_minor: i64,
+}
+
+fn default_currency() -> String {
+    "EUR".into()
+}
+
+fn default_token() -> String {
+    "tok_visa".into()
+}
+
+/// The request from a JSON document (a path, or "-" for standard input).
+fn order_from_json(source: &str) -> anyhow::Result<api::PlaceOrderRequest> {
+    let text = if source == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(source).with_context(|| format!("cannot read {source}"))?
+    };
+    let order: JsonOrder = serde_json::from_str(&text).context("the order JSON")?;
+    let items: Vec<String> = order
+        .items
+        .iter()
+        .map(|i| format!("{}:{}:{}", i.sku, i.quantity, i.unit_price_minor))
+        .collect();
+    order_from_flags(order.customer_id, &items, &order.currency, order.payment_token)
+}
+
+async fn get_order(addr: &str, order_id: String) -> anyhow::Result<api::Order> {
+    client(addr)
+        .await?
+        .get_order(api::GetOrderRequest { order_id })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .order
+        .context("the server sent no order")
+}
+
+fn order_json(order: &api::Order) -> serde_json::Value {
+    let total = order.total.clone().unwrap_or_default();
+    serde_json::json!({
+        "order_id": order.order_id,
+        "customer_id": order.customer_id,
+        "status": order.status().as_str_name(),
+        "saga_state": order.saga_state().as_str_name(),
+        "cancellation_reason": order.cancellation_reason().as_str_name(),
+        "total_minor": total.amount_minor,
+        "currency": total.currency_code,
+        "items": order.items.len(),
+        "version": order.version,
+        "correlation_id": order.correlation_id,
+    })
+}
+
+fn order_table(order: &api::Order) -> String {
+    let total = order.total.clone().unwrap_or_default();
+    let mut out = format!(
+        "order_id        {}\ncustomer_id     {}\nstatus          {}\nsaga_state      {}\n",
+        order.order_id,
+        order.customer_id,
+        order.status().as_str_name(),
+        order.saga_state().as_str_name()
+    );
+    if order.cancellation_reason != 0 {
+        out += &format!("cancelled for   {}\n", order.cancellation_reason().as_str_name());
+    }
+    out += &format!(
+        "total           {}.{:02} {}\nversion         {}\ncorrelation_id  {}\n\n{:<16} {:>8} {:>12}\n",
+        total.amount_minor / 100,
+        total.amount_minor.rem_euclid(100),
+        total.currency_code,
+        order.version,
+        order.correlation_id,
+        "SKU",
+        "QUANTITY",
+        "UNIT PRICE"
+    );
+    for item in &order.items {
+        let price = item.unit_price.as_ref().map_or(0, |p| p.amount_minor);
+        out += &format!(
+            "{:<16} {:>8} {:>9}.{:02}\n",
+            item.sku,
+            item.quantity,
+            price / 100,
+            price.rem_euclid(100)
+        );
+    }
+    out
+}
+
+/// Follows an order to its terminal state; returns whether it got there in time.
+async fn watch(addr: &str, order_id: String, timeout: Duration, json: bool) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let mut last = None;
+    while started.elapsed() < timeout {
+        match get_order(addr, order_id.clone()).await {
+            Ok(order) => {
+                let state = (order.status, order.saga_state, order.version);
+                if last != Some(state) {
+                    last = Some(state);
+                    if json {
+                        println!("{}", order_json(&order));
+                    } else {
+                        println!(
+                            "{:>7.1} s  {:<10} {:<17} {}",
+                            started.elapsed().as_secs_f64(),
+                            order.status().as_str_name(),
+                            order.saga_state().as_str_name(),
+                            if order.cancellation_reason == 0 {
+                                String::new()
+                            } else {
+                                order.cancellation_reason().as_str_name().to_owned()
+                            }
+                        );
+                    }
+                }
+                if matches!(
+                    order.status(),
+                    api::OrderStatus::Confirmed | api::OrderStatus::Cancelled
+                ) {
+                    return Ok(true);
+                }
+            }
+            // The read model may not have the order yet right after PlaceOrder.
+            Err(error) if error.to_string().starts_with("NotFound") => {}
+            Err(error) => return Err(error),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("not terminal after {} s", timeout.as_secs());
+    Ok(false)
+}
+
+async fn bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
+    use ordersctl::bench;
+    let stores = args.stores.connect(8).await?;
+    let options = bench::Options {
+        addr: addr.to_owned(),
+        seed: args.seed,
+        customers: args.customers,
+        zipf_s: args.zipf_s,
+        decline_rate: args.decline_rate,
+        late_reply_rate: args.late_reply_rate,
+        connections: args.connections,
+        max_in_flight: args.max_in_flight,
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        consumer_metrics: args.consumer_metrics.clone(),
+        stack_dir: args.stack_dir.clone(),
+        progress: !args.json,
+    };
+    let plan = bench::Plan {
+        rate: args.rate,
+        duration: Duration::from_secs(args.duration),
+        warmup: Duration::from_secs(args.warmup),
+        find_ceiling: args.find_ceiling,
+        step_factor: args.step_factor,
+        max_rate: args.max_rate,
+        step_duration: Duration::from_secs(args.step_secs),
+        saga_p99_limit_ms: args.saga_p99_limit_ms,
+        pgbench_secs: args.pgbench_secs,
+        pgbench_clients: args.pgbench_clients,
+        admin_url: args.admin_db.clone(),
+        deadline: Duration::from_millis(args.deadline_ms),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    eprintln!("[bench] building the workload (seed {})", args.seed);
+    let workload = bench::workload::Workload::new(
+        args.seed,
+        args.customers,
+        args.zipf_s,
+        args.decline_rate,
+        args.late_reply_rate,
+    );
+    let report = bench::run(&options, &plan, &stores, workload).await?;
+    std::fs::create_dir_all(&args.out)?;
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let json_path = args.out.join(format!("bench-{stamp}.json"));
+    let html_path = args.out.join(format!("bench-{stamp}.html"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(&html_path, bench::report::render_html(&report))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", bench::report::render_text(&report));
+    }
+    eprintln!("reports: {} and {}", json_path.display(), html_path.display());
+    if report.violations > 0 {
+        std::process::exit(1);
     }
     Ok(())
 }

@@ -225,7 +225,7 @@ impl Relay {
                 }
             }
         }
-        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+        sqlx::query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
             .bind(&published)
             .execute(&mut *tx)
             .await?;

@@ -1,0 +1,738 @@
+//! `ordersctl bench`: open-model load at a fixed arrival rate, deterministic by seed, with
+//! HDR histograms of what a user feels (PlaceOrder) and of what the system does after the
+//! reply (relay lag, saga completion, read-model convergence), a timeline, the invariant
+//! checker at the end, and a search for the highest sustainable rate.
+//!
+//! Open model: the n-th order is due at `start + n / rate` whether or not earlier calls have
+//! answered, and its latency counts from that due time. A closed loop (send, wait, send)
+//! slows down with the system and hides its queueing (coordinated omission).
+
+pub mod pgbench;
+pub mod probe;
+pub mod report;
+pub mod workload;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use hdrhistogram::Histogram;
+use orderflow::orders::v1::order_service_client::OrderServiceClient;
+use sqlx::PgPool;
+use tokio::sync::{Mutex, Semaphore};
+use tonic::transport::Channel;
+
+use crate::verify::Stores;
+use report::{Percentiles, Sample, StepReport};
+use workload::Workload;
+
+/// How a benchmark runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// order-svc's gRPC address.
+    pub addr: String,
+    /// Seed of the workload.
+    pub seed: u64,
+    /// Customers (Zipfian ranks).
+    pub customers: u64,
+    /// Zipf exponent.
+    pub zipf_s: f64,
+    /// Share of orders paid with a declined card.
+    pub decline_rate: f64,
+    /// Share of orders whose gateway reply comes late (charged, reply lost to a timeout).
+    pub late_reply_rate: f64,
+    /// HTTP/2 connections to order-svc.
+    pub connections: usize,
+    /// Calls in flight at most; an arrival finding none free is counted as not sent.
+    pub max_in_flight: usize,
+    /// How long to wait for the system to settle after the load.
+    pub drain_timeout: Duration,
+    /// Metrics endpoints of the consuming processes (host:port).
+    pub consumer_metrics: Vec<String>,
+    /// The stack directory (pid files), for CPU per process.
+    pub stack_dir: Option<PathBuf>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// What one load step produced on the client side.
+struct LoadOutcome {
+    offered: u64,
+    accepted: u64,
+    not_sent: u64,
+    errors: BTreeMap<String, u64>,
+    place: Histogram<u64>,
+    timeline: Vec<Sample>,
+    cpu: BTreeMap<String, f64>,
+    machine_cpu: f64,
+    started_at: DateTime<Utc>,
+    window_start: DateTime<Utc>,
+    window_end: DateTime<Utc>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // Microseconds, 1 µs to 10 minutes, 3 significant digits.
+    #[allow(clippy::expect_used)] // The bounds are constants that hdrhistogram accepts.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Percentiles of a histogram of microseconds.
+pub fn percentiles(h: &Histogram<u64>) -> Percentiles {
+    let ms = |v: u64| v as f64 / 1000.0;
+    Percentiles {
+        samples: h.len(),
+        p50_ms: ms(h.value_at_quantile(0.50)),
+        p99_ms: ms(h.value_at_quantile(0.99)),
+        p999_ms: ms(h.value_at_quantile(0.999)),
+        max_ms: ms(h.max()),
+    }
+}
+
+async fn connect(options: &Options) -> anyhow::Result<Vec<OrderServiceClient<Channel>>> {
+    let mut clients = Vec::new();
+    for _ in 0..options.connections.max(1) {
+        let channel = Channel::from_shared(format!("http://{}", options.addr))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach order-svc at {}", options.addr))?;
+        clients.push(OrderServiceClient::new(channel));
+    }
+    Ok(clients)
+}
+
+struct Shared {
+    accepted: AtomicU64,
+    not_sent: AtomicU64,
+    errors: Mutex<BTreeMap<String, u64>>,
+    place: Mutex<Histogram<u64>>,
+    second: Mutex<Histogram<u64>>,
+}
+
+/// Drives `rate` orders a second for `warmup + duration`; measures only after the warm-up.
+async fn load(
+    options: &Options,
+    stores: &Stores,
+    workload: &Arc<Workload>,
+    first_order: u64,
+    rate: f64,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<LoadOutcome> {
+    let clients = connect(options).await?;
+    let shared = Arc::new(Shared {
+        accepted: AtomicU64::new(0),
+        not_sent: AtomicU64::new(0),
+        errors: Mutex::new(BTreeMap::new()),
+        place: Mutex::new(histogram()),
+        second: Mutex::new(histogram()),
+    });
+    let in_flight = Arc::new(Semaphore::new(options.max_in_flight));
+    let total = warmup + duration;
+    let started_at = Utc::now();
+    let start = Instant::now();
+    let measured_from = start + warmup;
+    let due_total = (total.as_secs_f64() * rate) as u64;
+
+    let bar = if options.progress {
+        indicatif::ProgressBar::new(total.as_secs())
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len}s {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+
+    // The sampler: once a second, the accepted rate, PlaceOrder p99 of that second, the
+    // backlogs and the CPU of every process.
+    let sampler = {
+        let shared = shared.clone();
+        let orders = stores.orders.clone();
+        let payments = stores.payments.clone();
+        let endpoints = options.consumer_metrics.clone();
+        let stack_dir = options.stack_dir.clone();
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            let mut meter = CpuTotals::new(stack_dir);
+            let mut timeline = Vec::new();
+            let mut last_accepted = 0;
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + Duration::from_secs(1),
+                Duration::from_secs(1),
+            );
+            loop {
+                tick.tick().await;
+                let t = start.elapsed().as_secs_f64();
+                let accepted = shared.accepted.load(Ordering::Relaxed);
+                let p99 = {
+                    let mut second = shared.second.lock().await;
+                    let p = if second.is_empty() {
+                        0.0
+                    } else {
+                        second.value_at_quantile(0.99) as f64 / 1000.0
+                    };
+                    second.reset();
+                    p
+                };
+                let backlog = probe::outbox_backlog(&orders, &payments).await;
+                let pending = probe::pending_sagas(&orders).await;
+                let endpoints = endpoints.clone();
+                let lag = tokio::task::spawn_blocking(move || probe::consumer_lag(&endpoints))
+                    .await
+                    .unwrap_or(0.0);
+                let (cpu, machine) = meter.sample(t >= warmup.as_secs_f64());
+                let sample = Sample {
+                    t,
+                    accepted_per_sec: (accepted - last_accepted) as f64,
+                    place_p99_ms: p99,
+                    outbox_backlog: backlog,
+                    pending_sagas: pending,
+                    consumer_lag: lag,
+                    machine_cpu: machine,
+                    cpu,
+                };
+                last_accepted = accepted;
+                bar.set_position(t as u64);
+                bar.set_message(format!(
+                    "{:.0}/s accepted, PlaceOrder p99 {:.1} ms, outbox backlog {}, sagas in flight {}, CPU {:.0}%",
+                    sample.accepted_per_sec, p99, backlog, pending, machine
+                ));
+                timeline.push(sample);
+                if t >= total.as_secs_f64() - 0.5 {
+                    break;
+                }
+            }
+            (timeline, meter)
+        })
+    };
+
+    let mut window_start = Utc::now();
+    let mut measuring = false;
+    let mut issued: u64 = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while issued < due_total {
+        tick.tick().await;
+        let elapsed = start.elapsed().as_secs_f64();
+        let due_now = ((elapsed * rate) as u64).min(due_total);
+        while issued < due_now {
+            let n = issued;
+            issued += 1;
+            let due_at = start + Duration::from_secs_f64(n as f64 / rate);
+            if !measuring && due_at >= measured_from {
+                measuring = true;
+                window_start = Utc::now();
+            }
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                shared.not_sent.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let (mut request, _) = workload.order(first_order + n);
+            request.request_id = uuid::Uuid::now_v7().to_string();
+            let mut client = clients[(n as usize) % clients.len()].clone();
+            let shared = shared.clone();
+            let measured = due_at >= measured_from;
+            tokio::spawn(async move {
+                let result = client.place_order(request).await;
+                let micros = u64::try_from(due_at.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+                match result {
+                    Ok(_) => {
+                        shared.accepted.fetch_add(1, Ordering::Relaxed);
+                        if measured {
+                            shared.place.lock().await.saturating_record(micros);
+                        }
+                        shared.second.lock().await.saturating_record(micros);
+                    }
+                    Err(status) => {
+                        *shared
+                            .errors
+                            .lock()
+                            .await
+                            .entry(format!("{:?}", status.code()))
+                            .or_default() += 1;
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+    // Every call answered (or failed) before the step ends.
+    let _all = in_flight
+        .acquire_many(u32::try_from(options.max_in_flight).unwrap_or(u32::MAX))
+        .await;
+    let window_end = Utc::now();
+    let (timeline, meter) = sampler.await?;
+    bar.finish_and_clear();
+    let (cpu, machine_cpu) = meter.averages();
+    let place = shared.place.lock().await.clone();
+    let errors = shared.errors.lock().await.clone();
+    Ok(LoadOutcome {
+        offered: due_total,
+        accepted: shared.accepted.load(Ordering::Relaxed),
+        not_sent: shared.not_sent.load(Ordering::Relaxed),
+        errors,
+        place,
+        timeline,
+        cpu,
+        machine_cpu,
+        started_at,
+        window_start,
+        window_end,
+    })
+}
+
+/// CPU shares averaged over the measured part of a step.
+struct CpuTotals {
+    meter: probe::CpuMeter,
+    sums: BTreeMap<String, f64>,
+    machine: f64,
+    samples: u32,
+}
+
+impl CpuTotals {
+    fn new(stack_dir: Option<PathBuf>) -> Self {
+        Self {
+            meter: probe::CpuMeter::new(stack_dir.as_deref()),
+            sums: BTreeMap::new(),
+            machine: 0.0,
+            samples: 0,
+        }
+    }
+
+    fn sample(&mut self, measured: bool) -> (BTreeMap<String, f64>, f64) {
+        let (shares, machine) = self.meter.sample();
+        if measured {
+            for (name, share) in &shares {
+                *self.sums.entry(name.clone()).or_default() += share;
+            }
+            self.machine += machine;
+            self.samples += 1;
+        }
+        (shares, machine)
+    }
+
+    fn averages(&self) -> (BTreeMap<String, f64>, f64) {
+        let n = f64::from(self.samples.max(1));
+        (
+            self.sums.iter().map(|(k, v)| (k.clone(), v / n)).collect(),
+            self.machine / n,
+        )
+    }
+}
+
+/// Waits until no order placed since `since` is PENDING and the read model shows every
+/// such order's status; returns whether it got there within `timeout`.
+async fn drain(stores: &Stores, since: DateTime<Utc>, timeout: Duration) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    loop {
+        let (pending, unprojected): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE o.status = 'PENDING'),
+                    count(*) FILTER (WHERE r.order_id IS NULL OR r.status <> o.status)
+             FROM orders o LEFT JOIN order_read r USING (order_id)
+             WHERE o.created_at >= $1",
+        )
+        .bind(since)
+        .fetch_one(&stores.orders)
+        .await?;
+        let backlog = probe::outbox_backlog(&stores.orders, &stores.payments).await;
+        if pending == 0 && unprojected == 0 && backlog == 0 {
+            return Ok(true);
+        }
+        if started.elapsed() > timeout {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn fetch_millis(
+    pool: &PgPool,
+    sql: &'static str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> anyhow::Result<Histogram<u64>> {
+    let values: Vec<f64> = sqlx::query_scalar(sql).bind(from).bind(to).fetch_all(pool).await?;
+    let mut h = histogram();
+    for ms in values {
+        h.saturating_record((ms * 1000.0).max(1.0) as u64);
+    }
+    Ok(h)
+}
+
+/// The server-side latencies of the orders placed in [from, to), from the databases.
+async fn server_latencies(
+    stores: &Stores,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> anyhow::Result<(Histogram<u64>, Histogram<u64>, Histogram<u64>, Histogram<u64>)> {
+    // Relay lag: outbox commit (created_at, the transaction's start, a little before its
+    // commit) to the broker's ack (published_at, clock_timestamp() after the ack).
+    let relay_sql = "SELECT extract(epoch FROM published_at - created_at)::float8 * 1000 FROM outbox
+                     WHERE created_at >= $1 AND created_at < $2 AND published_at IS NOT NULL";
+    let mut relay = fetch_millis(&stores.orders, relay_sql, from, to).await?;
+    relay.add(fetch_millis(&stores.payments, relay_sql, from, to).await?)?;
+    // Saga completion: the order row's insert to its terminal transition.
+    let saga = fetch_millis(
+        &stores.orders,
+        "SELECT extract(epoch FROM settled_at - created_at)::float8 * 1000 FROM orders
+         WHERE created_at >= $1 AND created_at < $2 AND settled_at IS NOT NULL",
+        from,
+        to,
+    )
+    .await?;
+    // The same for the approved cards only: declines and late replies are slow by design
+    // (a late reply waits out the gateway timeout, then retries).
+    let saga_approved = fetch_millis(
+        &stores.orders,
+        "SELECT extract(epoch FROM settled_at - created_at)::float8 * 1000 FROM orders
+         WHERE created_at >= $1 AND created_at < $2 AND settled_at IS NOT NULL AND payment_token = 'tok_visa'",
+        from,
+        to,
+    )
+    .await?;
+    // Read-model convergence: the terminal transition to the projector's write of the
+    // terminal event (GetOrder serves order_read, so that is when it becomes visible).
+    let read_model = fetch_millis(
+        &stores.orders,
+        "SELECT greatest(extract(epoch FROM (h->>'projected_at')::timestamptz - o.settled_at)::float8 * 1000, 0)
+         FROM orders o JOIN order_read r USING (order_id), jsonb_array_elements(r.history) h
+         WHERE o.created_at >= $1 AND o.created_at < $2 AND o.settled_at IS NOT NULL
+           AND h->>'event_type' IN ('orderflow.events.v1.OrderConfirmed', 'orderflow.events.v1.OrderCancelled')",
+        from,
+        to,
+    )
+    .await?;
+    Ok((relay, saga, saga_approved, read_model))
+}
+
+/// Least-squares slope (per second) of `values` over `ts`.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_v = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let cov: f64 = points.iter().map(|p| (p.0 - mean_t) * (p.1 - mean_v)).sum();
+    let var: f64 = points.iter().map(|p| (p.0 - mean_t).powi(2)).sum();
+    if var == 0.0 { 0.0 } else { cov / var }
+}
+
+/// Runs one step: load, drain, measure.
+pub async fn step(
+    options: &Options,
+    stores: &Stores,
+    workload: &Arc<Workload>,
+    first_order: u64,
+    rate: f64,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<StepReport> {
+    let outcome = load(options, stores, workload, first_order, rate, warmup, duration).await?;
+    let drain_started = Instant::now();
+    let drained = drain(stores, outcome.started_at, options.drain_timeout).await?;
+    let drain_secs = drain_started.elapsed().as_secs_f64();
+    let (relay, saga, saga_approved, read_model) =
+        server_latencies(stores, outcome.window_start, outcome.window_end).await?;
+    let measured: Vec<&Sample> = outcome
+        .timeline
+        .iter()
+        .filter(|s| s.t >= warmup.as_secs_f64())
+        .collect();
+    let backlog_points: Vec<(f64, f64)> = measured
+        .iter()
+        .map(|s| (s.t, (s.outbox_backlog + s.pending_sagas) as f64))
+        .collect();
+    let second_half = &backlog_points[backlog_points.len() / 2..];
+    let measured_secs = (outcome.window_end - outcome.window_start).num_milliseconds() as f64 / 1000.0;
+    let accepted_in_window = saga.len() as f64;
+    Ok(StepReport {
+        offered_rate: rate,
+        warmup_secs: warmup.as_secs_f64(),
+        duration_secs: duration.as_secs_f64(),
+        offered: outcome.offered,
+        accepted: outcome.accepted,
+        not_sent: outcome.not_sent,
+        errors: outcome.errors,
+        sustained_rate: if measured_secs > 0.0 {
+            accepted_in_window / measured_secs
+        } else {
+            0.0
+        },
+        place_order: percentiles(&outcome.place),
+        relay_lag: percentiles(&relay),
+        saga_completion: percentiles(&saga),
+        saga_completion_approved: percentiles(&saga_approved),
+        read_model_convergence: percentiles(&read_model),
+        backlog_slope_per_sec: slope(second_half),
+        backlog_max: backlog_points.iter().map(|p| p.1).fold(0.0, f64::max),
+        drained,
+        drain_secs,
+        cpu: outcome.cpu,
+        machine_cpu: outcome.machine_cpu,
+        timeline: outcome.timeline,
+    })
+}
+
+/// Whether a step held its service level: saga p99 within `saga_p99_limit_ms`, a backlog that
+/// does not keep rising, every arrival sent and accepted.
+pub fn sustainable(step: &StepReport, saga_p99_limit_ms: f64) -> Result<(), String> {
+    let mut broken = Vec::new();
+    if step.saga_completion.p99_ms > saga_p99_limit_ms {
+        broken.push(format!(
+            "saga completion p99 {:.0} ms > {saga_p99_limit_ms:.0} ms",
+            step.saga_completion.p99_ms
+        ));
+    }
+    // Rising: more than 1% of the rate a second, and more than half a second of work queued.
+    if step.backlog_slope_per_sec > (step.offered_rate * 0.01).max(2.0) && step.backlog_max > step.offered_rate * 0.5 {
+        broken.push(format!(
+            "backlog rising {:.1}/s (peak {:.0})",
+            step.backlog_slope_per_sec, step.backlog_max
+        ));
+    }
+    let refused = step.offered - step.accepted;
+    if refused as f64 > step.offered as f64 * 0.01 {
+        broken.push(format!(
+            "{refused} of {} arrivals not accepted ({} not sent by the generator)",
+            step.offered, step.not_sent
+        ));
+    }
+    if !step.drained {
+        broken.push("did not drain".into());
+    }
+    if broken.is_empty() {
+        Ok(())
+    } else {
+        Err(broken.join("; "))
+    }
+}
+
+/// What `ordersctl bench` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The offered rate of a single run, or the first step's when searching.
+    pub rate: f64,
+    /// Measured duration of a single run.
+    pub duration: Duration,
+    /// Warm-up before each measured window.
+    pub warmup: Duration,
+    /// Step the rate up until the service level breaks.
+    pub find_ceiling: bool,
+    /// Each step's rate is the previous one's times this.
+    pub step_factor: f64,
+    /// Never offer more than this.
+    pub max_rate: f64,
+    /// Measured duration of each step.
+    pub step_duration: Duration,
+    /// The saga completion p99 a step must stay under.
+    pub saga_p99_limit_ms: f64,
+    /// pgbench's duration (0: skip it).
+    pub pgbench_secs: u32,
+    /// pgbench's clients.
+    pub pgbench_clients: u32,
+    /// The admin URL of the Postgres server, for pgbench's scratch database.
+    pub admin_url: Option<String>,
+    /// The saga deadline in force (for the invariant checker).
+    pub deadline: Duration,
+    /// The command line, for the report.
+    pub command: String,
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or("?".into(), |kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0));
+    format!("{cores} cores, {cpu}, {memory}")
+}
+
+fn target(name: &str, goal: &str, measured: String, met: bool) -> report::Target {
+    report::Target {
+        name: name.into(),
+        goal: goal.into(),
+        measured,
+        met,
+    }
+}
+
+/// Runs the benchmark: one step or the ceiling search, then pgbench, then the invariant checker.
+pub async fn run(
+    options: &Options,
+    plan: &Plan,
+    stores: &Stores,
+    workload: Workload,
+) -> anyhow::Result<report::BenchReport> {
+    let workload = Arc::new(workload);
+    let started_at = Utc::now().to_rfc3339();
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let mut steps = Vec::new();
+    let mut ceiling = None;
+    let mut broken_by = None;
+    let mut first_order = 0;
+    if plan.find_ceiling {
+        let mut rate = plan.rate;
+        while rate <= plan.max_rate {
+            eprintln!(
+                "[bench] step at {rate:.0} orders/s for {} s",
+                plan.step_duration.as_secs()
+            );
+            let result = step(
+                options,
+                stores,
+                &workload,
+                first_order,
+                rate,
+                plan.warmup,
+                plan.step_duration,
+            )
+            .await?;
+            first_order += result.offered;
+            let verdict = sustainable(&result, plan.saga_p99_limit_ms);
+            eprintln!(
+                "[bench]   sustained {:.0}/s, saga p99 {:.0} ms, PlaceOrder p99 {:.1} ms, backlog slope {:+.1}/s: {}",
+                result.sustained_rate,
+                result.saga_completion.p99_ms,
+                result.place_order.p99_ms,
+                result.backlog_slope_per_sec,
+                verdict
+                    .as_ref()
+                    .map_or_else(|why| format!("broken ({why})"), |()| "held".into())
+            );
+            steps.push(result);
+            match verdict {
+                Ok(()) => ceiling = Some(rate),
+                Err(why) => {
+                    broken_by = Some(why);
+                    break;
+                }
+            }
+            rate = (rate * plan.step_factor).round();
+        }
+    } else {
+        steps.push(step(options, stores, &workload, 0, plan.rate, plan.warmup, plan.duration).await?);
+    }
+
+    // The bottleneck is read from the step that broke (or the only one).
+    let bottleneck = steps.last().map(|s| report::bottleneck(s, cores)).unwrap_or_default();
+
+    let pgbench = match (&plan.admin_url, plan.pgbench_secs) {
+        (Some(url), secs) if secs > 0 => {
+            eprintln!("[bench] pgbench: one order's transactions for {secs} s");
+            Some(pgbench::run(url, plan.pgbench_clients, secs).await?)
+        }
+        _ => None,
+    };
+    let best_sustained = match ceiling {
+        Some(c) => steps
+            .iter()
+            .filter(|s| s.offered_rate <= c)
+            .map(|s| s.sustained_rate)
+            .fold(0.0, f64::max),
+        None if !plan.find_ceiling => steps.first().map_or(0.0, |s| s.sustained_rate),
+        None => 0.0,
+    };
+    let ratio_to_pgbench = pgbench.as_ref().map(|pg| best_sustained / pg.orders_per_sec.max(1e-9));
+
+    let verification = crate::verify::verify(stores, plan.deadline, Duration::from_secs(5)).await?;
+    let violations = verification.violations();
+
+    // Targets: the latency ones are read at 80% of the ceiling when searching (the step
+    // closest below it), else at the single run's rate.
+    let reference = match ceiling {
+        Some(c) => steps
+            .iter()
+            .filter(|s| s.offered_rate <= 0.8 * c + 1.0)
+            .max_by(|a, b| a.offered_rate.total_cmp(&b.offered_rate))
+            .or(steps.first()),
+        None => steps.first(),
+    };
+    let mut targets = Vec::new();
+    if let Some(single) = steps.first().filter(|_| !plan.find_ceiling) {
+        let flat = single.backlog_slope_per_sec.abs() <= (single.offered_rate * 0.01).max(2.0);
+        targets.push(target(
+            "sustained 1,000 orders/s, 10 min",
+            ">= 1000/s, flat",
+            format!(
+                "{:.0}/s for {:.0} s, backlog slope {:+.1}/s",
+                single.sustained_rate, single.duration_secs, single.backlog_slope_per_sec
+            ),
+            single.sustained_rate >= 990.0 && single.duration_secs >= 600.0 && flat && single.drained,
+        ));
+    } else {
+        targets.push(target(
+            "sustained 1,000 orders/s, 10 min",
+            ">= 1000/s, flat",
+            format!("ceiling {}", ceiling.map_or("none".into(), |c| format!("{c:.0}/s"))),
+            ceiling.is_some_and(|c| c >= 1000.0),
+        ));
+    }
+    if let Some(r) = reference {
+        let at = format!(" at {:.0}/s", r.offered_rate);
+        targets.push(target(
+            "PlaceOrder p99",
+            "< 20 ms",
+            format!("{:.1} ms{at}", r.place_order.p99_ms),
+            r.place_order.p99_ms < 20.0,
+        ));
+        targets.push(target(
+            "relay lag p99",
+            "< 250 ms",
+            format!("{:.1} ms{at}", r.relay_lag.p99_ms),
+            r.relay_lag.p99_ms < 250.0,
+        ));
+        targets.push(target(
+            "saga completion p99",
+            "< 1000 ms",
+            format!("{:.0} ms{at}", r.saga_completion.p99_ms),
+            r.saga_completion.p99_ms < 1000.0,
+        ));
+        targets.push(target(
+            "read-model convergence p99",
+            "< 500 ms",
+            format!("{:.0} ms{at}", r.read_model_convergence.p99_ms),
+            r.read_model_convergence.p99_ms < 500.0,
+        ));
+    }
+    targets.push(target(
+        "invariant violations",
+        "0",
+        violations.to_string(),
+        violations == 0,
+    ));
+
+    Ok(report::BenchReport {
+        command: plan.command.clone(),
+        started_at,
+        machine: machine(),
+        workload: workload.describe(),
+        steps,
+        ceiling,
+        ceiling_broken_by: broken_by,
+        bottleneck,
+        pgbench,
+        ratio_to_pgbench,
+        targets,
+        verify: serde_json::to_value(&verification)?,
+        violations,
+    })
+}

@@ -1,0 +1,165 @@
+//! What the benchmark watches while it runs: outbox backlogs (from the databases), consumer
+//! lag (from each process's Prometheus endpoint) and CPU per process (from /proc).
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+
+/// Unpublished outbox rows in both service databases.
+pub async fn outbox_backlog(orders: &PgPool, payments: &PgPool) -> i64 {
+    let query = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+    let (a, b) = tokio::join!(
+        sqlx::query_scalar::<_, i64>(query).fetch_one(orders),
+        sqlx::query_scalar::<_, i64>(query).fetch_one(payments)
+    );
+    a.unwrap_or(0) + b.unwrap_or(0)
+}
+
+/// Orders still PENDING: sagas in flight, the end-to-end backlog (a partial index keeps
+/// this count cheap).
+pub async fn pending_sagas(orders: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+        .fetch_one(orders)
+        .await
+        .unwrap_or(0)
+}
+
+/// Sum of `metric` over every series of the Prometheus text served at `addr`; None when the
+/// endpoint does not answer.
+pub fn scrape_sum(addr: &str, metric: &str) -> Option<f64> {
+    let mut stream = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(300)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    let total = body
+        .lines()
+        .filter(|line| line.starts_with(metric) && line[metric.len()..].starts_with(['{', ' ']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Some(total)
+}
+
+/// Consumer lag summed over the consumer processes' metrics endpoints.
+pub fn consumer_lag(endpoints: &[String]) -> f64 {
+    endpoints
+        .iter()
+        .filter_map(|addr| scrape_sum(addr, orderflow_platform::telemetry::CONSUMER_LAG))
+        .sum()
+}
+
+/// CPU time of a set of processes, sampled twice to give a share of one core.
+#[derive(Debug)]
+pub struct CpuMeter {
+    stack_dir: Option<PathBuf>,
+    last: BTreeMap<String, u64>,
+    last_machine: (u64, u64),
+    last_at: Instant,
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // USER_HZ is 100 on every Linux this runs on (it is fixed in the kernel's ABI).
+    100.0
+}
+
+/// utime + stime of one process, in clock ticks.
+fn process_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it start past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// (busy, total) ticks of the whole machine.
+fn machine_ticks() -> (u64, u64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let Some(line) = stat.lines().next() else { return (0, 0) };
+    let values: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let total: u64 = values.iter().take(8).sum();
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+impl CpuMeter {
+    /// A meter over the stack's processes (pid files under `stack_dir/pid`), every Postgres
+    /// backend, and this process.
+    pub fn new(stack_dir: Option<&Path>) -> Self {
+        let mut meter = Self {
+            stack_dir: stack_dir.map(Path::to_path_buf),
+            last: BTreeMap::new(),
+            last_machine: machine_ticks(),
+            last_at: Instant::now(),
+        };
+        meter.last = meter.read();
+        meter
+    }
+
+    fn read(&self) -> BTreeMap<String, u64> {
+        let mut ticks = BTreeMap::new();
+        if let Some(dir) = &self.stack_dir
+            && let Ok(entries) = std::fs::read_dir(dir.join("pid"))
+        {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().trim_end_matches(".pid").to_owned();
+                if let Ok(pid) = std::fs::read_to_string(entry.path())
+                    && let Some(t) = process_ticks(pid.trim())
+                {
+                    ticks.insert(name, t);
+                }
+            }
+        }
+        let mut postgres = 0;
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let pid = entry.file_name().to_string_lossy().into_owned();
+                if !pid.bytes().all(|b| b.is_ascii_digit()) {
+                    continue;
+                }
+                if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres") {
+                    postgres += process_ticks(&pid).unwrap_or(0);
+                }
+            }
+        }
+        ticks.insert("postgres".into(), postgres);
+        if let Some(t) = process_ticks("self") {
+            ticks.insert("ordersctl-bench".into(), t);
+        }
+        ticks
+    }
+
+    /// Per process, the share of one core used since the last call (100 = one full core),
+    /// and the machine's busy share of all cores (100 = every core busy).
+    pub fn sample(&mut self) -> (BTreeMap<String, f64>, f64) {
+        let now = self.read();
+        let elapsed = self.last_at.elapsed().as_secs_f64().max(0.001);
+        let mut shares = BTreeMap::new();
+        for (name, &ticks) in &now {
+            // A process that restarted has fewer ticks than before: count from zero.
+            let before = self.last.get(name).copied().filter(|&b| b <= ticks).unwrap_or(0);
+            shares.insert(
+                name.clone(),
+                (ticks - before) as f64 / clock_ticks_per_sec() / elapsed * 100.0,
+            );
+        }
+        // Postgres backends come and go; their sum can shrink when one exits.
+        if let (Some(now_pg), Some(before_pg)) = (now.get("postgres"), self.last.get("postgres"))
+            && now_pg < before_pg
+        {
+            shares.insert("postgres".into(), 0.0);
+        }
+        let machine = machine_ticks();
+        let busy = machine.0.saturating_sub(self.last_machine.0) as f64;
+        let total = machine.1.saturating_sub(self.last_machine.1).max(1) as f64;
+        self.last = now;
+        self.last_machine = machine;
+        self.last_at = Instant::now();
+        (shares, busy / total * 100.0)
+    }
+}

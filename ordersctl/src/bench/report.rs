@@ -1,0 +1,527 @@
+//! The benchmark's results: the JSON document, the terminal summary, and a self-contained
+//! HTML report (inline SVG, no script, no network).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Percentiles of one latency, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct Percentiles {
+    /// Samples.
+    pub samples: u64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Maximum.
+    pub max_ms: f64,
+}
+
+/// One second of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// Seconds since the step began.
+    pub t: f64,
+    /// Orders accepted in that second.
+    pub accepted_per_sec: f64,
+    /// PlaceOrder p99 of the calls answered in that second.
+    pub place_p99_ms: f64,
+    /// Unpublished outbox rows (both databases).
+    pub outbox_backlog: i64,
+    /// Orders still PENDING.
+    pub pending_sagas: i64,
+    /// Consumer lag summed over every group, from librdkafka's statistics (5 s resolution).
+    pub consumer_lag: f64,
+    /// Busy share of the machine (100 = every core).
+    pub machine_cpu: f64,
+    /// Share of one core per process (100 = one core).
+    pub cpu: BTreeMap<String, f64>,
+}
+
+/// One load step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    /// Arrivals a second asked for.
+    pub offered_rate: f64,
+    /// Warm-up, not measured.
+    pub warmup_secs: f64,
+    /// Measured duration.
+    pub duration_secs: f64,
+    /// Arrivals (warm-up included).
+    pub offered: u64,
+    /// Accepted by order-svc.
+    pub accepted: u64,
+    /// Arrivals the generator could not send (its in-flight limit was reached).
+    pub not_sent: u64,
+    /// Refusals by gRPC code.
+    pub errors: BTreeMap<String, u64>,
+    /// Orders accepted a second over the measured window (from the database).
+    pub sustained_rate: f64,
+    /// PlaceOrder, client side, from the arrival's due time.
+    pub place_order: Percentiles,
+    /// Outbox commit to broker ack.
+    pub relay_lag: Percentiles,
+    /// Placed to terminal.
+    pub saga_completion: Percentiles,
+    /// Placed to terminal, approved cards only.
+    pub saga_completion_approved: Percentiles,
+    /// Terminal transition committed to visible in the read model.
+    pub read_model_convergence: Percentiles,
+    /// Slope of outbox backlog + sagas in flight over the second half, per second.
+    pub backlog_slope_per_sec: f64,
+    /// Highest outbox backlog + sagas in flight seen.
+    pub backlog_max: f64,
+    /// Everything settled after the load.
+    pub drained: bool,
+    /// How long settling took.
+    pub drain_secs: f64,
+    /// Average share of one core per process over the measured window.
+    pub cpu: BTreeMap<String, f64>,
+    /// Average busy share of the machine.
+    pub machine_cpu: f64,
+    /// Second by second.
+    pub timeline: Vec<Sample>,
+}
+
+/// A target from the issue, and whether the run met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// What.
+    pub name: String,
+    /// The goal.
+    pub goal: String,
+    /// What was measured.
+    pub measured: String,
+    /// Met.
+    pub met: bool,
+}
+
+/// The pgbench side-by-side.
+#[derive(Debug, Clone, Serialize)]
+pub struct PgbenchResult {
+    /// The command run.
+    pub command: String,
+    /// The script.
+    pub script: String,
+    /// Transactions a second (one transaction = one order's database work).
+    pub orders_per_sec: f64,
+    /// Average latency of one order's work.
+    pub latency_avg_ms: f64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// The command line.
+    pub command: String,
+    /// When.
+    pub started_at: String,
+    /// The machine.
+    pub machine: String,
+    /// The workload's parameters.
+    pub workload: serde_json::Value,
+    /// The steps (one unless searching for the ceiling).
+    pub steps: Vec<StepReport>,
+    /// The highest rate whose step held the service level, when searching.
+    pub ceiling: Option<f64>,
+    /// Why the first failing step failed.
+    pub ceiling_broken_by: Option<String>,
+    /// The bottleneck, with its evidence.
+    pub bottleneck: Vec<String>,
+    /// Postgres's own ceiling for one order's transactions.
+    pub pgbench: Option<PgbenchResult>,
+    /// The sustained rate as a share of pgbench's.
+    pub ratio_to_pgbench: Option<f64>,
+    /// The targets.
+    pub targets: Vec<Target>,
+    /// The invariant checker's report.
+    pub verify: serde_json::Value,
+    /// Violations found.
+    pub violations: usize,
+}
+
+fn p(p: &Percentiles) -> String {
+    format!(
+        "p50 {:>8.1}  p99 {:>8.1}  p99.9 {:>8.1}  max {:>8.1} ms  (n={})",
+        p.p50_ms, p.p99_ms, p.p999_ms, p.max_ms, p.samples
+    )
+}
+
+/// Names the bottleneck of a step from where the CPU went and which queue grew.
+pub fn bottleneck(step: &StepReport, cores: usize) -> Vec<String> {
+    let mut evidence = Vec::new();
+    let mut by_cpu: Vec<(&String, &f64)> = step.cpu.iter().collect();
+    by_cpu.sort_by(|a, b| b.1.total_cmp(a.1));
+    let top: Vec<String> = by_cpu
+        .iter()
+        .take(4)
+        .map(|(name, share)| format!("{name} {share:.0}%"))
+        .collect();
+    evidence.push(format!(
+        "machine CPU {:.0}% of {cores} cores; busiest processes (100% = one core): {}",
+        step.machine_cpu,
+        top.join(", ")
+    ));
+    if step.machine_cpu > 85.0 {
+        evidence.push(format!(
+            "the CPU is saturated: every process shares {cores} cores, so the bottleneck is the machine; \
+             the largest consumer is {}",
+            by_cpu.first().map_or("unknown", |(n, _)| n.as_str())
+        ));
+    }
+    let last = step.timeline.last();
+    let outbox = last.map_or(0, |s| s.outbox_backlog);
+    let pending = last.map_or(0, |s| s.pending_sagas);
+    let lag = last.map_or(0.0, |s| s.consumer_lag);
+    if step.backlog_slope_per_sec > 2.0 {
+        if outbox > pending {
+            evidence.push(format!(
+                "the outbox backlog grows ({outbox} rows at the end): the relays (or the broker's produce path) fall behind"
+            ));
+        } else {
+            evidence.push(format!(
+                "sagas in flight grow ({pending} PENDING at the end, consumer lag {lag:.0}): the consumers \
+                 (payment-svc, order-svc) or the broker's fetch path fall behind"
+            ));
+        }
+    }
+    if step.place_order.p99_ms > 100.0 {
+        evidence.push(format!(
+            "PlaceOrder p99 {:.0} ms: requests queue in order-svc or wait on Postgres commits",
+            step.place_order.p99_ms
+        ));
+    }
+    evidence
+}
+
+/// The terminal summary.
+pub fn render_text(report: &BenchReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "orderflow benchmark  {}  ({})", report.started_at, report.machine);
+    for step in &report.steps {
+        let _ = writeln!(
+            out,
+            "\nstep: {:.0} orders/s offered for {:.0} s (+{:.0} s warm-up): {} accepted, {} not sent, refused {:?}",
+            step.offered_rate, step.duration_secs, step.warmup_secs, step.accepted, step.not_sent, step.errors
+        );
+        let _ = writeln!(out, "  sustained           {:.1} orders/s", step.sustained_rate);
+        let _ = writeln!(out, "  PlaceOrder          {}", p(&step.place_order));
+        let _ = writeln!(out, "  relay lag           {}", p(&step.relay_lag));
+        let _ = writeln!(out, "  saga completion     {}", p(&step.saga_completion));
+        let _ = writeln!(out, "    approved cards    {}", p(&step.saga_completion_approved));
+        let _ = writeln!(out, "  read-model converg. {}", p(&step.read_model_convergence));
+        let _ = writeln!(
+            out,
+            "  backlog             peak {:.0}, slope {:+.2}/s; drained {} in {:.1} s; machine CPU {:.0}%",
+            step.backlog_max,
+            step.backlog_slope_per_sec,
+            if step.drained { "yes" } else { "NO" },
+            step.drain_secs,
+            step.machine_cpu
+        );
+    }
+    if let Some(ceiling) = report.ceiling {
+        let _ = writeln!(out, "\nceiling: {ceiling:.0} orders/s sustainable");
+        if let Some(why) = &report.ceiling_broken_by {
+            let _ = writeln!(out, "  the next step broke: {why}");
+        }
+    }
+    if !report.bottleneck.is_empty() {
+        let _ = writeln!(out, "bottleneck:");
+        for line in &report.bottleneck {
+            let _ = writeln!(out, "  - {line}");
+        }
+    }
+    if let Some(pg) = &report.pgbench {
+        let _ = writeln!(
+            out,
+            "\npgbench (one order's transactions on the same Postgres): {:.0} orders/s, {:.2} ms per order",
+            pg.orders_per_sec, pg.latency_avg_ms
+        );
+        if let Some(ratio) = report.ratio_to_pgbench {
+            let _ = writeln!(out, "  the system sustains {:.0}% of that", ratio * 100.0);
+        }
+    }
+    let _ = writeln!(out, "\ntargets:");
+    for t in &report.targets {
+        let _ = writeln!(
+            out,
+            "  [{}] {:<32} goal {:<16} measured {}",
+            if t.met { "met" } else { "MISSED" },
+            t.name,
+            t.goal,
+            t.measured
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\ninvariants: {}",
+        if report.violations == 0 {
+            "0 violations".to_owned()
+        } else {
+            format!("{} VIOLATIONS", report.violations)
+        }
+    );
+    out
+}
+
+/// One line chart as inline SVG: several series over a shared x axis.
+/// One line of a chart: its name, its colour, its points.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
+fn chart(title: &str, unit: &str, series: &[Series<'_>]) -> String {
+    let (w, h, left, bottom, top, right) = (760.0, 220.0, 60.0, 30.0, 24.0, 150.0);
+    let xs = series.iter().flat_map(|s| s.2.iter().map(|p| p.0));
+    let x_max = xs.clone().fold(1.0_f64, f64::max);
+    let x_min = xs.fold(x_max, f64::min).min(0.0);
+    let y_max = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(0.0_f64, f64::max)
+        .max(1e-9)
+        * 1.1;
+    let px = |x: f64| left + (x - x_min) / (x_max - x_min).max(1e-9) * (w - left - right);
+    let py = |y: f64| h - bottom - y / y_max * (h - bottom - top);
+    let mut svg = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">
+<text x="{left}" y="14" font-weight="bold">{title}</text>
+<line x1="{left}" y1="{b}" x2="{r}" y2="{b}" stroke="#888"/><line x1="{left}" y1="{top}" x2="{left}" y2="{b}" stroke="#888"/>
+"##,
+        b = h - bottom,
+        r = w - right,
+    );
+    for i in 0..=4 {
+        let y = y_max / 4.0 * f64::from(i);
+        let _ = write!(
+            svg,
+            r##"<text x="{}" y="{}" text-anchor="end">{:.1}</text><line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="#eee"/>"##,
+            left - 4.0,
+            py(y) + 4.0,
+            y,
+            py(y),
+            w - right,
+            py(y)
+        );
+    }
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">seconds</text><text x="{}" y="{}" text-anchor="start">{:.0}</text><text x="4" y="{}" >{unit}</text>"#,
+        (w - right + left) / 2.0,
+        h - 6.0,
+        left,
+        h - 14.0,
+        x_min,
+        top - 4.0
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="end">{:.0}</text>"#,
+        w - right,
+        h - 14.0,
+        x_max
+    );
+    for (i, (name, color, points)) in series.iter().enumerate() {
+        let path: Vec<String> = points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        let _ = write!(
+            svg,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/><rect x="{}" y="{}" width="10" height="10" fill="{color}"/><text x="{}" y="{}">{}</text>"#,
+            path.join(" "),
+            w - right + 10.0,
+            top + 16.0 * i as f64,
+            w - right + 24.0,
+            top + 9.0 + 16.0 * i as f64,
+            html_escape(name)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+const COLORS: &[&str] = &[
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf", "#bcbd22",
+];
+
+fn percentile_row(name: &str, p: &Percentiles) -> String {
+    format!(
+        "<tr><td>{name}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{}</td></tr>",
+        p.p50_ms, p.p99_ms, p.p999_ms, p.max_ms, p.samples
+    )
+}
+
+/// The HTML report: everything inline, opens with no network.
+pub fn render_html(report: &BenchReport) -> String {
+    let mut body = String::new();
+    let _ = write!(
+        body,
+        "<h1>orderflow benchmark</h1><p>{} &middot; {}</p><pre>{}</pre>",
+        html_escape(&report.started_at),
+        html_escape(&report.machine),
+        html_escape(&report.command)
+    );
+    let _ = write!(
+        body,
+        "<h2>Targets</h2><table><tr><th>target</th><th>goal</th><th>measured</th><th></th></tr>"
+    );
+    for t in &report.targets {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
+            html_escape(&t.name),
+            html_escape(&t.goal),
+            html_escape(&t.measured),
+            if t.met { "ok" } else { "bad" },
+            if t.met { "met" } else { "missed" }
+        );
+    }
+    let _ = write!(
+        body,
+        "</table><p>Invariant checker: <b class=\"{}\">{} violation(s)</b></p>",
+        if report.violations == 0 { "ok" } else { "bad" },
+        report.violations
+    );
+    if let Some(ceiling) = report.ceiling {
+        let _ = write!(
+            body,
+            "<h2>Ceiling</h2><p>Highest sustainable rate: <b>{ceiling:.0} orders/s</b>."
+        );
+        if let Some(why) = &report.ceiling_broken_by {
+            let _ = write!(body, " The next step broke: {}.", html_escape(why));
+        }
+        body.push_str("</p>");
+        let offered: Vec<(f64, f64)> = report.steps.iter().map(|s| (s.offered_rate, s.offered_rate)).collect();
+        let sustained: Vec<(f64, f64)> = report
+            .steps
+            .iter()
+            .map(|s| (s.offered_rate, s.sustained_rate))
+            .collect();
+        body.push_str(&chart(
+            "Sustained versus offered rate (x: offered orders/s)",
+            "orders/s",
+            &[("offered", COLORS[7], offered), ("sustained", COLORS[0], sustained)],
+        ));
+        let saga: Vec<(f64, f64)> = report
+            .steps
+            .iter()
+            .map(|s| (s.offered_rate, s.saga_completion.p99_ms))
+            .collect();
+        let place: Vec<(f64, f64)> = report
+            .steps
+            .iter()
+            .map(|s| (s.offered_rate, s.place_order.p99_ms))
+            .collect();
+        body.push_str(&chart(
+            "p99 by offered rate (x: offered orders/s)",
+            "ms",
+            &[
+                ("saga completion p99", COLORS[1], saga),
+                ("PlaceOrder p99", COLORS[0], place),
+            ],
+        ));
+    }
+    if !report.bottleneck.is_empty() {
+        body.push_str("<h2>Bottleneck</h2><ul>");
+        for line in &report.bottleneck {
+            let _ = write!(body, "<li>{}</li>", html_escape(line));
+        }
+        body.push_str("</ul>");
+    }
+    if let Some(pg) = &report.pgbench {
+        let _ = write!(
+            body,
+            "<h2>Postgres's own ceiling</h2><p>pgbench replaying one order's transactions on the same Postgres: \
+             <b>{:.0} orders/s</b> ({:.2} ms per order). The system sustained <b>{}</b> of that.</p><pre>{}</pre>\
+             <details><summary>script</summary><pre>{}</pre></details>",
+            pg.orders_per_sec,
+            pg.latency_avg_ms,
+            report
+                .ratio_to_pgbench
+                .map_or("n/a".to_owned(), |r| format!("{:.0}%", r * 100.0)),
+            html_escape(&pg.command),
+            html_escape(&pg.script)
+        );
+    }
+    for (i, step) in report.steps.iter().enumerate() {
+        let _ = write!(
+            body,
+            "<h2>Step {}: {:.0} orders/s offered</h2><p>{} accepted, {} not sent, refused {:?}; sustained {:.1} orders/s; \
+             drained: {} ({:.1} s); machine CPU {:.0}%</p>",
+            i + 1,
+            step.offered_rate,
+            step.accepted,
+            step.not_sent,
+            step.errors,
+            step.sustained_rate,
+            step.drained,
+            step.drain_secs,
+            step.machine_cpu
+        );
+        body.push_str(
+            "<table><tr><th>latency (ms)</th><th>p50</th><th>p99</th><th>p99.9</th><th>max</th><th>n</th></tr>",
+        );
+        body.push_str(&percentile_row("PlaceOrder (client)", &step.place_order));
+        body.push_str(&percentile_row("relay lag", &step.relay_lag));
+        body.push_str(&percentile_row("saga completion", &step.saga_completion));
+        body.push_str(&percentile_row(
+            "saga completion, approved cards",
+            &step.saga_completion_approved,
+        ));
+        body.push_str(&percentile_row("read-model convergence", &step.read_model_convergence));
+        body.push_str("</table>");
+        let series =
+            |f: &dyn Fn(&Sample) -> f64| -> Vec<(f64, f64)> { step.timeline.iter().map(|s| (s.t, f(s))).collect() };
+        body.push_str(&chart(
+            "Throughput",
+            "orders/s",
+            &[
+                ("accepted/s", COLORS[0], series(&|s| s.accepted_per_sec)),
+                ("offered/s", COLORS[7], series(&|_| step.offered_rate)),
+            ],
+        ));
+        body.push_str(&chart(
+            "PlaceOrder p99 per second",
+            "ms",
+            &[("PlaceOrder p99", COLORS[1], series(&|s| s.place_p99_ms))],
+        ));
+        body.push_str(&chart(
+            "Backlog",
+            "messages",
+            &[
+                ("outbox rows", COLORS[3], series(&|s| s.outbox_backlog as f64)),
+                ("sagas in flight", COLORS[0], series(&|s| s.pending_sagas as f64)),
+                ("consumer lag", COLORS[4], series(&|s| s.consumer_lag)),
+            ],
+        ));
+        let names: Vec<&String> = step.cpu.keys().collect();
+        let cpu_series: Vec<Series<'_>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                (
+                    name.as_str(),
+                    COLORS[i % COLORS.len()],
+                    series(&|s| s.cpu.get(*name).copied().unwrap_or(0.0)),
+                )
+            })
+            .collect();
+        body.push_str(&chart("CPU per process (100 = one core)", "%", &cpu_series));
+    }
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>orderflow benchmark</title><style>\
+         body{{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}}\
+         table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}\
+         td:first-child{{text-align:left}}.ok{{color:#2a7a2a}}.bad{{color:#b00}}pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}\
+         </style></head><body>{body}<h2>Raw data</h2><p>Everything above is in the JSON file written next to this report.</p>\
+         </body></html>\n"
+    )
+}
