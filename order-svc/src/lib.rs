@@ -83,11 +83,24 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     if config.migrate {
         MIGRATOR.run(&pool).await?;
     }
-    let api = api::OrderApi::new(
+    let mut api = api::OrderApi::new(
         pool.clone(),
         config.orders_topic.clone(),
         Duration::from_secs(config.idempotency_retention_hours * 3600),
     );
+    if orderflow_platform::chaos::naive()
+        && let Some(servers) = &config.bootstrap_servers
+    {
+        // The chaos harness's "before" column only (a build with the `naive` feature and
+        // ORDERFLOW_NAIVE=true): a plain producer with a 5 s delivery timeout, as a textbook
+        // dual write would have.
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", servers)
+            .set("message.timeout.ms", "5000")
+            .create()?;
+        tracing::warn!("NAIVE MODE: PlaceOrder publishes directly (dual write), no outbox");
+        api = api.with_dual_write(producer);
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<OrderServiceServer<api::OrderApi>>().await;

@@ -79,6 +79,7 @@ pub async fn place_order(
     correlation_id: uuid::Uuid,
     key: Option<&IdempotencyKey>,
     event: &OutboxMessage,
+    write_outbox: bool,
     response: &PlaceOrderResponse,
 ) -> Result<PlaceOutcome, StoreError> {
     let mut tx = pool.begin().await?;
@@ -153,7 +154,10 @@ pub async fn place_order(
     .execute(&mut *tx)
     .await?;
 
-    outbox::insert(&mut tx, event).await?;
+    // false only in the chaos harness's naive mode (a dual write after the commit instead).
+    if write_outbox {
+        outbox::insert(&mut tx, event).await?;
+    }
 
     // If the process dies before this commit, nothing above exists: the client sees an
     // error (or a dropped connection) and retries with the same request_id.

@@ -190,11 +190,18 @@ impl PaymentHandler {
         // Dying during or after this call leaves an authorization at the gateway that we have
         // not recorded. The message is redelivered (its offset was not stored), we call again
         // with the same key, and the gateway returns the same authorization: no second charge.
+        fail::fail_point!("payment::before_gateway", |_| orderflow_platform::chaos::crash());
+        let idempotency_key = if orderflow_platform::chaos::naive() {
+            // The textbook mistake: a fresh key per call, so a retry is a second charge.
+            format!("authorize:{order_id}:{}", uuid::Uuid::now_v7())
+        } else {
+            format!("authorize:{order_id}")
+        };
         let reply = self
             .call(
                 "authorize",
                 self.gateway.clone().authorize(AuthorizeRequest {
-                    idempotency_key: format!("authorize:{order_id}"),
+                    idempotency_key,
                     order_id: order_id.to_string(),
                     amount: Some(total.clone()),
                     payment_token: token.to_owned(),
@@ -205,7 +212,7 @@ impl PaymentHandler {
 
         let payment_id = uuid::Uuid::now_v7();
         let mut tx = self.pool.begin().await?;
-        if !inbox::record(&mut tx, INBOX, event.message_id).await? {
+        if !orderflow_platform::chaos::naive() && !inbox::record(&mut tx, INBOX, event.message_id).await? {
             return Ok(Outcome::Duplicate);
         }
         let (state, authorization_id, failure) = if approved {
@@ -227,6 +234,11 @@ impl PaymentHandler {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        if inserted == 0 && orderflow_platform::chaos::naive() {
+            // Without an inbox a redelivery lands here after charging again; the textbook
+            // handler shrugs and moves on.
+            return Ok(Outcome::Processed);
+        }
         if inserted == 0 {
             // Another message made a payment row for this order meanwhile (only possible if
             // order events of one order were handled concurrently): start over and decide again.
@@ -250,6 +262,12 @@ impl PaymentHandler {
             })
         };
         outbox::insert(&mut tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
+        // Dying here (the chaos harness's failpoint): nothing of this transaction is
+        // committed, the authorization exists at the gateway only; the redelivery calls again
+        // with the same key and gets the same authorization back.
+        fail::fail_point!("payment::after_gateway_before_commit", |_| {
+            orderflow_platform::chaos::crash()
+        });
         tx.commit().await?;
         // Dying here: the offset is not stored yet; the redelivery finds the inbox row.
         tracing::info!(approved, "payment recorded");
@@ -385,7 +403,7 @@ impl PaymentHandler {
 impl consumer::Handler for PaymentHandler {
     async fn handle(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
         let event = message.open()?;
-        if inbox::seen(&self.pool, INBOX, event.message_id).await? {
+        if !orderflow_platform::chaos::naive() && inbox::seen(&self.pool, INBOX, event.message_id).await? {
             return Ok(Outcome::Duplicate);
         }
         let order_id = event.aggregate_id;

@@ -198,6 +198,14 @@ pub async fn run<H: Handler>(
                         span.record("trace_id", trace_id);
                     }
                 }
+                if crate::chaos::naive() {
+                    // The textbook mistake: the offset first, then the work. Dying during the
+                    // work loses the message (its offset is committed already).
+                    let _ = consumer
+                        .borrow()
+                        .clone()
+                        .store_offset(&message.topic, message.partition, message.offset);
+                }
                 let done = process(&*handler, &message, &dead_letters, &group, &shutdown)
                     .instrument(span)
                     .await;
@@ -206,6 +214,7 @@ pub async fn run<H: Handler>(
                     // unstored, so it is redelivered; stop taking more from this partition.
                     break;
                 }
+                fail::fail_point!("consumer::after_commit_before_store", |_| crate::chaos::crash());
                 // The effect is committed (or dead-lettered): now, and only now, the offset.
                 // Dying here redelivers the message, and the inbox absorbs it.
                 // The message's own offset: librdkafka commits offset + 1 itself. (Passing

@@ -2,6 +2,7 @@
 //! it is the plumbing (secrets, logging, Postgres, Kafka settings, the outbox row,
 //! shutdown) that each service would otherwise write again.
 
+pub mod chaos;
 pub mod consumer;
 pub mod health;
 pub mod housekeeping;

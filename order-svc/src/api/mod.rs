@@ -29,6 +29,19 @@ pub struct OrderApi {
     pool: PgPool,
     orders_topic: String,
     idempotency_retention: Duration,
+    /// The chaos harness's naive mode only: PlaceOrder publishes to Kafka itself after its
+    /// commit (a dual write) instead of writing the outbox row.
+    dual_write: Option<DualWrite>,
+}
+
+/// The naive mode's producer.
+#[derive(Clone)]
+struct DualWrite(rdkafka::producer::FutureProducer);
+
+impl std::fmt::Debug for DualWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DualWrite")
+    }
 }
 
 impl OrderApi {
@@ -38,7 +51,14 @@ impl OrderApi {
             pool,
             orders_topic,
             idempotency_retention,
+            dual_write: None,
         }
+    }
+
+    /// The chaos harness's naive mode: publish from the request instead of the outbox.
+    pub fn with_dual_write(mut self, producer: rdkafka::producer::FutureProducer) -> Self {
+        self.dual_write = Some(DualWrite(producer));
+        self
     }
 
     async fn place_order(&self, request: PlaceOrderRequest) -> Result<PlaceOrderResponse, ApiError> {
@@ -90,8 +110,46 @@ impl OrderApi {
                 }),
             ),
         };
-        match store::place_order(&self.pool, &order, correlation_id, key.as_ref(), &event, &response).await? {
+        let write_outbox = self.dual_write.is_none();
+        match store::place_order(
+            &self.pool,
+            &order,
+            correlation_id,
+            key.as_ref(),
+            &event,
+            write_outbox,
+            &response,
+        )
+        .await?
+        {
             PlaceOutcome::Created(response) => {
+                if let Some(DualWrite(producer)) = &self.dual_write {
+                    // The textbook mistake: the order is committed; if this publish fails or
+                    // the process dies before it, the event is lost and nothing retries it.
+                    let envelope = &event.envelope;
+                    let payload = envelope.encode_to_vec();
+                    let version = envelope.schema_version.to_string();
+                    let mut headers = rdkafka::message::OwnedHeaders::new();
+                    for (name, value) in orderflow_platform::outbox::record_headers(
+                        &envelope.message_id,
+                        &envelope.event_type,
+                        &version,
+                        None,
+                    ) {
+                        headers = headers.insert(rdkafka::message::Header {
+                            key: name,
+                            value: Some(value),
+                        });
+                    }
+                    let record = rdkafka::producer::FutureRecord::to(&event.topic)
+                        .key(&envelope.aggregate_id)
+                        .payload(&payload)
+                        .headers(headers);
+                    producer
+                        .send(record, Duration::from_secs(5))
+                        .await
+                        .map_err(|(error, _)| ApiError::Unavailable(format!("publish failed: {error}")))?;
+                }
                 tracing::info!("order placed");
                 Ok(response)
             }
