@@ -186,20 +186,7 @@ async fn a_hanging_gateway_lets_the_sweeper_cancel_and_the_late_authorization_is
 
 /// Commits offset 0 on every partition of `topic` for `group` (no member may be active).
 async fn reset_group_to_start(group: &str, topic: &str) {
-    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
-    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(&stack().bootstrap_servers, group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-    let partitions = metadata.topics()[0].partitions().len();
-    let mut list = rdkafka::TopicPartitionList::new();
-    for partition in 0..partitions {
-        list.add_partition_offset(topic, i32::try_from(partition).unwrap(), rdkafka::Offset::Offset(0))
-            .unwrap();
-    }
-    consumer
-        .commit(&list, CommitMode::Sync)
+    orderflow_tests::reset_group_to_start(&stack().bootstrap_servers, group, topic)
         .expect("reset the group's offsets to 0");
 }
 

@@ -286,3 +286,20 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Commits offset 0 on every partition of `topic` for `group`, so the group's next member
+/// replays the topic from the start (no member may be active meanwhile).
+pub fn reset_group_to_start(bootstrap_servers: &str, group: &str, topic: &str) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(bootstrap_servers, group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+    let mut list = rdkafka::TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition_offset(topic, i32::try_from(partition)?, rdkafka::Offset::Offset(0))?;
+    }
+    consumer.commit(&list, CommitMode::Sync)?;
+    Ok(())
+}

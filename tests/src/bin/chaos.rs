@@ -1,0 +1,680 @@
+//! The chaos harness: drives load through the real processes of the local stack, injects a
+//! fault (kill -9 at a failpoint or at a random moment, broker and database outages, gateway
+//! cohorts, duplicate delivery), lets a supervisor restart what died, drains, and counts the
+//! damage: double charges at the gateway's ledger, lost events, stuck sagas, money kept for
+//! cancelled orders, and every invariant of `ordersctl verify`.
+//!
+//!   chaos [--mode hardened|naive] [--orders N] [--seed S] SCENARIO...|all
+//!
+//! Run it through `scripts/chaos`, which builds the services with the `failpoints` (and,
+//! for `--mode naive`, the `naive`) feature: a release build has neither. Every scenario
+//! starts from an empty stack (`scripts/stack reset`), so its counts are its own.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use orderflow::orders::v1::order_service_client::OrderServiceClient;
+use ordersctl::bench::workload::{Rng, Workload};
+use rdkafka::message::Message as _;
+use tokio::sync::Mutex;
+
+const SERVICES: &[&str] = &[
+    "order-svc",
+    "payment-svc",
+    "relay-orders",
+    "relay-payments",
+    "order-projector",
+    "fulfilment",
+    "gateway-sim",
+];
+
+/// The payment consumer's failpoints, each a place where a crash leaves different work done.
+const PAYMENT_STEPS: &[&str] = &[
+    "payment::before_gateway",
+    "payment::after_gateway_before_commit",
+    "consumer::after_commit_before_store",
+];
+
+#[derive(Debug, Parser)]
+#[command(name = "chaos", about = "orderflow's chaos harness")]
+struct Cli {
+    /// hardened (the real services) or naive (the textbook mistakes, for comparison).
+    #[arg(long, default_value = "hardened")]
+    mode: String,
+    /// Orders per scenario.
+    #[arg(long, default_value_t = 200)]
+    orders: u64,
+    /// Orders a second.
+    #[arg(long, default_value_t = 25.0)]
+    rate: f64,
+    /// Seed of the workload and of every random choice.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Seconds of broker outage in broker-pause.
+    #[arg(long, default_value_t = 60)]
+    pause_secs: u64,
+    /// The payment crash loop heals only after this many failpoint crashes.
+    #[arg(long, default_value_t = 3)]
+    min_crashes: u64,
+    /// Seconds the nemesis runs.
+    #[arg(long, default_value_t = 30)]
+    nemesis_secs: u64,
+    /// Where the result table goes (markdown and JSON).
+    #[arg(long, default_value = "chaos-results")]
+    out: PathBuf,
+    /// Scenarios, or `all`.
+    #[arg(required = true)]
+    scenarios: Vec<String>,
+}
+
+const ALL: &[&str] = &[
+    "payment-kill-after-commit",
+    "payment-crash-loop",
+    "kill-order-svc",
+    "kill-payment-svc",
+    "kill-relay-orders",
+    "kill-relay-payments",
+    "kill-projector",
+    "kill-fulfilment",
+    "kill-gateway",
+    "broker-pause",
+    "broker-kill",
+    "postgres-restart",
+    "gateway-cohorts",
+    "duplicate-delivery",
+    "replay-from-zero",
+    "nemesis",
+];
+
+/// One scenario's damage.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct Row {
+    scenario: String,
+    mode: String,
+    orders_accepted: usize,
+    gave_up: usize,
+    confirmed: i64,
+    cancelled: i64,
+    double_charges: usize,
+    lost_events: usize,
+    undelivered_outbox_rows: i64,
+    stuck_sagas: i64,
+    money_kept_for_cancelled: usize,
+    invariant_violations: usize,
+    crashes: u64,
+    crash_steps: BTreeMap<String, u64>,
+    duplicates_deduplicated: f64,
+    seconds: f64,
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn stack(args: &[&str], env: &[(&str, String)]) -> anyhow::Result<()> {
+    let run = |quiet: bool| {
+        let mut command = Command::new(root().join("scripts/stack"));
+        command.args(args).envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        if quiet {
+            command
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+        }
+        command.status()
+    };
+    // Quiet first; a failure is retried once with its output shown.
+    if run(true)?.success() {
+        return Ok(());
+    }
+    eprintln!("[chaos]   scripts/stack {args:?} failed; once more, with its output");
+    anyhow::ensure!(run(false)?.success(), "scripts/stack {args:?} failed");
+    Ok(())
+}
+
+fn stack_dir() -> PathBuf {
+    std::env::var("ORDERFLOW_STACK_DIR").map_or_else(|_| root().join(".stack"), PathBuf::from)
+}
+
+fn alive(name: &str) -> bool {
+    std::fs::read_to_string(stack_dir().join("pid").join(format!("{name}.pid")))
+        .ok()
+        .and_then(|pid| pid.trim().parse::<i32>().ok())
+        .is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok())
+}
+
+/// The stack's environment file, as variables.
+fn stack_env() -> anyhow::Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(stack_dir().join("env")).context("no .stack/env: is the stack up?")?;
+    Ok(text
+        .lines()
+        .filter_map(|line| line.strip_prefix("export "))
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+        .collect())
+}
+
+/// How each scenario sets the stack up.
+fn scenario_env(scenario: &str, naive: bool, payment_failpoints: Option<String>) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("ORDERFLOW_NO_BUILD", "1".to_owned()),
+        ("ORDERFLOW_PROFILE", "debug".to_owned()),
+        ("ORDERFLOW_SAGA_DEADLINE_MS", "20000".to_owned()),
+        ("ORDERFLOW_NAIVE", if naive { "true" } else { "false" }.to_owned()),
+        ("PAYMENT_SVC_GATEWAY_TIMEOUT_MS", "1000".to_owned()),
+        ("GATEWAY_TIMEOUT_REPLY_DELAY_MS", "1500".to_owned()),
+    ];
+    if scenario == "duplicate-delivery" {
+        env.push(("RELAY_PUBLISH_TWICE", "true".to_owned()));
+    }
+    if scenario == "gateway-cohorts" {
+        // A hang cohort past the saga deadline (20 s): 12 silent calls of 1 s each, with the
+        // consumer's backoff between them about 45 s (the partition waits behind it).
+        env.push(("GATEWAY_HANG_ATTEMPTS", "12".to_owned()));
+    }
+    if scenario == "payment-kill-after-commit" {
+        // Once, on the first message: the effect and its inbox row are committed, the offset
+        // is not stored. The restarted consumer gets the message again.
+        env.push((
+            "PAYMENT_SVC_FAILPOINTS",
+            "consumer::after_commit_before_store=1*return".to_owned(),
+        ));
+    }
+    if let Some(failpoints) = payment_failpoints {
+        env.push(("PAYMENT_SVC_FAILPOINTS", failpoints));
+    }
+    env
+}
+
+struct Placed {
+    accepted: Mutex<Vec<String>>,
+    gave_up: AtomicU64,
+}
+
+/// Places `orders` at `rate`, each retried with its own request id (so a retry is safe)
+/// until accepted or 120 s have passed: what a careful client does through an outage.
+async fn place_orders(addr: String, workload: Arc<Workload>, orders: u64, rate: f64) -> Arc<Placed> {
+    let placed = Arc::new(Placed {
+        accepted: Mutex::new(Vec::new()),
+        gave_up: AtomicU64::new(0),
+    });
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for n in 0..orders {
+        let due = start + Duration::from_secs_f64(n as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let (mut request, _) = workload.order(n);
+        request.request_id = uuid::Uuid::now_v7().to_string();
+        let addr = addr.clone();
+        let placed = placed.clone();
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(120) {
+                if let Ok(mut client) = OrderServiceClient::connect(format!("http://{addr}")).await
+                    && let Ok(response) = client.place_order(request.clone()).await
+                {
+                    placed.accepted.lock().await.push(response.into_inner().order_id);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            placed.gave_up.fetch_add(1, Ordering::Relaxed);
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    placed
+}
+
+/// The payment crash loop's state: which failpoint the running payment-svc has armed, and
+/// how often each one fired.
+struct CrashLoop {
+    rng: std::sync::Mutex<Rng>,
+    armed: std::sync::Mutex<Option<&'static str>>,
+    fired: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+impl CrashLoop {
+    fn new(seed: u64) -> Self {
+        Self {
+            rng: std::sync::Mutex::new(Rng::new(seed ^ 0x5EED)),
+            armed: std::sync::Mutex::new(None),
+            fired: std::sync::Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Arms one of the payment consumer's failpoints, chosen at random (seeded), to fire on
+    /// about 2% of its passes; returns the FAILPOINTS value.
+    fn arm(&self) -> String {
+        let step = {
+            let mut rng = self.rng.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            PAYMENT_STEPS[usize::try_from(rng.below(PAYMENT_STEPS.len() as u64)).unwrap_or(0)]
+        };
+        *self.armed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(step);
+        format!("{step}=2%return")
+    }
+
+    /// payment-svc died: the armed failpoint fired.
+    fn record_crash(&self) {
+        if let Some(step) = self
+            .armed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            *self
+                .fired
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(step.to_owned())
+                .or_default() += 1;
+        }
+    }
+
+    fn fired(&self) -> BTreeMap<String, u64> {
+        self.fired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Restarts whatever died, every 300 ms, until stopped. In the payment crash loop every
+/// restart of payment-svc arms one failpoint, chosen at random, until the heal.
+#[allow(clippy::too_many_arguments)] // One thread's whole context; a struct would only rename it.
+fn supervise(
+    stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    healing: Arc<AtomicBool>,
+    scenario: String,
+    naive: bool,
+    crash_loop: Arc<CrashLoop>,
+    crashes: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(300));
+            if paused.load(Ordering::Relaxed) {
+                continue;
+            }
+            let dead: Vec<&str> = SERVICES.iter().copied().filter(|s| !alive(s)).collect();
+            if dead.is_empty() {
+                continue;
+            }
+            crashes.fetch_add(dead.len() as u64, Ordering::Relaxed);
+            if dead.contains(&"payment-svc") {
+                crash_loop.record_crash();
+            }
+            let failpoints =
+                (scenario == "payment-crash-loop" && !healing.load(Ordering::Relaxed)).then(|| crash_loop.arm());
+            // The one-shot failpoint is not armed again after its crash.
+            let scenario = if scenario == "payment-kill-after-commit" {
+                ""
+            } else {
+                scenario.as_str()
+            };
+            let _ = stack(&["revive"], &scenario_env(scenario, naive, failpoints));
+        }
+    })
+}
+
+/// Scrapes a counter's sum from a metrics endpoint.
+fn scrape(addr: &str, metric: &str, label: &str) -> f64 {
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return 0.0;
+    };
+    use std::io::{Read as _, Write as _};
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = write!(stream, "GET /metrics HTTP/1.0\r\n\r\n");
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| l.starts_with(metric) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Keeps the payment consumer's deduplicated count, summed over its lifetimes (the counter
+/// starts again at 0 after every restart).
+fn watch_duplicates(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<f64> {
+    std::thread::spawn(move || {
+        let (mut total, mut last) = (0.0, 0.0);
+        while !stop.load(Ordering::Relaxed) {
+            let now = scrape(
+                "127.0.0.1:9102",
+                orderflow_platform::telemetry::CONSUMER_MESSAGES,
+                "outcome=\"duplicate\"",
+            );
+            if now < last {
+                total += last;
+            }
+            last = now;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        total + last
+    })
+}
+
+async fn inject(scenario: &str, cli: &Cli, paused: &AtomicBool) -> anyhow::Result<()> {
+    let kill = |name: &str| stack(&["kill", name], &[]);
+    match scenario {
+        "kill-order-svc" => kill("order-svc")?,
+        "kill-payment-svc" => kill("payment-svc")?,
+        "kill-relay-orders" => kill("relay-orders")?,
+        "kill-relay-payments" => kill("relay-payments")?,
+        "kill-projector" => kill("order-projector")?,
+        "kill-fulfilment" => kill("fulfilment")?,
+        "kill-gateway" => kill("gateway-sim")?,
+        "broker-pause" => {
+            paused.store(true, Ordering::Relaxed);
+            stack(&["broker-pause"], &[])?;
+            tokio::time::sleep(Duration::from_secs(cli.pause_secs)).await;
+            stack(&["broker-resume"], &[])?;
+            paused.store(false, Ordering::Relaxed);
+        }
+        "broker-kill" => {
+            paused.store(true, Ordering::Relaxed);
+            kill("tansu")?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            paused.store(false, Ordering::Relaxed);
+            stack(&["revive"], &[("ORDERFLOW_NO_BUILD", "1".to_owned())])?;
+        }
+        "postgres-restart" => stack(&["pg-restart"], &[])?,
+        "nemesis" => {
+            let mut rng = Rng::new(cli.seed ^ 0xBAD);
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(cli.nemesis_secs) {
+                tokio::time::sleep(Duration::from_millis(1_000 + rng.below(3_000))).await;
+                let victim = SERVICES[usize::try_from(rng.below(SERVICES.len() as u64)).unwrap_or(0)];
+                eprintln!("[chaos]   nemesis kills {victim}");
+                kill(victim)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Reads the orders topic and returns the orders whose OrderPlaced is on it.
+fn placed_on_topic(bootstrap: &str) -> anyhow::Result<HashSet<String>> {
+    let (consumer, _) = orderflow_platform::kafka::reader_from_start(bootstrap, orderflow::topics::ORDERS_EVENTS)?;
+    let mut seen = HashSet::new();
+    let mut idle = Instant::now();
+    while idle.elapsed() < Duration::from_secs(5) {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message?;
+        idle = Instant::now();
+        if let Ok(event) = orderflow::envelope::open(message.payload().unwrap_or_default())
+            && matches!(
+                event.payload,
+                orderflow::events::v1::event_envelope::Payload::OrderPlaced(_)
+            )
+        {
+            seen.insert(event.aggregate_id.to_string());
+        }
+    }
+    Ok(seen)
+}
+
+async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
+    let naive = cli.mode == "naive";
+    let started = Instant::now();
+    eprintln!("[chaos] {scenario} ({}), {} orders", cli.mode, cli.orders);
+    stack(&["reset"], &[])?;
+    let crash_loop = Arc::new(CrashLoop::new(cli.seed));
+    let first_failpoint = (scenario == "payment-crash-loop").then(|| crash_loop.arm());
+    stack(&["up"], &scenario_env(scenario, naive, first_failpoint))?;
+    let env = stack_env()?;
+    let var = |k: &str| {
+        env.get(k)
+            .cloned()
+            .with_context(|| format!("{k} missing from .stack/env"))
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicBool::new(false));
+    let healing = Arc::new(AtomicBool::new(false));
+    let crashes = Arc::new(AtomicU64::new(0));
+    let supervisor = supervise(
+        stop.clone(),
+        paused.clone(),
+        healing.clone(),
+        scenario.to_owned(),
+        naive,
+        crash_loop.clone(),
+        crashes.clone(),
+    );
+    let duplicates = watch_duplicates(stop.clone());
+
+    let (decline, late, hang) = if scenario == "gateway-cohorts" {
+        (0.10, 0.05, 0.03)
+    } else {
+        (0.05, 0.01, 0.0)
+    };
+    let workload = Arc::new(Workload::new(cli.seed, 1_000_000, 1.1, decline, late).with_hang_rate(hang));
+    let load = tokio::spawn(place_orders(
+        var("ORDERFLOW_ORDER_SVC_ADDR")?,
+        workload,
+        cli.orders,
+        cli.rate,
+    ));
+    // The fault lands a third of the way into the load.
+    tokio::time::sleep(Duration::from_secs_f64(cli.orders as f64 / cli.rate / 3.0)).await;
+    inject(scenario, cli, &paused).await?;
+    let placed = load.await?;
+
+    // Heal: the faults stop. In the crash loop payment-svc is stopped gracefully (it leaves
+    // its group, so its successor gets the partitions at once) and comes back unarmed.
+    if scenario == "payment-crash-loop" {
+        // The loop goes on until enough crashes (at least --min-crashes), or 5 minutes.
+        let looping = Instant::now();
+        while crash_loop.fired().values().sum::<u64>() < cli.min_crashes && looping.elapsed() < Duration::from_secs(300)
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    healing.store(true, Ordering::Relaxed);
+    if scenario == "payment-crash-loop" {
+        stack(&["stop", "payment-svc"], &[])?;
+    }
+
+    if scenario == "replay-from-zero" {
+        // Every order event again, from offset 0, to a payment-svc that has seen them all.
+        paused.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stack(&["kill", "payment-svc"], &[])?;
+        tokio::time::sleep(Duration::from_secs(11)).await; // past session.timeout.ms: the group is empty
+        orderflow_tests::reset_group_to_start(
+            &var("ORDERFLOW_BOOTSTRAP_SERVERS")?,
+            "payment",
+            orderflow::topics::ORDERS_EVENTS,
+        )?;
+        paused.store(false, Ordering::Relaxed);
+    }
+
+    // Drain: no order PENDING (the sweeper ends any saga within the deadline) and every
+    // outbox row published, or 180 s.
+    let connect = |url: String| async move {
+        orderflow_platform::connect_postgres(&orderflow_platform::Secret::new(url), 2).await
+    };
+    let stores = ordersctl::verify::Stores {
+        orders: connect(var("ORDERFLOW_ORDERS_DATABASE_URL")?).await?,
+        payments: connect(var("ORDERFLOW_PAYMENTS_DATABASE_URL")?).await?,
+        fulfilment: connect(var("ORDERFLOW_FULFILMENT_DATABASE_URL")?).await?,
+        gateway: connect(var("ORDERFLOW_GATEWAY_DATABASE_URL")?).await?,
+    };
+    let drain_started = Instant::now();
+    loop {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+            .fetch_one(&stores.orders)
+            .await
+            .unwrap_or(1);
+        let outbox = ordersctl::bench::probe::outbox_backlog(&stores.orders, &stores.payments).await;
+        let open: i64 = sqlx::query_scalar("SELECT count(*) FROM authorizations WHERE state = 'AUTHORIZED'")
+            .fetch_one(&stores.gateway)
+            .await
+            .unwrap_or(1);
+        let unprojected: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM orders o LEFT JOIN order_read r USING (order_id) WHERE r.status IS DISTINCT FROM o.status",
+        )
+        .fetch_one(&stores.orders)
+        .await
+        .unwrap_or(1);
+        // Every confirmed order shipped (fulfilment may still be rejoining its group).
+        let confirmed: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'CONFIRMED'")
+            .fetch_one(&stores.orders)
+            .await
+            .unwrap_or(0);
+        let shipped: i64 = sqlx::query_scalar("SELECT count(DISTINCT order_id) FROM shipments")
+            .fetch_one(&stores.fulfilment)
+            .await
+            .unwrap_or(-1);
+        let quiet = pending == 0 && outbox == 0 && open == 0 && unprojected == 0 && shipped >= confirmed;
+        if quiet || drain_started.elapsed() > Duration::from_secs(180) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // A last moment for in-flight captures and projections.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = supervisor.join();
+    let duplicates = duplicates.join().unwrap_or(0.0);
+
+    let report = ordersctl::verify::verify(&stores, Duration::from_millis(20_000), Duration::from_secs(5)).await?;
+    let count = |name: &str| {
+        report
+            .checks
+            .iter()
+            .find(|c| c.name.starts_with(name))
+            .map_or(0, |c| c.violations)
+    };
+    let accepted = placed.accepted.lock().await.clone();
+    let bootstrap = var("ORDERFLOW_BOOTSTRAP_SERVERS")?;
+    let on_topic = tokio::task::spawn_blocking(move || placed_on_topic(&bootstrap)).await??;
+    let lost_events = accepted.iter().filter(|id| !on_topic.contains(*id)).count();
+    let undelivered = ordersctl::bench::probe::outbox_backlog(&stores.orders, &stores.payments).await;
+    let stuck: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+        .fetch_one(&stores.orders)
+        .await?;
+    let by_status = |status: &str| report.orders_by_status.get(status).copied().unwrap_or(0);
+    Ok(Row {
+        scenario: scenario.to_owned(),
+        mode: cli.mode.clone(),
+        orders_accepted: accepted.len(),
+        gave_up: usize::try_from(placed.gave_up.load(Ordering::Relaxed)).unwrap_or(0),
+        confirmed: by_status("CONFIRMED"),
+        cancelled: by_status("CANCELLED"),
+        double_charges: count("orders authorized or captured more than once"),
+        lost_events,
+        undelivered_outbox_rows: undelivered,
+        stuck_sagas: stuck,
+        money_kept_for_cancelled: count("CANCELLED orders whose money"),
+        invariant_violations: report.violations(),
+        crashes: crashes.load(Ordering::Relaxed),
+        crash_steps: crash_loop.fired(),
+        duplicates_deduplicated: duplicates,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| scenario | mode | accepted | confirmed | cancelled | double charges | lost events | undelivered outbox | stuck sagas | money kept (cancelled) | violations | restarts | deduplicated | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        out += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} |\n",
+            r.scenario,
+            r.mode,
+            r.orders_accepted,
+            r.confirmed,
+            r.cancelled,
+            r.double_charges,
+            r.lost_events,
+            r.undelivered_outbox_rows,
+            r.stuck_sagas,
+            r.money_kept_for_cancelled,
+            r.invariant_violations,
+            r.crashes,
+            r.duplicates_deduplicated,
+            r.seconds
+        );
+    }
+    out
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    anyhow::ensure!(cli.mode == "hardened" || cli.mode == "naive", "--mode hardened|naive");
+    let scenarios: Vec<String> = if cli.scenarios.iter().any(|s| s == "all") {
+        ALL.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        cli.scenarios.clone()
+    };
+    for s in &scenarios {
+        anyhow::ensure!(
+            ALL.contains(&s.as_str()),
+            "unknown scenario {s}; known: {}",
+            ALL.join(", ")
+        );
+    }
+    let mut rows = Vec::new();
+    for scenario in &scenarios {
+        let row = run_scenario(&cli, scenario).await?;
+        if !row.crash_steps.is_empty() {
+            eprintln!("[chaos]   failpoint crashes: {:?}", row.crash_steps);
+        }
+        eprintln!(
+            "[chaos]   {} accepted, double charges {}, lost events {}, stuck {}, money kept {}, violations {}, restarts {}, deduplicated {:.0} ({:.0} s)",
+            row.orders_accepted,
+            row.double_charges,
+            row.lost_events,
+            row.stuck_sagas,
+            row.money_kept_for_cancelled,
+            row.invariant_violations,
+            row.crashes,
+            row.duplicates_deduplicated,
+            row.seconds
+        );
+        rows.push(row);
+    }
+    let _ = stack(&["down"], &[]);
+    let markdown = table(&rows);
+    print!("{markdown}");
+    std::fs::create_dir_all(&cli.out)?;
+    std::fs::write(cli.out.join(format!("chaos-{}.md", cli.mode)), &markdown)?;
+    std::fs::write(
+        cli.out.join(format!("chaos-{}.json", cli.mode)),
+        serde_json::to_string_pretty(&rows)?,
+    )?;
+    let damaged = rows.iter().filter(|r| {
+        r.double_charges + r.lost_events + r.money_kept_for_cancelled + r.invariant_violations > 0
+            || r.stuck_sagas > 0
+            || r.undelivered_outbox_rows > 0
+            || r.gave_up > 0
+    });
+    let mut damaged: Vec<&str> = damaged.map(|r| r.scenario.as_str()).collect();
+    // The kill after the commit must have produced a redelivery that the inbox absorbed.
+    if cli.mode == "hardened"
+        && rows
+            .iter()
+            .any(|r| r.scenario == "payment-kill-after-commit" && (r.crashes == 0 || r.duplicates_deduplicated < 1.0))
+    {
+        damaged.push("payment-kill-after-commit (no crash or no deduplicated redelivery)");
+    }
+    if cli.mode == "hardened" && !damaged.is_empty() {
+        eprintln!("[chaos] DAMAGE in hardened mode: {}", damaged.join(", "));
+        std::process::exit(1);
+    }
+    Ok(())
+}
