@@ -12,6 +12,15 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+/// A client setting that the benchmark's tuning runs may override from the environment
+/// (docs/performance.md); the default is the measured choice.
+fn tuning(variable: &str, default: &str) -> String {
+    std::env::var(variable)
+        .ok()
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap_or_else(|| default.to_owned())
+}
+
 /// Settings of an idempotent producer that never gives up on a message.
 pub fn producer_config(bootstrap_servers: &str, client_id: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
@@ -26,7 +35,7 @@ pub fn producer_config(bootstrap_servers: &str, client_id: &str) -> ClientConfig
         // cannot survive; and a message that times out would have to be retried anyway,
         // because its outbox row is still unpublished. So: wait for the broker, however long.
         .set("message.timeout.ms", "0")
-        .set("linger.ms", "5")
+        .set("linger.ms", tuning("ORDERFLOW_KAFKA_LINGER_MS", "5"))
         .set("compression.type", "none");
     config
 }
@@ -43,7 +52,7 @@ pub fn consumer_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig 
         .set("auto.offset.reset", "earliest")
         // The local broker does not wake a waiting fetch when data arrives: with the default
         // 500 ms every hop would cost ~400 ms. 10 ms brings produce-to-consume p50 to ~17 ms.
-        .set("fetch.wait.max.ms", "10")
+        .set("fetch.wait.max.ms", tuning("ORDERFLOW_KAFKA_FETCH_WAIT_MS", "10"))
         .set("session.timeout.ms", "10000");
     config
 }

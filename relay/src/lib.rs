@@ -59,6 +59,9 @@ pub struct Config {
     /// Published rows are deleted this long after publication, in seconds.
     #[arg(long, env = "RELAY_PUBLISHED_RETENTION_SECS", default_value_t = 3_600)]
     pub published_retention_secs: u64,
+    /// Wake on the outbox's NOTIFY (false: polling alone, for the tuning comparison).
+    #[arg(long, env = "RELAY_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub listen: bool,
     /// Fault injection for tests and the chaos harness: publish every row twice.
     #[arg(long, env = "RELAY_PUBLISH_TWICE", default_value_t = false, action = clap::ArgAction::Set)]
     pub publish_twice: bool,
@@ -86,6 +89,7 @@ pub struct Relay {
     producer: FutureProducer,
     batch_size: i64,
     publish_twice: bool,
+    listen: bool,
 }
 
 type OutboxRow = (
@@ -108,6 +112,7 @@ impl Relay {
             producer,
             batch_size,
             publish_twice: false,
+            listen: true,
         }
     }
 
@@ -118,6 +123,11 @@ impl Relay {
             publish_twice: true,
             ..self
         }
+    }
+
+    /// Wakes on the poll interval alone, never on NOTIFY (the tuning comparison).
+    pub fn polling_only(self) -> Self {
+        Self { listen: false, ..self }
     }
 
     /// Publishes the oldest unpublished rows, at most one batch.
@@ -259,8 +269,13 @@ impl Relay {
 
     /// Publishes batches until `shutdown`, woken by NOTIFY and by a polling fallback.
     pub async fn run(self, poll_interval: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(OUTBOX_CHANNEL).await?;
+        let mut listener = if self.listen {
+            let mut listener = PgListener::connect_with(&self.pool).await?;
+            listener.listen(OUTBOX_CHANNEL).await?;
+            Some(listener)
+        } else {
+            None
+        };
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             let pass = self.drain(&shutdown).await;
@@ -282,8 +297,8 @@ impl Relay {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                notification = listener.recv() => {
-                    if let Err(error) = notification {
+                notification = async { Some(listener.as_mut()?.recv().await) }, if listener.is_some() => {
+                    if let Some(Err(error)) = notification {
                         // The listener reconnects on the next recv; meanwhile polling covers.
                         tracing::warn!(%error, "outbox listener lost its connection");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -358,6 +373,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     } else {
         relay
     };
+    let relay = if config.listen { relay } else { relay.polling_only() };
     relay
         .run(Duration::from_millis(config.poll_interval_ms), shutdown)
         .await
