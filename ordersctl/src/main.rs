@@ -225,16 +225,14 @@ struct StoreArgs {
 
 impl StoreArgs {
     async fn connect(&self, pool_size: u32) -> anyhow::Result<ordersctl::verify::Stores> {
-        let connect = |url: &str| {
-            let url = url.to_owned();
-            async move { orderflow_platform::connect_postgres(&orderflow_platform::Secret::new(url), pool_size).await }
-        };
-        Ok(ordersctl::verify::Stores {
-            orders: connect(&self.orders_db).await.context("orders database")?,
-            payments: connect(&self.payments_db).await.context("payments database")?,
-            fulfilment: connect(&self.fulfilment_db).await.context("fulfilment database")?,
-            gateway: connect(&self.gateway_db).await.context("gateway database")?,
-        })
+        ordersctl::verify::Stores::connect(
+            &self.orders_db,
+            &self.payments_db,
+            &self.fulfilment_db,
+            &self.gateway_db,
+            pool_size,
+        )
+        .await
     }
 }
 
@@ -318,7 +316,10 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Get { order_id, json } => {
-            let order = get_order(&cli.addr, order_id).await?;
+            let order = fetch_order(&mut client(&cli.addr).await?, &order_id)
+                .await
+                .map_err(status_error)?
+                .context("the server sent no order")?;
             if json {
                 println!("{}", order_json(&order));
             } else {
@@ -457,15 +458,15 @@ fn order_from_json(source: &str) -> anyhow::Result<api::PlaceOrderRequest> {
     order_from_flags(order.customer_id, &items, &order.currency, order.payment_token)
 }
 
-async fn get_order(addr: &str, order_id: String) -> anyhow::Result<api::Order> {
-    client(addr)
-        .await?
-        .get_order(api::GetOrderRequest { order_id })
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .order
-        .context("the server sent no order")
+/// One GetOrder call; the order, or None when the server sent none.
+async fn fetch_order(
+    client: &mut OrderServiceClient<tonic::transport::Channel>,
+    order_id: &str,
+) -> Result<Option<api::Order>, tonic::Status> {
+    let request = api::GetOrderRequest {
+        order_id: order_id.to_owned(),
+    };
+    Ok(client.get_order(request).await?.into_inner().order)
 }
 
 fn order_json(order: &api::Order) -> serde_json::Value {
@@ -523,10 +524,12 @@ fn order_table(order: &api::Order) -> String {
 /// Follows an order to its terminal state; returns whether it got there in time.
 async fn watch(addr: &str, order_id: String, timeout: Duration, json: bool) -> anyhow::Result<bool> {
     let started = Instant::now();
+    let mut client = client(addr).await?;
     let mut last = None;
     while started.elapsed() < timeout {
-        match get_order(addr, order_id.clone()).await {
-            Ok(order) => {
+        match fetch_order(&mut client, &order_id).await {
+            Ok(None) => anyhow::bail!("the server sent no order"),
+            Ok(Some(order)) => {
                 let state = (order.status, order.saga_state, order.version);
                 if last != Some(state) {
                     last = Some(state);
@@ -534,7 +537,7 @@ async fn watch(addr: &str, order_id: String, timeout: Duration, json: bool) -> a
                         println!("{}", order_json(&order));
                     } else {
                         println!(
-                            "{:>7.1} s  {:<10} {:<17} {}",
+                            "{:>7.1} s  {:<22} {:<22} {}",
                             started.elapsed().as_secs_f64(),
                             order.status().as_str_name(),
                             order.saga_state().as_str_name(),
@@ -554,8 +557,8 @@ async fn watch(addr: &str, order_id: String, timeout: Duration, json: bool) -> a
                 }
             }
             // The read model may not have the order yet right after PlaceOrder.
-            Err(error) if error.to_string().starts_with("NotFound") => {}
-            Err(error) => return Err(error),
+            Err(status) if status.code() == tonic::Code::NotFound => {}
+            Err(status) => return Err(status_error(status)),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

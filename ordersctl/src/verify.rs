@@ -19,6 +19,30 @@ pub struct Stores {
     pub gateway: PgPool,
 }
 
+impl Stores {
+    /// Connects to the four databases (URLs are secrets: never logged), `pool_size`
+    /// connections each.
+    pub async fn connect(
+        orders: &str,
+        payments: &str,
+        fulfilment: &str,
+        gateway: &str,
+        pool_size: u32,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let connect = |url: &str| {
+            let url = orderflow_platform::Secret::new(url.to_owned());
+            async move { orderflow_platform::connect_postgres(&url, pool_size).await }
+        };
+        Ok(Self {
+            orders: connect(orders).await.context("orders database")?,
+            payments: connect(payments).await.context("payments database")?,
+            fulfilment: connect(fulfilment).await.context("fulfilment database")?,
+            gateway: connect(gateway).await.context("gateway database")?,
+        })
+    }
+}
+
 /// One invariant and what broke it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Check {

@@ -46,12 +46,12 @@ pub async fn insert(
 }
 
 /// The Kafka headers of an outbox row, mirroring the envelope (see `orderflow::envelope::headers`).
-pub fn record_headers<'a>(
-    message_id: &'a str,
-    event_type: &'a str,
-    schema_version: &'a str,
-    traceparent: Option<&'a str>,
-) -> Vec<(&'static str, &'a str)> {
+pub fn record_headers(
+    message_id: &str,
+    event_type: &str,
+    schema_version: &str,
+    traceparent: Option<&str>,
+) -> rdkafka::message::OwnedHeaders {
     let mut list = vec![
         (headers::MESSAGE_ID, message_id),
         (headers::EVENT_TYPE, event_type),
@@ -60,7 +60,13 @@ pub fn record_headers<'a>(
     if let Some(traceparent) = traceparent {
         list.push((headers::TRACEPARENT, traceparent));
     }
-    list
+    list.into_iter()
+        .fold(rdkafka::message::OwnedHeaders::new(), |headers, (key, value)| {
+            headers.insert(rdkafka::message::Header {
+                key,
+                value: Some(value),
+            })
+        })
 }
 
 /// A time as a protobuf timestamp.

@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use orderflow_platform::{Secret, kafka, outbox, telemetry};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -170,13 +169,7 @@ impl Relay {
             }
             let message_id = message_id.to_string();
             let version = version.to_string();
-            let mut headers = OwnedHeaders::new();
-            for (name, value) in outbox::record_headers(&message_id, event_type, &version, traceparent.as_deref()) {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value),
-                });
-            }
+            let headers = outbox::record_headers(&message_id, event_type, &version, traceparent.as_deref());
             if self.publish_twice {
                 let again = FutureRecord::to(topic)
                     .key(key)

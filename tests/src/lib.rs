@@ -36,11 +36,8 @@ pub fn stack() -> &'static Stack {
         let mut vars: HashMap<String, String> = std::env::vars().collect();
         let env_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.stack/env");
         if let Ok(text) = std::fs::read_to_string(&env_file) {
-            for line in text.lines() {
-                if let Some((key, value)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
-                    vars.entry(key.to_owned())
-                        .or_insert_with(|| value.trim_matches('\'').to_owned());
-                }
+            for (key, value) in parse_stack_env(&text) {
+                vars.entry(key).or_insert(value);
             }
         }
         let get = |key: &str| {
@@ -57,6 +54,14 @@ pub fn stack() -> &'static Stack {
             bootstrap_servers: get("ORDERFLOW_BOOTSTRAP_SERVERS"),
         }
     })
+}
+
+/// The variables of a `.stack/env` file (`export KEY='value'` lines, as `scripts/stack` writes
+/// them).
+pub fn parse_stack_env(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("export ")?.split_once('='))
+        .map(|(key, value)| (key.to_owned(), value.trim_matches('\'').to_owned()))
 }
 
 /// A database of its own for one test, migrated like the orders database.

@@ -129,18 +129,12 @@ impl OrderApi {
                     let envelope = &event.envelope;
                     let payload = envelope.encode_to_vec();
                     let version = envelope.schema_version.to_string();
-                    let mut headers = rdkafka::message::OwnedHeaders::new();
-                    for (name, value) in orderflow_platform::outbox::record_headers(
+                    let headers = orderflow_platform::outbox::record_headers(
                         &envelope.message_id,
                         &envelope.event_type,
                         &version,
                         None,
-                    ) {
-                        headers = headers.insert(rdkafka::message::Header {
-                            key: name,
-                            value: Some(value),
-                        });
-                    }
+                    );
                     let record = rdkafka::producer::FutureRecord::to(&event.topic)
                         .key(&envelope.aggregate_id)
                         .payload(&payload)

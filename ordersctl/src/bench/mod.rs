@@ -178,8 +178,9 @@ async fn load(
                     second.reset();
                     p
                 };
-                let backlog = probe::outbox_backlog(&orders, &payments).await;
-                let pending = probe::pending_sagas(&orders).await;
+                // A sample that cannot be read counts as empty; the drain below checks again.
+                let backlog = probe::outbox_backlog(&orders, &payments).await.unwrap_or(0);
+                let pending = probe::pending_sagas(&orders).await.unwrap_or(0);
                 let endpoints = endpoints.clone();
                 let lag = tokio::task::spawn_blocking(move || probe::consumer_lag(&endpoints))
                     .await
@@ -338,7 +339,7 @@ async fn drain(stores: &Stores, since: DateTime<Utc>, timeout: Duration) -> anyh
         .bind(since)
         .fetch_one(&stores.orders)
         .await?;
-        let backlog = probe::outbox_backlog(&stores.orders, &stores.payments).await;
+        let backlog = probe::outbox_backlog(&stores.orders, &stores.payments).await?;
         if pending == 0 && unprojected == 0 && backlog == 0 {
             return Ok(true);
         }

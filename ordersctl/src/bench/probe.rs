@@ -10,27 +10,26 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 
 /// Unpublished outbox rows in both service databases.
-pub async fn outbox_backlog(orders: &PgPool, payments: &PgPool) -> i64 {
+pub async fn outbox_backlog(orders: &PgPool, payments: &PgPool) -> Result<i64, sqlx::Error> {
     let query = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
     let (a, b) = tokio::join!(
         sqlx::query_scalar::<_, i64>(query).fetch_one(orders),
         sqlx::query_scalar::<_, i64>(query).fetch_one(payments)
     );
-    a.unwrap_or(0) + b.unwrap_or(0)
+    Ok(a? + b?)
 }
 
 /// Orders still PENDING: sagas in flight, the end-to-end backlog (a partial index keeps
 /// this count cheap).
-pub async fn pending_sagas(orders: &PgPool) -> i64 {
+pub async fn pending_sagas(orders: &PgPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
         .fetch_one(orders)
         .await
-        .unwrap_or(0)
 }
 
-/// Sum of `metric` over every series of the Prometheus text served at `addr`; None when the
-/// endpoint does not answer.
-pub fn scrape_sum(addr: &str, metric: &str) -> Option<f64> {
+/// Sum of `metric` over the series of the Prometheus text served at `addr` whose labels
+/// contain `label` ("" for every series); None when the endpoint does not answer.
+pub fn scrape_sum(addr: &str, metric: &str, label: &str) -> Option<f64> {
     let mut stream = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(300)).ok()?;
     stream.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
     write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
@@ -39,6 +38,7 @@ pub fn scrape_sum(addr: &str, metric: &str) -> Option<f64> {
     let total = body
         .lines()
         .filter(|line| line.starts_with(metric) && line[metric.len()..].starts_with(['{', ' ']))
+        .filter(|line| line.contains(label))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     Some(total)
@@ -48,7 +48,7 @@ pub fn scrape_sum(addr: &str, metric: &str) -> Option<f64> {
 pub fn consumer_lag(endpoints: &[String]) -> f64 {
     endpoints
         .iter()
-        .filter_map(|addr| scrape_sum(addr, orderflow_platform::telemetry::CONSUMER_LAG))
+        .filter_map(|addr| scrape_sum(addr, orderflow_platform::telemetry::CONSUMER_LAG, ""))
         .sum()
 }
 

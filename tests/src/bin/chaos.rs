@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use orderflow::orders::v1::order_service_client::OrderServiceClient;
+use ordersctl::bench::probe;
 use ordersctl::bench::workload::{Rng, Workload};
 use rdkafka::message::Message as _;
 use tokio::sync::Mutex;
@@ -154,12 +155,7 @@ fn alive(name: &str) -> bool {
 /// The stack's environment file, as variables.
 fn stack_env() -> anyhow::Result<BTreeMap<String, String>> {
     let text = std::fs::read_to_string(stack_dir().join("env")).context("no .stack/env: is the stack up?")?;
-    Ok(text
-        .lines()
-        .filter_map(|line| line.strip_prefix("export "))
-        .filter_map(|line| line.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
-        .collect())
+    Ok(orderflow_tests::parse_stack_env(&text).collect())
 }
 
 /// How each scenario sets the stack up.
@@ -327,33 +323,19 @@ fn supervise(
     })
 }
 
-/// Scrapes a counter's sum from a metrics endpoint.
-fn scrape(addr: &str, metric: &str, label: &str) -> f64 {
-    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
-        return 0.0;
-    };
-    use std::io::{Read as _, Write as _};
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let _ = write!(stream, "GET /metrics HTTP/1.0\r\n\r\n");
-    let mut body = String::new();
-    let _ = stream.read_to_string(&mut body);
-    body.lines()
-        .filter(|l| l.starts_with(metric) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Keeps the payment consumer's deduplicated count, summed over its lifetimes (the counter
 /// starts again at 0 after every restart).
 fn watch_duplicates(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<f64> {
     std::thread::spawn(move || {
         let (mut total, mut last) = (0.0, 0.0);
         while !stop.load(Ordering::Relaxed) {
-            let now = scrape(
+            // payment-svc down (or restarting) reads as 0: its counter starts again.
+            let now = probe::scrape_sum(
                 "127.0.0.1:9102",
                 orderflow_platform::telemetry::CONSUMER_MESSAGES,
                 "outcome=\"duplicate\"",
-            );
+            )
+            .unwrap_or(0.0);
             if now < last {
                 total += last;
             }
@@ -505,24 +487,23 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
 
     // Drain: no order PENDING (the sweeper ends any saga within the deadline) and every
     // outbox row published, or 180 s.
-    let connect = |url: String| async move {
-        orderflow_platform::connect_postgres(&orderflow_platform::Secret::new(url), 2).await
-    };
-    let stores = ordersctl::verify::Stores {
-        orders: connect(var("ORDERFLOW_ORDERS_DATABASE_URL")?).await?,
-        payments: connect(var("ORDERFLOW_PAYMENTS_DATABASE_URL")?).await?,
-        fulfilment: connect(var("ORDERFLOW_FULFILMENT_DATABASE_URL")?).await?,
-        gateway: connect(var("ORDERFLOW_GATEWAY_DATABASE_URL")?).await?,
-    };
+    let stores = ordersctl::verify::Stores::connect(
+        &var("ORDERFLOW_ORDERS_DATABASE_URL")?,
+        &var("ORDERFLOW_PAYMENTS_DATABASE_URL")?,
+        &var("ORDERFLOW_FULFILMENT_DATABASE_URL")?,
+        &var("ORDERFLOW_GATEWAY_DATABASE_URL")?,
+        2,
+    )
+    .await?;
     let drain_started = Instant::now();
     let mut last_state = (-1, -1, -1, -1, -1, -1);
     let mut last_change = Instant::now();
     loop {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
-            .fetch_one(&stores.orders)
+        // A count that cannot be read is never "quiet".
+        let pending = probe::pending_sagas(&stores.orders).await.unwrap_or(1);
+        let outbox = probe::outbox_backlog(&stores.orders, &stores.payments)
             .await
             .unwrap_or(1);
-        let outbox = ordersctl::bench::probe::outbox_backlog(&stores.orders, &stores.payments).await;
         let open: i64 = sqlx::query_scalar("SELECT count(*) FROM authorizations WHERE state = 'AUTHORIZED'")
             .fetch_one(&stores.gateway)
             .await
@@ -575,10 +556,8 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
     let bootstrap = var("ORDERFLOW_BOOTSTRAP_SERVERS")?;
     let on_topic = tokio::task::spawn_blocking(move || placed_on_topic(&bootstrap)).await??;
     let lost_events = accepted.iter().filter(|id| !on_topic.contains(*id)).count();
-    let undelivered = ordersctl::bench::probe::outbox_backlog(&stores.orders, &stores.payments).await;
-    let stuck: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
-        .fetch_one(&stores.orders)
-        .await?;
+    let undelivered = probe::outbox_backlog(&stores.orders, &stores.payments).await?;
+    let stuck = probe::pending_sagas(&stores.orders).await?;
     let by_status = |status: &str| report.orders_by_status.get(status).copied().unwrap_or(0);
     Ok(Row {
         scenario: scenario.to_owned(),
