@@ -728,3 +728,80 @@ pub async fn run(
         violations,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step of `rate` orders/s with the given saga p99, backlog trend and counts.
+    pub(super) fn step_report(rate: f64, saga_p99_ms: f64, slope: f64, backlog_max: f64, accepted: u64) -> StepReport {
+        StepReport {
+            offered_rate: rate,
+            warmup_secs: 5.0,
+            duration_secs: 20.0,
+            offered: 1000,
+            accepted,
+            not_sent: 0,
+            errors: BTreeMap::new(),
+            sustained_rate: rate,
+            place_order: Percentiles::default(),
+            relay_lag: Percentiles::default(),
+            saga_completion: Percentiles {
+                p99_ms: saga_p99_ms,
+                ..Percentiles::default()
+            },
+            saga_completion_approved: Percentiles::default(),
+            read_model_convergence: Percentiles::default(),
+            backlog_slope_per_sec: slope,
+            backlog_max,
+            drained: true,
+            drain_secs: 1.0,
+            cpu: BTreeMap::new(),
+            machine_cpu: 50.0,
+            timeline: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn slope_is_the_least_squares_trend_per_second() {
+        let rising: Vec<(f64, f64)> = (0..10).map(|t| (f64::from(t), 3.0 * f64::from(t) + 7.0)).collect();
+        assert!((slope(&rising) - 3.0).abs() < 1e-9);
+        let flat: Vec<(f64, f64)> = (0..10).map(|t| (f64::from(t), 42.0)).collect();
+        assert!(slope(&flat).abs() < 1e-9);
+        assert!(slope(&[(1.0, 5.0)]).abs() < f64::EPSILON, "one point has no trend");
+    }
+
+    #[test]
+    fn a_step_holds_only_within_its_service_level() {
+        assert!(sustainable(&step_report(100.0, 900.0, 0.0, 40.0, 1000), 2000.0).is_ok());
+
+        let slow = sustainable(&step_report(100.0, 2500.0, 0.0, 40.0, 1000), 2000.0);
+        assert!(slow.is_err_and(|why| why.contains("saga completion p99")));
+
+        // Rising faster than 2/s and more than half a second of work queued.
+        let rising = sustainable(&step_report(100.0, 900.0, 5.0, 80.0, 1000), 2000.0);
+        assert!(rising.is_err_and(|why| why.contains("backlog rising")));
+        // A slope with little queued is noise, not a rising backlog.
+        assert!(sustainable(&step_report(100.0, 900.0, 5.0, 20.0, 1000), 2000.0).is_ok());
+
+        let refused = sustainable(&step_report(100.0, 900.0, 0.0, 40.0, 980), 2000.0);
+        assert!(refused.is_err_and(|why| why.contains("20 of 1000 arrivals not accepted")));
+
+        let mut undrained = step_report(100.0, 900.0, 0.0, 40.0, 1000);
+        undrained.drained = false;
+        assert!(sustainable(&undrained, 2000.0).is_err_and(|why| why.contains("did not drain")));
+    }
+
+    #[test]
+    fn percentiles_are_read_in_milliseconds_from_microseconds() {
+        let mut h = histogram();
+        for micros in 1..=1000u64 {
+            h.record(micros * 1000).expect("within the histogram's bounds");
+        }
+        let p = percentiles(&h);
+        assert_eq!(p.samples, 1000);
+        assert!((p.p50_ms - 500.0).abs() < 1.0, "p50 {}", p.p50_ms);
+        assert!((p.p99_ms - 990.0).abs() < 1.0, "p99 {}", p.p99_ms);
+        assert!((p.max_ms - 1000.0).abs() < 1.0, "max {}", p.max_ms);
+    }
+}

@@ -525,3 +525,80 @@ pub fn render_html(report: &BenchReport) -> String {
          </body></html>\n"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(t: f64, outbox: i64, pending: i64) -> Sample {
+        Sample {
+            t,
+            accepted_per_sec: 100.0,
+            place_p99_ms: 20.0,
+            outbox_backlog: outbox,
+            pending_sagas: pending,
+            consumer_lag: 0.0,
+            machine_cpu: 95.0,
+            cpu: BTreeMap::from([("postgres".to_owned(), 80.0), ("tansu".to_owned(), 30.0)]),
+        }
+    }
+
+    fn report() -> BenchReport {
+        let mut step = crate::bench::tests::step_report(150.0, 1200.0, 0.0, 40.0, 1000);
+        step.timeline = (0..20).map(|t| sample(f64::from(t), 3, 40)).collect();
+        BenchReport {
+            command: "ordersctl bench --rate 150 <script>".into(),
+            started_at: "2026-11-24T00:00:00Z".into(),
+            machine: "2 cores".into(),
+            workload: serde_json::json!({"seed": 42}),
+            steps: vec![step],
+            ceiling: Some(150.0),
+            ceiling_broken_by: None,
+            bottleneck: vec!["machine CPU".into()],
+            pgbench: None,
+            ratio_to_pgbench: None,
+            targets: vec![Target {
+                name: "invariant violations".into(),
+                goal: "0".into(),
+                measured: "0".into(),
+                met: true,
+            }],
+            verify: serde_json::json!({}),
+            violations: 0,
+        }
+    }
+
+    #[test]
+    fn the_html_report_needs_no_network_and_escapes_what_it_quotes() {
+        let html = render_html(&report());
+        assert!(html.contains("<svg"), "the charts are inline SVG");
+        assert!(!html.contains("<script"), "no script");
+        assert!(
+            !html.contains("src=\"http") && !html.contains("href=\"http"),
+            "nothing fetched"
+        );
+        assert!(html.contains("&lt;script&gt;"), "the command line is escaped");
+    }
+
+    #[test]
+    fn a_saturated_machine_is_named_the_bottleneck_with_its_largest_consumer() {
+        let mut step = report().steps.remove(0);
+        step.machine_cpu = 95.0;
+        step.cpu = BTreeMap::from([("postgres".to_owned(), 80.0), ("tansu".to_owned(), 30.0)]);
+        let evidence = bottleneck(&step, 2);
+        assert!(evidence[0].contains("postgres 80%"), "{evidence:?}");
+        assert!(
+            evidence.iter().any(|e| e.contains("the largest consumer is postgres")),
+            "{evidence:?}"
+        );
+
+        // Sagas in flight growing while the outbox keeps up: the consumers fall behind.
+        step.backlog_slope_per_sec = 5.0;
+        step.timeline = vec![sample(1.0, 2, 300)];
+        let evidence = bottleneck(&step, 2);
+        assert!(
+            evidence.iter().any(|e| e.contains("sagas in flight grow (300 PENDING")),
+            "{evidence:?}"
+        );
+    }
+}
