@@ -65,10 +65,20 @@ fn spawn_relay_polling_every(
     batch_size: i64,
     poll_interval: Duration,
 ) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    spawn_configured_relay(db, bootstrap_servers, batch_size, poll_interval, |relay| relay)
+}
+
+fn spawn_configured_relay(
+    db: &TestDb,
+    bootstrap_servers: &str,
+    batch_size: i64,
+    poll_interval: Duration,
+    configure: impl FnOnce(relay::Relay) -> relay::Relay,
+) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let producer: FutureProducer = kafka::producer_config(bootstrap_servers, "relay-test")
         .create()
         .expect("producer");
-    let relay = relay::Relay::new(db.pool.clone(), producer, batch_size);
+    let relay = configure(relay::Relay::new(db.pool.clone(), producer, batch_size));
     let token = CancellationToken::new();
     let task = tokio::spawn(relay.run(poll_interval, token.clone()));
     (token, task)
@@ -387,6 +397,30 @@ async fn a_commit_wakes_the_relay_at_once_without_waiting_for_the_poll() {
     assert!(
         eventually(Duration::from_secs(5), || async { unpublished(&db).await == 0 }).await,
         "the relay published within 5 s of the commit"
+    );
+    stop.cancel();
+    relay.await.unwrap().expect("the relay stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_only_relay_ignores_notify_and_publishes_on_its_poll() {
+    let db = fresh_orders_db().await;
+    let topic = fresh_topic(3).await;
+    let (stop, relay) = spawn_configured_relay(
+        &db,
+        &stack().bootstrap_servers,
+        100,
+        Duration::from_secs(4),
+        relay::Relay::polling_only,
+    );
+    // Let the relay finish its first (empty) pass; its next pass is 4 s away.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    place_orders(&db, &topic, 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(unpublished(&db).await, 1, "no NOTIFY woke the relay");
+    assert!(
+        eventually(Duration::from_secs(8), || async { unpublished(&db).await == 0 }).await,
+        "the poll published the row"
     );
     stop.cancel();
     relay.await.unwrap().expect("the relay stops cleanly");
