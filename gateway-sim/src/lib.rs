@@ -36,7 +36,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/gat
 #[command(name = "gateway-sim", about = "orderflow's card-processor simulator")]
 pub struct Config {
     /// Address to serve gRPC on.
-    #[arg(long, env = "GATEWAY_LISTEN_ADDR", default_value = "127.0.0.1:50061")]
+    #[arg(long, env = "GATEWAY_LISTEN_ADDR", default_value = "127.0.0.1:15061")]
     pub listen_addr: SocketAddr,
     /// Postgres URL of the gateway's own database.
     #[arg(long, env = "GATEWAY_DATABASE_URL", hide_env_values = true)]

@@ -1,3 +1,4 @@
+use anyhow::Context as _;
 use clap::Parser as _;
 
 #[tokio::main]
@@ -5,6 +6,8 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = orderflow_platform::telemetry::init("gateway-sim");
     orderflow_platform::telemetry::install_metrics_from_env()?;
     let config = gateway_sim::Config::parse();
-    let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
     gateway_sim::run(config, listener, orderflow_platform::shutdown_on_signals()).await
 }

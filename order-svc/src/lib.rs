@@ -27,7 +27,7 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 #[command(name = "order-svc", about = "orderflow's order service (gRPC)")]
 pub struct Config {
     /// Address to serve gRPC on.
-    #[arg(long, env = "ORDER_SVC_LISTEN_ADDR", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "ORDER_SVC_LISTEN_ADDR", default_value = "127.0.0.1:15051")]
     pub listen_addr: SocketAddr,
     /// Postgres URL of the orders database.
     #[arg(long, env = "ORDER_SVC_DATABASE_URL", hide_env_values = true)]

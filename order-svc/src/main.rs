@@ -1,3 +1,4 @@
+use anyhow::Context as _;
 use clap::Parser as _;
 
 #[tokio::main]
@@ -5,7 +6,9 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = orderflow_platform::telemetry::init("order-svc");
     orderflow_platform::telemetry::install_metrics_from_env()?;
     let config = order_svc::Config::parse();
-    let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
     let shutdown = orderflow_platform::shutdown_on_signals();
     order_svc::run(config, listener, shutdown).await
 }

@@ -23,7 +23,7 @@ struct Cli {
     #[arg(
         long,
         env = "ORDERFLOW_ORDER_SVC_ADDR",
-        default_value = "127.0.0.1:50051",
+        default_value = "127.0.0.1:15051",
         global = true
     )]
     addr: String,

@@ -48,7 +48,7 @@ pub struct Config {
     #[arg(long, env = "PAYMENT_SVC_PAYMENTS_TOPIC", default_value = orderflow::topics::PAYMENTS_EVENTS)]
     pub payments_topic: String,
     /// The gateway's gRPC address.
-    #[arg(long, env = "PAYMENT_SVC_GATEWAY_ADDR", default_value = "127.0.0.1:50061")]
+    #[arg(long, env = "PAYMENT_SVC_GATEWAY_ADDR", default_value = "127.0.0.1:15061")]
     pub gateway_addr: String,
     /// How long to wait for one gateway reply before retrying (with the same key).
     #[arg(long, env = "PAYMENT_SVC_GATEWAY_TIMEOUT_MS", default_value_t = 1_000)]

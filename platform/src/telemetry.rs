@@ -52,7 +52,8 @@ pub fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets(LATENCY_BUCKETS)?
-        .install()?;
+        .install()
+        .map_err(|error| anyhow::anyhow!("cannot serve metrics on {addr}: {error}"))?;
     tracing::info!(%addr, "serving Prometheus metrics");
     Ok(())
 }

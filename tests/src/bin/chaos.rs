@@ -197,11 +197,18 @@ struct Placed {
 
 /// Places `orders` at `rate`, each retried with its own request id (so a retry is safe)
 /// until accepted or 120 s have passed: what a careful client does through an outage.
-async fn place_orders(addr: String, workload: Arc<Workload>, orders: u64, rate: f64) -> Arc<Placed> {
+async fn place_orders(addr: String, workload: Arc<Workload>, orders: u64, rate: f64) -> anyhow::Result<Arc<Placed>> {
     let placed = Arc::new(Placed {
         accepted: Mutex::new(Vec::new()),
         gave_up: AtomicU64::new(0),
     });
+    // One channel for every attempt: it reconnects by itself after order-svc dies. (A
+    // connection per attempt left thousands of client sockets in TIME_WAIT, and one on a
+    // port a service was about to listen on kept it from binding.)
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy();
     let mut tasks = Vec::new();
     let start = Instant::now();
     for n in 0..orders {
@@ -209,14 +216,14 @@ async fn place_orders(addr: String, workload: Arc<Workload>, orders: u64, rate: 
         tokio::time::sleep_until(due.into()).await;
         let (mut request, _) = workload.order(n);
         request.request_id = uuid::Uuid::now_v7().to_string();
-        let addr = addr.clone();
+        let mut client = OrderServiceClient::new(channel.clone());
         let placed = placed.clone();
         tasks.push(tokio::spawn(async move {
             let started = Instant::now();
+            // The same request_id on every attempt: a retry of an order that was committed
+            // (its reply lost) returns the same order, never a second one.
             while started.elapsed() < Duration::from_secs(120) {
-                if let Ok(mut client) = OrderServiceClient::connect(format!("http://{addr}")).await
-                    && let Ok(response) = client.place_order(request.clone()).await
-                {
+                if let Ok(response) = client.place_order(request.clone()).await {
                     placed.accepted.lock().await.push(response.into_inner().order_id);
                     return;
                 }
@@ -228,7 +235,7 @@ async fn place_orders(addr: String, workload: Arc<Workload>, orders: u64, rate: 
     for task in tasks {
         let _ = task.await;
     }
-    placed
+    Ok(placed)
 }
 
 /// The payment crash loop's state: which failpoint the running payment-svc has armed, and
@@ -454,7 +461,7 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
     // The fault lands a third of the way into the load.
     tokio::time::sleep(Duration::from_secs_f64(cli.orders as f64 / cli.rate / 3.0)).await;
     inject(scenario, cli, &paused).await?;
-    let placed = load.await?;
+    let placed = load.await??;
 
     // Heal: the faults stop. In the crash loop payment-svc is stopped gracefully (it leaves
     // its group, so its successor gets the partitions at once) and comes back unarmed.
@@ -606,8 +613,23 @@ fn table(rows: &[Row]) -> String {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(&cli).await {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        // The harness itself failed (a stack that would not start, say): no verdict. The
+        // cause chain, not a backtrace (CI sets RUST_BACKTRACE for the tests).
+        Err(error) => {
+            eprintln!("[chaos] error, no verdict: {error:#}");
+            let _ = stack(&["down"], &[]);
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the scenarios; false when the hardened services showed damage.
+async fn run(cli: &Cli) -> anyhow::Result<bool> {
     anyhow::ensure!(cli.mode == "hardened" || cli.mode == "naive", "--mode hardened|naive");
     let scenarios: Vec<String> = if cli.scenarios.iter().any(|s| s == "all") {
         ALL.iter().map(|s| (*s).to_owned()).collect()
@@ -623,7 +645,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
     for scenario in &scenarios {
-        let row = run_scenario(&cli, scenario).await?;
+        let row = run_scenario(cli, scenario)
+            .await
+            .with_context(|| format!("scenario {scenario}"))?;
         if !row.crash_steps.is_empty() {
             eprintln!("[chaos]   failpoint crashes: {:?}", row.crash_steps);
         }
@@ -667,7 +691,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if cli.mode == "hardened" && !damaged.is_empty() {
         eprintln!("[chaos] DAMAGE in hardened mode: {}", damaged.join(", "));
-        std::process::exit(1);
+        return Ok(false);
     }
-    Ok(())
+    Ok(true)
 }
