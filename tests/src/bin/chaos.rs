@@ -121,7 +121,14 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// One `scripts/stack` command at a time. Without it the supervisor's `revive` raced the
+/// heal's `stop payment-svc`: revive started a new payment-svc, then stop removed the new
+/// one's pid file, and the untracked process outlived every later reset, holding the
+/// metrics port (every payment-svc after it died at start).
+static STACK_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn stack(args: &[&str], env: &[(&str, String)]) -> anyhow::Result<()> {
+    let _one_at_a_time = STACK_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let run = |quiet: bool| {
         let mut command = Command::new(root().join("scripts/stack"));
         command.args(args).envs(env.iter().map(|(k, v)| (*k, v.as_str())));
