@@ -12,6 +12,7 @@ use orderflow::events::v1::{OrderCancelled, OrderConfirmed};
 use orderflow_platform::kafka;
 use orderflow_platform::outbox::{self, OutboxMessage};
 use orderflow_tests::{
+    PrivateKafka,
     Record, TestDb, eventually, fresh_orders_db, fresh_topic, read_topic, stack, start_order_svc, valid_order,
 };
 use rdkafka::producer::FutureProducer;
@@ -75,7 +76,7 @@ fn spawn_configured_relay(
     poll_interval: Duration,
     configure: impl FnOnce(relay::Relay) -> relay::Relay,
 ) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    let producer: FutureProducer = kafka::producer_config(bootstrap_servers, "relay-test")
+    let producer: FutureProducer = kafka::producer_config(bootstrap_servers, "relay-test", Duration::from_secs(2))
         .create()
         .expect("producer");
     let relay = configure(relay::Relay::new(db.pool.clone(), producer, batch_size));
@@ -258,43 +259,38 @@ async fn a_relay_killed_before_publishing_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() {
     let db = fresh_orders_db().await;
-    // A broker of this test's own, on a port where nothing listens yet.
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    // A broker of this test's own, on ports where nothing listens yet (below the ephemeral
+    // range, kept for this test).
+    let port = 19310;
     let bootstrap = format!("127.0.0.1:{port}");
     let topic = "orders.events";
     place_orders(&db, topic, 3).await;
+    // The relay's records fail after 2 s (spawn_configured_relay's delivery timeout).
     let (stop, relay) = spawn_relay(&db, &bootstrap, 100);
 
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(unpublished(&db).await, 3, "no broker: every row stays pending");
-
-    let dir = std::env::temp_dir().join(format!("orderflow-broker-{}", uuid::Uuid::now_v7().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let listener = format!("tcp://127.0.0.1:{port}");
-    let mut broker = Command::new("tansu")
-        .args([
-            "broker",
-            "--listener-url",
-            &listener,
-            "--advertised-listener-url",
-            &listener,
-        ])
-        .args(["--storage-engine", "sqlite://broker.db"])
-        .current_dir(&dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start a private tansu broker (scripts/stack install puts it on PATH)");
-    assert!(
-        eventually(WAIT, || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-        })
+    // For 8 s without a broker: the rows stay pending, and no transaction of the relay lives
+    // longer than the delivery timeout (plus a margin for the rollback): it is not holding
+    // row locks and the database's xmin horizon for the length of the outage.
+    let mut oldest = Duration::ZERO;
+    let outage = std::time::Instant::now();
+    while outage.elapsed() < Duration::from_secs(8) {
+        let age: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM max(now() - xact_start))::float8 FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL",
+        )
+        .fetch_one(&db.pool)
         .await
+        .unwrap();
+        oldest = oldest.max(Duration::from_secs_f64(age.unwrap_or(0.0)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(unpublished(&db).await, 3, "no broker: every row stays pending");
+    assert!(
+        oldest < Duration::from_secs(3),
+        "a transaction stayed open {oldest:?} while the broker was away (delivery timeout 2 s)"
     );
+
+    let _broker = PrivateKafka::start(port, 1).await;
     kafka::ensure_topics(&bootstrap, &[topic], 3)
         .await
         .expect("create the topic on the new broker");
@@ -312,9 +308,6 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
 
     stop.cancel();
     relay.await.unwrap().expect("the relay stops cleanly");
-    broker.start_kill().unwrap();
-    let _ = broker.wait().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -193,7 +193,7 @@ async fn reset_group_to_start(group: &str, topic: &str) {
 /// The group's committed offsets and the high watermarks on `topic`, per partition.
 async fn committed_and_end(group: &str, topic: &str) -> Vec<(i64, i64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(&stack().bootstrap_servers, group)
+    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(&stack().bootstrap_servers, group, None)
         .create()
         .unwrap();
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();

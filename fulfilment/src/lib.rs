@@ -5,10 +5,11 @@
 
 use std::sync::Arc;
 
+use orderflow::envelope::OpenedEvent;
 use orderflow::events::v1::event_envelope::Payload;
+use orderflow_platform::Secret;
 use orderflow_platform::consumer::{self, ConsumerSettings, Handler, HandlerError, Incoming, Outcome};
-use orderflow_platform::{Secret, inbox};
-use sqlx::PgPool;
+use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
 /// The fulfilment database's migrations.
@@ -32,6 +33,9 @@ pub struct Config {
     /// Topic of the order events.
     #[arg(long, env = "FULFILMENT_ORDERS_TOPIC", default_value = orderflow::topics::ORDERS_EVENTS)]
     pub orders_topic: String,
+    /// This instance's static membership id in the consumer group (unique per instance).
+    #[arg(long, env = "FULFILMENT_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// Inbox rows are kept this long: the deduplication window (longer than any redrive).
     #[arg(long, env = "FULFILMENT_INBOX_RETENTION_HOURS", default_value_t = 168)]
     pub inbox_retention_hours: u64,
@@ -41,29 +45,31 @@ pub struct Config {
 }
 
 /// Records shipment requests.
-pub struct Fulfilment {
-    pool: PgPool,
-}
+pub struct Fulfilment;
 
 impl Handler for Fulfilment {
-    async fn handle(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
-        let event = message.open()?;
-        let Payload::OrderConfirmed(_) = event.payload else {
-            return Ok(Outcome::Ignored);
-        };
-        let mut tx = self.pool.begin().await?;
-        if !inbox::record(&mut tx, INBOX, event.message_id).await? {
-            return Ok(Outcome::Duplicate);
-        }
+    fn inbox(&self) -> &'static str {
+        INBOX
+    }
+
+    fn wants(&self, event: &OpenedEvent) -> bool {
+        matches!(event.payload, Payload::OrderConfirmed(_))
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        _message: &Incoming,
+        event: &OpenedEvent,
+    ) -> Result<Outcome, HandlerError> {
         let created = sqlx::query(
             "INSERT INTO shipments (shipment_id, order_id) VALUES ($1, $2) ON CONFLICT (order_id) DO NOTHING",
         )
         .bind(uuid::Uuid::now_v7())
         .bind(event.aggregate_id)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?
         .rows_affected();
-        tx.commit().await?;
         if created == 1 {
             tracing::info!("shipment requested");
         }
@@ -79,12 +85,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
     let settings = ConsumerSettings {
-        bootstrap_servers: config.bootstrap_servers,
-        group_id: config.group_id,
-        topics: vec![config.orders_topic],
-        workers: 4,
+        instance_id: config.instance_id,
+        ..ConsumerSettings::new(config.bootstrap_servers, config.group_id, vec![config.orders_topic])
     };
-    consumer::run(settings, Arc::new(Fulfilment { pool: pool.clone() }), shutdown).await?;
+    consumer::run(settings, pool.clone(), Arc::new(Fulfilment), shutdown).await?;
     pool.close().await;
     Ok(())
 }

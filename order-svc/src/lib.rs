@@ -61,9 +61,9 @@ pub struct Config {
     /// Consumer group of the payment events.
     #[arg(long, env = "ORDER_SVC_GROUP_ID", default_value = "order")]
     pub group_id: String,
-    /// Partitions handled at once.
-    #[arg(long, env = "ORDER_SVC_WORKERS", default_value_t = 12)]
-    pub workers: usize,
+    /// This instance's static membership id in the payment events' consumer group.
+    #[arg(long, env = "ORDER_SVC_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// An order still PENDING this long after it was placed is cancelled (PAYMENT_TIMEOUT).
     #[arg(long, env = "ORDER_SVC_SAGA_DEADLINE_MS", default_value_t = 30_000)]
     pub saga_deadline_ms: u64,
@@ -76,10 +76,13 @@ pub struct Config {
 }
 
 /// Runs the service on `listener` until `shutdown` is cancelled, then stops accepting,
-/// lets requests in flight finish and returns.
+/// lets requests in flight finish and returns. If the payment events' consumer dies, the
+/// service stops too and returns its error: a process that no longer settles orders must not
+/// go on answering SERVING (its supervisor restarts it).
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = orderflow_platform::connect_postgres(&config.database_url, config.db_max_connections).await?;
-    let shutdown_consumer = shutdown.clone();
+    // Everything below stops on `stop`: the caller's shutdown, or the consumer's death.
+    let stop = shutdown.child_token();
     if config.migrate {
         MIGRATOR.run(&pool).await?;
     }
@@ -124,39 +127,45 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             ),
         ],
         orderflow_platform::housekeeping::INTERVAL,
-        shutdown.clone(),
+        stop.clone(),
     ))];
-    // Readiness: NOT_SERVING while the database or the broker does not answer.
+    // Readiness: NOT_SERVING while the database does not answer. Not the broker: the outbox
+    // exists so that PlaceOrder works while Kafka is away.
     background.push(tokio::spawn(orderflow_platform::health::watch(
         health,
         vec![<OrderServiceServer<api::OrderApi> as tonic::server::NamedService>::NAME],
         pool.clone(),
-        config.bootstrap_servers.clone(),
-        shutdown.clone(),
+        None,
+        stop.clone(),
     )));
     // The saga: the payment events consumer and the sweeper, stopped with the server.
+    let mut consumer = None;
     if let Some(bootstrap_servers) = config.bootstrap_servers.clone() {
         let settings = orderflow_platform::consumer::ConsumerSettings {
-            bootstrap_servers,
-            group_id: config.group_id.clone(),
-            topics: vec![config.payments_topic.clone()],
-            workers: config.workers,
+            instance_id: config.instance_id.clone(),
+            // Never exits for holding no partition: during a broker outage this process
+            // still takes orders.
+            unassigned_limit: None,
+            ..orderflow_platform::consumer::ConsumerSettings::new(
+                bootstrap_servers,
+                config.group_id.clone(),
+                vec![config.payments_topic.clone()],
+            )
         };
-        let handler = std::sync::Arc::new(saga::PaymentEventsHandler::new(
-            pool.clone(),
-            config.orders_topic.clone(),
-        ));
-        background.push(tokio::spawn(async move {
-            if let Err(error) = orderflow_platform::consumer::run(settings, handler, shutdown_consumer).await {
-                tracing::error!(error = format!("{error:#}"), "payment events consumer stopped");
-            }
+        let handler = std::sync::Arc::new(saga::PaymentEventsHandler::new(config.orders_topic.clone()));
+        let (consumer_pool, consumer_stop) = (pool.clone(), stop.clone());
+        consumer = Some(tokio::spawn(async move {
+            let result = orderflow_platform::consumer::run(settings, consumer_pool, handler, consumer_stop.clone()).await;
+            // Stops the server (and so the process) when the consumer dies.
+            consumer_stop.cancel();
+            result
         }));
         background.push(tokio::spawn(saga::sweep(
             pool.clone(),
             config.orders_topic.clone(),
             Duration::from_millis(config.saga_deadline_ms),
             Duration::from_millis(config.sweep_interval_ms),
-            shutdown.clone(),
+            stop.clone(),
         )));
     }
 
@@ -172,12 +181,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(OrderServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+        .serve_with_incoming_shutdown(incoming, stop.cancelled())
         .await?;
+    stop.cancel();
     for task in background {
         let _ = task.await;
     }
+    let consumed = match consumer {
+        Some(task) => task.await.unwrap_or_else(|error| Err(error.into())),
+        None => Ok(()),
+    };
     pool.close().await;
     tracing::info!("order-svc stopped");
-    Ok(())
+    consumed.map_err(|error| error.context("the payment events consumer died"))
 }

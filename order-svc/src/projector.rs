@@ -13,8 +13,7 @@ use orderflow::events::v1::event_envelope::Payload;
 use orderflow::orders::v1::CancellationReason;
 use orderflow_platform::Secret;
 use orderflow_platform::consumer::{self, ConsumerSettings, Handler, HandlerError, Incoming, Outcome};
-use orderflow_platform::inbox;
-use sqlx::PgPool;
+use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
 /// The name this consumer records in the inbox.
@@ -36,18 +35,16 @@ pub struct Config {
     /// Topics to project.
     #[arg(long, env = "PROJECTOR_TOPICS", value_delimiter = ',', default_values_t = [orderflow::topics::ORDERS_EVENTS.to_owned(), orderflow::topics::PAYMENTS_EVENTS.to_owned()])]
     pub topics: Vec<String>,
-    /// Partitions handled at once.
-    #[arg(long, env = "PROJECTOR_WORKERS", default_value_t = 12)]
-    pub workers: usize,
+    /// This instance's static membership id in the consumer group (unique per instance).
+    #[arg(long, env = "PROJECTOR_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// Inbox rows are kept this long: the deduplication window (longer than any redrive).
     #[arg(long, env = "PROJECTOR_INBOX_RETENTION_HOURS", default_value_t = 168)]
     pub inbox_retention_hours: u64,
 }
 
 /// Projects events into `order_read`.
-pub struct Projector {
-    pool: PgPool,
-}
+pub struct Projector;
 
 /// The columns one event sets (None: leave as is).
 #[derive(Default)]
@@ -120,12 +117,7 @@ fn change_of(payload: &Payload) -> Change {
 }
 
 impl Projector {
-    /// A projector writing to `pool`.
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
-    }
-
-    async fn project(&self, event: &OpenedEvent) -> Result<Outcome, HandlerError> {
+    async fn project(tx: &mut Transaction<'static, Postgres>, event: &OpenedEvent) -> Result<Outcome, HandlerError> {
         let change = change_of(&event.payload);
         let projected_at = chrono::Utc::now();
         let occurred_at = event
@@ -141,10 +133,6 @@ impl Projector {
             "occurred_at": occurred_at.to_rfc3339(),
             "projected_at": projected_at.to_rfc3339(),
         });
-        let mut tx = self.pool.begin().await?;
-        if !inbox::record(&mut tx, INBOX, event.message_id).await? {
-            return Ok(Outcome::Duplicate);
-        }
         sqlx::query(
             "INSERT INTO order_read AS r (order_id, customer_id, currency_code, total_minor, items, placed_at,
                  correlation_id, status, saga_state, cancellation_reason, payment_state, last_event_type, history)
@@ -184,9 +172,9 @@ impl Projector {
         .bind(change.payment_state)
         .bind(event_type_of(&event.payload))
         .bind(entry)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        tx.commit().await?;
+        // Measured before the runtime's commit: the lag up to the write, not its visibility.
         let lag = (chrono::Utc::now() - occurred_at).to_std().unwrap_or_default();
         metrics::histogram!(orderflow_platform::telemetry::READ_MODEL_LAG).record(lag.as_secs_f64());
         Ok(Outcome::Processed)
@@ -194,9 +182,21 @@ impl Projector {
 }
 
 impl Handler for Projector {
-    async fn handle(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
-        let event = message.open()?;
-        self.project(&event).await
+    fn inbox(&self) -> &'static str {
+        INBOX
+    }
+
+    fn wants(&self, _event: &OpenedEvent) -> bool {
+        true
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        _message: &Incoming,
+        event: &OpenedEvent,
+    ) -> Result<Outcome, HandlerError> {
+        Self::project(tx, event).await
     }
 }
 
@@ -205,12 +205,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let pool = orderflow_platform::connect_postgres(&config.database_url, 8).await?;
     orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
     let settings = ConsumerSettings {
-        bootstrap_servers: config.bootstrap_servers,
-        group_id: config.group_id,
-        topics: config.topics,
-        workers: config.workers,
+        instance_id: config.instance_id,
+        ..ConsumerSettings::new(config.bootstrap_servers, config.group_id, config.topics)
     };
-    consumer::run(settings, Arc::new(Projector::new(pool.clone())), shutdown).await?;
+    consumer::run(settings, pool.clone(), Arc::new(Projector), shutdown).await?;
     pool.close().await;
     Ok(())
 }

@@ -11,8 +11,8 @@ use orderflow::events::v1::{OrderCancelled, OrderConfirmed};
 use orderflow::orders::v1::CancellationReason as WireReason;
 use orderflow_platform::consumer::{Handler, HandlerError, Incoming, Outcome};
 use orderflow_platform::outbox::{self, OutboxMessage};
-use orderflow_platform::{inbox, telemetry};
-use sqlx::PgPool;
+use orderflow_platform::telemetry;
+use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{self, CancellationReason, Command, Event, Order, OrderId};
@@ -21,10 +21,12 @@ use crate::store::{self, StoreError, TransitionOutcome};
 /// The name this consumer records in the inbox.
 pub const INBOX: &str = "order";
 
+/// The store's errors, through the consumer runtime's one classifier.
 fn store_error(error: StoreError) -> HandlerError {
     match error {
         StoreError::Corrupt(what) => HandlerError::Permanent(what),
-        other => HandlerError::Transient(other.into()),
+        StoreError::Unavailable(error) | StoreError::Conflict(error) | StoreError::Other(error) => error.into(),
+        StoreError::IdempotencyKeyReused => HandlerError::Permanent(error.to_string()),
     }
 }
 
@@ -87,19 +89,23 @@ fn settle(before: &Order, command: Command) -> Result<Option<Settlement>, String
 
 /// Consumes `payments.events`.
 pub struct PaymentEventsHandler {
-    pool: PgPool,
     orders_topic: String,
 }
 
 impl PaymentEventsHandler {
-    /// A handler over `pool`, emitting order events for `orders_topic`.
-    pub fn new(pool: PgPool, orders_topic: String) -> Self {
-        Self { pool, orders_topic }
+    /// A handler emitting order events for `orders_topic`.
+    pub fn new(orders_topic: String) -> Self {
+        Self { orders_topic }
     }
 
-    async fn apply(&self, event: &OpenedEvent, command: Command) -> Result<Outcome, HandlerError> {
+    async fn apply(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        event: &OpenedEvent,
+        command: Command,
+    ) -> Result<Outcome, HandlerError> {
         let id = OrderId::from(event.aggregate_id);
-        let record = store::get_order(&self.pool, id).await.map_err(store_error)?;
+        let record = store::get_order_in(tx, id).await.map_err(store_error)?;
         let Some(record) = record else {
             return Err(HandlerError::Permanent(format!("unknown order {id}")));
         };
@@ -107,34 +113,23 @@ impl PaymentEventsHandler {
         let before = record.order;
         let Some(Settlement { after, payload, reason }) = settle(&before, command).map_err(HandlerError::Permanent)?
         else {
-            // Late, duplicate or out of order: recorded, never applied.
-            let mut tx = self.pool.begin().await?;
-            let first = inbox::record(&mut tx, INBOX, event.message_id).await?;
-            tx.commit().await?;
+            // Late, duplicate or out of order: never applied (and nothing to commit).
             tracing::info!(
                 status = before.status.as_str(),
                 "payment event ignored: the order is already settled"
             );
-            return Ok(if first { Outcome::Ignored } else { Outcome::Duplicate });
+            return Ok(Outcome::Ignored);
         };
         let message = outbox::caused_by(&self.orders_topic, event, payload);
-        match store::transition(
-            &self.pool,
-            &before,
-            &after,
-            reason,
-            Some((INBOX, event.message_id)),
-            &message,
-        )
-        .await
-        .map_err(store_error)?
+        match store::transition_in(tx, &before, &after, reason, &message)
+            .await
+            .map_err(store_error)?
         {
             TransitionOutcome::Applied => {
                 tracing::info!(status = after.status.as_str(), "order settled");
                 record_completion(placed_at, after.status.as_str());
                 Ok(Outcome::Processed)
             }
-            TransitionOutcome::Duplicate => Ok(Outcome::Duplicate),
             // The sweeper (or a redelivery) won the race: decide again on the new state.
             TransitionOutcome::Conflict => Err(HandlerError::Transient(anyhow::anyhow!("order changed concurrently"))),
         }
@@ -142,11 +137,20 @@ impl PaymentEventsHandler {
 }
 
 impl Handler for PaymentEventsHandler {
-    async fn handle(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
-        let event = message.open()?;
-        if inbox::seen(&self.pool, INBOX, event.message_id).await? {
-            return Ok(Outcome::Duplicate);
-        }
+    fn inbox(&self) -> &'static str {
+        INBOX
+    }
+
+    fn wants(&self, event: &OpenedEvent) -> bool {
+        matches!(event.payload, Payload::PaymentAuthorized(_) | Payload::PaymentFailed(_))
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        _message: &Incoming,
+        event: &OpenedEvent,
+    ) -> Result<Outcome, HandlerError> {
         let command = match &event.payload {
             Payload::PaymentAuthorized(authorized) => Command::RecordPaymentAuthorized {
                 payment_id: authorized.payment_id.clone(),
@@ -156,7 +160,7 @@ impl Handler for PaymentEventsHandler {
             },
             _ => return Ok(Outcome::Ignored),
         };
-        self.apply(&event, command).await
+        self.apply(tx, event, command).await
     }
 }
 
@@ -213,7 +217,7 @@ pub async fn sweep_once(pool: &PgPool, orders_topic: &str, deadline: Duration) -
             topic: orders_topic.to_owned(),
             envelope: envelope::seal(meta, payload),
         };
-        if store::transition(pool, &before, &after, reason, None, &message).await? == TransitionOutcome::Applied {
+        if store::transition(pool, &before, &after, reason, &message).await? == TransitionOutcome::Applied {
             tracing::info!(order_id = %id, waited_secs, "order cancelled: payment timeout");
             metrics::counter!(telemetry::SWEEPER_CANCELLATIONS).increment(1);
             record_completion(record.created_at, after.status.as_str());

@@ -199,13 +199,18 @@ type OrderRow = (
 
 /// Reads one order and its items; `None` if there is no such order.
 pub async fn get_order(pool: &PgPool, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
+    get_order_in(&mut *pool.acquire().await?, id).await
+}
+
+/// [`get_order`] on a connection (inside a caller's transaction).
+pub async fn get_order_in(conn: &mut sqlx::PgConnection, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
     let row: Option<OrderRow> = sqlx::query_as(
         "SELECT customer_id, currency_code, total_minor, payment_token, status, saga_state, cancellation_reason,
                 version, correlation_id, created_at, updated_at, traceparent
          FROM orders WHERE order_id = $1",
     )
     .bind(id.as_uuid())
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await?;
     let Some((
         customer,
@@ -227,7 +232,7 @@ pub async fn get_order(pool: &PgPool, id: OrderId) -> Result<Option<OrderRecord>
     let items: Vec<(String, i32, i64)> =
         sqlx::query_as("SELECT sku, quantity, unit_price_minor FROM order_items WHERE order_id = $1 ORDER BY line_no")
             .bind(id.as_uuid())
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?;
 
     let corrupt = |what: &str| StoreError::Corrupt(format!("order {id}: {what}"));
@@ -266,31 +271,39 @@ pub async fn get_order(pool: &PgPool, id: OrderId) -> Result<Option<OrderRecord>
 /// What a compare-and-set transition did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransitionOutcome {
-    /// The change, its inbox row and its event committed.
+    /// The change and its event are written.
     Applied,
-    /// The inbox already had the message: nothing was written.
-    Duplicate,
     /// The order's version moved since it was read: nothing was written; decide again.
     Conflict,
 }
 
 /// Moves `before` to `after` if the stored version is still `before.version`, in one
-/// transaction with the inbox row of the causing message (if any) and the outbox event.
-#[tracing::instrument(name = "order_transition", skip_all, fields(from = before.status.as_str(), to = after.status.as_str()))]
+/// transaction with the outbox event.
 pub async fn transition(
     pool: &PgPool,
     before: &Order,
     after: &Order,
     cancellation_reason: Option<&str>,
-    caused_by: Option<(&str, uuid::Uuid)>,
     event: &OutboxMessage,
 ) -> Result<TransitionOutcome, StoreError> {
     let mut tx = pool.begin().await?;
-    if let Some((consumer, message_id)) = caused_by
-        && !orderflow_platform::inbox::record(&mut tx, consumer, message_id).await?
-    {
-        return Ok(TransitionOutcome::Duplicate);
+    let outcome = transition_in(&mut tx, before, after, cancellation_reason, event).await?;
+    if outcome == TransitionOutcome::Applied {
+        tx.commit().await?;
     }
+    Ok(outcome)
+}
+
+/// [`transition`] inside the caller's transaction (a consumer's, which commits it with the
+/// message's inbox row).
+#[tracing::instrument(name = "order_transition", skip_all, fields(from = before.status.as_str(), to = after.status.as_str()))]
+pub async fn transition_in(
+    tx: &mut sqlx::PgConnection,
+    before: &Order,
+    after: &Order,
+    cancellation_reason: Option<&str>,
+    event: &OutboxMessage,
+) -> Result<TransitionOutcome, StoreError> {
     let changed = sqlx::query(
         "UPDATE orders SET status = $3, saga_state = $4, cancellation_reason = $5, version = $6,
                            updated_at = now(), settled_at = clock_timestamp()
@@ -309,8 +322,7 @@ pub async fn transition(
         // Someone else (a payment event, another sweeper) changed the order first.
         return Ok(TransitionOutcome::Conflict);
     }
-    outbox::insert(&mut tx, event).await?;
-    tx.commit().await?;
+    outbox::insert(tx, event).await?;
     Ok(TransitionOutcome::Applied)
 }
 

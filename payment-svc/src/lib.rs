@@ -17,8 +17,8 @@ use orderflow::gateway::v1::gateway_service_client::GatewayServiceClient;
 use orderflow::gateway::v1::{AuthorizationStatus, AuthorizeRequest, CaptureRequest, VoidRequest};
 use orderflow::orders::v1::Money;
 use orderflow_platform::consumer::{self, ConsumerSettings, HandlerError, Incoming, Outcome};
-use orderflow_platform::{Secret, inbox, outbox, telemetry};
-use sqlx::PgPool;
+use orderflow_platform::{Secret, outbox, telemetry};
+use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -53,9 +53,10 @@ pub struct Config {
     /// How long to wait for one gateway reply before retrying (with the same key).
     #[arg(long, env = "PAYMENT_SVC_GATEWAY_TIMEOUT_MS", default_value_t = 1_000)]
     pub gateway_timeout_ms: u64,
-    /// Partitions handled at once.
-    #[arg(long, env = "PAYMENT_SVC_WORKERS", default_value_t = 12)]
-    pub workers: usize,
+    /// This instance's static membership id in the consumer group (unique per instance;
+    /// a restart with the same id gets its partitions back without a rebalance).
+    #[arg(long, env = "PAYMENT_SVC_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// Most open database connections.
     #[arg(long, env = "PAYMENT_SVC_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
@@ -69,7 +70,6 @@ pub struct Config {
 
 /// Handles the order events.
 pub struct PaymentHandler {
-    pool: PgPool,
     gateway: GatewayServiceClient<tonic::transport::Channel>,
     gateway_timeout: Duration,
     payments_topic: String,
@@ -84,38 +84,28 @@ struct PaymentRow {
     currency_code: String,
 }
 
-fn gateway_error(status: tonic::Status) -> HandlerError {
-    use tonic::Code;
-    match status.code() {
-        Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound | Code::OutOfRange => {
-            HandlerError::Permanent(format!("gateway refused: {:?} {}", status.code(), status.message()))
-        }
-        _ => HandlerError::Transient(anyhow::anyhow!("gateway: {:?} {}", status.code(), status.message())),
-    }
-}
+type Tx = Transaction<'static, Postgres>;
 
 impl PaymentHandler {
-    /// A handler writing to `pool` and calling `gateway`.
+    /// A handler calling `gateway`.
     pub fn new(
-        pool: PgPool,
         gateway: GatewayServiceClient<tonic::transport::Channel>,
         gateway_timeout: Duration,
         payments_topic: String,
     ) -> Self {
         Self {
-            pool,
             gateway,
             gateway_timeout,
             payments_topic,
         }
     }
 
-    async fn load(&self, order_id: uuid::Uuid) -> Result<Option<PaymentRow>, HandlerError> {
+    async fn load(tx: &mut Tx, order_id: uuid::Uuid) -> Result<Option<PaymentRow>, HandlerError> {
         let row: Option<(uuid::Uuid, String, Option<String>, i64, String)> = sqlx::query_as(
             "SELECT payment_id, state, authorization_id, amount_minor, currency_code FROM payments WHERE order_id = $1",
         )
         .bind(order_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut **tx)
         .await?;
         row.map(|(payment_id, state, authorization_id, amount_minor, currency_code)| {
             let state = PaymentState::parse(&state)
@@ -144,7 +134,7 @@ impl PaymentHandler {
             .await
         {
             Ok(Ok(reply)) => ("ok", Ok(reply.into_inner())),
-            Ok(Err(status)) => ("error", Err(gateway_error(status))),
+            Ok(Err(status)) => ("error", Err(HandlerError::from(status))),
             Err(_) => (
                 "timeout",
                 Err(HandlerError::Transient(anyhow::anyhow!(
@@ -159,37 +149,30 @@ impl PaymentHandler {
         result
     }
 
-    /// Records the message as processed without any other effect.
-    async fn record_only(&self, event: &OpenedEvent) -> Result<Outcome, HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        let outcome = if inbox::record(&mut tx, INBOX, event.message_id).await? {
-            Outcome::Processed
-        } else {
-            Outcome::Duplicate
-        };
-        tx.commit().await?;
-        Ok(outcome)
-    }
-
     async fn order_placed(
         &self,
+        tx: &mut Tx,
         event: &OpenedEvent,
         order_id: uuid::Uuid,
         total: Option<&Money>,
         token: &str,
     ) -> Result<Outcome, HandlerError> {
-        let existing = self.load(order_id).await?;
+        let existing = Self::load(tx, order_id).await?;
         match domain::on_order_placed(existing.map(|p| p.state)) {
             Action::Authorize => {}
-            _ => return self.record_only(event).await,
+            // Settled already: the inbox row alone is committed.
+            _ => return Ok(Outcome::Processed),
         }
         let total = total
             .filter(|m| m.amount_minor > 0)
             .ok_or_else(|| HandlerError::Permanent("OrderPlaced without a total".into()))?;
 
-        // Dying during or after this call leaves an authorization at the gateway that we have
-        // not recorded. The message is redelivered (its offset was not stored), we call again
-        // with the same key, and the gateway returns the same authorization: no second charge.
+        // The gateway is called inside the message's transaction (its inbox row is recorded and
+        // locked, so a concurrent redelivery waits here instead of calling too); the call is
+        // bounded by the gateway timeout. Dying during or after this call leaves an
+        // authorization at the gateway that we have not recorded. The message is redelivered
+        // (its offset was not stored), we call again with the same key, and the gateway
+        // returns the same authorization: no second charge.
         fail::fail_point!("payment::before_gateway", |_| orderflow_platform::chaos::crash());
         let idempotency_key = if orderflow_platform::chaos::naive() {
             // The textbook mistake: a fresh key per call, so a retry is a second charge.
@@ -211,10 +194,6 @@ impl PaymentHandler {
         let approved = reply.status() == AuthorizationStatus::Approved;
 
         let payment_id = uuid::Uuid::now_v7();
-        let mut tx = self.pool.begin().await?;
-        if !orderflow_platform::chaos::naive() && !inbox::record(&mut tx, INBOX, event.message_id).await? {
-            return Ok(Outcome::Duplicate);
-        }
         let (state, authorization_id, failure) = if approved {
             (PaymentState::Authorized, Some(reply.authorization_id.clone()), None)
         } else {
@@ -231,7 +210,7 @@ impl PaymentHandler {
         .bind(state.as_str())
         .bind(&authorization_id)
         .bind(&failure)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?
         .rows_affected();
         if inserted == 0 && orderflow_platform::chaos::naive() {
@@ -261,25 +240,28 @@ impl PaymentHandler {
                 detail: reply.decline_reason,
             })
         };
-        outbox::insert(&mut tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
-        // Dying here (the chaos harness's failpoint): nothing of this transaction is
-        // committed, the authorization exists at the gateway only; the redelivery calls again
-        // with the same key and gets the same authorization back.
+        outbox::insert(tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
+        // Dying here (the chaos harness's failpoint), before the runtime commits: nothing of
+        // this transaction is committed, the authorization exists at the gateway only; the
+        // redelivery calls again with the same key and gets the same authorization back.
         fail::fail_point!("payment::after_gateway_before_commit", |_| {
             orderflow_platform::chaos::crash()
         });
-        tx.commit().await?;
-        // Dying here: the offset is not stored yet; the redelivery finds the inbox row.
         tracing::info!(approved, "payment recorded");
         Ok(Outcome::Processed)
     }
 
-    async fn order_confirmed(&self, event: &OpenedEvent, order_id: uuid::Uuid) -> Result<Outcome, HandlerError> {
-        let payment = self.load(order_id).await?;
+    async fn order_confirmed(
+        &self,
+        tx: &mut Tx,
+        event: &OpenedEvent,
+        order_id: uuid::Uuid,
+    ) -> Result<Outcome, HandlerError> {
+        let payment = Self::load(tx, order_id).await?;
         match domain::on_order_confirmed(payment.as_ref().map(|p| p.state)) {
             Action::Capture => {}
             Action::Refuse(why) => return Err(HandlerError::Permanent(why.into())),
-            _ => return self.record_only(event).await,
+            _ => return Ok(Outcome::Processed),
         }
         let Some(payment) = payment else {
             return Err(HandlerError::Permanent("no payment".into()));
@@ -299,6 +281,7 @@ impl PaymentHandler {
         )
         .await?;
         self.transition(
+            tx,
             event,
             order_id,
             PaymentState::Authorized,
@@ -312,30 +295,30 @@ impl PaymentHandler {
         .await
     }
 
-    async fn order_cancelled(&self, event: &OpenedEvent, order_id: uuid::Uuid) -> Result<Outcome, HandlerError> {
-        let payment = self.load(order_id).await?;
+    async fn order_cancelled(
+        &self,
+        tx: &mut Tx,
+        event: &OpenedEvent,
+        order_id: uuid::Uuid,
+    ) -> Result<Outcome, HandlerError> {
+        let payment = Self::load(tx, order_id).await?;
         match domain::on_order_cancelled(payment.as_ref().map(|p| p.state)) {
             Action::Void => {}
             Action::RecordCancellation => {
                 // No payment yet: remember the cancellation so that a later OrderPlaced
                 // (a redrive, a replay) never charges this order.
-                let mut tx = self.pool.begin().await?;
-                if !inbox::record(&mut tx, INBOX, event.message_id).await? {
-                    return Ok(Outcome::Duplicate);
-                }
                 sqlx::query(
                     "INSERT INTO payments (payment_id, order_id, amount_minor, currency_code, state)
                      VALUES ($1, $2, 0, 'XXX', 'CANCELLED_BEFORE_AUTHORIZATION') ON CONFLICT (order_id) DO NOTHING",
                 )
                 .bind(uuid::Uuid::now_v7())
                 .bind(order_id)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
-                tx.commit().await?;
                 return Ok(Outcome::Processed);
             }
             Action::Refuse(why) => return Err(HandlerError::Permanent(why.into())),
-            _ => return self.record_only(event).await,
+            _ => return Ok(Outcome::Processed),
         }
         let Some(payment) = payment else {
             return Err(HandlerError::Permanent("no payment".into()));
@@ -349,6 +332,7 @@ impl PaymentHandler {
         )
         .await?;
         self.transition(
+            tx,
             event,
             order_id,
             PaymentState::Authorized,
@@ -365,27 +349,24 @@ impl PaymentHandler {
         .await
     }
 
-    /// Compare-and-set `from` → `to` with the inbox row and the outbox event, in one transaction.
+    /// Compare-and-set `from` → `to` with the outbox event, in the message's transaction.
     #[tracing::instrument(name = "payment_transition", skip_all, fields(from = from.as_str(), to = to.as_str()))]
     async fn transition(
         &self,
+        tx: &mut Tx,
         event: &OpenedEvent,
         order_id: uuid::Uuid,
         from: PaymentState,
         to: PaymentState,
         payload: Payload,
     ) -> Result<Outcome, HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        if !inbox::record(&mut tx, INBOX, event.message_id).await? {
-            return Ok(Outcome::Duplicate);
-        }
         let changed = sqlx::query(
             "UPDATE payments SET state = $3, version = version + 1, updated_at = now() WHERE order_id = $1 AND state = $2",
         )
         .bind(order_id)
         .bind(from.as_str())
         .bind(to.as_str())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?
         .rows_affected();
         if changed == 0 {
@@ -393,27 +374,33 @@ impl PaymentHandler {
                 "payment changed concurrently; deciding again"
             )));
         }
-        outbox::insert(&mut tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
-        tx.commit().await?;
+        outbox::insert(tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
         tracing::info!(from = from.as_str(), to = to.as_str(), "payment transition");
         Ok(Outcome::Processed)
     }
 }
 
 impl consumer::Handler for PaymentHandler {
-    async fn handle(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
-        let event = message.open()?;
-        if !orderflow_platform::chaos::naive() && inbox::seen(&self.pool, INBOX, event.message_id).await? {
-            return Ok(Outcome::Duplicate);
-        }
+    fn inbox(&self) -> &'static str {
+        INBOX
+    }
+
+    fn wants(&self, event: &OpenedEvent) -> bool {
+        matches!(
+            event.payload,
+            Payload::OrderPlaced(_) | Payload::OrderConfirmed(_) | Payload::OrderCancelled(_)
+        )
+    }
+
+    async fn handle(&self, tx: &mut Tx, _message: &Incoming, event: &OpenedEvent) -> Result<Outcome, HandlerError> {
         let order_id = event.aggregate_id;
         match &event.payload {
             Payload::OrderPlaced(placed) => {
-                self.order_placed(&event, order_id, placed.total.as_ref(), &placed.payment_token)
+                self.order_placed(tx, event, order_id, placed.total.as_ref(), &placed.payment_token)
                     .await
             }
-            Payload::OrderConfirmed(_) => self.order_confirmed(&event, order_id).await,
-            Payload::OrderCancelled(_) => self.order_cancelled(&event, order_id).await,
+            Payload::OrderConfirmed(_) => self.order_confirmed(tx, event, order_id).await,
+            Payload::OrderCancelled(_) => self.order_cancelled(tx, event, order_id).await,
             _ => Ok(Outcome::Ignored),
         }
     }
@@ -427,19 +414,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", config.gateway_addr))?.connect_lazy();
     let handler = PaymentHandler::new(
-        pool.clone(),
         GatewayServiceClient::new(channel),
         Duration::from_millis(config.gateway_timeout_ms),
         config.payments_topic.clone(),
     );
     orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
     let settings = ConsumerSettings {
-        bootstrap_servers: config.bootstrap_servers,
-        group_id: config.group_id,
-        topics: vec![config.orders_topic],
-        workers: config.workers,
+        instance_id: config.instance_id,
+        ..ConsumerSettings::new(config.bootstrap_servers, config.group_id, vec![config.orders_topic])
     };
-    consumer::run(settings, Arc::new(handler), shutdown).await?;
+    consumer::run(settings, pool.clone(), Arc::new(handler), shutdown).await?;
     pool.close().await;
     Ok(())
 }

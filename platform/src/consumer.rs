@@ -1,74 +1,88 @@
-//! The one consumer loop every service uses.
+//! The one consumer runtime every service uses. A handler writes its effect in a transaction
+//! the runtime opened; the runtime records the inbox row, commits, and only then stores the
+//! offset. Nothing else in the services begins, records, commits or stores for a message.
 //!
-//! - Offsets are stored only after the handler returned, that is after its database
-//!   transaction committed (`enable.auto.offset.store=false`); auto-commit then commits the
-//!   stored offsets. Dying anywhere before the store means a redelivery, which the
-//!   handler's inbox makes a no-op.
-//! - Messages of one partition are handled one after another, in order, by one worker;
-//!   different partitions run concurrently on different workers.
-//! - A transient error (database or gateway away) is retried with exponential backoff and
-//!   jitter, for as long as it takes: the message is never dropped.
-//! - A permanent error (undecodable bytes, unknown event type, an unknown order...) sends
-//!   the message to `<topic>.dlq` with headers saying why and where it came from, and the
-//!   partition keeps flowing. Nothing panics on a message.
+//! - **One queue per partition.** A thread of its own polls Kafka and hands each message to
+//!   its partition's task through a bounded queue. A partition whose task is slow (a
+//!   dependency retried for minutes) fills its own queue and is then paused with the consumer,
+//!   so its messages stay at the broker; the poll thread never waits on a handler, every other
+//!   partition keeps flowing, and `max.poll.interval.ms` is never exceeded because one
+//!   partition is slow. Messages of one partition are handled one after another, in order.
+//! - **The inbox step.** `begin → record the message id in the inbox → handler's effect →
+//!   commit → store the offset`, here and nowhere else. A message whose id the inbox knows is
+//!   a redelivery: rolled back, counted as a duplicate, its offset stored.
+//! - **Offsets after the effect.** An offset is stored only after the transaction committed
+//!   (or the message was dead-lettered); auto-commit then commits stored offsets. Dying
+//!   anywhere before the store means a redelivery, which the inbox makes a no-op.
+//! - **Rebalance-safe.** When partitions are revoked, the message in flight for each finishes
+//!   and its offset is stored before the revoke completes (the offsets are then committed by
+//!   librdkafka as part of the revoke); a message still retrying after `revoke_grace` is
+//!   abandoned with its offset unstored, and the partition's new owner redelivers it.
+//! - **Errors.** One classifier ([`HandlerError`]'s `From` impls): a transient error (a
+//!   dependency away, a concurrent change) is retried with exponential backoff and jitter; a
+//!   permanent one (undecodable bytes, data a dependency refuses) sends the message to
+//!   `<topic>.dlq` with headers saying why and where it came from, and the partition flows on.
+//! - **Health.** `run` returns an error when the poll thread dies, when the client reports a
+//!   fatal error (such as a fenced static member), or when the consumer has held no partition
+//!   for longer than `unassigned_limit`: the process then exits and its supervisor restarts it.
+//!   The number of partitions held is published as a gauge and on [`ConsumerStatus`].
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::Message as _;
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
-use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, TopicPartitionList};
+use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::{mpsc, watch};
-
-/// How long a consumer may hold no partition before it is re-created.
-const REJOIN_AFTER: Duration = Duration::from_secs(20);
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::kafka;
 use crate::telemetry;
-
-/// Publishes librdkafka's per-partition consumer lag as a gauge (statistics every 5 s).
-struct LagContext {
-    group: String,
-}
-
-impl rdkafka::ClientContext for LagContext {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        for (topic, stats) in &statistics.topics {
-            for (partition, partition_stats) in &stats.partitions {
-                if *partition >= 0 && partition_stats.consumer_lag >= 0 {
-                    metrics::gauge!(telemetry::CONSUMER_LAG, "group" => self.group.clone(), "topic" => topic.clone(),
-                        "partition" => partition.to_string())
-                    .set(partition_stats.consumer_lag as f64);
-                }
-            }
-        }
-    }
-}
-
-impl rdkafka::consumer::ConsumerContext for LagContext {}
+use crate::{inbox, kafka};
 
 /// A message as handlers see it.
 #[derive(Debug, Clone)]
 pub struct Incoming {
-    /// Where it came from.
+    /// The topic it was read from.
     pub topic: String,
-    /// Its partition.
+    /// The partition it was read from (with the offset, where a dead letter says it came from).
     pub partition: i32,
-    /// Its offset.
+    /// Its position in the partition.
     pub offset: i64,
     /// The record key (the order id), if any.
     pub key: Option<Vec<u8>>,
-    /// The record value.
+    /// The record value: an event envelope.
     pub payload: Vec<u8>,
-    /// The record headers.
+    /// The record headers (message id, event type, trace context).
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
 impl Incoming {
+    fn from_kafka(message: &BorrowedMessage<'_>) -> Self {
+        Self {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().unwrap_or_default().to_vec(),
+            headers: message
+                .headers()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
     /// Decodes the envelope (a contract error is permanent) and records its correlation id on
     /// the current span, so every log line about this message carries it.
     pub fn open(&self) -> Result<orderflow::envelope::OpenedEvent, HandlerError> {
@@ -87,18 +101,30 @@ impl Incoming {
     }
 }
 
-/// What a handler did with a message.
+/// What became of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Its effect was committed.
     Processed,
     /// The inbox knew it: a redelivery, nothing done.
     Duplicate,
-    /// Not for this consumer (an event type it does not act on).
+    /// Nothing to do for this consumer (an event type it does not act on, or a late event
+    /// for a settled order): its transaction is rolled back.
     Ignored,
 }
 
-/// Why a handler could not process a message.
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Processed => "processed",
+            Self::Duplicate => "duplicate",
+            Self::Ignored => "ignored",
+        }
+    }
+}
+
+/// Why a handler could not process a message. Every service classifies its errors through
+/// the `From` impls below, so "transient or permanent" is decided in one place.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
     /// Retrying later may succeed (a dependency is away, a concurrent change won).
@@ -124,10 +150,39 @@ impl From<sqlx::Error> for HandlerError {
     }
 }
 
-/// Handles one message. Implementations are idempotent (an inbox, compare-and-set updates).
+impl From<tonic::Status> for HandlerError {
+    /// A remote service's refusal of the request itself is permanent; anything else (no
+    /// answer, overloaded, a deadline) may heal.
+    fn from(status: tonic::Status) -> Self {
+        use tonic::Code;
+        match status.code() {
+            Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound | Code::OutOfRange => {
+                Self::Permanent(format!("refused: {:?} {}", status.code(), status.message()))
+            }
+            _ => Self::Transient(anyhow::anyhow!("{:?} {}", status.code(), status.message())),
+        }
+    }
+}
+
+/// The effect of one message, written in the transaction the runtime opened. Implementations
+/// are idempotent in their own right too (compare-and-set updates, unique keys): the inbox is
+/// the first guard, not the only one.
 pub trait Handler: Send + Sync + 'static {
-    /// Processes `message`.
-    fn handle(&self, message: &Incoming) -> impl Future<Output = Result<Outcome, HandlerError>> + Send;
+    /// The name this consumer records in the inbox table.
+    fn inbox(&self) -> &'static str;
+
+    /// Whether this consumer acts on `event` at all. Anything else is acknowledged without
+    /// a transaction.
+    fn wants(&self, event: &orderflow::envelope::OpenedEvent) -> bool;
+
+    /// Writes the effect of `event` in `tx`, where the message's inbox row is already
+    /// recorded. Returns `Processed` to have it committed, `Ignored` to have it rolled back.
+    fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        message: &Incoming,
+        event: &orderflow::envelope::OpenedEvent,
+    ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send;
 }
 
 /// Where and how to consume.
@@ -137,215 +192,525 @@ pub struct ConsumerSettings {
     pub bootstrap_servers: String,
     /// The consumer group.
     pub group_id: String,
+    /// Static membership id (`group.instance.id`), unique within the group; None for a
+    /// dynamic member.
+    pub instance_id: Option<String>,
     /// The topics.
     pub topics: Vec<String>,
-    /// How many partitions are handled at once.
-    pub workers: usize,
+    /// Messages buffered per partition before the partition is paused.
+    pub partition_queue: usize,
+    /// How long a revoke waits for a partition's message in flight before abandoning it.
+    pub revoke_grace: Duration,
+    /// Holding no partition for longer than this is an error (the process exits and its
+    /// supervisor restarts it); None never gives up (a member of a group that has more
+    /// members than partitions).
+    pub unassigned_limit: Option<Duration>,
 }
 
-/// Consumes until `shutdown`; then lets every worker finish its message and returns.
-pub async fn run<H: Handler>(
-    settings: ConsumerSettings,
-    handler: Arc<H>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let create = || -> anyhow::Result<Arc<StreamConsumer<LagContext>>> {
-        let consumer: StreamConsumer<LagContext> =
-            kafka::consumer_config(&settings.bootstrap_servers, &settings.group_id)
-                .set("statistics.interval.ms", "5000")
-                .create_with_context(LagContext {
-                    group: settings.group_id.clone(),
-                })?;
-        let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
-        Ok(Arc::new(consumer))
-    };
-    let mut consumer = create()?;
-    // Workers store offsets through whichever consumer is current (see the watchdog below).
-    let (current_consumer, consumer_for_workers) = watch::channel(consumer.clone());
-    let dead_letters: FutureProducer =
-        kafka::producer_config(&settings.bootstrap_servers, &format!("{}-dlq", settings.group_id)).create()?;
-    tracing::info!(group = %settings.group_id, topics = ?settings.topics, "consumer started");
+impl ConsumerSettings {
+    /// The defaults for `group_id` on `topics`.
+    pub fn new(bootstrap_servers: String, group_id: String, topics: Vec<String>) -> Self {
+        Self {
+            bootstrap_servers,
+            group_id,
+            instance_id: None,
+            topics,
+            partition_queue: 64,
+            revoke_grace: Duration::from_secs(5),
+            unassigned_limit: Some(Duration::from_secs(120)),
+        }
+    }
+}
 
-    let workers = settings.workers.max(1);
-    let mut senders = Vec::with_capacity(workers);
-    let mut tasks = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let (sender, mut receiver) = mpsc::channel::<Incoming>(64);
-        senders.push(sender);
-        let handler = handler.clone();
-        let consumer = consumer_for_workers.clone();
-        let dead_letters = dead_letters.clone();
-        let shutdown = shutdown.clone();
-        let group = settings.group_id.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Some(message) = receiver.recv().await {
-                let span = tracing::info_span!(
-                    "consume",
-                    group = %group,
-                    topic = %message.topic,
-                    partition = message.partition,
-                    offset = message.offset,
-                    order_id = %String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()),
-                    message_id = %message.header(orderflow::envelope::headers::MESSAGE_ID).unwrap_or_default(),
-                    correlation_id = tracing::field::Empty,
-                    trace_id = tracing::field::Empty,
-                );
-                // One trace per order: this span continues the producer's trace.
-                if let Some(traceparent) = message.header(orderflow::envelope::headers::TRACEPARENT) {
-                    telemetry::continue_trace(&span, &traceparent);
-                    if let Some(trace_id) = telemetry::trace_id_of(&traceparent) {
-                        span.record("trace_id", trace_id);
-                    }
-                }
-                if crate::chaos::naive() {
-                    // The textbook mistake: the offset first, then the work. Dying during the
-                    // work loses the message (its offset is committed already).
-                    let _ = consumer
-                        .borrow()
-                        .clone()
-                        .store_offset(&message.topic, message.partition, message.offset);
-                }
-                let done = process(&*handler, &message, &dead_letters, &group, &shutdown)
-                    .instrument(span)
-                    .await;
-                if !done {
-                    // Shutting down before the message was processed: leave its offset
-                    // unstored, so it is redelivered; stop taking more from this partition.
-                    break;
-                }
-                fail::fail_point!("consumer::after_commit_before_store", |_| crate::chaos::crash());
-                // The effect is committed (or dead-lettered): now, and only now, the offset.
-                // Dying here redelivers the message, and the inbox absorbs it.
-                // The message's own offset: librdkafka commits offset + 1 itself. (Passing
-                // offset + 1 here would skip the next message after a restart: a lost event.)
-                if let Err(error) =
-                    consumer
-                        .borrow()
-                        .clone()
-                        .store_offset(&message.topic, message.partition, message.offset)
-                {
-                    tracing::warn!(%error, "cannot store the offset; the message will be redelivered");
-                }
-            }
-        }));
+/// What the consumer holds now (for health checks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerStatus {
+    /// Partitions assigned to this member.
+    pub assigned_partitions: usize,
+    /// Whether the runtime is still consuming.
+    pub running: bool,
+}
+
+/// A partition's task, as the revoke callback and the poll thread see it.
+struct PartitionControl {
+    /// Whether a message is being handled now.
+    busy: Mutex<bool>,
+    idle: Condvar,
+    /// Cancelled when the partition is revoked: take no further message.
+    revoked: CancellationToken,
+    /// Cancelled when a revoke gives up waiting: stop retrying the message in flight.
+    abandon: CancellationToken,
+}
+
+impl PartitionControl {
+    fn busy(&self) -> MutexGuard<'_, bool> {
+        self.busy.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    // Watchdog: after a long broker outage every member's session has expired, and the
-    // local broker gives rejoining members none or only some of their partitions back; a new
-    // member does get them all. So a consumer missing partitions for REJOIN_AFTER is
-    // re-created. As the only member of its group (the local stack's rule, and the default)
-    // it must hold every partition of its topics; as one of several members
-    // (ORDERFLOW_CONSUMER_SOLE_MEMBER=false, Apache Kafka scaled out) it must hold at least one.
-    let sole_member = std::env::var("ORDERFLOW_CONSUMER_SOLE_MEMBER").map_or(true, |v| v != "false");
-    let mut watchdog = tokio::time::interval(Duration::from_secs(5));
-    let mut unassigned_since: Option<std::time::Instant> = None;
-    loop {
-        let received = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = watchdog.tick() => {
-                let held = consumer.assignment().map(|list| list.count()).unwrap_or(0);
-                let wanted = if sole_member {
-                    let (probe, topics) = (consumer.clone(), settings.topics.clone());
-                    tokio::task::spawn_blocking(move || partitions_of(&*probe, &topics)).await.unwrap_or(None)
-                } else {
-                    Some(1)
-                };
-                // Unknown (metadata unavailable, the broker is away): judge on holding nothing.
-                let assigned = held > 0 && wanted.is_none_or(|wanted| held >= wanted);
-                if assigned {
-                    unassigned_since = None;
-                } else if unassigned_since.get_or_insert_with(std::time::Instant::now).elapsed() >= REJOIN_AFTER {
-                    tracing::warn!(group = %settings.group_id, "partitions missing for {REJOIN_AFTER:?}; re-creating the consumer to rejoin the group");
-                    match create() {
-                        Ok(fresh) => {
-                            let old = std::mem::replace(&mut consumer, fresh);
-                            let _ = current_consumer.send(consumer.clone());
-                            // Closing a consumer blocks until the broker answers (it leaves the
-                            // group), possibly for as long as the outage lasts: never on a worker.
-                            tokio::task::spawn_blocking(move || drop(old));
-                            unassigned_since = None;
-                        }
-                        Err(error) => tracing::warn!(%error, "cannot re-create the consumer; trying again"),
-                    }
+    fn set_busy(&self, busy: bool) {
+        *self.busy() = busy;
+        if !busy {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Waits until no message is in flight, at most `limit`; returns whether it is idle.
+    fn wait_idle(&self, limit: Duration) -> bool {
+        let guard = self.busy();
+        let (guard, _) = self
+            .idle
+            .wait_timeout_while(guard, limit, |busy| *busy)
+            .unwrap_or_else(PoisonError::into_inner);
+        !*guard
+    }
+}
+
+/// The poll thread's view of one assigned partition.
+struct PartitionSlot {
+    queue: mpsc::Sender<Incoming>,
+    /// Messages that arrived while the queue was full (already fetched before the pause
+    /// took effect), handed on in order before anything newer.
+    overflow: VecDeque<Incoming>,
+    paused: bool,
+    control: Arc<PartitionControl>,
+}
+
+type PartitionKey = (String, i32);
+type Slots = Arc<Mutex<HashMap<PartitionKey, PartitionSlot>>>;
+
+fn lock(slots: &Slots) -> MutexGuard<'_, HashMap<PartitionKey, PartitionSlot>> {
+    slots.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The client's callbacks: lag statistics, and the revoke that waits for work in flight.
+struct RuntimeContext {
+    group: String,
+    slots: Slots,
+    revoke_grace: Duration,
+}
+
+impl ClientContext for RuntimeContext {
+    /// Publishes librdkafka's per-partition consumer lag as a gauge (statistics every 5 s).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, partition_stats) in &stats.partitions {
+                if *partition >= 0 && partition_stats.consumer_lag >= 0 {
+                    metrics::gauge!(telemetry::CONSUMER_LAG, "group" => self.group.clone(), "topic" => topic.clone(),
+                        "partition" => partition.to_string())
+                    .set(partition_stats.consumer_lag as f64);
                 }
-                continue;
-            }
-            received = consumer.recv() => received,
-        };
-        match received {
-            Ok(message) => {
-                let incoming = Incoming {
-                    topic: message.topic().to_owned(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    key: message.key().map(<[u8]>::to_vec),
-                    payload: message.payload().unwrap_or_default().to_vec(),
-                    headers: message
-                        .headers()
-                        .map(|headers| {
-                            headers
-                                .iter()
-                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                };
-                let worker = usize::try_from(incoming.partition).unwrap_or(0) % workers;
-                if senders[worker].send(incoming).await.is_err() {
-                    break;
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "consumer error");
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
-    drop(senders);
-    for task in tasks {
-        let _ = task.await;
-    }
-    // Commit what was stored before leaving the group.
-    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
-    tracing::info!(group = %settings.group_id, "consumer stopped");
-    Ok(())
 }
 
-/// How many partitions `topics` have, or None when the broker does not answer.
-fn partitions_of<C: rdkafka::consumer::Consumer<LagContext>>(consumer: &C, topics: &[String]) -> Option<usize> {
-    let mut total = 0;
-    for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)).ok()?;
-        total += metadata.topics().first()?.partitions().len();
+impl ConsumerContext for RuntimeContext {
+    /// Runs on the poll thread, inside `poll`, before librdkafka gives the partitions up (and
+    /// commits the stored offsets, with auto-commit). Blocking here is the point: the revoke
+    /// completes only once each revoked partition's message in flight has finished (its
+    /// offset stored) or has been abandoned (its offset not stored, so redelivered to the new
+    /// owner, whose inbox absorbs it if its effect did commit after all).
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(list) => {
+                metrics::counter!(telemetry::CONSUMER_REBALANCES, "group" => self.group.clone(), "kind" => "revoke")
+                    .increment(1);
+                let revoked: Vec<PartitionSlot> = {
+                    let mut slots = lock(&self.slots);
+                    list.elements()
+                        .iter()
+                        .filter_map(|e| slots.remove(&(e.topic().to_owned(), e.partition())))
+                        .collect()
+                };
+                for slot in &revoked {
+                    slot.control.revoked.cancel();
+                }
+                for slot in revoked {
+                    if !slot.control.wait_idle(self.revoke_grace) {
+                        tracing::warn!(group = %self.group, "a revoked partition's message is still in flight; abandoning it (it will be redelivered)");
+                        slot.control.abandon.cancel();
+                        // The message's handler stops at its next retry; its offset is never
+                        // stored, whatever it does after this.
+                        let _ = slot.control.wait_idle(self.revoke_grace);
+                    }
+                }
+                tracing::info!(group = %self.group, partitions = list.count(), "partitions revoked");
+            }
+            Rebalance::Assign(list) => {
+                metrics::counter!(telemetry::CONSUMER_REBALANCES, "group" => self.group.clone(), "kind" => "assign")
+                    .increment(1);
+                tracing::info!(group = %self.group, partitions = list.count(), "partitions assigned");
+            }
+            Rebalance::Error(error) => tracing::warn!(group = %self.group, %error, "rebalance error"),
+        }
     }
-    Some(total)
+
+    /// A partition paused while this member last held it (its queue was full when it was
+    /// revoked) starts fresh: resumed, with a new queue.
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance
+            && let Err(error) = consumer.resume(list)
+        {
+            tracing::debug!(%error, "cannot resume newly assigned partitions");
+        }
+    }
 }
 
-/// Handles one message until it is processed or dead-lettered (true), or until shutdown
+type Client = BaseConsumer<RuntimeContext>;
+
+/// Everything a partition's task needs.
+struct Worker<H> {
+    handler: Arc<H>,
+    pool: PgPool,
+    consumer: Arc<Client>,
+    dead_letters: FutureProducer,
+    group: String,
+}
+
+/// Consumes until `shutdown`; then lets each partition finish its message in flight, commits
+/// the stored offsets and returns. `status` follows what the consumer holds.
+pub async fn run<H: Handler>(
+    settings: ConsumerSettings,
+    pool: PgPool,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_with_status(settings, pool, handler, shutdown, watch::channel(ConsumerStatus::default()).0).await
+}
+
+/// [`run`], publishing the consumer's state on `status`.
+pub async fn run_with_status<H: Handler>(
+    settings: ConsumerSettings,
+    pool: PgPool,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+    status: watch::Sender<ConsumerStatus>,
+) -> anyhow::Result<()> {
+    let slots: Slots = Arc::default();
+    let consumer: Client = kafka::consumer_config(
+        &settings.bootstrap_servers,
+        &settings.group_id,
+        settings.instance_id.as_deref(),
+    )
+    .set("statistics.interval.ms", "5000")
+    .create_with_context(RuntimeContext {
+        group: settings.group_id.clone(),
+        slots: slots.clone(),
+        revoke_grace: settings.revoke_grace,
+    })?;
+    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let consumer = Arc::new(consumer);
+    let worker = Arc::new(Worker {
+        handler,
+        pool,
+        consumer: consumer.clone(),
+        dead_letters: kafka::producer_config(
+            &settings.bootstrap_servers,
+            &format!("{}-dlq", settings.group_id),
+            kafka::DEFAULT_DELIVERY_TIMEOUT,
+        )
+        .create()?,
+        group: settings.group_id.clone(),
+    });
+    tracing::info!(group = %settings.group_id, instance = ?settings.instance_id, topics = ?settings.topics, "consumer started");
+    status.send_replace(ConsumerStatus {
+        assigned_partitions: 0,
+        running: true,
+    });
+
+    let tasks = TaskTracker::new();
+    let poller = {
+        let (runtime, tasks, shutdown, slots) =
+            (tokio::runtime::Handle::current(), tasks.clone(), shutdown.clone(), slots.clone());
+        let status = status.clone();
+        let consumer = consumer.clone();
+        let name = format!("poll-{}", settings.group_id);
+        let (done, finished) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name(name).spawn(move || {
+            let poll = Poller {
+                consumer,
+                slots,
+                worker,
+                runtime,
+                tasks,
+                shutdown,
+                settings,
+                status,
+            };
+            let _ = done.send(poll.run());
+        })?;
+        finished
+    };
+    let result = match poller.await {
+        Ok(result) => result,
+        Err(_) => Err(anyhow::anyhow!("the consumer's poll thread died")),
+    };
+    // Each partition's task finishes its message in flight (a retry stops at its next
+    // backoff) and stores its offset; then the stored offsets are committed.
+    lock(&slots).clear();
+    tasks.close();
+    tasks.wait().await;
+    let closing = consumer.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.commit_consumer_state(rdkafka::consumer::CommitMode::Sync))
+        .await;
+    // Closing blocks until the broker answers (possibly as long as an outage lasts): never on
+    // a runtime thread.
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    status.send_replace(ConsumerStatus::default());
+    match &result {
+        Ok(()) => tracing::info!("consumer stopped"),
+        Err(error) => tracing::error!(error = format!("{error:#}"), "consumer failed"),
+    }
+    result
+}
+
+/// The poll thread.
+struct Poller<H> {
+    consumer: Arc<Client>,
+    slots: Slots,
+    worker: Arc<Worker<H>>,
+    runtime: tokio::runtime::Handle,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    settings: ConsumerSettings,
+    status: watch::Sender<ConsumerStatus>,
+}
+
+impl<H: Handler> Poller<H> {
+    fn run(self) -> anyhow::Result<()> {
+        let mut unassigned_since = Some(Instant::now());
+        let mut next_check = Instant::now();
+        while !self.shutdown.is_cancelled() {
+            self.hand_on_overflow();
+            // Every rebalance callback runs inside this call, on this thread.
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => self.dispatch(Incoming::from_kafka(&message)),
+                Some(Err(error)) => {
+                    if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                        anyhow::bail!("fatal consumer error {code:?}: {reason}");
+                    }
+                    tracing::warn!(%error, "consumer error");
+                }
+                None => {}
+            }
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + Duration::from_secs(1);
+                let held = self.consumer.assignment().map(|list| list.count()).unwrap_or(0);
+                metrics::gauge!(telemetry::CONSUMER_ASSIGNED, "group" => self.settings.group_id.clone())
+                    .set(held as f64);
+                self.status.send_if_modified(|status| {
+                    let changed = status.assigned_partitions != held;
+                    status.assigned_partitions = held;
+                    changed
+                });
+                if held > 0 {
+                    unassigned_since = None;
+                } else {
+                    let since = *unassigned_since.get_or_insert_with(Instant::now);
+                    if let Some(limit) = self.settings.unassigned_limit
+                        && since.elapsed() > limit
+                    {
+                        anyhow::bail!("held no partition of {:?} for {limit:?}", self.settings.topics);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a message to its partition's queue; when the queue is full, keeps it in the
+    /// overflow and pauses the partition, so nothing more is fetched for it.
+    fn dispatch(&self, message: Incoming) {
+        let mut slots = lock(&self.slots);
+        let key = (message.topic.clone(), message.partition);
+        let slot = slots.entry(key).or_insert_with(|| self.spawn_partition());
+        if slot.overflow.is_empty() {
+            match slot.queue.try_send(message) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(message) | mpsc::error::TrySendError::Closed(message)) => {
+                    slot.overflow.push_back(message);
+                }
+            }
+        } else {
+            slot.overflow.push_back(message);
+        }
+        if !slot.paused {
+            let Some(head) = slot.overflow.front() else { return };
+            let mut list = TopicPartitionList::new();
+            list.add_partition(&head.topic, head.partition);
+            match self.consumer.pause(&list) {
+                Ok(()) => {
+                    slot.paused = true;
+                    tracing::info!(topic = %head.topic, partition = head.partition, "partition paused: its queue is full");
+                }
+                Err(error) => tracing::warn!(%error, "cannot pause a partition"),
+            }
+        }
+    }
+
+    /// Moves overflowing messages into queues that have room again, and resumes the
+    /// partitions whose overflow is empty.
+    fn hand_on_overflow(&self) {
+        let mut slots = lock(&self.slots);
+        for ((topic, partition), slot) in slots.iter_mut().filter(|(_, slot)| slot.paused) {
+            while let Some(message) = slot.overflow.pop_front() {
+                match slot.queue.try_send(message) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(message) | mpsc::error::TrySendError::Closed(message)) => {
+                        slot.overflow.push_front(message);
+                        break;
+                    }
+                }
+            }
+            if slot.overflow.is_empty() {
+                let mut list = TopicPartitionList::new();
+                list.add_partition(topic, *partition);
+                match self.consumer.resume(&list) {
+                    Ok(()) => {
+                        slot.paused = false;
+                        tracing::info!(%topic, partition, "partition resumed");
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot resume a partition"),
+                }
+            }
+        }
+    }
+
+    fn spawn_partition(&self) -> PartitionSlot {
+        let (queue, receiver) = mpsc::channel(self.settings.partition_queue.max(1));
+        let control = Arc::new(PartitionControl {
+            busy: Mutex::new(false),
+            idle: Condvar::new(),
+            revoked: CancellationToken::new(),
+            abandon: self.shutdown.child_token(),
+        });
+        self.tasks.spawn_on(
+            partition_task(self.worker.clone(), receiver, control.clone(), self.shutdown.clone()),
+            &self.runtime,
+        );
+        PartitionSlot {
+            queue,
+            overflow: VecDeque::new(),
+            paused: false,
+            control,
+        }
+    }
+}
+
+/// Handles one partition's messages in order until it is revoked or the consumer stops.
+async fn partition_task<H: Handler>(
+    worker: Arc<Worker<H>>,
+    mut queue: mpsc::Receiver<Incoming>,
+    control: Arc<PartitionControl>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = control.revoked.cancelled() => return,
+            message = queue.recv() => match message {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        control.set_busy(true);
+        // Taken after set_busy: a revoke that cancelled before it must not see an idle
+        // partition and then have this message handled anyway.
+        if control.revoked.is_cancelled() {
+            control.set_busy(false);
+            return;
+        }
+        let span = tracing::info_span!(
+            "consume",
+            group = %worker.group,
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            order_id = %String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()),
+            message_id = %message.header(orderflow::envelope::headers::MESSAGE_ID).unwrap_or_default(),
+            correlation_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        // One trace per order: this span continues the producer's trace.
+        if let Some(traceparent) = message.header(orderflow::envelope::headers::TRACEPARENT) {
+            telemetry::continue_trace(&span, &traceparent);
+            if let Some(trace_id) = telemetry::trace_id_of(&traceparent) {
+                span.record("trace_id", trace_id);
+            }
+        }
+        if crate::chaos::naive() {
+            // The textbook mistake: the offset first, then the work. Dying during the work
+            // loses the message (its offset is committed already).
+            worker.store_offset(&message);
+        }
+        let done = process(&worker, &message, &control.abandon).instrument(span).await;
+        if done {
+            fail::fail_point!("consumer::after_commit_before_store", |_| crate::chaos::crash());
+            // The effect is committed (or dead-lettered): now, and only now, the offset.
+            // Dying here redelivers the message, and the inbox absorbs it.
+            worker.store_offset(&message);
+        }
+        control.set_busy(false);
+        if !done {
+            // Abandoned (revoked or shutting down) before it was processed: its offset stays
+            // unstored, so it is redelivered; nothing later of this partition may be stored.
+            return;
+        }
+    }
+}
+
+impl<H: Handler> Worker<H> {
+    fn store_offset(&self, message: &Incoming) {
+        // The message's own offset: librdkafka commits offset + 1 itself. (Passing offset + 1
+        // here would skip the next message after a restart: a lost event.) A partition that
+        // is no longer assigned refuses the store, and the new owner redelivers the message.
+        if let Err(error) = self
+            .consumer
+            .store_offset(&message.topic, message.partition, message.offset)
+        {
+            tracing::warn!(%error, "cannot store the offset; the message will be redelivered");
+        }
+    }
+
+    /// One attempt: the inbox step and the handler's effect in one transaction.
+    async fn attempt(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
+        let event = message.open()?;
+        if !self.handler.wants(&event) {
+            return Ok(Outcome::Ignored);
+        }
+        let mut tx = self.pool.begin().await?;
+        // The naive build has no inbox: every redelivery is processed again.
+        if !crate::chaos::naive() && !inbox::record(&mut tx, self.handler.inbox(), event.message_id).await? {
+            // Another transaction recorded it (and committed): a redelivery.
+            return Ok(Outcome::Duplicate);
+        }
+        let outcome = self.handler.handle(&mut tx, message, &event).await?;
+        if outcome == Outcome::Processed {
+            // Dying before this commit: nothing of the effect exists, the message is
+            // redelivered. Dying after it, before the offset is stored: redelivered, and the
+            // inbox row committed here makes it a duplicate.
+            tx.commit().await?;
+        }
+        // Dropping an uncommitted transaction rolls it back.
+        Ok(outcome)
+    }
+}
+
+/// Handles one message until it is processed or dead-lettered (true), or until `stop`
 /// interrupts a retry (false).
-async fn process<H: Handler>(
-    handler: &H,
-    message: &Incoming,
-    dead_letters: &FutureProducer,
-    group: &str,
-    shutdown: &CancellationToken,
-) -> bool {
+async fn process<H: Handler>(worker: &Worker<H>, message: &Incoming, stop: &CancellationToken) -> bool {
     let first_failure = SystemTime::now();
     let mut attempts: u32 = 0;
     let mut backoff = Duration::from_millis(50);
     loop {
         attempts += 1;
-        let error = match handler.handle(message).await {
+        let error = match worker.attempt(message).await {
             Ok(outcome) => {
                 tracing::debug!(?outcome, "message handled");
-                let outcome = match outcome {
-                    Outcome::Processed => "processed",
-                    Outcome::Duplicate => "duplicate",
-                    Outcome::Ignored => "ignored",
-                };
-                metrics::counter!(telemetry::CONSUMER_MESSAGES, "group" => group.to_owned(),
-                    "topic" => message.topic.clone(), "outcome" => outcome)
+                metrics::counter!(telemetry::CONSUMER_MESSAGES, "group" => worker.group.clone(),
+                    "topic" => message.topic.clone(), "outcome" => outcome.label())
                 .increment(1);
                 return true;
             }
@@ -354,9 +719,10 @@ async fn process<H: Handler>(
         match error {
             HandlerError::Permanent(reason) => {
                 tracing::error!(%reason, attempts, "message cannot be processed; dead-lettering it");
-                match dead_letter(dead_letters, message, group, &reason, attempts, first_failure).await {
+                match dead_letter(&worker.dead_letters, message, &worker.group, &reason, attempts, first_failure).await
+                {
                     Ok(()) => {
-                        metrics::counter!(telemetry::CONSUMER_MESSAGES, "group" => group.to_owned(),
+                        metrics::counter!(telemetry::CONSUMER_MESSAGES, "group" => worker.group.clone(),
                             "topic" => message.topic.clone(), "outcome" => "dead_lettered")
                         .increment(1);
                         return true;
@@ -365,20 +731,20 @@ async fn process<H: Handler>(
                 }
             }
             HandlerError::Transient(error) => {
-                metrics::counter!(telemetry::CONSUMER_RETRIES, "group" => group.to_owned()).increment(1);
+                metrics::counter!(telemetry::CONSUMER_RETRIES, "group" => worker.group.clone()).increment(1);
                 tracing::warn!(error = format!("{error:#}"), attempts, "transient failure; retrying");
             }
         }
         let jittered = backoff.mul_f64(0.5 + jitter());
         tokio::select! {
-            _ = shutdown.cancelled() => return false,
+            _ = stop.cancelled() => return false,
             _ = tokio::time::sleep(jittered) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
-/// A number in [0, 1) that differs between calls (spreads retries of many workers).
+/// A number in [0, 1) that differs between calls (spreads retries of many partitions).
 fn jitter() -> f64 {
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)

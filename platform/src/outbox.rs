@@ -23,7 +23,7 @@ pub struct OutboxMessage {
 /// a NOTIFY (a trigger in the migration) that wakes the relay when the transaction commits.
 #[tracing::instrument(name = "outbox_write", skip_all, fields(event_type = %message.envelope.event_type))]
 pub async fn insert(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tx: &mut sqlx::PgConnection,
     message: &OutboxMessage,
 ) -> Result<(), sqlx::Error> {
     let envelope = &message.envelope;
@@ -40,7 +40,7 @@ pub async fn insert(
     .bind(i32::try_from(envelope.schema_version).unwrap_or(i32::MAX))
     .bind(&envelope.traceparent)
     .bind(envelope.encode_to_vec())
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }

@@ -22,6 +22,10 @@ pub const RELAY_PUBLISH_ERRORS: &str = "orderflow_relay_publish_errors_total";
 pub const CONSUMER_MESSAGES: &str = "orderflow_consumer_messages_total";
 /// Transient failures retried, by `group`.
 pub const CONSUMER_RETRIES: &str = "orderflow_consumer_retries_total";
+/// Partitions a consumer holds now, by `group` (0 for long: a consumer that cannot join).
+pub const CONSUMER_ASSIGNED: &str = "orderflow_consumer_assigned_partitions";
+/// Rebalances seen by a consumer, by `group` and `kind` (assign, revoke).
+pub const CONSUMER_REBALANCES: &str = "orderflow_consumer_rebalances_total";
 /// Messages behind the high watermark, by `group`, `topic` and `partition`.
 pub const CONSUMER_LAG: &str = "orderflow_consumer_lag_messages";
 /// Placed → CONFIRMED or CANCELLED, by `status`.

@@ -19,8 +19,12 @@
 //! - dies after the broker acknowledged and before the commit that marks the rows: the
 //!   rows stay unpublished and are published again; consumers see a duplicate with the
 //!   same message_id, and their inbox makes it a no-op (at least once, never lost);
-//! - broker down: the producer never times a message out (`message.timeout.ms=0`), so the
-//!   batch waits, its rows stay unpublished, and everything drains when the broker returns.
+//! - broker down: every record of the batch fails after the delivery timeout
+//!   (`RELAY_DELIVERY_TIMEOUT_MS`), nothing is marked, the transaction ends and the relay backs
+//!   off; the rows are published when the broker returns. No transaction (and so no row lock
+//!   and no hold on the database's xmin horizon) lives longer than the delivery timeout.
+//! - a record of a key fails while a later record of the same key is acknowledged: neither is
+//!   marked ([`rows_to_mark`]), so the next pass publishes the key's rows again in id order.
 
 use std::time::Duration;
 
@@ -61,6 +65,11 @@ pub struct Config {
     /// Wake on the outbox's NOTIFY (false: polling alone, for the tuning comparison).
     #[arg(long, env = "RELAY_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
     pub listen: bool,
+    /// How long the broker may take to acknowledge a record before the relay gives up on the
+    /// batch, rolls it back and backs off, in milliseconds. Bounds the life of the batch's
+    /// transaction while the broker is away.
+    #[arg(long, env = "RELAY_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub delivery_timeout_ms: u64,
     /// Fault injection for tests and the chaos harness: publish every row twice.
     #[arg(long, env = "RELAY_PUBLISH_TWICE", default_value_t = false, action = clap::ArgAction::Set)]
     pub publish_twice: bool,
@@ -203,16 +212,20 @@ impl Relay {
             .chunks(per_row)
             .map(|chunk| chunk.iter().cloned().collect::<Result<Vec<()>, String>>().map(drop))
             .collect();
+        let mark = rows_to_mark(rows.iter().zip(&results).map(|(row, result)| (row.3.as_str(), result.is_ok())));
         let mut published = Vec::with_capacity(rows.len());
         let mut failed = 0;
         let acknowledged_at = chrono::Utc::now();
-        for (row, result) in rows.iter().zip(results) {
+        for ((row, result), mark) in rows.iter().zip(results).zip(mark) {
             match result {
-                Ok(()) => {
+                Ok(()) if mark => {
                     published.push(row.0);
                     // Commit → acknowledgement (created_at is the inserting transaction's time).
                     let lag = (acknowledged_at - row.8).to_std().unwrap_or_default();
                     metrics::histogram!(telemetry::RELAY_LAG).record(lag.as_secs_f64());
+                }
+                Ok(()) => {
+                    tracing::info!(outbox_id = row.0, message_id = %row.1, "acknowledged, but an earlier row of its key was not: published again after it");
                 }
                 Err(error) => {
                     failed += 1;
@@ -323,14 +336,48 @@ impl Relay {
                 BatchOutcome::Published { published, failed } => {
                     tracing::debug!(published, failed, "batch published");
                     if failed > 0 {
-                        // Do not spin on rows the broker refuses; the next wake-up retries them.
-                        return Ok(());
+                        // Do not spin on rows the broker refuses (or while it is away): back off.
+                        anyhow::bail!("{failed} of the batch's records were not acknowledged");
                     }
                 }
                 BatchOutcome::Empty | BatchOutcome::Busy => return Ok(()),
             }
         }
         Ok(())
+    }
+}
+
+/// Which rows of a batch (given in id order, as their key and whether the broker acknowledged
+/// them) may be marked published: an acknowledged row, unless an earlier row of the same key
+/// in the batch was not acknowledged. Marking it would leave the earlier row to be published
+/// on a later pass, after it: the key's events out of order on the topic for good. Unmarked,
+/// both go out again, in order, and consumers' inboxes absorb the repeated one.
+pub fn rows_to_mark<'a>(rows: impl IntoIterator<Item = (&'a str, bool)>) -> Vec<bool> {
+    let mut failed_keys = std::collections::HashSet::new();
+    rows.into_iter()
+        .map(|(key, acknowledged)| {
+            if !acknowledged {
+                failed_keys.insert(key);
+            }
+            acknowledged && !failed_keys.contains(key)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_to_mark;
+
+    #[test]
+    fn a_row_after_a_failed_row_of_its_key_is_not_marked() {
+        let batch = [("a", true), ("b", false), ("a", true), ("b", true), ("c", true), ("b", true)];
+        assert_eq!(rows_to_mark(batch), [true, false, true, false, true, false]);
+    }
+
+    #[test]
+    fn a_row_before_the_failure_of_its_key_is_marked() {
+        assert_eq!(rows_to_mark([("a", true), ("a", false), ("a", true)]), [true, false, false]);
+        assert_eq!(rows_to_mark([("a", true), ("b", true)]), [true, true]);
     }
 }
 
@@ -350,7 +397,12 @@ pub async fn main_from_env() -> anyhow::Result<()> {
 /// Connects to the database and the broker and runs the relay until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = orderflow_platform::connect_postgres(&config.database_url, 2).await?;
-    let producer: FutureProducer = kafka::producer_config(&config.bootstrap_servers, &config.client_id).create()?;
+    let producer: FutureProducer = kafka::producer_config(
+        &config.bootstrap_servers,
+        &config.client_id,
+        Duration::from_millis(config.delivery_timeout_ms),
+    )
+    .create()?;
     tracing::info!(bootstrap_servers = %config.bootstrap_servers, batch_size = config.batch_size, "relay started");
     let cleanup =
         orderflow_platform::housekeeping::published_outbox(Duration::from_secs(config.published_retention_secs));

@@ -1,4 +1,4 @@
-//! The test harness. Tests run against the real Postgres and Tansu of the local stack
+//! The test harness. Tests run against the real Postgres and Kafka of the local stack
 //! (`scripts/stack up --infra`, which `scripts/test` runs first); each test gets its own
 //! database and its own topic, so tests run in parallel without seeing each other's rows.
 
@@ -163,7 +163,7 @@ pub async fn start_order_svc_with(
         bootstrap_servers: None,
         payments_topic: orderflow::topics::PAYMENTS_EVENTS.to_owned(),
         group_id: "order".to_owned(),
-        workers: 4,
+        instance_id: None,
         saga_deadline_ms: 30_000,
         sweep_interval_ms: 1_000,
         inbox_retention_hours: 168,
@@ -296,7 +296,7 @@ where
 /// replays the topic from the start (no member may be active meanwhile).
 pub fn reset_group_to_start(bootstrap_servers: &str, group: &str, topic: &str) -> anyhow::Result<()> {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
-    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(bootstrap_servers, group)
+    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(bootstrap_servers, group, None)
         .set("enable.auto.commit", "false")
         .create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
@@ -307,4 +307,69 @@ pub fn reset_group_to_start(bootstrap_servers: &str, group: &str, topic: &str) -
     }
     consumer.commit(&list, CommitMode::Sync)?;
     Ok(())
+}
+
+/// Apache Kafka brokers of one test's own (`scripts/stack kafka`), in a directory of their
+/// own, on `port` and the ports after it (two per broker: clients, controller). Stopped and
+/// deleted when dropped.
+pub struct PrivateKafka {
+    dir: std::path::PathBuf,
+    port: u16,
+    brokers: u8,
+    /// Where clients connect.
+    pub bootstrap_servers: String,
+}
+
+impl PrivateKafka {
+    /// Starts `brokers` (1 or 3) nodes and creates the stack's topics on them.
+    pub async fn start(port: u16, brokers: u8) -> Self {
+        let dir = std::env::temp_dir().join(format!("orderflow-kafka-{}", uuid::Uuid::now_v7().simple()));
+        let bootstrap_servers = (0..u16::from(brokers))
+            .map(|n| format!("127.0.0.1:{}", port + 2 * n))
+            .collect::<Vec<_>>()
+            .join(",");
+        let kafka = Self {
+            dir,
+            port,
+            brokers,
+            bootstrap_servers,
+        };
+        kafka.stack(&["kafka", "--brokers", &brokers.to_string()]).await;
+        kafka
+    }
+
+    /// Runs `scripts/stack ARGS` on these brokers; panics if it fails.
+    pub async fn stack(&self, args: &[&str]) {
+        let status = self.command(args).status().await.expect("run scripts/stack");
+        assert!(status.success(), "scripts/stack {args:?} failed: {status}");
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = std::process::Command::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack"));
+        command
+            .args(args)
+            .env("ORDERFLOW_STACK_DIR", &self.dir)
+            .env("ORDERFLOW_KAFKA_PORT", self.port.to_string())
+            .env("ORDERFLOW_BROKERS", self.brokers.to_string())
+            .env("ORDERFLOW_PARTITIONS", "12");
+        command.into()
+    }
+
+    /// kill -9 of broker `node` (1-based).
+    pub async fn kill(&self, node: u8) {
+        self.stack(&["kill", &format!("kafka-{node}")]).await;
+    }
+
+    /// Starts again every broker that is not running, and waits until each listens.
+    pub async fn revive(&self) {
+        self.stack(&["kafka", "--brokers", &self.brokers.to_string()]).await;
+    }
+}
+
+impl Drop for PrivateKafka {
+    fn drop(&mut self) {
+        let mut down: std::process::Command = self.command(&["down"]).into_std();
+        let _ = down.stdout(std::process::Stdio::null()).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -137,7 +137,9 @@ impl Saga {
         .await;
 
         for (db, name) in [(&orders, "relay-orders"), (&payments, "relay-payments")] {
-            let producer: FutureProducer = kafka::producer_config(&bootstrap, name).create().expect("producer");
+            let producer: FutureProducer = kafka::producer_config(&bootstrap, name, kafka::DEFAULT_DELIVERY_TIMEOUT)
+                .create()
+                .expect("producer");
             let relay = relay::Relay::new(db.pool.clone(), producer, 500);
             let relay = if options.publish_twice {
                 relay.publishing_twice()
@@ -157,6 +159,7 @@ impl Saga {
             orders_topic: orders_topic.clone(),
             migrate: false,
             inbox_retention_hours: 168,
+            instance_id: None,
         };
         tasks.push(spawn_logged(
             "fulfilment",
@@ -168,7 +171,7 @@ impl Saga {
             bootstrap_servers: bootstrap.clone(),
             group_id: format!("projector-{suffix}"),
             topics: vec![orders_topic.clone(), payments_topic.clone()],
-            workers: 4,
+            instance_id: None,
             inbox_retention_hours: 168,
         };
         tasks.push(spawn_logged(
@@ -210,7 +213,7 @@ impl Saga {
             payments_topic: self.payments_topic.clone(),
             gateway_addr: self.gateway_addr.to_string(),
             gateway_timeout_ms: u64::try_from(self.options.gateway_timeout.as_millis()).unwrap_or(u64::MAX),
-            workers: 4,
+            instance_id: None,
             db_max_connections: 8,
             migrate: false,
             inbox_retention_hours: 168,

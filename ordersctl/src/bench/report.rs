@@ -539,7 +539,7 @@ mod tests {
             pending_sagas: pending,
             consumer_lag: 0.0,
             machine_cpu: 95.0,
-            cpu: BTreeMap::from([("postgres".to_owned(), 80.0), ("tansu".to_owned(), 30.0)]),
+            cpu: BTreeMap::from([("postgres".to_owned(), 80.0), ("kafka-1".to_owned(), 30.0)]),
         }
     }
 
@@ -584,7 +584,7 @@ mod tests {
     fn a_saturated_machine_is_named_the_bottleneck_with_its_largest_consumer() {
         let mut step = report().steps.remove(0);
         step.machine_cpu = 95.0;
-        step.cpu = BTreeMap::from([("postgres".to_owned(), 80.0), ("tansu".to_owned(), 30.0)]);
+        step.cpu = BTreeMap::from([("postgres".to_owned(), 80.0), ("kafka-1".to_owned(), 30.0)]);
         let evidence = bottleneck(&step, 2);
         assert!(evidence[0].contains("postgres 80%"), "{evidence:?}");
         assert!(

@@ -379,7 +379,7 @@ async fn inject(scenario: &str, cli: &Cli, paused: &AtomicBool) -> anyhow::Resul
         }
         "broker-kill" => {
             paused.store(true, Ordering::Relaxed);
-            kill("tansu")?;
+            kill("kafka-1")?;
             tokio::time::sleep(Duration::from_secs(3)).await;
             paused.store(false, Ordering::Relaxed);
             stack(&["revive"], &[("ORDERFLOW_NO_BUILD", "1".to_owned())])?;
