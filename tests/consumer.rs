@@ -1,0 +1,174 @@
+//! The consumer runtime against the real broker: one partition stuck behind a failing
+//! dependency never stops the others, and the stuck one resumes in order once it heals.
+
+// Tests: a failed step must stop the test at once with its reason.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use orderflow::envelope::{self, EventMeta, OpenedEvent};
+use orderflow::events::v1::OrderConfirmed;
+use orderflow::events::v1::event_envelope::Payload;
+use orderflow_platform::consumer::{self, ConsumerSettings, Handler, HandlerError, Incoming, Outcome};
+use orderflow_platform::{kafka, outbox};
+use orderflow_tests::{eventually, fresh_orders_db, fresh_topic, stack};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::{Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+
+/// Handles everything, except that messages of one key fail transiently (a dependency that
+/// is away) until `healed`. Records each handled message's key and sequence number.
+struct Flaky {
+    stuck_key: String,
+    healed: Arc<AtomicBool>,
+}
+
+impl Handler for Flaky {
+    fn inbox(&self) -> &'static str {
+        "flaky"
+    }
+
+    fn wants(&self, _event: &OpenedEvent) -> bool {
+        true
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        message: &Incoming,
+        event: &OpenedEvent,
+    ) -> Result<Outcome, HandlerError> {
+        let key = String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()).into_owned();
+        if key == self.stuck_key && !self.healed.load(Ordering::SeqCst) {
+            return Err(HandlerError::Transient(anyhow::anyhow!("the dependency is away")));
+        }
+        let Payload::OrderConfirmed(confirmed) = &event.payload else {
+            return Ok(Outcome::Ignored);
+        };
+        sqlx::query("INSERT INTO handled (key, seq, handled_at) VALUES ($1, $2::int, clock_timestamp())")
+            .bind(&key)
+            .bind(&confirmed.payment_id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(Outcome::Processed)
+    }
+}
+
+/// An envelope for `key` carrying `seq` (in the payment_id field: any string field would do).
+fn record(key: uuid::Uuid, seq: usize) -> Vec<u8> {
+    let meta = EventMeta {
+        message_id: uuid::Uuid::now_v7(),
+        aggregate_id: key,
+        correlation_id: key,
+        causation_id: None,
+        traceparent: None,
+        occurred_at: outbox::now_timestamp(),
+    };
+    let payload = Payload::OrderConfirmed(OrderConfirmed {
+        order_id: key.to_string(),
+        payment_id: seq.to_string(),
+        total: None,
+    });
+    prost::Message::encode_to_vec(&envelope::seal(meta, payload))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others() {
+    let db = fresh_orders_db().await;
+    sqlx::query("CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, handled_at timestamptz NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let topic = fresh_topic(4).await;
+    let bootstrap = stack().bootstrap_servers.clone();
+
+    // Keys spread over the 4 partitions; the stuck key has far more messages than its
+    // partition's queue holds (64), so its queue fills and its partition must be paused.
+    let keys: Vec<uuid::Uuid> = (0..40).map(|_| uuid::Uuid::now_v7()).collect();
+    let stuck = keys[0];
+    let producer: FutureProducer = kafka::producer_config(&bootstrap, "stall-test", kafka::DEFAULT_DELIVERY_TIMEOUT)
+        .create()
+        .unwrap();
+    let mut sent: HashMap<uuid::Uuid, usize> = HashMap::new();
+    let mut deliveries = Vec::new();
+    for i in 0..300 {
+        // Two of every three messages are the stuck key's: 200 of them, the rest spread.
+        let key = if i % 3 < 2 { stuck } else { keys[1 + i % 39] };
+        let n = sent.entry(key).or_default();
+        let payload = record(key, *n);
+        *n += 1;
+        let key_text = key.to_string();
+        deliveries.push(
+            producer
+                .send_result(FutureRecord::to(&topic).key(&key_text).payload(&payload))
+                .map_err(|(error, _)| error)
+                .unwrap(),
+        );
+    }
+    for delivery in deliveries {
+        delivery.await.unwrap().map_err(|(error, _)| error).unwrap();
+    }
+    let others: usize = sent.iter().filter(|(k, _)| **k != stuck).map(|(_, n)| n).sum();
+    assert_eq!(sent[&stuck], 200);
+
+    let healed = Arc::new(AtomicBool::new(false));
+    let handler = Arc::new(Flaky {
+        stuck_key: stuck.to_string(),
+        healed: healed.clone(),
+    });
+    let shutdown = CancellationToken::new();
+    let settings = ConsumerSettings::new(bootstrap, format!("stall-{}", uuid::Uuid::now_v7().simple()), vec![
+        topic.clone(),
+    ]);
+    let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
+
+    let handled = |pool: sqlx::PgPool, key: Option<String>| async move {
+        let count: i64 = match key {
+            Some(key) => sqlx::query_scalar("SELECT count(*) FROM handled WHERE key = $1")
+                .bind(key)
+                .fetch_one(&pool)
+                .await
+                .unwrap(),
+            None => sqlx::query_scalar("SELECT count(*) FROM handled").fetch_one(&pool).await.unwrap(),
+        };
+        usize::try_from(count).unwrap()
+    };
+    // Every other key's messages are handled, those sharing the stuck key's partition too,
+    // while the stuck key retries.
+    assert!(
+        eventually(Duration::from_secs(60), || handled(db.pool.clone(), None).map_eq(others)).await,
+        "the other partitions stopped: {} of {others} handled",
+        handled(db.pool.clone(), None).await
+    );
+    assert_eq!(handled(db.pool.clone(), Some(stuck.to_string())).await, 0);
+
+    // The dependency heals: the stuck key's messages are all handled, in order.
+    healed.store(true, Ordering::SeqCst);
+    assert!(
+        eventually(Duration::from_secs(60), || handled(db.pool.clone(), Some(stuck.to_string())).map_eq(200)).await,
+        "the stuck partition did not resume"
+    );
+    let order: Vec<i32> = sqlx::query_scalar("SELECT seq FROM handled WHERE key = $1 ORDER BY handled_at")
+        .bind(stuck.to_string())
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(order, (0..200).collect::<Vec<i32>>(), "the stuck key's messages in order");
+
+    shutdown.cancel();
+    consumer.await.unwrap().expect("the consumer stops cleanly");
+}
+
+/// `future.map_eq(n)`: whether the count it yields is `n`.
+trait MapEq {
+    fn map_eq(self, expected: usize) -> impl std::future::Future<Output = bool> + Send;
+}
+
+impl<F: std::future::Future<Output = usize> + Send> MapEq for F {
+    async fn map_eq(self, expected: usize) -> bool {
+        self.await == expected
+    }
+}
