@@ -120,9 +120,11 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
         healed: healed.clone(),
     });
     let shutdown = CancellationToken::new();
-    let settings = ConsumerSettings::new(bootstrap, format!("stall-{}", uuid::Uuid::now_v7().simple()), vec![
-        topic.clone(),
-    ]);
+    let settings = ConsumerSettings::new(
+        bootstrap,
+        format!("stall-{}", uuid::Uuid::now_v7().simple()),
+        vec![topic.clone()],
+    );
     let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
 
     let handled = |pool: sqlx::PgPool, key: Option<String>| async move {
@@ -132,14 +134,19 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
                 .fetch_one(&pool)
                 .await
                 .unwrap(),
-            None => sqlx::query_scalar("SELECT count(*) FROM handled").fetch_one(&pool).await.unwrap(),
+            None => sqlx::query_scalar("SELECT count(*) FROM handled")
+                .fetch_one(&pool)
+                .await
+                .unwrap(),
         };
         usize::try_from(count).unwrap()
     };
     // Every other key's messages are handled, those sharing the stuck key's partition too,
     // while the stuck key retries.
     assert!(
-        eventually(Duration::from_secs(60), || handled(db.pool.clone(), None).map_eq(others)).await,
+        eventually(Duration::from_secs(60), || handled(db.pool.clone(), None)
+            .map_eq(others))
+        .await,
         "the other partitions stopped: {} of {others} handled",
         handled(db.pool.clone(), None).await
     );
@@ -148,7 +155,12 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
     // The dependency heals: the stuck key's messages are all handled, in order.
     healed.store(true, Ordering::SeqCst);
     assert!(
-        eventually(Duration::from_secs(60), || handled(db.pool.clone(), Some(stuck.to_string())).map_eq(200)).await,
+        eventually(Duration::from_secs(60), || handled(
+            db.pool.clone(),
+            Some(stuck.to_string())
+        )
+        .map_eq(200))
+        .await,
         "the stuck partition did not resume"
     );
     let order: Vec<i32> = sqlx::query_scalar("SELECT seq FROM handled WHERE key = $1 ORDER BY handled_at")
@@ -156,7 +168,11 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    assert_eq!(order, (0..200).collect::<Vec<i32>>(), "the stuck key's messages in order");
+    assert_eq!(
+        order,
+        (0..200).collect::<Vec<i32>>(),
+        "the stuck key's messages in order"
+    );
 
     shutdown.cancel();
     consumer.await.unwrap().expect("the consumer stops cleanly");

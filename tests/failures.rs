@@ -31,9 +31,10 @@ fn meta(order: uuid::Uuid) -> EventMeta {
 
 /// Writes raw bytes straight into a topic, as a buggy or foreign producer would.
 async fn produce(topic: &str, key: &str, payload: Vec<u8>) {
-    let producer: FutureProducer = kafka::producer_config(&stack().bootstrap_servers, "poisoner", kafka::DEFAULT_DELIVERY_TIMEOUT)
-        .create()
-        .unwrap();
+    let producer: FutureProducer =
+        kafka::producer_config(&stack().bootstrap_servers, "poisoner", kafka::DEFAULT_DELIVERY_TIMEOUT)
+            .create()
+            .unwrap();
     producer
         .send(
             FutureRecord::to(topic).key(key).payload(&payload),

@@ -12,8 +12,8 @@ use orderflow::events::v1::{OrderCancelled, OrderConfirmed};
 use orderflow_platform::kafka;
 use orderflow_platform::outbox::{self, OutboxMessage};
 use orderflow_tests::{
-    PrivateKafka,
-    Record, TestDb, eventually, fresh_orders_db, fresh_topic, read_topic, stack, start_order_svc, valid_order,
+    PrivateKafka, Record, TestDb, eventually, fresh_orders_db, fresh_topic, read_topic, stack, start_order_svc,
+    valid_order,
 };
 use rdkafka::producer::FutureProducer;
 use tokio::process::{Child, Command};

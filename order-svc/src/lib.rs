@@ -65,7 +65,7 @@ pub struct Config {
     #[arg(long, env = "ORDER_SVC_INSTANCE_ID")]
     pub instance_id: Option<String>,
     /// An order still PENDING this long after it was placed is cancelled (PAYMENT_TIMEOUT).
-    #[arg(long, env = "ORDER_SVC_SAGA_DEADLINE_MS", default_value_t = 30_000)]
+    #[arg(long, env = "ORDER_SVC_SAGA_DEADLINE_MS", default_value_t = 90_000)]
     pub saga_deadline_ms: u64,
     /// Inbox rows are kept this long: the deduplication window (longer than any redrive).
     #[arg(long, env = "ORDER_SVC_INBOX_RETENTION_HOURS", default_value_t = 168)]
@@ -155,7 +155,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         let handler = std::sync::Arc::new(saga::PaymentEventsHandler::new(config.orders_topic.clone()));
         let (consumer_pool, consumer_stop) = (pool.clone(), stop.clone());
         consumer = Some(tokio::spawn(async move {
-            let result = orderflow_platform::consumer::run(settings, consumer_pool, handler, consumer_stop.clone()).await;
+            let result =
+                orderflow_platform::consumer::run(settings, consumer_pool, handler, consumer_stop.clone()).await;
             // Stops the server (and so the process) when the consumer dies.
             consumer_stop.cancel();
             result

@@ -149,13 +149,12 @@ pub async fn redrive(
     if options.dry_run {
         return Ok(summary);
     }
-    let producer: FutureProducer =
-        orderflow_platform::kafka::producer_config(
-            bootstrap_servers,
-            "ordersctl-redrive",
-            orderflow_platform::kafka::DEFAULT_DELIVERY_TIMEOUT,
-        )
-        .create()?;
+    let producer: FutureProducer = orderflow_platform::kafka::producer_config(
+        bootstrap_servers,
+        "ordersctl-redrive",
+        orderflow_platform::kafka::DEFAULT_DELIVERY_TIMEOUT,
+    )
+    .create()?;
     let pause = (options.rate_per_sec > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(options.rate_per_sec)));
     for letter in distinct {
         let (topic, partition, offset) = letter.origin();

@@ -375,7 +375,14 @@ pub async fn run<H: Handler>(
     handler: Arc<H>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_with_status(settings, pool, handler, shutdown, watch::channel(ConsumerStatus::default()).0).await
+    run_with_status(
+        settings,
+        pool,
+        handler,
+        shutdown,
+        watch::channel(ConsumerStatus::default()).0,
+    )
+    .await
 }
 
 /// [`run`], publishing the consumer's state on `status`.
@@ -421,8 +428,12 @@ pub async fn run_with_status<H: Handler>(
 
     let tasks = TaskTracker::new();
     let poller = {
-        let (runtime, tasks, shutdown, slots) =
-            (tokio::runtime::Handle::current(), tasks.clone(), shutdown.clone(), slots.clone());
+        let (runtime, tasks, shutdown, slots) = (
+            tokio::runtime::Handle::current(),
+            tasks.clone(),
+            shutdown.clone(),
+            slots.clone(),
+        );
         let status = status.clone();
         let consumer = consumer.clone();
         let name = format!("poll-{}", settings.group_id);
@@ -452,8 +463,8 @@ pub async fn run_with_status<H: Handler>(
     tasks.close();
     tasks.wait().await;
     let closing = consumer.clone();
-    let _ = tokio::task::spawn_blocking(move || closing.commit_consumer_state(rdkafka::consumer::CommitMode::Sync))
-        .await;
+    let _ =
+        tokio::task::spawn_blocking(move || closing.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)).await;
     // Closing blocks until the broker answers (possibly as long as an outage lasts): never on
     // a runtime thread.
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
@@ -605,6 +616,7 @@ async fn partition_task<H: Handler>(
     control: Arc<PartitionControl>,
     shutdown: CancellationToken,
 ) {
+    let mut first = true;
     loop {
         let message = tokio::select! {
             biased;
@@ -653,6 +665,13 @@ async fn partition_task<H: Handler>(
             worker.store_offset(&message);
         }
         control.set_busy(false);
+        if first && done {
+            // The failover measure of the chaos harness: a partition that moved here is
+            // flowing again from this moment.
+            tracing::info!(topic = %message.topic, partition = message.partition, offset = message.offset,
+                "first message handled since the partition was assigned");
+            first = false;
+        }
         if !done {
             // Abandoned (revoked or shutting down) before it was processed: its offset stays
             // unstored, so it is redelivered; nothing later of this partition may be stored.
@@ -719,7 +738,15 @@ async fn process<H: Handler>(worker: &Worker<H>, message: &Incoming, stop: &Canc
         match error {
             HandlerError::Permanent(reason) => {
                 tracing::error!(%reason, attempts, "message cannot be processed; dead-lettering it");
-                match dead_letter(&worker.dead_letters, message, &worker.group, &reason, attempts, first_failure).await
+                match dead_letter(
+                    &worker.dead_letters,
+                    message,
+                    &worker.group,
+                    &reason,
+                    attempts,
+                    first_failure,
+                )
+                .await
                 {
                     Ok(()) => {
                         metrics::counter!(telemetry::CONSUMER_MESSAGES, "group" => worker.group.clone(),

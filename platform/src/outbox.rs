@@ -22,10 +22,7 @@ pub struct OutboxMessage {
 /// Inserts the message into the outbox, inside the caller's transaction (a span of its own). The insert fires
 /// a NOTIFY (a trigger in the migration) that wakes the relay when the transaction commits.
 #[tracing::instrument(name = "outbox_write", skip_all, fields(event_type = %message.envelope.event_type))]
-pub async fn insert(
-    tx: &mut sqlx::PgConnection,
-    message: &OutboxMessage,
-) -> Result<(), sqlx::Error> {
+pub async fn insert(tx: &mut sqlx::PgConnection, message: &OutboxMessage) -> Result<(), sqlx::Error> {
     let envelope = &message.envelope;
     let message_id =
         uuid::Uuid::parse_str(&envelope.message_id).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;

@@ -212,7 +212,11 @@ impl Relay {
             .chunks(per_row)
             .map(|chunk| chunk.iter().cloned().collect::<Result<Vec<()>, String>>().map(drop))
             .collect();
-        let mark = rows_to_mark(rows.iter().zip(&results).map(|(row, result)| (row.3.as_str(), result.is_ok())));
+        let mark = rows_to_mark(
+            rows.iter()
+                .zip(&results)
+                .map(|(row, result)| (row.3.as_str(), result.is_ok())),
+        );
         let mut published = Vec::with_capacity(rows.len());
         let mut failed = 0;
         let acknowledged_at = chrono::Utc::now();
@@ -370,13 +374,23 @@ mod tests {
 
     #[test]
     fn a_row_after_a_failed_row_of_its_key_is_not_marked() {
-        let batch = [("a", true), ("b", false), ("a", true), ("b", true), ("c", true), ("b", true)];
+        let batch = [
+            ("a", true),
+            ("b", false),
+            ("a", true),
+            ("b", true),
+            ("c", true),
+            ("b", true),
+        ];
         assert_eq!(rows_to_mark(batch), [true, false, true, false, true, false]);
     }
 
     #[test]
     fn a_row_before_the_failure_of_its_key_is_marked() {
-        assert_eq!(rows_to_mark([("a", true), ("a", false), ("a", true)]), [true, false, false]);
+        assert_eq!(
+            rows_to_mark([("a", true), ("a", false), ("a", true)]),
+            [true, false, false]
+        );
         assert_eq!(rows_to_mark([("a", true), ("b", true)]), [true, true]);
     }
 }

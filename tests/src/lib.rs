@@ -345,7 +345,8 @@ impl PrivateKafka {
     }
 
     fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut command = std::process::Command::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack"));
+        let mut command =
+            std::process::Command::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack"));
         command
             .args(args)
             .env("ORDERFLOW_STACK_DIR", &self.dir)

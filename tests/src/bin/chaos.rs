@@ -2,7 +2,8 @@
 //! fault (kill -9 at a failpoint or at a random moment, broker and database outages, gateway
 //! cohorts, duplicate delivery), lets a supervisor restart what died, drains, and counts the
 //! damage: double charges at the gateway's ledger, lost events, stuck sagas, money kept for
-//! cancelled orders, and every invariant of `ordersctl verify`.
+//! cancelled orders, and every invariant of `ordersctl verify`; and the goodput: of the
+//! orders that should confirm (an approved card, no injected gateway fault), the share that did.
 //!
 //!   chaos [--mode hardened|naive] [--orders N] [--seed S] SCENARIO...|all
 //!
@@ -21,7 +22,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use orderflow::orders::v1::order_service_client::OrderServiceClient;
 use ordersctl::bench::probe;
-use ordersctl::bench::workload::{Rng, Workload};
+use ordersctl::bench::workload::{Outcome, Rng, Workload};
 use rdkafka::message::Message as _;
 use tokio::sync::Mutex;
 
@@ -69,12 +70,22 @@ struct Cli {
     /// Seconds the nemesis runs.
     #[arg(long, default_value_t = 30)]
     nemesis_secs: u64,
+    /// The saga deadline: an order still PENDING this long is cancelled. It must exceed the
+    /// longest outage a scenario injects plus the recovery after it (docs/saga.md).
+    #[arg(long, default_value_t = 90)]
+    deadline_secs: u64,
     /// Where the result table goes (markdown and JSON).
     #[arg(long, default_value = "chaos-results")]
     out: PathBuf,
     /// Scenarios, or `all`.
     #[arg(required = true)]
     scenarios: Vec<String>,
+}
+
+impl Cli {
+    fn deadline(&self) -> Duration {
+        Duration::from_secs(self.deadline_secs)
+    }
 }
 
 const ALL: &[&str] = &[
@@ -94,7 +105,43 @@ const ALL: &[&str] = &[
     "duplicate-delivery",
     "replay-from-zero",
     "nemesis",
+    "kill-one-of-two-payment-svc",
+    "restart-static-member",
+    "broker-leader-kill",
+    "broker-rolling-restart",
 ];
+
+/// Scenarios whose goodput must reach [`GOODPUT_TARGET`]: one process killed, the broker or
+/// the database away for a while. (Not the gateway cohorts, whose faults cancel orders on
+/// purpose, nor the crash loop and the nemesis, which kill again and again.)
+const GOODPUT_SCENARIOS: &[&str] = &[
+    "payment-kill-after-commit",
+    "kill-order-svc",
+    "kill-payment-svc",
+    "kill-relay-orders",
+    "kill-relay-payments",
+    "kill-projector",
+    "kill-fulfilment",
+    "kill-gateway",
+    "broker-pause",
+    "broker-kill",
+    "postgres-restart",
+    "kill-one-of-two-payment-svc",
+    "restart-static-member",
+    "broker-leader-kill",
+    "broker-rolling-restart",
+];
+/// Percent of the orders that should confirm.
+const GOODPUT_TARGET: f64 = 99.0;
+
+/// How many brokers and instances of each consumer service a scenario runs with.
+fn topology(scenario: &str) -> (u8, u8) {
+    match scenario {
+        "broker-leader-kill" | "broker-rolling-restart" => (3, 1),
+        "kill-one-of-two-payment-svc" | "restart-static-member" => (1, 2),
+        _ => (1, 1),
+    }
+}
 
 /// One scenario's damage.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -103,6 +150,14 @@ struct Row {
     mode: String,
     orders_accepted: usize,
     gave_up: usize,
+    /// Accepted orders that should confirm (approved card, no injected gateway fault).
+    should_confirm: usize,
+    /// The share of those that did, in percent.
+    goodput: f64,
+    /// kill → first message handled from a moved partition (kill-one-of-two-payment-svc).
+    failover_secs: Option<f64>,
+    /// Rebalances the surviving member saw while the other restarted (restart-static-member).
+    rebalances_of_others: Option<f64>,
     confirmed: i64,
     cancelled: i64,
     double_charges: usize,
@@ -166,11 +221,19 @@ fn stack_env() -> anyhow::Result<BTreeMap<String, String>> {
 }
 
 /// How each scenario sets the stack up.
-fn scenario_env(scenario: &str, naive: bool, payment_failpoints: Option<String>) -> Vec<(&'static str, String)> {
+fn scenario_env(
+    scenario: &str,
+    naive: bool,
+    deadline: Duration,
+    payment_failpoints: Option<String>,
+) -> Vec<(&'static str, String)> {
+    let (brokers, instances) = topology(scenario);
     let mut env = vec![
         ("ORDERFLOW_NO_BUILD", "1".to_owned()),
         ("ORDERFLOW_PROFILE", "debug".to_owned()),
-        ("ORDERFLOW_SAGA_DEADLINE_MS", "20000".to_owned()),
+        ("ORDERFLOW_BROKERS", brokers.to_string()),
+        ("ORDERFLOW_INSTANCES", instances.to_string()),
+        ("ORDERFLOW_SAGA_DEADLINE_MS", deadline.as_millis().to_string()),
         ("ORDERFLOW_NAIVE", if naive { "true" } else { "false" }.to_owned()),
         ("PAYMENT_SVC_GATEWAY_TIMEOUT_MS", "1000".to_owned()),
         ("GATEWAY_TIMEOUT_REPLY_DELAY_MS", "1500".to_owned()),
@@ -179,9 +242,10 @@ fn scenario_env(scenario: &str, naive: bool, payment_failpoints: Option<String>)
         env.push(("RELAY_PUBLISH_TWICE", "true".to_owned()));
     }
     if scenario == "gateway-cohorts" {
-        // A hang cohort past the saga deadline (20 s): 12 silent calls of 1 s each, with the
-        // consumer's backoff between them about 45 s (the partition waits behind it).
-        env.push(("GATEWAY_HANG_ATTEMPTS", "12".to_owned()));
+        // A hang cohort past the saga deadline: silent calls of 1 s each with the consumer's
+        // backoff (up to 5 s) between them, about 6 s an attempt, for longer than the deadline
+        // (the partition waits behind it).
+        env.push(("GATEWAY_HANG_ATTEMPTS", (deadline.as_secs() / 6 + 3).to_string()));
     }
     if scenario == "payment-kill-after-commit" {
         // Once, on the first message: the effect and its inbox row are committed, the offset
@@ -197,8 +261,25 @@ fn scenario_env(scenario: &str, naive: bool, payment_failpoints: Option<String>)
     env
 }
 
+/// How the supervisor restarts what died: as the scenario started it, except what the
+/// scenario keeps down on purpose.
+fn revive_env(
+    scenario: &str,
+    naive: bool,
+    deadline: Duration,
+    payment_failpoints: Option<String>,
+) -> Vec<(&'static str, String)> {
+    let mut env = scenario_env(scenario, naive, deadline, payment_failpoints);
+    if scenario == "kill-one-of-two-payment-svc" {
+        // The victim stays dead: its partitions must move to the survivor.
+        env.push(("ORDERFLOW_KEEP_DOWN", "payment-svc-2".to_owned()));
+    }
+    env
+}
+
 struct Placed {
-    accepted: Mutex<Vec<String>>,
+    /// Each accepted order with what its card and the gateway were set to do.
+    accepted: Mutex<Vec<(String, Outcome)>>,
     gave_up: AtomicU64,
 }
 
@@ -221,7 +302,7 @@ async fn place_orders(addr: String, workload: Arc<Workload>, orders: u64, rate: 
     for n in 0..orders {
         let due = start + Duration::from_secs_f64(n as f64 / rate);
         tokio::time::sleep_until(due.into()).await;
-        let (mut request, _) = workload.order(n);
+        let (mut request, outcome) = workload.order(n);
         request.request_id = uuid::Uuid::now_v7().to_string();
         let mut client = OrderServiceClient::new(channel.clone());
         let placed = placed.clone();
@@ -231,7 +312,11 @@ async fn place_orders(addr: String, workload: Arc<Workload>, orders: u64, rate: 
             // (its reply lost) returns the same order, never a second one.
             while started.elapsed() < Duration::from_secs(120) {
                 if let Ok(response) = client.place_order(request.clone()).await {
-                    placed.accepted.lock().await.push(response.into_inner().order_id);
+                    placed
+                        .accepted
+                        .lock()
+                        .await
+                        .push((response.into_inner().order_id, outcome));
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -309,14 +394,20 @@ fn supervise(
     naive: bool,
     crash_loop: Arc<CrashLoop>,
     crashes: Arc<AtomicU64>,
+    deadline: Duration,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
+        let processes = processes(&scenario);
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(300));
             if paused.load(Ordering::Relaxed) {
                 continue;
             }
-            let dead: Vec<&str> = SERVICES.iter().copied().filter(|s| !alive(s)).collect();
+            let dead: Vec<&str> = processes
+                .iter()
+                .map(String::as_str)
+                .filter(|s| !alive(s) && !(scenario == "kill-one-of-two-payment-svc" && *s == "payment-svc-2"))
+                .collect();
             if dead.is_empty() {
                 continue;
             }
@@ -332,9 +423,19 @@ fn supervise(
             } else {
                 scenario.as_str()
             };
-            let _ = stack(&["revive"], &scenario_env(scenario, naive, failpoints));
+            let _ = stack(&["revive"], &revive_env(scenario, naive, deadline, failpoints));
         }
     })
+}
+
+/// The service processes of a scenario's stack (a second instance of each consumer service
+/// where it runs two).
+fn processes(scenario: &str) -> Vec<String> {
+    let mut all: Vec<String> = SERVICES.iter().map(|s| (*s).to_owned()).collect();
+    if topology(scenario).1 == 2 {
+        all.extend(["payment-svc-2", "fulfilment-2", "order-projector-2"].map(str::to_owned));
+    }
+    all
 }
 
 /// Keeps the payment consumer's deduplicated count, summed over its lifetimes (the counter
@@ -360,8 +461,22 @@ fn watch_duplicates(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<f64> {
     })
 }
 
-async fn inject(scenario: &str, cli: &Cli, paused: &AtomicBool) -> anyhow::Result<()> {
+/// What a scenario measured while injecting its fault.
+#[derive(Debug, Default)]
+struct Measured {
+    failover_secs: Option<f64>,
+    rebalances_of_others: Option<f64>,
+}
+
+async fn inject(scenario: &str, cli: &Cli, paused: &AtomicBool) -> anyhow::Result<Measured> {
     let kill = |name: &str| stack(&["kill", name], &[]);
+    let revive = || {
+        stack(
+            &["revive"],
+            &revive_env(scenario, cli.mode == "naive", cli.deadline(), None),
+        )
+    };
+    let mut measured = Measured::default();
     match scenario {
         "kill-order-svc" => kill("order-svc")?,
         "kill-payment-svc" => kill("payment-svc")?,
@@ -382,7 +497,72 @@ async fn inject(scenario: &str, cli: &Cli, paused: &AtomicBool) -> anyhow::Resul
             kill("kafka-1")?;
             tokio::time::sleep(Duration::from_secs(3)).await;
             paused.store(false, Ordering::Relaxed);
-            stack(&["revive"], &[("ORDERFLOW_NO_BUILD", "1".to_owned())])?;
+            revive()?;
+        }
+        "kill-one-of-two-payment-svc" => {
+            let killed_at = chrono::Utc::now();
+            kill("payment-svc-2")?;
+            let failover = first_moved_message(&killed_at, Duration::from_secs(60)).await?;
+            eprintln!(
+                "[chaos]   failover: {failover:.2} s from kill -9 to the first message handled from a moved partition"
+            );
+            measured.failover_secs = Some(failover);
+        }
+        "restart-static-member" => {
+            // Count what the survivor sees while the other member dies and comes back with
+            // its static id.
+            two_members_stable().await;
+            let before = payment_rebalances();
+            kill("payment-svc-2")?;
+            // The supervisor restarts it within a second; then a session timeout and more,
+            // in which a rebalance would have happened if the restart had caused one.
+            let back = Instant::now();
+            while partitions_held(9112) < 1.0 && back.elapsed() < Duration::from_secs(30) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            eprintln!(
+                "[chaos]   payment-svc-2 holds partitions again after {:.1} s",
+                back.elapsed().as_secs_f64()
+            );
+            tokio::time::sleep(orderflow_platform::kafka::SESSION_TIMEOUT + Duration::from_secs(4)).await;
+            let seen = payment_rebalances() - before;
+            eprintln!("[chaos]   rebalances seen by the other member meanwhile: {seen}");
+            measured.rebalances_of_others = Some(seen);
+        }
+        "broker-leader-kill" => {
+            let bootstrap = stack_env()?
+                .get("ORDERFLOW_BOOTSTRAP_SERVERS")
+                .cloned()
+                .context("no bootstrap servers")?;
+            let leader =
+                tokio::task::spawn_blocking(move || leader_of(&bootstrap, orderflow::topics::ORDERS_EVENTS, 0))
+                    .await??;
+            eprintln!("[chaos]   kill -9 of broker {leader}, leader of orders.events partition 0");
+            paused.store(true, Ordering::Relaxed);
+            kill(&format!("kafka-{leader}"))?;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            paused.store(false, Ordering::Relaxed);
+            revive()?;
+        }
+        "broker-rolling-restart" => {
+            for node in 1..=3 {
+                eprintln!("[chaos]   restarting broker {node} (SIGTERM: controlled shutdown)");
+                stack(&["stop", &format!("kafka-{node}")], &[])?;
+                revive()?;
+                // As an operator does: the next broker only once every replica is in sync.
+                let bootstrap = stack_env()?
+                    .get("ORDERFLOW_BOOTSTRAP_SERVERS")
+                    .cloned()
+                    .context("no bootstrap servers")?;
+                let waited = Instant::now();
+                while waited.elapsed() < Duration::from_secs(120) {
+                    let probe = bootstrap.clone();
+                    if tokio::task::spawn_blocking(move || fully_replicated(&probe)).await?? {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
         }
         "postgres-restart" => stack(&["pg-restart"], &[])?,
         "nemesis" => {
@@ -397,7 +577,98 @@ async fn inject(scenario: &str, cli: &Cli, paused: &AtomicBool) -> anyhow::Resul
         }
         _ => {}
     }
-    Ok(())
+    Ok(measured)
+}
+
+/// Rebalances the first payment-svc has seen (NaN when its metrics do not answer).
+fn payment_rebalances() -> f64 {
+    probe::scrape_sum("127.0.0.1:9102", orderflow_platform::telemetry::CONSUMER_REBALANCES, "").unwrap_or(f64::NAN)
+}
+
+/// Partitions held by the payment-svc whose metrics are on `port`.
+fn partitions_held(port: u16) -> f64 {
+    probe::scrape_sum(
+        &format!("127.0.0.1:{port}"),
+        orderflow_platform::telemetry::CONSUMER_ASSIGNED,
+        "",
+    )
+    .unwrap_or(0.0)
+}
+
+/// Waits (at most 60 s) until both payment-svc instances hold partitions, all 12 between
+/// them, and no rebalance has happened for 3 s: the group has settled after its start.
+async fn two_members_stable() {
+    let started = Instant::now();
+    let mut last = payment_rebalances();
+    let mut stable_since = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = payment_rebalances();
+        let (first, second) = (partitions_held(9102), partitions_held(9112));
+        if now != last || first < 1.0 || second < 1.0 || first + second < 12.0 {
+            (last, stable_since) = (now, Instant::now());
+        } else if stable_since.elapsed() > Duration::from_secs(3) {
+            eprintln!("[chaos]   the payment group is stable: {first} + {second} partitions");
+            return;
+        }
+    }
+    eprintln!("[chaos]   the payment group did not settle within 60 s");
+}
+
+/// The broker leading `partition` of `topic`.
+fn leader_of(bootstrap: &str, topic: &str, partition: i32) -> anyhow::Result<i32> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    metadata
+        .topics()
+        .first()
+        .and_then(|t| t.partitions().iter().find(|p| p.id() == partition))
+        .map(|p| p.leader())
+        .context("no leader in the metadata")
+}
+
+/// Whether every partition of the event topics has all three replicas in sync.
+fn fully_replicated(bootstrap: &str) -> anyhow::Result<bool> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let metadata = client.fetch_metadata(None, Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == orderflow::topics::ORDERS_EVENTS || t.name() == orderflow::topics::PAYMENTS_EVENTS)
+        .flat_map(|t| t.partitions())
+        .all(|p| p.isr().len() == 3 && p.leader() >= 0))
+}
+
+/// Seconds from `killed_at` to the first message the surviving payment-svc handled from a
+/// partition assigned to it after that moment (its log says so, with a timestamp).
+async fn first_moved_message(killed_at: &chrono::DateTime<chrono::Utc>, limit: Duration) -> anyhow::Result<f64> {
+    let log = stack_dir().join("log").join("payment-svc.log");
+    let waited = Instant::now();
+    while waited.elapsed() < limit {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let first = text
+            .lines()
+            .filter(|line| line.contains("first message handled since the partition was assigned"))
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|entry| {
+                chrono::DateTime::parse_from_rfc3339(entry.get("timestamp")?.as_str()?)
+                    .ok()
+                    .map(|at| at.with_timezone(&chrono::Utc))
+            })
+            .filter(|at| at > killed_at)
+            .min();
+        if let Some(at) = first {
+            return Ok((at - *killed_at).to_std().unwrap_or_default().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("no partition moved to the surviving payment-svc within {limit:?}")
 }
 
 /// Reads the orders topic and returns the orders whose OrderPlaced is on it.
@@ -430,7 +701,7 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
     stack(&["reset"], &[])?;
     let crash_loop = Arc::new(CrashLoop::new(cli.seed));
     let first_failpoint = (scenario == "payment-crash-loop").then(|| crash_loop.arm());
-    stack(&["up"], &scenario_env(scenario, naive, first_failpoint))?;
+    stack(&["up"], &scenario_env(scenario, naive, cli.deadline(), first_failpoint))?;
     let env = stack_env()?;
     let var = |k: &str| {
         env.get(k)
@@ -450,8 +721,13 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         naive,
         crash_loop.clone(),
         crashes.clone(),
+        cli.deadline(),
     );
     let duplicates = watch_duplicates(stop.clone());
+    if topology(scenario).1 == 2 {
+        // The group settles after its start before any load: a kill must find it stable.
+        two_members_stable().await;
+    }
 
     let (decline, late, hang) = if scenario == "gateway-cohorts" {
         (0.10, 0.05, 0.03)
@@ -467,7 +743,7 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
     ));
     // The fault lands a third of the way into the load.
     tokio::time::sleep(Duration::from_secs_f64(cli.orders as f64 / cli.rate / 3.0)).await;
-    inject(scenario, cli, &paused).await?;
+    let measured = inject(scenario, cli, &paused).await?;
     let placed = load.await??;
 
     // Heal: the faults stop. In the crash loop payment-svc is stopped gracefully (it leaves
@@ -490,7 +766,8 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         paused.store(true, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(5)).await;
         stack(&["kill", "payment-svc"], &[])?;
-        tokio::time::sleep(Duration::from_secs(11)).await; // past session.timeout.ms: the group is empty
+        // Past the session timeout: the static member is gone and the group is empty.
+        tokio::time::sleep(orderflow_platform::kafka::SESSION_TIMEOUT + Duration::from_secs(5)).await;
         orderflow_tests::reset_group_to_start(
             &var("ORDERFLOW_BOOTSTRAP_SERVERS")?,
             "payment",
@@ -558,7 +835,7 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
     let _ = supervisor.join();
     let duplicates = duplicates.join().unwrap_or(0.0);
 
-    let report = ordersctl::verify::verify(&stores, Duration::from_millis(20_000), Duration::from_secs(5)).await?;
+    let report = ordersctl::verify::verify(&stores, cli.deadline(), Duration::from_secs(5)).await?;
     let count = |name: &str| {
         report
             .checks
@@ -569,7 +846,23 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
     let accepted = placed.accepted.lock().await.clone();
     let bootstrap = var("ORDERFLOW_BOOTSTRAP_SERVERS")?;
     let on_topic = tokio::task::spawn_blocking(move || placed_on_topic(&bootstrap)).await??;
-    let lost_events = accepted.iter().filter(|id| !on_topic.contains(*id)).count();
+    let lost_events = accepted.iter().filter(|(id, _)| !on_topic.contains(id)).count();
+    // Goodput: the orders that should confirm, and how many did.
+    let should: Vec<uuid::Uuid> = accepted
+        .iter()
+        .filter(|(_, outcome)| *outcome == Outcome::Approved)
+        .filter_map(|(id, _)| id.parse().ok())
+        .collect();
+    let confirmed_of_should: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orders WHERE order_id = ANY($1) AND status = 'CONFIRMED'")
+            .bind(&should)
+            .fetch_one(&stores.orders)
+            .await?;
+    let goodput = if should.is_empty() {
+        100.0
+    } else {
+        confirmed_of_should as f64 * 100.0 / should.len() as f64
+    };
     let undelivered = probe::outbox_backlog(&stores.orders, &stores.payments).await?;
     let stuck = probe::pending_sagas(&stores.orders).await?;
     let by_status = |status: &str| report.orders_by_status.get(status).copied().unwrap_or(0);
@@ -578,6 +871,10 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         mode: cli.mode.clone(),
         orders_accepted: accepted.len(),
         gave_up: usize::try_from(placed.gave_up.load(Ordering::Relaxed)).unwrap_or(0),
+        should_confirm: should.len(),
+        goodput,
+        failover_secs: measured.failover_secs,
+        rebalances_of_others: measured.rebalances_of_others,
         confirmed: by_status("CONFIRMED"),
         cancelled: by_status("CANCELLED"),
         double_charges: count("orders authorized or captured more than once"),
@@ -595,16 +892,24 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
 
 fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| scenario | mode | accepted | confirmed | cancelled | double charges | lost events | undelivered outbox | stuck sagas | money kept (cancelled) | violations | restarts | deduplicated | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | mode | accepted | confirmed | cancelled | goodput | double charges | lost events | undelivered outbox | stuck sagas | money kept (cancelled) | violations | restarts | deduplicated | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
+        let mut goodput = format!("{:.1}% of {}", r.goodput, r.should_confirm);
+        if let Some(failover) = r.failover_secs {
+            goodput += &format!(" (failover {failover:.1} s)");
+        }
+        if let Some(rebalances) = r.rebalances_of_others {
+            goodput += &format!(" ({rebalances:.0} rebalances of the other member)");
+        }
         out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} |\n",
             r.scenario,
             r.mode,
             r.orders_accepted,
             r.confirmed,
             r.cancelled,
+            goodput,
             r.double_charges,
             r.lost_events,
             r.undelivered_outbox_rows,
@@ -659,8 +964,10 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
             eprintln!("[chaos]   failpoint crashes: {:?}", row.crash_steps);
         }
         eprintln!(
-            "[chaos]   {} accepted, double charges {}, lost events {}, stuck {}, money kept {}, violations {}, restarts {}, deduplicated {:.0} ({:.0} s)",
+            "[chaos]   {} accepted, goodput {:.1}% of {}, double charges {}, lost events {}, stuck {}, money kept {}, violations {}, restarts {}, deduplicated {:.0} ({:.0} s)",
             row.orders_accepted,
+            row.goodput,
+            row.should_confirm,
             row.double_charges,
             row.lost_events,
             row.stuck_sagas,
@@ -695,6 +1002,24 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
             .any(|r| r.scenario == "payment-kill-after-commit" && (r.crashes == 0 || r.duplicates_deduplicated < 1.0))
     {
         damaged.push("payment-kill-after-commit (no crash or no deduplicated redelivery)");
+    }
+    if cli.mode == "hardened" {
+        for r in &rows {
+            if GOODPUT_SCENARIOS.contains(&r.scenario.as_str()) && r.goodput < GOODPUT_TARGET {
+                damaged.push(&r.scenario);
+                eprintln!(
+                    "[chaos] {}: goodput {:.1}% is under {GOODPUT_TARGET}%",
+                    r.scenario, r.goodput
+                );
+            }
+            if r.rebalances_of_others.is_some_and(|n| n != 0.0) {
+                damaged.push(&r.scenario);
+                eprintln!(
+                    "[chaos] {}: a static member's restart rebalanced the other member",
+                    r.scenario
+                );
+            }
+        }
     }
     if cli.mode == "hardened" && !damaged.is_empty() {
         eprintln!("[chaos] DAMAGE in hardened mode: {}", damaged.join(", "));
