@@ -48,11 +48,14 @@ impl Handler for Flaky {
         let Payload::OrderConfirmed(confirmed) = &event.payload else {
             return Ok(Outcome::Ignored);
         };
-        sqlx::query("INSERT INTO handled (key, seq, handled_at) VALUES ($1, $2::int, clock_timestamp())")
-            .bind(&key)
-            .bind(&confirmed.payment_id)
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO handled (key, seq, partition, handled_at) VALUES ($1, $2::int, $3, clock_timestamp())",
+        )
+        .bind(&key)
+        .bind(&confirmed.payment_id)
+        .bind(message.partition)
+        .execute(&mut **tx)
+        .await?;
         Ok(Outcome::Processed)
     }
 }
@@ -78,7 +81,7 @@ fn record(key: uuid::Uuid, seq: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others() {
     let db = fresh_orders_db().await;
-    sqlx::query("CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, handled_at timestamptz NOT NULL)")
+    sqlx::query("CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, partition int NOT NULL, handled_at timestamptz NOT NULL)")
         .execute(&db.pool)
         .await
         .unwrap();
@@ -94,6 +97,7 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
         .unwrap();
     let mut sent: HashMap<uuid::Uuid, usize> = HashMap::new();
     let mut deliveries = Vec::new();
+    let mut sent_keys = Vec::new();
     for i in 0..300 {
         // Two of every three messages are the stuck key's: 200 of them, the rest spread.
         let key = if i % 3 < 2 { stuck } else { keys[1 + i % 39] };
@@ -101,6 +105,7 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
         let payload = record(key, *n);
         *n += 1;
         let key_text = key.to_string();
+        sent_keys.push(key);
         deliveries.push(
             producer
                 .send_result(FutureRecord::to(&topic).key(&key_text).payload(&payload))
@@ -108,11 +113,18 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
                 .unwrap(),
         );
     }
+    let mut partitions = Vec::new();
     for delivery in deliveries {
-        delivery.await.unwrap().map_err(|(error, _)| error).unwrap();
+        let delivered = delivery.await.unwrap().map_err(|(error, _)| error).unwrap();
+        partitions.push(delivered.partition);
     }
-    let others: usize = sent.iter().filter(|(k, _)| **k != stuck).map(|(_, n)| n).sum();
     assert_eq!(sent[&stuck], 200);
+    // Other keys on the stuck key's partition wait behind it (one partition, one order);
+    // every message of the other partitions must get through.
+    let partition_of: HashMap<uuid::Uuid, i32> = sent_keys.iter().copied().zip(partitions.iter().copied()).collect();
+    let stuck_partition = partition_of[&stuck];
+    let others = partitions.iter().filter(|&&p| p != stuck_partition).count();
+    assert!(others > 0, "every key landed on the stuck key's partition");
 
     let healed = Arc::new(AtomicBool::new(false));
     let handler = Arc::new(Flaky {
@@ -134,15 +146,15 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
                 .fetch_one(&pool)
                 .await
                 .unwrap(),
-            None => sqlx::query_scalar("SELECT count(*) FROM handled")
+            None => sqlx::query_scalar("SELECT count(*) FROM handled WHERE partition <> $1")
+                .bind(stuck_partition)
                 .fetch_one(&pool)
                 .await
                 .unwrap(),
         };
         usize::try_from(count).unwrap()
     };
-    // Every other key's messages are handled, those sharing the stuck key's partition too,
-    // while the stuck key retries.
+    // Every message of the other partitions is handled while the stuck key retries.
     assert!(
         eventually(Duration::from_secs(60), || handled(db.pool.clone(), None)
             .map_eq(others))
@@ -151,6 +163,40 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
         handled(db.pool.clone(), None).await
     );
     assert_eq!(handled(db.pool.clone(), Some(stuck.to_string())).await, 0);
+
+    // A second wave, produced while the stuck partition's queue is full and the partition
+    // paused: the poll loop must still be taking messages for everyone else.
+    let elsewhere: Vec<uuid::Uuid> = partition_of
+        .iter()
+        .filter(|(_, partition)| **partition != stuck_partition)
+        .map(|(key, _)| *key)
+        .collect();
+    let mut wave = Vec::new();
+    for i in 0..100 {
+        let key = elsewhere[i % elsewhere.len()];
+        let n = sent.entry(key).or_default();
+        let payload = record(key, *n);
+        *n += 1;
+        let key_text = key.to_string();
+        wave.push(
+            producer
+                .send_result(FutureRecord::to(&topic).key(&key_text).payload(&payload))
+                .map_err(|(error, _)| error)
+                .unwrap(),
+        );
+    }
+    for delivery in wave {
+        let delivered = delivery.await.unwrap().map_err(|(error, _)| error).unwrap();
+        assert_ne!(delivered.partition, stuck_partition);
+    }
+    let others = others + 100;
+    assert!(
+        eventually(Duration::from_secs(30), || handled(db.pool.clone(), None)
+            .map_eq(others))
+        .await,
+        "the poll loop stopped behind the stuck partition: {} of {others} handled",
+        handled(db.pool.clone(), None).await
+    );
 
     // The dependency heals: the stuck key's messages are all handled, in order.
     healed.store(true, Ordering::SeqCst);
@@ -187,4 +233,27 @@ impl<F: std::future::Future<Output = usize> + Send> MapEq for F {
     async fn map_eq(self, expected: usize) -> bool {
         self.await == expected
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_holds_no_partition_for_too_long_gives_up() {
+    // Nothing listens on port 9: the consumer can never join its group. Its supervisor must
+    // learn of it (the process exits), instead of a process that looks alive and does nothing.
+    let db = fresh_orders_db().await;
+    let settings = ConsumerSettings {
+        unassigned_limit: Some(Duration::from_secs(2)),
+        ..ConsumerSettings::new("127.0.0.1:9".into(), "nobody".into(), vec!["orders.events".into()])
+    };
+    let handler = Arc::new(Flaky {
+        stuck_key: String::new(),
+        healed: Arc::new(AtomicBool::new(true)),
+    });
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer::run(settings, db.pool.clone(), handler, CancellationToken::new()),
+    )
+    .await
+    .expect("the consumer gave up instead of waiting forever");
+    let error = outcome.expect_err("holding no partition is an error");
+    assert!(error.to_string().contains("held no partition"), "{error:#}");
 }

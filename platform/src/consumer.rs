@@ -427,11 +427,14 @@ pub async fn run_with_status<H: Handler>(
     });
 
     let tasks = TaskTracker::new();
+    // Stops the partitions' tasks when the caller shuts down, and also when the poll thread
+    // fails: a task retrying a message must not keep a dead consumer's process alive.
+    let stop = shutdown.child_token();
     let poller = {
         let (runtime, tasks, shutdown, slots) = (
             tokio::runtime::Handle::current(),
             tasks.clone(),
-            shutdown.clone(),
+            stop.clone(),
             slots.clone(),
         );
         let status = status.clone();
@@ -457,6 +460,7 @@ pub async fn run_with_status<H: Handler>(
         Ok(result) => result,
         Err(_) => Err(anyhow::anyhow!("the consumer's poll thread died")),
     };
+    stop.cancel();
     // Each partition's task finishes its message in flight (a retry stops at its next
     // backoff) and stores its offset; then the stored offsets are committed.
     lock(&slots).clear();

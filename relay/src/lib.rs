@@ -368,33 +368,6 @@ pub fn rows_to_mark<'a>(rows: impl IntoIterator<Item = (&'a str, bool)>) -> Vec<
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::rows_to_mark;
-
-    #[test]
-    fn a_row_after_a_failed_row_of_its_key_is_not_marked() {
-        let batch = [
-            ("a", true),
-            ("b", false),
-            ("a", true),
-            ("b", true),
-            ("c", true),
-            ("b", true),
-        ];
-        assert_eq!(rows_to_mark(batch), [true, false, true, false, true, false]);
-    }
-
-    #[test]
-    fn a_row_before_the_failure_of_its_key_is_marked() {
-        assert_eq!(
-            rows_to_mark([("a", true), ("a", false), ("a", true)]),
-            [true, false, false]
-        );
-        assert_eq!(rows_to_mark([("a", true), ("b", true)]), [true, true]);
-    }
-}
-
 /// The relay binary: logging, failpoints (when compiled in), configuration from flags and
 /// environment, and a run until SIGINT or SIGTERM. Shared by `relay` and the test crate's
 /// `relay-with-failpoints`, which differ only in the `failpoints` feature.
@@ -436,4 +409,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     relay
         .run(Duration::from_millis(config.poll_interval_ms), shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_to_mark;
+
+    #[test]
+    fn a_row_after_a_failed_row_of_its_key_is_not_marked() {
+        let batch = [
+            ("a", true),
+            ("b", false),
+            ("a", true),
+            ("b", true),
+            ("c", true),
+            ("b", true),
+        ];
+        assert_eq!(rows_to_mark(batch), [true, false, true, false, true, false]);
+    }
+
+    #[test]
+    fn a_row_before_the_failure_of_its_key_is_marked() {
+        assert_eq!(
+            rows_to_mark([("a", true), ("a", false), ("a", true)]),
+            [true, false, false]
+        );
+        assert_eq!(rows_to_mark([("a", true), ("b", true)]), [true, true]);
+    }
 }

@@ -270,9 +270,12 @@ fn revive_env(
     payment_failpoints: Option<String>,
 ) -> Vec<(&'static str, String)> {
     let mut env = scenario_env(scenario, naive, deadline, payment_failpoints);
-    if scenario == "kill-one-of-two-payment-svc" {
-        // The victim stays dead: its partitions must move to the survivor.
-        env.push(("ORDERFLOW_KEEP_DOWN", "payment-svc-2".to_owned()));
+    let kept: Vec<String> = processes(scenario)
+        .into_iter()
+        .filter(|p| kept_down(scenario, p))
+        .collect();
+    if !kept.is_empty() {
+        env.push(("ORDERFLOW_KEEP_DOWN", kept.join(" ")));
     }
     env
 }
@@ -406,7 +409,7 @@ fn supervise(
             let dead: Vec<&str> = processes
                 .iter()
                 .map(String::as_str)
-                .filter(|s| !alive(s) && !(scenario == "kill-one-of-two-payment-svc" && *s == "payment-svc-2"))
+                .filter(|s| !alive(s) && !kept_down(&scenario, s))
                 .collect();
             if dead.is_empty() {
                 continue;
@@ -426,6 +429,11 @@ fn supervise(
             let _ = stack(&["revive"], &revive_env(scenario, naive, deadline, failpoints));
         }
     })
+}
+
+/// A process the scenario keeps dead on purpose (its partitions must move to the survivor).
+fn kept_down(scenario: &str, process: &str) -> bool {
+    scenario == "kill-one-of-two-payment-svc" && process == "payment-svc-2"
 }
 
 /// The service processes of a scenario's stack (a second instance of each consumer service
@@ -735,14 +743,21 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         (0.05, 0.01, 0.0)
     };
     let workload = Arc::new(Workload::new(cli.seed, 1_000_000, 1.1, decline, late).with_hang_rate(hang));
+    // A rolling restart of three brokers takes about a minute: its orders are spread over
+    // 90 s, so that every restart happens under load, and it starts 5 s in.
+    let (rate, fault_at) = if scenario == "broker-rolling-restart" {
+        (cli.orders as f64 / 90.0, Duration::from_secs(5))
+    } else {
+        // Elsewhere the fault lands a third of the way into the load.
+        (cli.rate, Duration::from_secs_f64(cli.orders as f64 / cli.rate / 3.0))
+    };
     let load = tokio::spawn(place_orders(
         var("ORDERFLOW_ORDER_SVC_ADDR")?,
         workload,
         cli.orders,
-        cli.rate,
+        rate,
     ));
-    // The fault lands a third of the way into the load.
-    tokio::time::sleep(Duration::from_secs_f64(cli.orders as f64 / cli.rate / 3.0)).await;
+    tokio::time::sleep(fault_at).await;
     let measured = inject(scenario, cli, &paused).await?;
     let placed = load.await??;
 
