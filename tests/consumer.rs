@@ -78,6 +78,34 @@ fn record(key: uuid::Uuid, seq: usize) -> Vec<u8> {
     prost::Message::encode_to_vec(&envelope::seal(meta, payload))
 }
 
+/// Sends one record per entry of `keys`, each carrying its key's next sequence number (kept
+/// in `sent`); returns the partition each landed on, once all are acknowledged.
+async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    keys: &[uuid::Uuid],
+    sent: &mut HashMap<uuid::Uuid, usize>,
+) -> Vec<i32> {
+    let mut deliveries = Vec::new();
+    for &key in keys {
+        let n = sent.entry(key).or_default();
+        let payload = record(key, *n);
+        *n += 1;
+        let key_text = key.to_string();
+        deliveries.push(
+            producer
+                .send_result(FutureRecord::to(topic).key(&key_text).payload(&payload))
+                .map_err(|(error, _)| error)
+                .unwrap(),
+        );
+    }
+    let mut partitions = Vec::new();
+    for delivery in deliveries {
+        partitions.push(delivery.await.unwrap().map_err(|(error, _)| error).unwrap().partition);
+    }
+    partitions
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others() {
     let db = fresh_orders_db().await;
@@ -96,28 +124,11 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
         .create()
         .unwrap();
     let mut sent: HashMap<uuid::Uuid, usize> = HashMap::new();
-    let mut deliveries = Vec::new();
-    let mut sent_keys = Vec::new();
-    for i in 0..300 {
-        // Two of every three messages are the stuck key's: 200 of them, the rest spread.
-        let key = if i % 3 < 2 { stuck } else { keys[1 + i % 39] };
-        let n = sent.entry(key).or_default();
-        let payload = record(key, *n);
-        *n += 1;
-        let key_text = key.to_string();
-        sent_keys.push(key);
-        deliveries.push(
-            producer
-                .send_result(FutureRecord::to(&topic).key(&key_text).payload(&payload))
-                .map_err(|(error, _)| error)
-                .unwrap(),
-        );
-    }
-    let mut partitions = Vec::new();
-    for delivery in deliveries {
-        let delivered = delivery.await.unwrap().map_err(|(error, _)| error).unwrap();
-        partitions.push(delivered.partition);
-    }
+    // Two of every three messages are the stuck key's: 200 of them, the rest spread.
+    let sent_keys: Vec<uuid::Uuid> = (0..300)
+        .map(|i| if i % 3 < 2 { stuck } else { keys[1 + i % 39] })
+        .collect();
+    let partitions = send(&producer, &topic, &sent_keys, &mut sent).await;
     assert_eq!(sent[&stuck], 200);
     // Other keys on the stuck key's partition wait behind it (one partition, one order);
     // every message of the other partitions must get through.
@@ -171,24 +182,9 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
         .filter(|(_, partition)| **partition != stuck_partition)
         .map(|(key, _)| *key)
         .collect();
-    let mut wave = Vec::new();
-    for i in 0..100 {
-        let key = elsewhere[i % elsewhere.len()];
-        let n = sent.entry(key).or_default();
-        let payload = record(key, *n);
-        *n += 1;
-        let key_text = key.to_string();
-        wave.push(
-            producer
-                .send_result(FutureRecord::to(&topic).key(&key_text).payload(&payload))
-                .map_err(|(error, _)| error)
-                .unwrap(),
-        );
-    }
-    for delivery in wave {
-        let delivered = delivery.await.unwrap().map_err(|(error, _)| error).unwrap();
-        assert_ne!(delivered.partition, stuck_partition);
-    }
+    let wave: Vec<uuid::Uuid> = (0..100).map(|i| elsewhere[i % elsewhere.len()]).collect();
+    let wave_partitions = send(&producer, &topic, &wave, &mut sent).await;
+    assert!(wave_partitions.iter().all(|&p| p != stuck_partition));
     let others = others + 100;
     assert!(
         eventually(Duration::from_secs(30), || handled(db.pool.clone(), None)
