@@ -124,13 +124,7 @@ async fn a_broker_paused_for_60_seconds_under_load_delays_but_loses_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let limit = orderflow_platform::kafka::DEFAULT_DELIVERY_TIMEOUT + Duration::from_secs(2);
-    println!("broker pause: the oldest transaction seen during the outage was {oldest:?} old");
-    assert!(
-        oldest < limit,
-        "a transaction stayed open {oldest:?} during the outage (delivery timeout {:?})",
-        orderflow_platform::kafka::DEFAULT_DELIVERY_TIMEOUT
-    );
+
     let backlog: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
         .fetch_one(&saga.orders.pool)
         .await
@@ -139,6 +133,13 @@ async fn a_broker_paused_for_60_seconds_under_load_delays_but_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stack_command("broker-resume");
+    let limit = orderflow_platform::kafka::DEFAULT_DELIVERY_TIMEOUT + Duration::from_secs(2);
+    println!("broker pause: the oldest transaction seen during the outage was {oldest:?} old");
+    assert!(
+        oldest < limit,
+        "a transaction stayed open {oldest:?} during the outage (delivery timeout {:?})",
+        orderflow_platform::kafka::DEFAULT_DELIVERY_TIMEOUT
+    );
     let (accepted, refused) = load.await.unwrap();
     println!(
         "broker pause: backlog {backlog} rows after 55 s; {} orders accepted, {refused} refused",

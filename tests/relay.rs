@@ -79,7 +79,9 @@ fn spawn_configured_relay(
     let producer: FutureProducer = kafka::producer_config(bootstrap_servers, "relay-test", Duration::from_secs(2))
         .create()
         .expect("producer");
-    let relay = configure(relay::Relay::new(db.pool.clone(), producer, batch_size));
+    let relay = configure(
+        relay::Relay::new(db.pool.clone(), producer, batch_size).with_delivery_timeout(Duration::from_secs(2)),
+    );
     let token = CancellationToken::new();
     let task = tokio::spawn(relay.run(poll_interval, token.clone()));
     (token, task)
