@@ -25,7 +25,7 @@
 //! - **Health.** `run` returns an error when the poll thread dies, when the client reports a
 //!   fatal error (such as a fenced static member), or when the consumer has held no partition
 //!   for longer than `unassigned_limit`: the process then exits and its supervisor restarts it.
-//!   The number of partitions held is published as a gauge and on [`ConsumerStatus`].
+//!   The number of partitions held is published as a gauge.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -38,7 +38,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, TopicPartitionList};
 use sqlx::{PgPool, Postgres, Transaction};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
@@ -222,15 +222,6 @@ impl ConsumerSettings {
     }
 }
 
-/// What the consumer holds now (for health checks).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ConsumerStatus {
-    /// Partitions assigned to this member.
-    pub assigned_partitions: usize,
-    /// Whether the runtime is still consuming.
-    pub running: bool,
-}
-
 /// A partition's task, as the revoke callback and the poll thread see it.
 struct PartitionControl {
     /// Whether a message is being handled now.
@@ -368,30 +359,12 @@ struct Worker<H> {
 }
 
 /// Consumes until `shutdown`; then lets each partition finish its message in flight, commits
-/// the stored offsets and returns. `status` follows what the consumer holds.
+/// the stored offsets and returns.
 pub async fn run<H: Handler>(
     settings: ConsumerSettings,
     pool: PgPool,
     handler: Arc<H>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    run_with_status(
-        settings,
-        pool,
-        handler,
-        shutdown,
-        watch::channel(ConsumerStatus::default()).0,
-    )
-    .await
-}
-
-/// [`run`], publishing the consumer's state on `status`.
-pub async fn run_with_status<H: Handler>(
-    settings: ConsumerSettings,
-    pool: PgPool,
-    handler: Arc<H>,
-    shutdown: CancellationToken,
-    status: watch::Sender<ConsumerStatus>,
 ) -> anyhow::Result<()> {
     let slots: Slots = Arc::default();
     let consumer: Client = kafka::consumer_config(
@@ -421,10 +394,6 @@ pub async fn run_with_status<H: Handler>(
         group: settings.group_id.clone(),
     });
     tracing::info!(group = %settings.group_id, instance = ?settings.instance_id, topics = ?settings.topics, "consumer started");
-    status.send_replace(ConsumerStatus {
-        assigned_partitions: 0,
-        running: true,
-    });
 
     let tasks = TaskTracker::new();
     // Stops the partitions' tasks when the caller shuts down, and also when the poll thread
@@ -437,7 +406,6 @@ pub async fn run_with_status<H: Handler>(
             stop.clone(),
             slots.clone(),
         );
-        let status = status.clone();
         let consumer = consumer.clone();
         let name = format!("poll-{}", settings.group_id);
         let (done, finished) = tokio::sync::oneshot::channel();
@@ -450,7 +418,6 @@ pub async fn run_with_status<H: Handler>(
                 tasks,
                 shutdown,
                 settings,
-                status,
             };
             let _ = done.send(poll.run());
         })?;
@@ -472,7 +439,6 @@ pub async fn run_with_status<H: Handler>(
     // Closing blocks until the broker answers (possibly as long as an outage lasts): never on
     // a runtime thread.
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
-    status.send_replace(ConsumerStatus::default());
     match &result {
         Ok(()) => tracing::info!("consumer stopped"),
         Err(error) => tracing::error!(error = format!("{error:#}"), "consumer failed"),
@@ -489,7 +455,6 @@ struct Poller<H> {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     settings: ConsumerSettings,
-    status: watch::Sender<ConsumerStatus>,
 }
 
 impl<H: Handler> Poller<H> {
@@ -514,11 +479,6 @@ impl<H: Handler> Poller<H> {
                 let held = self.consumer.assignment().map(|list| list.count()).unwrap_or(0);
                 metrics::gauge!(telemetry::CONSUMER_ASSIGNED, "group" => self.settings.group_id.clone())
                     .set(held as f64);
-                self.status.send_if_modified(|status| {
-                    let changed = status.assigned_partitions != held;
-                    status.assigned_partitions = held;
-                    changed
-                });
                 if held > 0 {
                     unassigned_since = None;
                 } else {
