@@ -339,7 +339,7 @@ impl PrivateKafka {
     }
 
     /// Runs `scripts/stack ARGS` on these brokers; panics if it fails.
-    pub async fn stack(&self, args: &[&str]) {
+    async fn stack(&self, args: &[&str]) {
         let status = self.command(args).status().await.expect("run scripts/stack");
         assert!(status.success(), "scripts/stack {args:?} failed: {status}");
     }
@@ -354,16 +354,6 @@ impl PrivateKafka {
             .env("ORDERFLOW_BROKERS", self.brokers.to_string())
             .env("ORDERFLOW_PARTITIONS", "12");
         command.into()
-    }
-
-    /// kill -9 of broker `node` (1-based).
-    pub async fn kill(&self, node: u8) {
-        self.stack(&["kill", &format!("kafka-{node}")]).await;
-    }
-
-    /// Starts again every broker that is not running, and waits until each listens.
-    pub async fn revive(&self) {
-        self.stack(&["kafka", "--brokers", &self.brokers.to_string()]).await;
     }
 }
 
