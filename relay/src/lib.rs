@@ -65,9 +65,10 @@ pub struct Config {
     /// Wake on the outbox's NOTIFY (false: polling alone, for the tuning comparison).
     #[arg(long, env = "RELAY_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
     pub listen: bool,
-    /// How long the broker may take to acknowledge a record before the relay gives up on the
-    /// batch, rolls it back and backs off, in milliseconds. Bounds the life of the batch's
-    /// transaction while the broker is away.
+    /// How long the broker may take to acknowledge a record before the relay counts it failed
+    /// (its row stays unpublished, and so does every later row of its key in the batch) and
+    /// backs off, in milliseconds. Bounds the life of the batch's transaction while the
+    /// broker is away.
     #[arg(long, env = "RELAY_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
     pub delivery_timeout_ms: u64,
     /// Fault injection for tests and the chaos harness: publish every row twice.
