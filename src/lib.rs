@@ -4,6 +4,8 @@
 //! This crate holds only contracts: no database, broker or server code.
 
 pub mod envelope;
+pub mod money;
+pub mod text;
 
 /// Generated from `proto/orderflow/orders/v1/orders.proto`.
 pub mod orders {

@@ -143,11 +143,15 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
         healed: healed.clone(),
     });
     let shutdown = CancellationToken::new();
-    let settings = ConsumerSettings::new(
-        bootstrap,
-        format!("stall-{}", uuid::Uuid::now_v7().simple()),
-        vec![topic.clone()],
-    );
+    // No retry budget: this test is about a partition that waits for its dependency.
+    let settings = ConsumerSettings {
+        retry_budget: None,
+        ..ConsumerSettings::new(
+            bootstrap,
+            format!("stall-{}", uuid::Uuid::now_v7().simple()),
+            vec![topic.clone()],
+        )
+    };
     let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
 
     let handled = |pool: sqlx::PgPool, key: Option<String>| async move {
@@ -216,6 +220,84 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
         "the stuck key's messages in order"
     );
 
+    shutdown.cancel();
+    consumer.await.unwrap().expect("the consumer stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_fails_transiently_past_its_budget_is_dead_lettered_and_its_partition_flows() {
+    let db = fresh_orders_db().await;
+    sqlx::query("CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, partition int NOT NULL, handled_at timestamptz NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // One partition: the failing key's messages sit in front of the others'.
+    let topic = fresh_topic(1).await;
+    let bootstrap = stack().bootstrap_servers.clone();
+    let producer: FutureProducer = kafka::producer_config(&bootstrap, "budget-test", kafka::DEFAULT_DELIVERY_TIMEOUT)
+        .create()
+        .unwrap();
+    let (failing, healthy) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let mut sent = HashMap::new();
+    send(
+        &producer,
+        &topic,
+        &[failing, healthy, failing, healthy, healthy],
+        &mut sent,
+    )
+    .await;
+
+    // The failing key never heals: without a budget its partition would wait forever.
+    let handler = Arc::new(Flaky {
+        stuck_key: failing.to_string(),
+        healed: Arc::new(AtomicBool::new(false)),
+    });
+    let shutdown = CancellationToken::new();
+    let settings = ConsumerSettings {
+        retry_budget: Some(Duration::from_secs(1)),
+        ..ConsumerSettings::new(
+            bootstrap.clone(),
+            format!("budget-{}", uuid::Uuid::now_v7().simple()),
+            vec![topic.clone()],
+        )
+    };
+    let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
+
+    let healthy_handled = || async {
+        sqlx::query_scalar::<_, i32>("SELECT seq FROM handled WHERE key = $1 ORDER BY handled_at")
+            .bind(healthy.to_string())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async { healthy_handled().await.len() == 3 }).await,
+        "the partition stayed stuck behind the failing key: {:?} handled",
+        healthy_handled().await
+    );
+    assert_eq!(healthy_handled().await, vec![0, 1, 2], "in order");
+
+    let letters = {
+        let dlq = orderflow::topics::dead_letter(&topic);
+        let servers = bootstrap.clone();
+        tokio::task::spawn_blocking(move || ordersctl::dlq::read_all(&servers, &dlq))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let failing_key = failing.to_string();
+    let dead: Vec<_> = letters
+        .iter()
+        .filter(|letter| letter.key.as_deref() == Some(failing_key.as_bytes()))
+        .collect();
+    assert_eq!(dead.len(), 2, "both of the failing key's messages are dead-lettered");
+    for letter in dead {
+        let reason = letter.header("dlq.error").unwrap_or_default();
+        assert!(
+            reason.contains("retry budget") && reason.contains("the dependency is away"),
+            "the reason names the budget and the last error: {reason}"
+        );
+    }
     shutdown.cancel();
     consumer.await.unwrap().expect("the consumer stops cleanly");
 }

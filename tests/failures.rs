@@ -94,6 +94,34 @@ async fn poison_messages_are_dead_lettered_with_context_and_the_partition_keeps_
     let mut missing_id = envelope::seal(meta(order), Payload::OrderPlaced(placed_without_total.clone()));
     missing_id.message_id = String::new();
     let invalid = envelope::seal(meta(order), Payload::OrderPlaced(placed_without_total));
+    // Well-formed envelopes whose values no service may act on: three bytes that are not a
+    // currency (the database refuses a NUL byte: once this stalled the partition forever),
+    // and a total no order may reach.
+    let placed = |amount_minor, currency_code: &str| {
+        let mut order = valid_order(9);
+        order.total = Some(api::Money {
+            amount_minor,
+            currency_code: currency_code.into(),
+        });
+        envelope::seal(
+            meta(uuid::Uuid::now_v7()),
+            Payload::OrderPlaced(OrderPlaced {
+                order_id: String::new(),
+                customer_id: order.customer_id,
+                items: order.items,
+                total: order.total,
+                payment_token: order.payment_token,
+            }),
+        )
+    };
+    let with_own_id = |mut envelope: EventEnvelope| {
+        if let Some(Payload::OrderPlaced(placed)) = envelope.payload.as_mut() {
+            placed.order_id.clone_from(&envelope.aggregate_id);
+        }
+        envelope.encode_to_vec()
+    };
+    let nul_currency = with_own_id(placed(4_250, "E\0R"));
+    let too_large = with_own_id(placed(i64::MAX, "EUR"));
 
     let poison: Vec<(&str, Vec<u8>, &str)> = vec![
         (
@@ -105,6 +133,8 @@ async fn poison_messages_are_dead_lettered_with_context_and_the_partition_keeps_
         ("newer-version", newer_version.encode_to_vec(), "schema version 99"),
         ("missing-id", missing_id.encode_to_vec(), "message_id"),
         ("invalid", invalid.encode_to_vec(), "without a total"),
+        ("nul-currency", nul_currency, "ISO-4217"),
+        ("too-large", too_large, "above the limit"),
     ];
     for (key, payload, _) in &poison {
         produce(&topic, key, payload.clone()).await;
@@ -167,12 +197,24 @@ async fn poison_messages_are_dead_lettered_with_context_and_the_partition_keeps_
             );
         }
     }
-    // The payment service is the one that refuses an OrderPlaced without a total.
-    assert!(letters.iter().any(|l| {
-        l.key.as_deref() == Some(b"invalid".as_slice())
-            && l.header("dlq.consumer_group")
-                .is_some_and(|g| g.starts_with("payment-"))
-    }));
+    // The payment service is the one that refuses an invalid OrderPlaced, and the gateway
+    // never saw any of them.
+    for key in ["invalid", "nul-currency", "too-large"] {
+        assert!(
+            letters.iter().any(|l| {
+                l.key.as_deref() == Some(key.as_bytes())
+                    && l.header("dlq.consumer_group")
+                        .is_some_and(|g| g.starts_with("payment-"))
+            }),
+            "{key} dead-lettered by payment-svc"
+        );
+    }
+    let gateway_lines: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger WHERE order_id <> $1")
+        .bind(&good)
+        .fetch_one(&saga.gateway.pool)
+        .await
+        .unwrap();
+    assert_eq!(gateway_lines, 0, "no poison reached the gateway");
     let stray_letters = dead_letters(&saga.payments_topic).await;
     assert!(
         stray_letters

@@ -107,6 +107,7 @@ async fn retries_replay_and_move_no_money_and_reused_keys_are_refused() {
     let void = VoidRequest {
         idempotency_key: "void:1".into(),
         authorization_id: first.authorization_id.clone(),
+        ..VoidRequest::default()
     };
     assert_eq!(
         gateway
@@ -178,5 +179,72 @@ async fn declines_and_lost_replies_follow_the_faults() {
         })
         .await;
     assert_eq!(invalid.expect_err("a rate above 1").code(), Code::InvalidArgument);
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_the_gateway_cannot_take_is_invalid_argument_never_unavailable() {
+    // UNAVAILABLE is retried by callers: a request refused for its data must not be.
+    let (db, addr, shutdown) = start().await;
+    let mut gateway = GatewayServiceClient::connect(addr).await.unwrap();
+    let mut nul_currency = authorize("authorize:nul", 500, "tok_visa");
+    nul_currency.amount = Some(Money {
+        amount_minor: 500,
+        currency_code: "E\0R".into(),
+    });
+    let mut invisible_token = authorize("authorize:bidi", 500, "tok\u{2067}visa");
+    invisible_token.order_id = "order-2".into();
+    let mut nul_order = authorize("authorize:nul-order", 500, "tok_visa");
+    nul_order.order_id = "order\0".into();
+    for request in [nul_currency, invisible_token, nul_order, authorize("authorize:neg", -1, "tok")] {
+        let status = gateway.authorize(request.clone()).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{request:?}: {status:?}");
+    }
+    assert!(ledger(&db).await.is_empty());
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_void_by_authorize_key_releases_what_the_key_made_or_closes_the_key() {
+    let (db, addr, shutdown) = start().await;
+    let mut gateway = GatewayServiceClient::connect(addr).await.unwrap();
+    let void_by_key = |void_key: &str, authorize_key: &str| VoidRequest {
+        idempotency_key: void_key.into(),
+        authorize_idempotency_key: authorize_key.into(),
+        ..VoidRequest::default()
+    };
+
+    // An authorization whose caller lost the reply: voided through its key.
+    let made = gateway
+        .authorize(authorize("authorize:lost", 700, "tok_visa"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(made.status(), AuthorizationStatus::Approved);
+    gateway.void(void_by_key("void:lost", "authorize:lost")).await.unwrap();
+    gateway.void(void_by_key("void:lost", "authorize:lost")).await.unwrap();
+    let state: String = sqlx::query_scalar("SELECT state FROM authorizations WHERE authorization_id = $1::uuid")
+        .bind(&made.authorization_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "VOIDED");
+
+    // A void before any authorization: the key is closed, a late authorize holds nothing.
+    gateway.void(void_by_key("void:early", "authorize:early")).await.unwrap();
+    let late = gateway
+        .authorize(authorize("authorize:early", 700, "tok_visa"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(late.status(), AuthorizationStatus::Declined);
+    assert_eq!(late.decline_reason, "voided_before_authorization");
+
+    let both = VoidRequest {
+        authorization_id: made.authorization_id.clone(),
+        ..void_by_key("void:both", "authorize:lost")
+    };
+    assert_eq!(gateway.void(both).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(ledger(&db).await, ["AUTHORIZE", "VOID"], "one authorization, released once");
     shutdown.cancel();
 }

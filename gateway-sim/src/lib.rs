@@ -96,6 +96,13 @@ pub struct Gateway {
     key_retention: Duration,
 }
 
+/// The fingerprint stored with an Authorize key that a void closed before any Authorize
+/// used it: any later Authorize with the key replays the stored decline.
+const CLOSED_KEY: &[u8] = b"closed-by-void";
+
+/// The decline a closed key replays.
+const VOIDED_BEFORE_AUTHORIZATION: &str = "voided_before_authorization";
+
 /// Outcome of claiming an idempotency key.
 enum Claim {
     /// First use: do the work in this transaction.
@@ -104,23 +111,37 @@ enum Claim {
     Replay(Vec<u8>, u32),
 }
 
-fn unavailable(error: sqlx::Error) -> Status {
+/// The gateway's one map from a database error to a gRPC status. The database refusing the
+/// data itself (class 22, data exception: an invalid byte sequence, a value out of range;
+/// class 23, a constraint) is the caller's request, and repeating it fails the same way:
+/// INVALID_ARGUMENT, which callers treat as permanent. Anything else (no connection, a
+/// serialization failure, a restart) may heal: UNAVAILABLE, which callers retry.
+fn storage_error(error: sqlx::Error) -> Status {
+    if let sqlx::Error::Database(db) = &error
+        && db
+            .code()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
+    {
+        tracing::warn!(%error, "the gateway database refused the request's data");
+        return Status::invalid_argument(format!("the request's data was refused: {}", db.message()));
+    }
     tracing::warn!(%error, "gateway database error");
     Status::unavailable("gateway storage unavailable")
 }
 
+/// The longest free-text field (order id, token, idempotency key).
+const MAX_TEXT_CHARS: usize = 200;
+
 fn required(value: &str, field: &str) -> Result<(), Status> {
-    if value.is_empty() || value.len() > 200 || value.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(format!("{field} is missing or invalid")));
-    }
-    Ok(())
+    orderflow::text::visible(value, MAX_TEXT_CHARS)
+        .map_err(|error| Status::invalid_argument(format!("{field} {error}")))
 }
 
 fn positive_money(money: Option<&orderflow::orders::v1::Money>) -> Result<(i64, String), Status> {
-    match money {
-        Some(m) if m.amount_minor > 0 && m.currency_code.len() == 3 => Ok((m.amount_minor, m.currency_code.clone())),
-        _ => Err(Status::invalid_argument("amount must be positive with a currency code")),
-    }
+    let money = money.ok_or_else(|| Status::invalid_argument("amount is required"))?;
+    let money = orderflow::money::Money::from_wire(money)
+        .map_err(|error| Status::invalid_argument(format!("amount {error}")))?;
+    Ok((money.amount_minor(), money.currency().code().to_owned()))
 }
 
 fn parse_authorization(id: &str) -> Result<uuid::Uuid, Status> {
@@ -153,7 +174,7 @@ async fn append_ledger(
     .bind(line.idempotency_key)
     .execute(&mut **tx)
     .await
-    .map_err(unavailable)?;
+    .map_err(storage_error)?;
     Ok(())
 }
 
@@ -175,7 +196,7 @@ async fn lock_authorization(
     .bind(authorization_id)
     .fetch_optional(&mut **tx)
     .await
-    .map_err(unavailable)?;
+    .map_err(storage_error)?;
     let (order_id, state, amount_minor, currency_code) =
         row.ok_or_else(|| Status::not_found("no such authorization"))?;
     Ok(LockedAuthorization {
@@ -199,7 +220,7 @@ impl Gateway {
     /// Claims `key` for `operation`. A concurrent call with the same key waits on the
     /// primary key until the first one commits, then replays its reply.
     async fn claim(&self, key: &str, operation: &str, fingerprint: &[u8]) -> Result<Claim, Status> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool.begin().await.map_err(storage_error)?;
         let inserted = sqlx::query(
             "INSERT INTO idempotency_keys (idempotency_key, operation, fingerprint, response, expires_at)
              VALUES ($1, $2, $3, '', now() + make_interval(secs => $4))
@@ -211,7 +232,7 @@ impl Gateway {
         .bind(self.key_retention.as_secs_f64())
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?
+        .map_err(storage_error)?
         .rows_affected();
         if inserted == 1 {
             return Ok(Claim::New(tx));
@@ -224,13 +245,13 @@ impl Gateway {
             .bind(key)
             .fetch_one(&mut *tx)
             .await
-            .map_err(unavailable)?;
-        if stored_operation != operation || stored_fingerprint != fingerprint {
+            .map_err(storage_error)?;
+        if stored_operation != operation || (stored_fingerprint != fingerprint && stored_fingerprint != CLOSED_KEY) {
             return Err(Status::failed_precondition(
                 "idempotency key reused with different parameters",
             ));
         }
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(storage_error)?;
         Ok(Claim::Replay(response, u32::try_from(attempts).unwrap_or(u32::MAX)))
     }
 
@@ -245,8 +266,8 @@ impl Gateway {
             .bind(response)
             .execute(&mut *tx)
             .await
-            .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)
+            .map_err(storage_error)?;
+        tx.commit().await.map_err(storage_error)
     }
 
     async fn faults(&self) -> Faults {
@@ -326,7 +347,7 @@ impl GatewayService for Gateway {
                     .bind(&currency)
                     .execute(&mut *tx)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(storage_error)?;
                     let line = LedgerLine {
                         operation: "AUTHORIZE",
                         order_id: &request.order_id,
@@ -385,7 +406,7 @@ impl GatewayService for Gateway {
                 .bind(amount)
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(storage_error)?;
                 let line = LedgerLine {
                     operation: "CAPTURE",
                     order_id: &authorization.order_id,
@@ -408,7 +429,21 @@ impl GatewayService for Gateway {
     async fn void(&self, request: Request<VoidRequest>) -> Result<Response<VoidResponse>, Status> {
         let request = request.into_inner();
         required(&request.idempotency_key, "idempotency_key")?;
-        let authorization_id = parse_authorization(&request.authorization_id)?;
+        let target = match (
+            request.authorization_id.as_str(),
+            request.authorize_idempotency_key.as_str(),
+        ) {
+            (id, "") => VoidTarget::Authorization(parse_authorization(id)?),
+            ("", key) => {
+                required(key, "authorize_idempotency_key")?;
+                VoidTarget::AuthorizeKey(key.to_owned())
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "set authorization_id or authorize_idempotency_key, not both",
+                ));
+            }
+        };
         self.latency(&request.idempotency_key).await;
         let key = request.idempotency_key.clone();
         let fingerprint = VoidRequest {
@@ -419,34 +454,107 @@ impl GatewayService for Gateway {
         let attempt = match self.claim(&key, "VOID", &fingerprint).await? {
             Claim::Replay(_, attempt) => attempt,
             Claim::New(mut tx) => {
-                let authorization = lock_authorization(&mut tx, authorization_id).await?;
-                match authorization.state.as_str() {
-                    "AUTHORIZED" => {
-                        sqlx::query(
-                            "UPDATE authorizations SET state = 'VOIDED', updated_at = now() WHERE authorization_id = $1",
-                        )
-                        .bind(authorization_id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(unavailable)?;
-                        let line = LedgerLine {
-                            operation: "VOID",
-                            order_id: &authorization.order_id,
-                            authorization_id: Some(authorization_id),
-                            amount_minor: authorization.amount_minor,
-                            currency_code: &authorization.currency_code,
-                            idempotency_key: &key,
-                        };
-                        append_ledger(&mut tx, line).await?;
+                let authorization_id = match target {
+                    VoidTarget::Authorization(id) => Some(id),
+                    VoidTarget::AuthorizeKey(authorize_key) => {
+                        self.authorization_of_key(&mut tx, &authorize_key).await?
                     }
-                    "VOIDED" => {}
-                    other => return Err(Status::failed_precondition(format!("authorization is {other}"))),
+                };
+                if let Some(authorization_id) = authorization_id {
+                    void_authorization(&mut tx, authorization_id, &key).await?;
                 }
                 Self::finish(tx, &key, &VoidResponse {}.encode_to_vec()).await?;
                 1
             }
         };
         self.deliver(VoidResponse {}, &key, "", attempt).await
+    }
+}
+
+/// What a void releases.
+enum VoidTarget {
+    /// A known authorization.
+    Authorization(uuid::Uuid),
+    /// Whatever the Authorize call with this key made.
+    AuthorizeKey(String),
+}
+
+/// Voids an authorization (locked): releases it once; voiding a voided one changes nothing.
+async fn void_authorization(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    authorization_id: uuid::Uuid,
+    key: &str,
+) -> Result<(), Status> {
+    let authorization = lock_authorization(tx, authorization_id).await?;
+    match authorization.state.as_str() {
+        "AUTHORIZED" => {
+            sqlx::query("UPDATE authorizations SET state = 'VOIDED', updated_at = now() WHERE authorization_id = $1")
+                .bind(authorization_id)
+                .execute(&mut **tx)
+                .await
+                .map_err(storage_error)?;
+            let line = LedgerLine {
+                operation: "VOID",
+                order_id: &authorization.order_id,
+                authorization_id: Some(authorization_id),
+                amount_minor: authorization.amount_minor,
+                currency_code: &authorization.currency_code,
+                idempotency_key: key,
+            };
+            append_ledger(tx, line).await
+        }
+        "VOIDED" => Ok(()),
+        other => Err(Status::failed_precondition(format!("authorization is {other}"))),
+    }
+}
+
+impl Gateway {
+    /// The authorization an Authorize call with `authorize_key` made, if any. If the key was
+    /// never used, closes it (in `tx`): a later Authorize with it replays a decline. An
+    /// Authorize with the key still in flight holds the key's row; the insert below waits for
+    /// it to commit, then finds its reply.
+    async fn authorization_of_key(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        authorize_key: &str,
+    ) -> Result<Option<uuid::Uuid>, Status> {
+        let decline = AuthorizeResponse {
+            authorization_id: String::new(),
+            status: AuthorizationStatus::Declined as i32,
+            decline_reason: VOIDED_BEFORE_AUTHORIZATION.into(),
+        };
+        let closed = sqlx::query(
+            "INSERT INTO idempotency_keys (idempotency_key, operation, fingerprint, response, expires_at)
+             VALUES ($1, 'AUTHORIZE', $2, $3, now() + make_interval(secs => $4))
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(authorize_key)
+        .bind(CLOSED_KEY)
+        .bind(decline.encode_to_vec())
+        .bind(self.key_retention.as_secs_f64())
+        .execute(&mut **tx)
+        .await
+        .map_err(storage_error)?
+        .rows_affected();
+        if closed == 1 {
+            tracing::info!(authorize_key, "void before any authorization: the key is closed");
+            return Ok(None);
+        }
+        let (operation, response): (String, Vec<u8>) =
+            sqlx::query_as("SELECT operation, response FROM idempotency_keys WHERE idempotency_key = $1")
+                .bind(authorize_key)
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(storage_error)?;
+        if operation != "AUTHORIZE" {
+            return Err(Status::failed_precondition("authorize_idempotency_key is not an Authorize key"));
+        }
+        let reply = AuthorizeResponse::decode(response.as_slice()).map_err(|_| Status::internal("stored reply"))?;
+        if reply.status() == AuthorizationStatus::Approved {
+            parse_authorization(&reply.authorization_id).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 }
 

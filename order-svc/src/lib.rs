@@ -70,6 +70,14 @@ pub struct Config {
     /// Inbox rows are kept this long: the deduplication window (longer than any redrive).
     #[arg(long, env = "ORDER_SVC_INBOX_RETENTION_HOURS", default_value_t = 168)]
     pub inbox_retention_hours: u64,
+    /// The largest order total: `DEFAULT[,CODE=LIMIT...]` in major units of each currency
+    /// (e.g. `1000000,JPY=150000000`); a larger order is refused.
+    #[arg(long, env = "ORDER_SVC_MAX_ORDER_TOTAL", default_value = "1000000",
+          value_parser = orderflow::money::TotalLimits::from_setting)]
+    pub max_order_total: orderflow::money::TotalLimits,
+    /// The consumer runtime's settings.
+    #[command(flatten)]
+    pub consumer: orderflow_platform::consumer::ConsumerArgs,
     /// How often the sweeper looks for overdue orders.
     #[arg(long, env = "ORDER_SVC_SWEEP_INTERVAL_MS", default_value_t = 1_000)]
     pub sweep_interval_ms: u64,
@@ -90,6 +98,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         pool.clone(),
         config.orders_topic.clone(),
         Duration::from_secs(config.idempotency_retention_hours * 3600),
+        config.max_order_total.clone(),
     );
     if orderflow_platform::chaos::naive()
         && let Some(servers) = &config.bootstrap_servers
@@ -141,7 +150,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // The saga: the payment events consumer and the sweeper, stopped with the server.
     let mut consumer = None;
     if let Some(bootstrap_servers) = config.bootstrap_servers.clone() {
-        let settings = orderflow_platform::consumer::ConsumerSettings {
+        let settings = config.consumer.apply(orderflow_platform::consumer::ConsumerSettings {
             instance_id: config.instance_id.clone(),
             // Never exits for holding no partition: during a broker outage this process
             // still takes orders.
@@ -151,7 +160,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 config.group_id.clone(),
                 vec![config.payments_topic.clone()],
             )
-        };
+        });
         let handler = std::sync::Arc::new(saga::PaymentEventsHandler::new(config.orders_topic.clone()));
         let (consumer_pool, consumer_stop) = (pool.clone(), stop.clone());
         consumer = Some(tokio::spawn(async move {

@@ -41,6 +41,9 @@ pub struct Config {
     /// Inbox rows are kept this long: the deduplication window (longer than any redrive).
     #[arg(long, env = "PROJECTOR_INBOX_RETENTION_HOURS", default_value_t = 168)]
     pub inbox_retention_hours: u64,
+    /// The consumer runtime's settings.
+    #[command(flatten)]
+    pub consumer: orderflow_platform::consumer::ConsumerArgs,
 }
 
 /// Projects events into `order_read`.
@@ -204,10 +207,10 @@ impl Handler for Projector {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = orderflow_platform::connect_postgres(&config.database_url, 8).await?;
     orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
-    let settings = ConsumerSettings {
+    let settings = config.consumer.apply(ConsumerSettings {
         instance_id: config.instance_id,
         ..ConsumerSettings::new(config.bootstrap_servers, config.group_id, config.topics)
-    };
+    });
     consumer::run(settings, pool.clone(), Arc::new(Projector), shutdown).await?;
     pool.close().await;
     Ok(())

@@ -12,7 +12,7 @@ use std::time::Duration;
 use domain::{Action, PaymentState};
 use orderflow::envelope::OpenedEvent;
 use orderflow::events::v1::event_envelope::Payload;
-use orderflow::events::v1::{PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentFailureReason, PaymentVoided};
+use orderflow::events::v1::{OrderPlaced, PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentFailureReason, PaymentVoided};
 use orderflow::gateway::v1::gateway_service_client::GatewayServiceClient;
 use orderflow::gateway::v1::{AuthorizationStatus, AuthorizeRequest, CaptureRequest, VoidRequest};
 use orderflow::orders::v1::Money;
@@ -63,6 +63,14 @@ pub struct Config {
     /// Inbox rows are kept this long: the deduplication window (longer than any redrive).
     #[arg(long, env = "PAYMENT_SVC_INBOX_RETENTION_HOURS", default_value_t = 168)]
     pub inbox_retention_hours: u64,
+    /// The largest order total ever authorized: `DEFAULT[,CODE=LIMIT...]` in major units
+    /// (the order service's limit; a larger OrderPlaced is dead-lettered, never charged).
+    #[arg(long, env = "PAYMENT_SVC_MAX_ORDER_TOTAL", default_value = "1000000",
+          value_parser = orderflow::money::TotalLimits::from_setting)]
+    pub max_order_total: orderflow::money::TotalLimits,
+    /// The consumer runtime's settings.
+    #[command(flatten)]
+    pub consumer: orderflow_platform::consumer::ConsumerArgs,
     /// Apply the migrations at start-up.
     #[arg(long, env = "PAYMENT_SVC_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -73,6 +81,7 @@ pub struct PaymentHandler {
     gateway: GatewayServiceClient<tonic::transport::Channel>,
     gateway_timeout: Duration,
     payments_topic: String,
+    limits: orderflow::money::TotalLimits,
 }
 
 /// A payment as stored.
@@ -92,11 +101,13 @@ impl PaymentHandler {
         gateway: GatewayServiceClient<tonic::transport::Channel>,
         gateway_timeout: Duration,
         payments_topic: String,
+        limits: orderflow::money::TotalLimits,
     ) -> Self {
         Self {
             gateway,
             gateway_timeout,
             payments_topic,
+            limits,
         }
     }
 
@@ -154,18 +165,17 @@ impl PaymentHandler {
         tx: &mut Tx,
         event: &OpenedEvent,
         order_id: uuid::Uuid,
-        total: Option<&Money>,
-        token: &str,
+        placed: &OrderPlaced,
     ) -> Result<Outcome, HandlerError> {
+        let charge = domain::parse_order_placed(placed, order_id, &self.limits).map_err(HandlerError::Permanent)?;
         let existing = Self::load(tx, order_id).await?;
         match domain::on_order_placed(existing.map(|p| p.state)) {
             Action::Authorize => {}
             // Settled already: the inbox row alone is committed.
             _ => return Ok(Outcome::Processed),
         }
-        let total = total
-            .filter(|m| m.amount_minor > 0)
-            .ok_or_else(|| HandlerError::Permanent("OrderPlaced without a total".into()))?;
+        let total = charge.total.to_wire();
+        let token = charge.payment_token.as_str();
 
         // The gateway is called inside the message's transaction (its inbox row is recorded and
         // locked, so a concurrent redelivery waits here instead of calling too); the call is
@@ -305,8 +315,22 @@ impl PaymentHandler {
         match domain::on_order_cancelled(payment.as_ref().map(|p| p.state)) {
             Action::Void => {}
             Action::RecordCancellation => {
-                // No payment yet: remember the cancellation so that a later OrderPlaced
-                // (a redrive, a replay) never charges this order.
+                // No payment on record. Usually the order was cancelled before its OrderPlaced
+                // got here. But an OrderPlaced that was dead-lettered after the gateway had
+                // authorized (its reply lost, the retry budget spent) leaves money held
+                // that no row of ours knows: release whatever the authorize key made, and
+                // close the key, so that nothing authorized under it ever stays held.
+                self.call(
+                    "void",
+                    self.gateway.clone().void(VoidRequest {
+                        idempotency_key: format!("void:{order_id}"),
+                        authorization_id: String::new(),
+                        authorize_idempotency_key: format!("authorize:{order_id}"),
+                    }),
+                )
+                .await?;
+                // Then remember the cancellation, so that a later OrderPlaced (a redrive, a
+                // replay) never charges this order.
                 sqlx::query(
                     "INSERT INTO payments (payment_id, order_id, amount_minor, currency_code, state)
                      VALUES ($1, $2, 0, 'XXX', 'CANCELLED_BEFORE_AUTHORIZATION') ON CONFLICT (order_id) DO NOTHING",
@@ -328,6 +352,7 @@ impl PaymentHandler {
             self.gateway.clone().void(VoidRequest {
                 idempotency_key: format!("void:{order_id}"),
                 authorization_id: payment.authorization_id.clone().unwrap_or_default(),
+                authorize_idempotency_key: String::new(),
             }),
         )
         .await?;
@@ -395,10 +420,7 @@ impl consumer::Handler for PaymentHandler {
     async fn handle(&self, tx: &mut Tx, _message: &Incoming, event: &OpenedEvent) -> Result<Outcome, HandlerError> {
         let order_id = event.aggregate_id;
         match &event.payload {
-            Payload::OrderPlaced(placed) => {
-                self.order_placed(tx, event, order_id, placed.total.as_ref(), &placed.payment_token)
-                    .await
-            }
+            Payload::OrderPlaced(placed) => self.order_placed(tx, event, order_id, placed).await,
             Payload::OrderConfirmed(_) => self.order_confirmed(tx, event, order_id).await,
             Payload::OrderCancelled(_) => self.order_cancelled(tx, event, order_id).await,
             _ => Ok(Outcome::Ignored),
@@ -417,12 +439,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         GatewayServiceClient::new(channel),
         Duration::from_millis(config.gateway_timeout_ms),
         config.payments_topic.clone(),
+        config.max_order_total.clone(),
     );
     orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
-    let settings = ConsumerSettings {
+    let settings = config.consumer.apply(ConsumerSettings {
         instance_id: config.instance_id,
         ..ConsumerSettings::new(config.bootstrap_servers, config.group_id, vec![config.orders_topic])
-    };
+    });
     consumer::run(settings, pool.clone(), Arc::new(handler), shutdown).await?;
     pool.close().await;
     Ok(())

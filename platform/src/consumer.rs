@@ -22,6 +22,10 @@
 //!   dependency away, a concurrent change) is retried with exponential backoff and jitter; a
 //!   permanent one (undecodable bytes, data a dependency refuses) sends the message to
 //!   `<topic>.dlq` with headers saying why and where it came from, and the partition flows on.
+//!   Transient failures of one message are retried for at most `retry_budget`: a message
+//!   that keeps failing "transiently" (a dependency that refuses it in a way nobody
+//!   classified, a bug) is then dead-lettered too, so it holds up its partition for a bounded
+//!   time, never forever. Messages retrying now are a gauge; exhausted budgets a counter.
 //! - **Health.** `run` returns an error when the poll thread dies, when the client reports a
 //!   fatal error (such as a fenced static member), or when the consumer has held no partition
 //!   for longer than `unassigned_limit`: the process then exits and its supervisor restarts it.
@@ -185,6 +189,38 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send;
 }
 
+/// The retry budget unless configured: 60 s, two thirds of the stack's 90 s saga deadline
+/// and longer than the outages the chaos harness injects into a handler's dependencies
+/// (a Postgres restart, a gateway that does not answer 12 times).
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(60);
+
+/// The consumer settings every service exposes in its own configuration.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsumerArgs {
+    /// How long one message's transient failures are retried before it is dead-lettered,
+    /// in milliseconds (0: forever).
+    #[arg(long = "consumer-retry-budget-ms", env = "CONSUMER_RETRY_BUDGET_MS", default_value_t = 60_000)]
+    pub retry_budget_ms: u64,
+}
+
+impl Default for ConsumerArgs {
+    fn default() -> Self {
+        Self {
+            retry_budget_ms: u64::try_from(DEFAULT_RETRY_BUDGET.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+impl ConsumerArgs {
+    /// Applies these settings to `settings`.
+    pub fn apply(&self, settings: ConsumerSettings) -> ConsumerSettings {
+        ConsumerSettings {
+            retry_budget: (self.retry_budget_ms > 0).then(|| Duration::from_millis(self.retry_budget_ms)),
+            ..settings
+        }
+    }
+}
+
 /// Where and how to consume.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -201,6 +237,10 @@ pub struct ConsumerSettings {
     pub partition_queue: usize,
     /// How long a revoke waits for a partition's message in flight before abandoning it.
     pub revoke_grace: Duration,
+    /// How long transient failures of one message are retried before it is dead-lettered
+    /// (None: forever). Shorter than the saga deadline, so a message stuck on a dependency
+    /// is out of its partition's way before the orders behind it time out.
+    pub retry_budget: Option<Duration>,
     /// Holding no partition for longer than this is an error (the process exits and its
     /// supervisor restarts it); None never gives up (a member of a group that has more
     /// members than partitions).
@@ -217,6 +257,7 @@ impl ConsumerSettings {
             topics,
             partition_queue: 64,
             revoke_grace: Duration::from_secs(5),
+            retry_budget: Some(DEFAULT_RETRY_BUDGET),
             unassigned_limit: Some(Duration::from_secs(120)),
         }
     }
@@ -355,6 +396,7 @@ struct Worker<H> {
     pool: PgPool,
     consumer: Arc<Client>,
     dead_letters: FutureProducer,
+    retry_budget: Option<Duration>,
     group: String,
 }
 
@@ -391,6 +433,7 @@ pub async fn run<H: Handler>(
             kafka::DEFAULT_DELIVERY_TIMEOUT,
         )
         .create()?,
+        retry_budget: settings.retry_budget,
         group: settings.group_id.clone(),
     });
     tracing::info!(group = %settings.group_id, instance = ?settings.instance_id, topics = ?settings.topics, "consumer started");
@@ -681,10 +724,34 @@ impl<H: Handler> Worker<H> {
     }
 }
 
+/// Counts a message in the retrying gauge from its first failure until it is done with.
+struct Retrying {
+    group: Option<String>,
+}
+
+impl Retrying {
+    fn start(&mut self, group: &str) {
+        if self.group.is_none() {
+            metrics::gauge!(telemetry::CONSUMER_RETRYING, "group" => group.to_owned()).increment(1.0);
+            self.group = Some(group.to_owned());
+        }
+    }
+}
+
+impl Drop for Retrying {
+    fn drop(&mut self) {
+        if let Some(group) = self.group.take() {
+            metrics::gauge!(telemetry::CONSUMER_RETRYING, "group" => group).decrement(1.0);
+        }
+    }
+}
+
 /// Handles one message until it is processed or dead-lettered (true), or until `stop`
 /// interrupts a retry (false).
 async fn process<H: Handler>(worker: &Worker<H>, message: &Incoming, stop: &CancellationToken) -> bool {
     let first_failure = SystemTime::now();
+    let started = Instant::now();
+    let mut retrying = Retrying { group: None };
     let mut attempts: u32 = 0;
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -699,31 +766,51 @@ async fn process<H: Handler>(worker: &Worker<H>, message: &Incoming, stop: &Canc
             }
             Err(error) => error,
         };
-        match error {
+        let reason = match error {
             HandlerError::Permanent(reason) => {
                 tracing::error!(%reason, attempts, "message cannot be processed; dead-lettering it");
-                match dead_letter(
-                    &worker.dead_letters,
-                    message,
-                    &worker.group,
-                    &reason,
-                    attempts,
-                    first_failure,
-                )
-                .await
-                {
-                    Ok(()) => {
-                        metrics::counter!(telemetry::CONSUMER_MESSAGES, "group" => worker.group.clone(),
-                            "topic" => message.topic.clone(), "outcome" => "dead_lettered")
-                        .increment(1);
-                        return true;
-                    }
-                    Err(error) => tracing::warn!(%error, "cannot dead-letter yet; retrying"),
-                }
+                Some(reason)
             }
-            HandlerError::Transient(error) => {
-                metrics::counter!(telemetry::CONSUMER_RETRIES, "group" => worker.group.clone()).increment(1);
-                tracing::warn!(error = format!("{error:#}"), attempts, "transient failure; retrying");
+            HandlerError::Transient(error) => match worker.retry_budget {
+                Some(budget) if started.elapsed() >= budget => {
+                    let reason = format!(
+                        "transient failures for {:.0?} ({attempts} attempts, retry budget {budget:?}); last: {error:#}",
+                        started.elapsed()
+                    );
+                    tracing::error!(%reason, "retry budget exhausted; dead-lettering the message");
+                    metrics::counter!(telemetry::CONSUMER_BUDGET_EXHAUSTED, "group" => worker.group.clone())
+                        .increment(1);
+                    Some(reason)
+                }
+                _ => {
+                    retrying.start(&worker.group);
+                    metrics::counter!(telemetry::CONSUMER_RETRIES, "group" => worker.group.clone()).increment(1);
+                    tracing::warn!(error = format!("{error:#}"), attempts, "transient failure; retrying");
+                    None
+                }
+            },
+        };
+        if let Some(reason) = reason {
+            match dead_letter(
+                &worker.dead_letters,
+                message,
+                &worker.group,
+                &reason,
+                attempts,
+                first_failure,
+            )
+            .await
+            {
+                Ok(()) => {
+                    metrics::counter!(telemetry::CONSUMER_MESSAGES, "group" => worker.group.clone(),
+                        "topic" => message.topic.clone(), "outcome" => "dead_lettered")
+                    .increment(1);
+                    return true;
+                }
+                Err(error) => {
+                    retrying.start(&worker.group);
+                    tracing::warn!(%error, "cannot dead-letter yet; retrying");
+                }
             }
         }
         let jittered = backoff.mul_f64(0.5 + jitter());

@@ -22,6 +22,12 @@ pub const RELAY_PUBLISH_ERRORS: &str = "orderflow_relay_publish_errors_total";
 pub const CONSUMER_MESSAGES: &str = "orderflow_consumer_messages_total";
 /// Transient failures retried, by `group`.
 pub const CONSUMER_RETRIES: &str = "orderflow_consumer_retries_total";
+/// Messages of a consumer failing transiently right now (each holds up its partition), by
+/// `group`. Above 0 for long: a dependency is away, or one message fails over and over.
+pub const CONSUMER_RETRYING: &str = "orderflow_consumer_retrying_messages";
+/// Messages dead-lettered because their transient failures outlasted the retry budget, by
+/// `group` (`reason="retry_budget"` of the dead-letter outcome).
+pub const CONSUMER_BUDGET_EXHAUSTED: &str = "orderflow_consumer_retry_budget_exhausted_total";
 /// Partitions a consumer holds now, by `group` (0 for long: a consumer that cannot join).
 pub const CONSUMER_ASSIGNED: &str = "orderflow_consumer_assigned_partitions";
 /// Rebalances seen by a consumer, by `group` and `kind` (assign, revoke).

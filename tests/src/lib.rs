@@ -167,6 +167,8 @@ pub async fn start_order_svc_with(
         saga_deadline_ms: 30_000,
         sweep_interval_ms: 1_000,
         inbox_retention_hours: 168,
+        max_order_total: orderflow::money::TotalLimits::default(),
+        consumer: Default::default(),
     };
     let mut config = config;
     adjust(&mut config);

@@ -160,6 +160,7 @@ impl Saga {
             migrate: false,
             inbox_retention_hours: 168,
             instance_id: None,
+            consumer: Default::default(),
         };
         tasks.push(spawn_logged(
             "fulfilment",
@@ -173,6 +174,7 @@ impl Saga {
             topics: vec![orders_topic.clone(), payments_topic.clone()],
             instance_id: None,
             inbox_retention_hours: 168,
+            consumer: Default::default(),
         };
         tasks.push(spawn_logged(
             "projector",
@@ -217,6 +219,8 @@ impl Saga {
             db_max_connections: 8,
             migrate: false,
             inbox_retention_hours: 168,
+            max_order_total: Default::default(),
+            consumer: Default::default(),
         };
         let token = CancellationToken::new();
         let task = spawn_logged("payment-svc", payment_svc::run(config, token.clone()));

@@ -9,6 +9,7 @@ use crate::domain::{
     SagaState, Sku, ValueError, parse_currency,
 };
 use crate::store::{OrderRecord, OrderView};
+use orderflow::money::TotalLimits;
 use orderflow_platform::outbox::timestamp;
 
 /// The longest accepted request_id (a UUID is 36 characters).
@@ -29,6 +30,7 @@ fn field<T>(
 pub(super) fn parse_place_order(
     request: &wire::PlaceOrderRequest,
     order_id: OrderId,
+    limits: &TotalLimits,
 ) -> Result<(Option<uuid::Uuid>, PlaceOrder), ApiError> {
     let mut violations = Vec::new();
     let v = &mut violations;
@@ -73,6 +75,7 @@ pub(super) fn parse_place_order(
                 items,
                 declared_total,
                 payment_token,
+                max_total_minor: limits.max_minor(declared_total.currency()),
             },
         )),
         _ => Err(ApiError::InvalidArgument(violations)),
@@ -102,7 +105,7 @@ fn parse_money(violations: &mut Vec<FieldViolation>, money: Option<&wire::Money>
     field(
         violations,
         format!("{name}.amount_minor"),
-        Money::new(money.amount_minor, currency),
+        Money::new(money.amount_minor, currency).map_err(ValueError::from),
     )
 }
 
@@ -114,7 +117,7 @@ pub(super) fn domain_error(error: DomainError) -> ApiError {
             format!("items[{index}].unit_price.currency_code")
         }
         DomainError::TotalOverflow => "total.amount_minor".to_owned(),
-        DomainError::TotalMismatch { .. } => "total.amount_minor".to_owned(),
+        DomainError::TotalMismatch { .. } | DomainError::TotalTooLarge { .. } => "total.amount_minor".to_owned(),
         DomainError::AlreadyExists => return ApiError::AlreadyExists(error.to_string()),
         DomainError::NotFound => return ApiError::NotFound(error.to_string()),
     };
@@ -122,10 +125,7 @@ pub(super) fn domain_error(error: DomainError) -> ApiError {
 }
 
 pub(super) fn wire_money(money: Money) -> wire::Money {
-    wire::Money {
-        amount_minor: money.amount_minor(),
-        currency_code: money.currency().code().to_owned(),
-    }
+    money.to_wire()
 }
 
 pub(super) fn wire_item(item: &LineItem) -> wire::OrderItem {

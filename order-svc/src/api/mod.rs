@@ -7,6 +7,7 @@ mod error;
 use std::time::Duration;
 
 use orderflow::envelope::{EventMeta, seal};
+use orderflow::money::TotalLimits;
 use orderflow::events::v1::{OrderPlaced, event_envelope::Payload};
 use orderflow::orders::v1::order_service_server::OrderService;
 use orderflow::orders::v1::{
@@ -29,6 +30,7 @@ pub struct OrderApi {
     pool: PgPool,
     orders_topic: String,
     idempotency_retention: Duration,
+    limits: TotalLimits,
     /// The chaos harness's naive mode only: PlaceOrder publishes to Kafka itself after its
     /// commit (a dual write) instead of writing the outbox row.
     dual_write: Option<DualWrite>,
@@ -46,11 +48,12 @@ impl std::fmt::Debug for DualWrite {
 
 impl OrderApi {
     /// An API writing to `pool` and publishing order events to `orders_topic`.
-    pub fn new(pool: PgPool, orders_topic: String, idempotency_retention: Duration) -> Self {
+    pub fn new(pool: PgPool, orders_topic: String, idempotency_retention: Duration, limits: TotalLimits) -> Self {
         Self {
             pool,
             orders_topic,
             idempotency_retention,
+            limits,
             dual_write: None,
         }
     }
@@ -63,7 +66,7 @@ impl OrderApi {
 
     async fn place_order(&self, request: PlaceOrderRequest) -> Result<PlaceOrderResponse, ApiError> {
         let order_id = OrderId::generate();
-        let (request_id, command) = convert::parse_place_order(&request, order_id)?;
+        let (request_id, command) = convert::parse_place_order(&request, order_id, &self.limits)?;
         let events = domain::decide(None, Command::Place(command)).map_err(convert::domain_error)?;
         let Some(Event::Placed { order }) = events.into_iter().next() else {
             tracing::error!("decide(Place) returned no Placed event");

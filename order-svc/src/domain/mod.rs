@@ -4,11 +4,10 @@
 //! `apply(state, event)` is the state those events lead to. The edges (gRPC, the event
 //! consumers) parse wire types into the newtypes below before anything reaches `decide`.
 
-mod currency;
 mod values;
 
-pub use currency::Currency;
-pub use values::{CustomerId, LineItem, Money, OrderId, PaymentToken, Quantity, Sku, ValueError, parse_currency};
+pub use orderflow::money::{Currency, Money};
+pub use values::{CustomerId, LineItem, OrderId, PaymentToken, Quantity, Sku, ValueError, parse_currency};
 
 /// Business status of an order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +104,9 @@ pub struct PlaceOrder {
     pub declared_total: Money,
     /// The card token.
     pub payment_token: PaymentToken,
+    /// The largest total allowed in the order's currency, in minor units (the operator's
+    /// [`orderflow::money::TotalLimits`], resolved at the edge).
+    pub max_total_minor: i64,
 }
 
 /// Why an order was cancelled.
@@ -192,6 +194,12 @@ pub enum DomainError {
     /// A line or the total does not fit in 64 bits of minor units.
     #[error("the order total overflows")]
     TotalOverflow,
+    /// The total is above the limit of its currency.
+    #[error("the order total must be at most {max} minor units")]
+    TotalTooLarge {
+        /// The limit, in minor units.
+        max: i64,
+    },
     /// The client's total is not the sum of the items.
     #[error("declared total {declared} does not match the items' sum {computed}")]
     TotalMismatch {
@@ -220,6 +228,11 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<Event>, Dom
                 return Err(DomainError::TotalMismatch {
                     declared: place.declared_total.amount_minor(),
                     computed: total.amount_minor(),
+                });
+            }
+            if total.amount_minor() > place.max_total_minor {
+                return Err(DomainError::TotalTooLarge {
+                    max: place.max_total_minor,
                 });
             }
             Ok(vec![Event::Placed {

@@ -22,6 +22,7 @@ fn place(items: Vec<LineItem>, declared: i64) -> Command {
         items,
         declared_total: Money::new(declared, eur()).expect("positive"),
         payment_token: PaymentToken::parse("tok_visa").expect("printable"),
+        max_total_minor: i64::MAX,
     })
 }
 
@@ -151,6 +152,25 @@ fn an_overflowing_total_is_refused() {
 }
 
 #[test]
+fn a_total_above_the_currency_limit_is_refused_and_one_at_it_is_accepted() {
+    let limited = |declared| {
+        let Command::Place(place) = place(vec![item("A-1", 1, declared)], declared) else {
+            unreachable!("place() builds a Place command")
+        };
+        decide(
+            None,
+            Command::Place(PlaceOrder {
+                max_total_minor: 10_000,
+                ..place
+            }),
+        )
+    };
+    assert!(limited(10_000).is_ok());
+    assert_eq!(limited(10_001), Err(DomainError::TotalTooLarge { max: 10_000 }));
+    assert_eq!(limited(i64::MAX), Err(DomainError::TotalTooLarge { max: 10_000 }));
+}
+
+#[test]
 fn empty_and_oversized_orders_are_refused() {
     assert_eq!(decide(None, place(vec![], 1)), Err(DomainError::NoItems));
     let many = vec![item("A-1", 1, 1); MAX_ITEMS + 1];
@@ -185,8 +205,8 @@ fn zero_values_are_missing_and_negatives_are_not_positive() {
         Quantity::parse(Quantity::MAX + 1),
         Err(ValueError::TooLarge(i64::from(Quantity::MAX)))
     );
-    assert_eq!(Money::new(0, eur()), Err(ValueError::Missing));
-    assert_eq!(Money::new(-5, eur()), Err(ValueError::NotPositive));
+    assert_eq!(Money::new(0, eur()).map_err(ValueError::from), Err(ValueError::Missing));
+    assert_eq!(Money::new(-5, eur()).map_err(ValueError::from), Err(ValueError::NotPositive));
     assert_eq!(OrderId::parse(""), Err(ValueError::Missing));
     assert_eq!(
         OrderId::parse("00000000-0000-0000-0000-000000000000"),
@@ -206,6 +226,10 @@ fn strings_are_bounded_and_printable() {
     assert_eq!(Sku::parse("A\n1"), Err(ValueError::NotPrintable));
     assert_eq!(Sku::parse("A\u{202E}1"), Err(ValueError::NotPrintable));
     assert_eq!(PaymentToken::parse("tok\u{0}"), Err(ValueError::NotPrintable));
+    for invisible in ["A\u{2067}1", "A\u{00AD}1", "A\u{E0041}", " ", "A "] {
+        assert_eq!(Sku::parse(invisible), Err(ValueError::NotPrintable), "{invisible:?}");
+    }
+    assert!(Sku::parse("👩\u{200D}💻").is_ok(), "an emoji sequence is a legitimate SKU");
     assert!(!format!("{:?}", PaymentToken::parse("tok_secret").expect("printable")).contains("secret"));
 }
 

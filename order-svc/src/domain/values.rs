@@ -1,7 +1,7 @@
 //! Value types parsed at the edge. Each constructor refuses what proto3 cannot tell
 //! apart from "missing" (`0`, `""`), so a default value never becomes a business value.
 
-use super::Currency;
+use super::{Currency, Money};
 
 /// Why a raw value is not a valid domain value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -18,8 +18,8 @@ pub enum ValueError {
     /// Longer than allowed.
     #[error("must be at most {0} characters")]
     TooLong(usize),
-    /// Contains a control or other non-printable character.
-    #[error("must contain only printable characters")]
+    /// Contains an invisible, control or unassigned character, or space at either end.
+    #[error("must contain only visible characters, with no space at either end")]
     NotPrintable,
     /// Not an active ISO-4217 code.
     #[error("is not a known ISO-4217 currency code")]
@@ -27,6 +27,28 @@ pub enum ValueError {
     /// Not a UUID.
     #[error("must be a UUID")]
     NotUuid,
+}
+
+impl From<orderflow::money::MoneyError> for ValueError {
+    fn from(error: orderflow::money::MoneyError) -> Self {
+        use orderflow::money::MoneyError;
+        match error {
+            MoneyError::Missing => Self::Missing,
+            MoneyError::NotPositive => Self::NotPositive,
+            MoneyError::UnknownCurrency => Self::UnknownCurrency,
+        }
+    }
+}
+
+impl From<orderflow::text::TextError> for ValueError {
+    fn from(error: orderflow::text::TextError) -> Self {
+        use orderflow::text::TextError;
+        match error {
+            TextError::Missing => Self::Missing,
+            TextError::TooLong(max) => Self::TooLong(max),
+            TextError::NotVisible => Self::NotPrintable,
+        }
+    }
 }
 
 /// An order's identity: a UUIDv7, so ids sort by creation time.
@@ -89,37 +111,6 @@ impl CustomerId {
     }
 }
 
-/// A positive amount in a currency's minor unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Money {
-    amount_minor: i64,
-    currency: Currency,
-}
-
-impl Money {
-    /// A positive amount.
-    pub fn new(amount_minor: i64, currency: Currency) -> Result<Self, ValueError> {
-        match amount_minor {
-            0 => Err(ValueError::Missing),
-            n if n < 0 => Err(ValueError::NotPositive),
-            n => Ok(Self {
-                amount_minor: n,
-                currency,
-            }),
-        }
-    }
-
-    /// The amount in minor units.
-    pub fn amount_minor(self) -> i64 {
-        self.amount_minor
-    }
-
-    /// The currency.
-    pub fn currency(self) -> Currency {
-        self.currency
-    }
-}
-
 /// How many units of an item: 1 to [`Quantity::MAX`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quantity(i32);
@@ -144,20 +135,10 @@ impl Quantity {
     }
 }
 
-/// Checks a bounded, printable string: not empty, at most `max_chars`, no control or
-/// other invisible formatting characters (they break logs, terminals and CSV exports).
+/// Checks a bounded string of visible characters (the rule every service applies:
+/// [`orderflow::text::visible`]).
 fn printable(raw: &str, max_chars: usize) -> Result<String, ValueError> {
-    if raw.is_empty() {
-        return Err(ValueError::Missing);
-    }
-    if raw.chars().count() > max_chars {
-        return Err(ValueError::TooLong(max_chars));
-    }
-    let invisible =
-        |c: char| c.is_control() || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{FEFF}');
-    if raw.chars().any(invisible) {
-        return Err(ValueError::NotPrintable);
-    }
+    orderflow::text::visible(raw, max_chars)?;
     Ok(raw.to_owned())
 }
 
