@@ -18,6 +18,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // handed descriptors, so write it ourselves.
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("descriptor.bin"), descriptors.encode_to_vec())?;
+    // Each server's reflection describes what that server serves and nothing else: its own
+    // file with its services, the files it imports with their services removed (the gateway's
+    // API imports Money from the orders API, not the OrderService).
+    for (name, served) in [
+        ("orders_descriptor.bin", "orderflow/orders/v1/orders.proto"),
+        ("gateway_descriptor.bin", "orderflow/gateway/v1/gateway.proto"),
+    ] {
+        let mut set = protox::compile([format!("proto/{served}")], ["proto"])?;
+        for file in &mut set.file {
+            if file.name() != served {
+                file.service.clear();
+            }
+        }
+        std::fs::write(out_dir.join(name), set.encode_to_vec())?;
+    }
     tonic_prost_build::configure().compile_fds(descriptors)?;
     Ok(())
 }

@@ -28,8 +28,15 @@ pub mod gateway {
     }
 }
 
-/// The encoded `FileDescriptorSet` of every proto in `proto/`, for gRPC server reflection.
+/// The encoded `FileDescriptorSet` of every proto in `proto/`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
+/// What the order service's reflection describes: the orders API (its imports without
+/// services).
+pub const ORDERS_FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/orders_descriptor.bin"));
+
+/// What the gateway's reflection describes: the gateway API (its imports without services).
+pub const GATEWAY_FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gateway_descriptor.bin"));
 
 /// Kafka topic names. Every record on them is an encoded [`events::v1::EventEnvelope`]
 /// keyed by the order id.

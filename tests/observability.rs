@@ -42,11 +42,18 @@ async fn metrics_cover_every_hop_and_each_order_is_one_trace_across_services() {
         ..valid_order(3)
     };
     saga.client().await.place_order(bad).await.expect_err("invalid");
+    // Refused by the codec, before any handler: counted all the same.
+    let oversized = api::PlaceOrderRequest {
+        payment_token: "t".repeat(100_000),
+        ..valid_order(3)
+    };
+    saga.client().await.place_order(oversized).await.expect_err("too large");
     assert!(saga.settled(Duration::from_secs(60)).await);
 
     let expected = [
         r#"orderflow_grpc_requests_total{method="PlaceOrder",code="Ok"} 1"#,
         r#"orderflow_grpc_requests_total{method="PlaceOrder",code="InvalidArgument"} 1"#,
+        r#"orderflow_grpc_requests_total{method="PlaceOrder",code="ResourceExhausted"} 1"#,
         "orderflow_grpc_request_duration_seconds_bucket",
         "orderflow_relay_lag_seconds_bucket",
         "orderflow_relay_published_total",

@@ -27,6 +27,10 @@ use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+/// Every call is answered within this (a hanging reply fault is a reply that never comes
+/// within any caller's patience; the callers' own timeouts are far shorter).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(600);
+
 /// The gateway database's migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/gateway");
 
@@ -605,11 +609,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         shutdown.clone(),
     ));
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(orderflow::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(orderflow::GATEWAY_FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     tracing::info!(local_addr = %listener.local_addr()?, "gateway-sim serving gRPC");
     tonic::transport::Server::builder()
+        .layer(orderflow_platform::grpc::EdgeLayer::new(REQUEST_DEADLINE))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GatewayServiceServer::new(gateway.clone()))

@@ -118,7 +118,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     health.set_serving::<OrderServiceServer<api::OrderApi>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(orderflow::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(orderflow::ORDERS_FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1()?;
@@ -183,7 +183,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     tracing::info!(%local_addr, "order-svc serving gRPC");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
-        .timeout(Duration::from_millis(config.request_timeout_ms))
+        // Outermost: one deadline (the wait for a slot included), one code map, every answer
+        // counted, the caller's trace continued.
+        .layer(orderflow_platform::grpc::EdgeLayer::new(Duration::from_millis(
+            config.request_timeout_ms,
+        )))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             config.max_concurrent_requests,
         ))

@@ -4,6 +4,7 @@
 
 pub mod chaos;
 pub mod consumer;
+pub mod grpc;
 pub mod health;
 pub mod housekeeping;
 pub mod inbox;

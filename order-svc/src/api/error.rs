@@ -23,6 +23,46 @@ impl FieldViolation {
     }
 }
 
+/// The most violations one answer reports. The violations travel in response metadata
+/// (`grpc-status-details-bin` and `grpc-message`), and gRPC clients refuse metadata over
+/// 8–16 KiB (grpc-core's default is 8 KiB soft, 16 KiB hard): a request with a hundred bad
+/// items would otherwise get RESOURCE_EXHAUSTED instead of its violations. 20 violations of
+/// bounded length stay under 4 KiB; the last one reported says how many more there are.
+pub const MAX_REPORTED_VIOLATIONS: usize = 20;
+
+/// The longest description or field path reported (all of ours are far shorter).
+const MAX_VIOLATION_CHARS: usize = 120;
+
+/// The summary message and the violations to report, bounded as explained above.
+fn reportable(mut violations: Vec<FieldViolation>) -> (String, Vec<FieldViolation>) {
+    let total = violations.len();
+    if total > MAX_REPORTED_VIOLATIONS {
+        violations.truncate(MAX_REPORTED_VIOLATIONS - 1);
+        violations.push(FieldViolation::new(
+            "request",
+            format!(
+                "{} more violations not reported; fix the ones above and retry",
+                total - (MAX_REPORTED_VIOLATIONS - 1)
+            ),
+        ));
+    }
+    let bound = |text: &str| text.chars().take(MAX_VIOLATION_CHARS).collect::<String>();
+    for violation in &mut violations {
+        violation.field = bound(&violation.field);
+        violation.description = bound(&violation.description);
+    }
+    let mut summary = violations
+        .iter()
+        .take(3)
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if total > 3 {
+        summary.push_str(&format!(" (and {} more, in the BadRequest details)", total - 3));
+    }
+    (summary, violations)
+}
+
 /// Every way a call can fail, in the client's terms.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -70,13 +110,9 @@ impl From<ApiError> for tonic::Status {
         use tonic::{Code, Status};
         match error {
             ApiError::InvalidArgument(violations) => {
-                let summary = violations
-                    .iter()
-                    .map(|v| format!("{}: {}", v.field, v.description))
-                    .collect::<Vec<_>>()
-                    .join("; ");
+                let (summary, reported) = reportable(violations);
                 let details = ErrorDetails::with_bad_request(
-                    violations
+                    reported
                         .into_iter()
                         .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
                         .collect::<Vec<_>>(),
@@ -90,5 +126,27 @@ impl From<ApiError> for tonic::Status {
             ApiError::Unavailable(message) => Status::unavailable(message),
             ApiError::Internal => Status::internal("internal error"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hundred_violations_fit_in_the_metadata_a_client_accepts() {
+        let violations: Vec<FieldViolation> = (0..300)
+            .map(|i| FieldViolation::new(format!("items[{i}].unit_price.currency_code"), "x".repeat(500)))
+            .collect();
+        let status = tonic::Status::from(ApiError::InvalidArgument(violations));
+        let mut headers = http::HeaderMap::new();
+        assert!(status.add_header(&mut headers).is_ok());
+        let metadata_bytes: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
+        assert!(metadata_bytes < 8 * 1024, "{metadata_bytes} bytes of metadata");
+        let details = tonic_types::StatusExt::get_error_details(&status);
+        let reported = details.bad_request().map(|b| b.field_violations.len());
+        assert_eq!(reported, Some(MAX_REPORTED_VIOLATIONS));
+        let last = details.bad_request().and_then(|b| b.field_violations.last().cloned());
+        assert!(last.is_some_and(|v| v.description.starts_with("281 more violations")));
     }
 }

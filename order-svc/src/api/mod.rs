@@ -179,21 +179,10 @@ impl OrderApi {
     }
 }
 
-/// Maps the result through the one `ApiError` → `Status` mapping and records the request's
-/// metrics (count by method and code, duration by method).
-fn respond<T>(
-    method: &'static str,
-    started: std::time::Instant,
-    result: Result<T, ApiError>,
-) -> Result<tonic::Response<T>, tonic::Status> {
-    let result = result.map(tonic::Response::new).map_err(tonic::Status::from);
-    let code = match &result {
-        Ok(_) => tonic::Code::Ok,
-        Err(status) => status.code(),
-    };
-    metrics::counter!(telemetry::GRPC_REQUESTS, "method" => method, "code" => format!("{code:?}")).increment(1);
-    metrics::histogram!(telemetry::GRPC_DURATION, "method" => method).record(started.elapsed().as_secs_f64());
-    result
+/// Maps the result through the one `ApiError` → `Status` mapping (the gRPC edge layer
+/// counts and times every answer).
+fn respond<T>(result: Result<T, ApiError>) -> Result<tonic::Response<T>, tonic::Status> {
+    result.map(tonic::Response::new).map_err(tonic::Status::from)
 }
 
 #[tonic::async_trait]
@@ -208,9 +197,7 @@ impl OrderService for OrderApi {
             correlation_id = tracing::field::Empty,
             trace_id = tracing::field::Empty
         );
-        let started = std::time::Instant::now();
-        let result = self.place_order(request.into_inner()).instrument(span).await;
-        respond("PlaceOrder", started, result)
+        respond(self.place_order(request.into_inner()).instrument(span).await)
     }
 
     async fn get_order(
@@ -218,8 +205,6 @@ impl OrderService for OrderApi {
         request: tonic::Request<GetOrderRequest>,
     ) -> Result<tonic::Response<GetOrderResponse>, tonic::Status> {
         let span = tracing::info_span!("GetOrder", order_id = tracing::field::Empty);
-        let started = std::time::Instant::now();
-        let result = self.get_order(request.into_inner()).instrument(span).await;
-        respond("GetOrder", started, result)
+        respond(self.get_order(request.into_inner()).instrument(span).await)
     }
 }
