@@ -663,7 +663,7 @@ fn print_events(
                 "event_type": envelope::event_type_of(&event.payload),
                 "message_id": event.message_id.to_string(),
                 "correlation_id": event.correlation_id.to_string(),
-                "payload": format!("{:?}", event.payload),
+                "payload": describe_payload(&event.payload),
             }),
             Err(error) => serde_json::json!({
                 "partition": message.partition(),
@@ -717,7 +717,7 @@ async fn dlq(bootstrap_servers: &str, command: DlqCommand) -> anyhow::Result<()>
                 println!("{name}: {}", String::from_utf8_lossy(value));
             }
             match envelope::open(&letter.payload) {
-                Ok(event) => println!("payload: {:?}", event.payload),
+                Ok(event) => println!("payload: {}", describe_payload(&event.payload)),
                 Err(error) => println!("payload ({} bytes) does not open: {error}", letter.payload.len()),
             }
         }
@@ -739,4 +739,36 @@ async fn dlq(bootstrap_servers: &str, command: DlqCommand) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+/// An event's payload for a terminal or a log: everything but the payment token, which
+/// would let whoever reads the output charge the card.
+fn describe_payload(payload: &orderflow::events::v1::event_envelope::Payload) -> String {
+    use orderflow::events::v1::event_envelope::Payload;
+    let mut shown = payload.clone();
+    if let Payload::OrderPlaced(placed) = &mut shown
+        && !placed.payment_token.is_empty()
+    {
+        placed.payment_token = "[redacted]".into();
+    }
+    format!("{shown:?}")
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::describe_payload;
+    use orderflow::events::v1::OrderPlaced;
+    use orderflow::events::v1::event_envelope::Payload;
+
+    #[test]
+    fn payment_tokens_are_never_printed() {
+        let placed = Payload::OrderPlaced(OrderPlaced {
+            order_id: "o-1".into(),
+            payment_token: "tok_live_secret".into(),
+            ..OrderPlaced::default()
+        });
+        let shown = describe_payload(&placed);
+        assert!(!shown.contains("tok_live_secret"), "{shown}");
+        assert!(shown.contains("[redacted]") && shown.contains("o-1"), "{shown}");
+    }
 }
