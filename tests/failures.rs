@@ -303,3 +303,99 @@ async fn a_repaired_dead_letter_redriven_completes_its_saga() {
     assert_eq!(report.violations(), 0, "{}", ordersctl::verify::render(&report));
     saga.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forged_order_placed_is_caught_by_verify_and_its_money_released_by_the_payment_deadline() {
+    // Anyone able to write to orders.events can make payment-svc authorize an order that
+    // does not exist. The money side must notice (verify) and undo it (payment-svc's own
+    // deadline), whatever the order service knows.
+    let saga = Saga::start(SagaOptions {
+        authorization_deadline: Duration::from_secs(6),
+        ..SagaOptions::default()
+    })
+    .await;
+    let forged = uuid::Uuid::now_v7();
+    let order = valid_order(13);
+    let placed = envelope::seal(
+        meta(forged),
+        Payload::OrderPlaced(OrderPlaced {
+            order_id: forged.to_string(),
+            customer_id: order.customer_id,
+            items: order.items,
+            total: order.total,
+            payment_token: order.payment_token,
+        }),
+    );
+    produce(&saga.orders_topic, &forged.to_string(), placed.encode_to_vec()).await;
+
+    let state = |id: String| {
+        let pool = saga.gateway.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state FROM authorizations WHERE order_id = $1")
+                .bind(id)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        eventually(WAIT, || async { state(forged.to_string()).await.is_some() }).await,
+        "the forged order is authorized (payment-svc cannot tell it is forged)"
+    );
+    // While it is held, verify (with no deadline) names it from the money side, although
+    // the orders table has never heard of it.
+    let stores = ordersctl::verify::Stores {
+        orders: saga.orders.pool.clone(),
+        payments: saga.payments.pool.clone(),
+        fulfilment: saga.fulfilment.pool.clone(),
+        gateway: saga.gateway.pool.clone(),
+    };
+    // (The authorization is seconds old; the payment deadline is 6 s.)
+    assert_eq!(state(forged.to_string()).await.as_deref(), Some("AUTHORIZED"));
+    let report = ordersctl::verify::verify(&stores, Duration::ZERO, Duration::ZERO).await.unwrap();
+    let held = report
+        .checks
+        .iter()
+        .find(|c| c.name.starts_with("authorizations held past the deadline"))
+        .unwrap();
+    assert_eq!(held.examples, vec![forged.to_string()], "{report:?}");
+    // payment-svc's deadline releases it.
+    assert!(
+        eventually(WAIT, || async { state(forged.to_string()).await.as_deref() == Some("VOIDED") }).await,
+        "the forged authorization is voided by the payment deadline"
+    );
+    let report = ordersctl::verify::verify(&stores, Duration::ZERO, Duration::ZERO).await.unwrap();
+    let money_checks: usize = report
+        .checks
+        .iter()
+        .filter(|c| c.name.contains("gateway"))
+        .map(|c| c.violations)
+        .sum();
+    assert_eq!(money_checks, 0, "{report:?}");
+    // The read model never shows it: GetOrder knows no such order.
+    assert!(
+        eventually(WAIT, || async {
+            dead_letters(&saga.orders_topic).await.iter().any(|l| {
+                l.key.as_deref() == Some(forged.to_string().as_bytes())
+                    && l.header("dlq.consumer_group").is_some_and(|g| g.starts_with("projector-"))
+            })
+        })
+        .await,
+        "the projector refuses an OrderPlaced the order service never placed"
+    );
+    let found = saga
+        .client()
+        .await
+        .get_order(api::GetOrderRequest {
+            order_id: forged.to_string(),
+        })
+        .await;
+    assert_eq!(found.map(|_| ()).unwrap_err().code(), tonic::Code::NotFound);
+    let ledger: Vec<String> = sqlx::query_scalar("SELECT operation FROM ledger WHERE order_id = $1 ORDER BY id")
+        .bind(forged.to_string())
+        .fetch_all(&saga.gateway.pool)
+        .await
+        .unwrap();
+    assert_eq!(ledger, ["AUTHORIZE", "VOID"]);
+    saga.stop().await;
+}

@@ -121,6 +121,22 @@ fn change_of(payload: &Payload) -> Change {
 
 impl Projector {
     async fn project(tx: &mut Transaction<'static, Postgres>, event: &OpenedEvent) -> Result<Outcome, HandlerError> {
+        if matches!(event.payload, Payload::OrderPlaced(_)) {
+            // The read model answers GetOrder: it must never show an order this service did
+            // not place. The order's row committed before its event left the outbox, so a
+            // genuine OrderPlaced always finds it; one that does not was written to the
+            // topic by someone else (a forgery, a replay from another environment).
+            let placed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders WHERE order_id = $1)")
+                .bind(event.aggregate_id)
+                .fetch_one(&mut **tx)
+                .await?;
+            if !placed {
+                return Err(HandlerError::Permanent(format!(
+                    "OrderPlaced for order {} that the order service never placed",
+                    event.aggregate_id
+                )));
+            }
+        }
         let change = change_of(&event.payload);
         let projected_at = chrono::Utc::now();
         let occurred_at = event

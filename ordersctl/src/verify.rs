@@ -135,6 +135,11 @@ async fn ids(pool: &PgPool, sql: &'static str) -> Result<HashSet<String>, sqlx::
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
+async fn ids_bound(pool: &PgPool, sql: &'static str, bound: f64) -> Result<HashSet<String>, sqlx::Error> {
+    let rows: Vec<(String,)> = sqlx::query_as(sql).bind(bound).fetch_all(pool).await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
 async fn counts(pool: &PgPool, sql: &'static str) -> Result<HashMap<String, i64>, sqlx::Error> {
     let rows: Vec<(String, i64)> = sqlx::query_as(sql).fetch_all(pool).await?;
     Ok(rows.into_iter().collect())
@@ -153,7 +158,18 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
     .fetch_all(orders)
     .await?;
 
+    let pending = ids(orders, "SELECT order_id::text FROM orders WHERE status = 'PENDING'").await?;
     let gateway = &stores.gateway;
+    // From the money side: every authorization still held past the deadline must belong to
+    // an order that is still PENDING (and then the order is stuck, counted above). An order
+    // that is settled, or that the order service never heard of (a forged or replayed
+    // OrderPlaced), justifies no held money.
+    let held_overdue = ids_bound(
+        gateway,
+        "SELECT DISTINCT order_id FROM authorizations WHERE state = 'AUTHORIZED' AND created_at < now() - make_interval(secs => $1)",
+        (deadline + grace).as_secs_f64(),
+    )
+    .await?;
     let captured = ids(
         gateway,
         "SELECT DISTINCT order_id FROM authorizations WHERE state = 'CAPTURED'",
@@ -201,6 +217,14 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
         check(
             "CANCELLED orders whose money is still authorized or captured at the gateway",
             cancelled.intersection(&holding).cloned().collect(),
+        ),
+        check(
+            "captures at the gateway for orders that are not CONFIRMED (or do not exist)",
+            captured.difference(&confirmed).cloned().collect(),
+        ),
+        check(
+            "authorizations held past the deadline for orders that are not PENDING (or do not exist)",
+            held_overdue.difference(&pending).cloned().collect(),
         ),
         check(
             "orders authorized or captured more than once at the gateway",

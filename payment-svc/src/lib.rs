@@ -63,6 +63,15 @@ pub struct Config {
     /// Inbox rows are kept this long: the deduplication window (longer than any redrive).
     #[arg(long, env = "PAYMENT_SVC_INBOX_RETENTION_HOURS", default_value_t = 168)]
     pub inbox_retention_hours: u64,
+    /// An authorization whose order has not settled (no OrderConfirmed or OrderCancelled
+    /// handled) this long after it was made is voided: a forged or orphaned OrderPlaced, or
+    /// lost order events, never hold a customer's money for good. Far longer than the saga
+    /// deadline (90 s), after which the order service cancels any order still unpaid.
+    #[arg(long, env = "PAYMENT_SVC_AUTHORIZATION_DEADLINE_MS", default_value_t = 900_000)]
+    pub authorization_deadline_ms: u64,
+    /// How often overdue authorizations are looked for.
+    #[arg(long, env = "PAYMENT_SVC_SWEEP_INTERVAL_MS", default_value_t = 5_000)]
+    pub sweep_interval_ms: u64,
     /// The largest order total ever authorized: `DEFAULT[,CODE=LIMIT...]` in major units
     /// (the order service's limit; a larger OrderPlaced is dead-lettered, never charged).
     #[arg(long, env = "PAYMENT_SVC_MAX_ORDER_TOTAL", default_value = "1000000",
@@ -113,7 +122,10 @@ impl PaymentHandler {
 
     async fn load(tx: &mut Tx, order_id: uuid::Uuid) -> Result<Option<PaymentRow>, HandlerError> {
         let row: Option<(uuid::Uuid, String, Option<String>, i64, String)> = sqlx::query_as(
-            "SELECT payment_id, state, authorization_id, amount_minor, currency_code FROM payments WHERE order_id = $1",
+            // Locked for the rest of the message's transaction: the overdue-authorization
+            // sweeper takes the same lock, so a void and a capture of one payment never
+            // interleave (whichever comes second sees the other's result).
+            "SELECT payment_id, state, authorization_id, amount_minor, currency_code FROM payments WHERE order_id = $1 FOR UPDATE",
         )
         .bind(order_id)
         .fetch_optional(&mut **tx)
@@ -405,6 +417,83 @@ impl PaymentHandler {
     }
 }
 
+impl PaymentHandler {
+    /// Voids the authorizations made more than `deadline` ago whose order never settled
+    /// here; returns how many. Each in its own transaction, with the payment row locked
+    /// (as every message's handler locks it): a late OrderConfirmed either captures first
+    /// (and this finds the payment CAPTURED) or finds it VOIDED and is dead-lettered for an
+    /// operator ("order confirmed after its authorization was voided": the order service
+    /// confirmed an order whose payment this deadline gave up on). Dying after the gateway
+    /// voided, before the commit: the next pass voids again with the same key (a replay).
+    pub async fn void_overdue(&self, pool: &sqlx::PgPool, deadline: Duration) -> anyhow::Result<usize> {
+        let overdue: Vec<(uuid::Uuid,)> = sqlx::query_as(
+            "SELECT order_id FROM payments WHERE state = 'AUTHORIZED' AND created_at < now() - make_interval(secs => $1)
+             ORDER BY created_at LIMIT 100",
+        )
+        .bind(deadline.as_secs_f64())
+        .fetch_all(pool)
+        .await?;
+        let mut voided = 0;
+        for (order_id,) in overdue {
+            let mut tx = pool.begin().await?;
+            let Some(payment) = Self::load(&mut tx, order_id).await.map_err(|e| anyhow::anyhow!("{e}"))? else {
+                continue;
+            };
+            if payment.state != PaymentState::Authorized {
+                // Settled since the query above.
+                continue;
+            }
+            self.call(
+                "void",
+                self.gateway.clone().void(VoidRequest {
+                    idempotency_key: format!("void:{order_id}"),
+                    authorization_id: payment.authorization_id.clone().unwrap_or_default(),
+                    authorize_idempotency_key: String::new(),
+                }),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            sqlx::query("UPDATE payments SET state = 'VOIDED', failure_reason = 'authorization deadline passed', version = version + 1, updated_at = now() WHERE order_id = $1")
+                .bind(order_id)
+                .execute(&mut *tx)
+                .await?;
+            let payload = Payload::PaymentVoided(PaymentVoided {
+                order_id: order_id.to_string(),
+                payment_id: payment.payment_id.to_string(),
+                amount: Some(Money {
+                    amount_minor: payment.amount_minor,
+                    currency_code: payment.currency_code.trim().to_owned(),
+                }),
+            });
+            outbox::insert(&mut tx, &outbox::spontaneous(&self.payments_topic, order_id, payload)).await?;
+            tx.commit().await?;
+            tracing::warn!(%order_id, ?deadline, "authorization voided: its order never settled");
+            metrics::counter!(telemetry::OVERDUE_AUTHORIZATIONS_VOIDED).increment(1);
+            voided += 1;
+        }
+        Ok(voided)
+    }
+}
+
+/// Voids overdue authorizations every `interval` until `shutdown`.
+async fn sweep_overdue(
+    handler: Arc<PaymentHandler>,
+    pool: sqlx::PgPool,
+    deadline: Duration,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Err(error) = handler.void_overdue(&pool, deadline).await {
+            tracing::warn!(error = format!("{error:#}"), "overdue authorizations not voided yet; retrying");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
 impl consumer::Handler for PaymentHandler {
     fn inbox(&self) -> &'static str {
         INBOX
@@ -446,7 +535,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         instance_id: config.instance_id,
         ..ConsumerSettings::new(config.bootstrap_servers, config.group_id, vec![config.orders_topic])
     });
-    consumer::run(settings, pool.clone(), Arc::new(handler), shutdown).await?;
+    let handler = Arc::new(handler);
+    // Everything stops on `stop`: the caller's shutdown, or the consumer's death (a process
+    // whose consumer died exits whole, its sweeper included).
+    let stop = shutdown.child_token();
+    let sweeper = tokio::spawn(sweep_overdue(
+        handler.clone(),
+        pool.clone(),
+        Duration::from_millis(config.authorization_deadline_ms),
+        Duration::from_millis(config.sweep_interval_ms),
+        stop.clone(),
+    ));
+    let consumed = consumer::run(settings, pool.clone(), handler, stop.clone()).await;
+    stop.cancel();
+    let _ = sweeper.await;
+    consumed?;
     pool.close().await;
     Ok(())
 }

@@ -97,3 +97,20 @@ pub fn caused_by(topic: &str, cause: &orderflow::envelope::OpenedEvent, payload:
         envelope: seal(meta, payload),
     }
 }
+
+/// An event no message caused (a timer's decision, such as a deadline passing): a new
+/// correlation id, the current span's trace.
+pub fn spontaneous(topic: &str, aggregate_id: uuid::Uuid, payload: Payload) -> OutboxMessage {
+    let meta = EventMeta {
+        message_id: uuid::Uuid::now_v7(),
+        aggregate_id,
+        correlation_id: uuid::Uuid::now_v7(),
+        causation_id: None,
+        traceparent: crate::telemetry::current_traceparent(),
+        occurred_at: now_timestamp(),
+    };
+    OutboxMessage {
+        topic: topic.to_owned(),
+        envelope: seal(meta, payload),
+    }
+}

@@ -38,6 +38,8 @@ pub const CONSUMER_LAG: &str = "orderflow_consumer_lag_messages";
 pub const SAGA_COMPLETION: &str = "orderflow_saga_completion_seconds";
 /// Orders the sweeper cancelled.
 pub const SWEEPER_CANCELLATIONS: &str = "orderflow_sweeper_cancellations_total";
+/// Authorizations payment-svc voided because their order never settled in time.
+pub const OVERDUE_AUTHORIZATIONS_VOIDED: &str = "orderflow_payment_overdue_authorizations_voided_total";
 /// Gateway calls, by `operation` and `outcome`.
 pub const GATEWAY_CALL_DURATION: &str = "orderflow_gateway_call_duration_seconds";
 /// Event occurred → visible in the read model.

@@ -26,6 +26,8 @@ pub struct SagaOptions {
     pub gateway_timeout: Duration,
     /// Partitions of each topic.
     pub partitions: i32,
+    /// payment-svc voids authorizations whose order has not settled after this.
+    pub authorization_deadline: Duration,
 }
 
 impl Default for SagaOptions {
@@ -41,6 +43,7 @@ impl Default for SagaOptions {
             publish_twice: false,
             gateway_timeout: Duration::from_millis(500),
             partitions: 4,
+            authorization_deadline: Duration::from_secs(900),
         }
     }
 }
@@ -221,6 +224,8 @@ impl Saga {
             inbox_retention_hours: 168,
             max_order_total: Default::default(),
             consumer: Default::default(),
+            authorization_deadline_ms: u64::try_from(self.options.authorization_deadline.as_millis()).unwrap_or(u64::MAX),
+            sweep_interval_ms: 200,
         };
         let token = CancellationToken::new();
         let task = spawn_logged("payment-svc", payment_svc::run(config, token.clone()));
