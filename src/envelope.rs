@@ -171,3 +171,63 @@ pub fn open(bytes: &[u8]) -> Result<OpenedEvent, ContractError> {
         payload,
     })
 }
+
+/// Property tests fed with arbitrary bytes and with valid envelopes damaged at random: the
+/// decoder never panics, and whatever it accepts has the ids it promises. `scripts/test`
+/// runs them with many more cases than the default (`PROPTEST_CASES`).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::events::v1::OrderPlaced;
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    fn valid() -> Vec<u8> {
+        let id = uuid::Uuid::now_v7();
+        seal(
+            EventMeta {
+                message_id: id,
+                aggregate_id: id,
+                correlation_id: id,
+                causation_id: None,
+                traceparent: None,
+                occurred_at: prost_types::Timestamp::default(),
+            },
+            Payload::OrderPlaced(OrderPlaced {
+                order_id: id.to_string(),
+                ..OrderPlaced::default()
+            }),
+        )
+        .encode_to_vec()
+    }
+
+    fn accepted_is_well_formed(opened: &Result<OpenedEvent, ContractError>) {
+        if let Ok(event) = opened {
+            assert!(!event.message_id.is_nil() && !event.aggregate_id.is_nil());
+            assert!(event.schema_version <= SUPPORTED_SCHEMA_VERSION);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            accepted_is_well_formed(&open(&bytes));
+        }
+
+        #[test]
+        fn fuzz_damaged_envelopes_open_or_are_refused(
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+            cut in any::<usize>(),
+            tail in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut bytes = valid();
+            for (at, value) in flips {
+                let at = at % bytes.len();
+                bytes[at] = value;
+            }
+            bytes.truncate(cut % (bytes.len() + 1));
+            bytes.extend(tail);
+            accepted_is_well_formed(&open(&bytes));
+        }
+    }
+}

@@ -74,20 +74,28 @@ async fn a_hundred_bad_items_are_reported_in_metadata_any_client_accepts() {
         }),
     };
     request.items = vec![bad_item; 100];
-    let status = svc
-        .client()
-        .await
-        .place_order(request)
-        .await
-        .expect_err("invalid");
+    let status = svc.client().await.place_order(request).await.expect_err("invalid");
     assert_eq!(status.code(), Code::InvalidArgument);
-    let metadata: usize = status.metadata().clone().into_headers().iter().map(|(k, v)| k.as_str().len() + v.len()).sum::<usize>()
+    let metadata: usize = status
+        .metadata()
+        .clone()
+        .into_headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum::<usize>()
         + status.message().len()
         + status.details().len() * 4 / 3;
     assert!(metadata < 8 * 1024, "{metadata} bytes of error metadata");
-    let violations = status.get_details_bad_request().expect("BadRequest details").field_violations;
+    let violations = status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations;
     assert_eq!(violations.len(), 20, "the first 19 and a count of the rest");
-    assert!(violations[19].description.contains("more violations"), "{:?}", violations[19]);
+    assert!(
+        violations[19].description.contains("more violations"),
+        "{:?}",
+        violations[19]
+    );
     svc.stop().await;
 }
 
@@ -114,10 +122,10 @@ async fn a_call_over_the_server_deadline_is_deadline_exceeded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_describes_the_order_api_and_nothing_the_server_does_not_serve() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let db = fresh_orders_db().await;
     let svc = start_order_svc(&db, "orders.events").await;
@@ -143,7 +151,10 @@ async fn reflection_describes_the_order_api_and_nothing_the_server_does_not_serv
         panic!("a list of services")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"orderflow.orders.v1.OrderService".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"orderflow.orders.v1.OrderService".to_owned()),
+        "{names:?}"
+    );
     assert!(!names.iter().any(|n| n.contains("gateway")), "{names:?}");
     // Not even by name.
     let mut replies = client
@@ -173,9 +184,10 @@ async fn a_callers_traceparent_is_continued_by_the_order_and_its_event() {
     let _telemetry = orderflow_platform::telemetry::init("orderflow-tests");
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut request = tonic::Request::new(valid_order(1));
-    request
-        .metadata_mut()
-        .insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap());
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
     svc.client().await.place_order(request).await.unwrap();
     let traceparent: String = sqlx::query_scalar("SELECT traceparent FROM outbox")
         .fetch_one(&db.pool)

@@ -352,7 +352,9 @@ async fn a_forged_order_placed_is_caught_by_verify_and_its_money_released_by_the
     };
     // (The authorization is seconds old; the payment deadline is 6 s.)
     assert_eq!(state(forged.to_string()).await.as_deref(), Some("AUTHORIZED"));
-    let report = ordersctl::verify::verify(&stores, Duration::ZERO, Duration::ZERO).await.unwrap();
+    let report = ordersctl::verify::verify(&stores, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap();
     let held = report
         .checks
         .iter()
@@ -361,10 +363,15 @@ async fn a_forged_order_placed_is_caught_by_verify_and_its_money_released_by_the
     assert_eq!(held.examples, vec![forged.to_string()], "{report:?}");
     // payment-svc's deadline releases it.
     assert!(
-        eventually(WAIT, || async { state(forged.to_string()).await.as_deref() == Some("VOIDED") }).await,
+        eventually(WAIT, || async {
+            state(forged.to_string()).await.as_deref() == Some("VOIDED")
+        })
+        .await,
         "the forged authorization is voided by the payment deadline"
     );
-    let report = ordersctl::verify::verify(&stores, Duration::ZERO, Duration::ZERO).await.unwrap();
+    let report = ordersctl::verify::verify(&stores, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap();
     let money_checks: usize = report
         .checks
         .iter()
@@ -377,7 +384,8 @@ async fn a_forged_order_placed_is_caught_by_verify_and_its_money_released_by_the
         eventually(WAIT, || async {
             dead_letters(&saga.orders_topic).await.iter().any(|l| {
                 l.key.as_deref() == Some(forged.to_string().as_bytes())
-                    && l.header("dlq.consumer_group").is_some_and(|g| g.starts_with("projector-"))
+                    && l.header("dlq.consumer_group")
+                        .is_some_and(|g| g.starts_with("projector-"))
             })
         })
         .await,

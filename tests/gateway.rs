@@ -196,7 +196,12 @@ async fn data_the_gateway_cannot_take_is_invalid_argument_never_unavailable() {
     invisible_token.order_id = "order-2".into();
     let mut nul_order = authorize("authorize:nul-order", 500, "tok_visa");
     nul_order.order_id = "order\0".into();
-    for request in [nul_currency, invisible_token, nul_order, authorize("authorize:neg", -1, "tok")] {
+    for request in [
+        nul_currency,
+        invisible_token,
+        nul_order,
+        authorize("authorize:neg", -1, "tok"),
+    ] {
         let status = gateway.authorize(request.clone()).await.expect_err("refused");
         assert_eq!(status.code(), Code::InvalidArgument, "{request:?}: {status:?}");
     }
@@ -231,7 +236,10 @@ async fn a_void_by_authorize_key_releases_what_the_key_made_or_closes_the_key() 
     assert_eq!(state, "VOIDED");
 
     // A void before any authorization: the key is closed, a late authorize holds nothing.
-    gateway.void(void_by_key("void:early", "authorize:early")).await.unwrap();
+    gateway
+        .void(void_by_key("void:early", "authorize:early"))
+        .await
+        .unwrap();
     let late = gateway
         .authorize(authorize("authorize:early", 700, "tok_visa"))
         .await
@@ -245,6 +253,10 @@ async fn a_void_by_authorize_key_releases_what_the_key_made_or_closes_the_key() 
         ..void_by_key("void:both", "authorize:lost")
     };
     assert_eq!(gateway.void(both).await.unwrap_err().code(), Code::InvalidArgument);
-    assert_eq!(ledger(&db).await, ["AUTHORIZE", "VOID"], "one authorization, released once");
+    assert_eq!(
+        ledger(&db).await,
+        ["AUTHORIZE", "VOID"],
+        "one authorization, released once"
+    );
     shutdown.cancel();
 }

@@ -307,10 +307,7 @@ impl Gateway {
 impl GatewayService for Gateway {
     async fn authorize(&self, request: Request<AuthorizeRequest>) -> Result<Response<AuthorizeResponse>, Status> {
         let request = request.into_inner();
-        required(&request.idempotency_key, "idempotency_key")?;
-        required(&request.order_id, "order_id")?;
-        required(&request.payment_token, "payment_token")?;
-        let (amount, currency) = positive_money(request.amount.as_ref())?;
+        let (amount, currency) = check_authorize(&request)?;
         self.latency(&request.idempotency_key).await;
         let key = request.idempotency_key.clone();
         let fingerprint = AuthorizeRequest {
@@ -376,9 +373,7 @@ impl GatewayService for Gateway {
 
     async fn capture(&self, request: Request<CaptureRequest>) -> Result<Response<CaptureResponse>, Status> {
         let request = request.into_inner();
-        required(&request.idempotency_key, "idempotency_key")?;
-        let authorization_id = parse_authorization(&request.authorization_id)?;
-        let (amount, currency) = positive_money(request.amount.as_ref())?;
+        let (authorization_id, amount, currency) = check_capture(&request)?;
         self.latency(&request.idempotency_key).await;
         let key = request.idempotency_key.clone();
         let fingerprint = CaptureRequest {
@@ -432,22 +427,7 @@ impl GatewayService for Gateway {
 
     async fn void(&self, request: Request<VoidRequest>) -> Result<Response<VoidResponse>, Status> {
         let request = request.into_inner();
-        required(&request.idempotency_key, "idempotency_key")?;
-        let target = match (
-            request.authorization_id.as_str(),
-            request.authorize_idempotency_key.as_str(),
-        ) {
-            (id, "") => VoidTarget::Authorization(parse_authorization(id)?),
-            ("", key) => {
-                required(key, "authorize_idempotency_key")?;
-                VoidTarget::AuthorizeKey(key.to_owned())
-            }
-            _ => {
-                return Err(Status::invalid_argument(
-                    "set authorization_id or authorize_idempotency_key, not both",
-                ));
-            }
-        };
+        let target = check_void(&request)?;
         self.latency(&request.idempotency_key).await;
         let key = request.idempotency_key.clone();
         let fingerprint = VoidRequest {
@@ -472,6 +452,41 @@ impl GatewayService for Gateway {
             }
         };
         self.deliver(VoidResponse {}, &key, "", attempt).await
+    }
+}
+
+/// The checks of an Authorize request: its amount and currency, or INVALID_ARGUMENT.
+fn check_authorize(request: &AuthorizeRequest) -> Result<(i64, String), Status> {
+    required(&request.idempotency_key, "idempotency_key")?;
+    required(&request.order_id, "order_id")?;
+    required(&request.payment_token, "payment_token")?;
+    positive_money(request.amount.as_ref())
+}
+
+/// The checks of a Capture request: the authorization, amount and currency, or
+/// INVALID_ARGUMENT.
+fn check_capture(request: &CaptureRequest) -> Result<(uuid::Uuid, i64, String), Status> {
+    required(&request.idempotency_key, "idempotency_key")?;
+    let authorization_id = parse_authorization(&request.authorization_id)?;
+    let (amount, currency) = positive_money(request.amount.as_ref())?;
+    Ok((authorization_id, amount, currency))
+}
+
+/// The checks of a Void request: what it releases, or INVALID_ARGUMENT.
+fn check_void(request: &VoidRequest) -> Result<VoidTarget, Status> {
+    required(&request.idempotency_key, "idempotency_key")?;
+    match (
+        request.authorization_id.as_str(),
+        request.authorize_idempotency_key.as_str(),
+    ) {
+        (id, "") => Ok(VoidTarget::Authorization(parse_authorization(id)?)),
+        ("", key) => {
+            required(key, "authorize_idempotency_key")?;
+            Ok(VoidTarget::AuthorizeKey(key.to_owned()))
+        }
+        _ => Err(Status::invalid_argument(
+            "set authorization_id or authorize_idempotency_key, not both",
+        )),
     }
 }
 
@@ -551,7 +566,9 @@ impl Gateway {
                 .await
                 .map_err(storage_error)?;
         if operation != "AUTHORIZE" {
-            return Err(Status::failed_precondition("authorize_idempotency_key is not an Authorize key"));
+            return Err(Status::failed_precondition(
+                "authorize_idempotency_key is not an Authorize key",
+            ));
         }
         let reply = AuthorizeResponse::decode(response.as_slice()).map_err(|_| Status::internal("stored reply"))?;
         if reply.status() == AuthorizationStatus::Approved {
@@ -626,4 +643,75 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .await?;
     pool.close().await;
     Ok(())
+}
+
+/// Property tests of the gateway's request parsing with arbitrary requests (structured, and
+/// decoded from arbitrary bytes): never a panic, and every refusal is INVALID_ARGUMENT (the
+/// code callers never retry). `scripts/test` runs them with many more cases than the default.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-z:0-9-]{1,40}",
+            Just("E\0R".to_owned()),
+            Just(uuid::Uuid::now_v7().to_string())
+        ]
+    }
+
+    fn money() -> impl Strategy<Value = Option<orderflow::orders::v1::Money>> {
+        proptest::option::of((any::<i64>(), prop_oneof![text(), Just("EUR".to_owned())]).prop_map(
+            |(amount_minor, currency_code)| orderflow::orders::v1::Money {
+                amount_minor,
+                currency_code,
+            },
+        ))
+    }
+
+    fn refused_as_invalid<T>(result: Result<T, Status>) {
+        if let Err(status) = result {
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_structured_requests_are_parsed_or_invalid_argument(
+            (key, order, token, other) in (text(), text(), text(), text()),
+            amount in money(),
+        ) {
+            refused_as_invalid(check_authorize(&AuthorizeRequest {
+                idempotency_key: key.clone(),
+                order_id: order,
+                amount: amount.clone(),
+                payment_token: token,
+            }));
+            refused_as_invalid(check_capture(&CaptureRequest {
+                idempotency_key: key.clone(),
+                authorization_id: other.clone(),
+                amount,
+            }));
+            refused_as_invalid(check_void(&VoidRequest {
+                idempotency_key: key,
+                authorization_id: other.clone(),
+                authorize_idempotency_key: other,
+            }));
+        }
+
+        #[test]
+        fn fuzz_arbitrary_bytes_are_parsed_or_invalid_argument(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+            if let Ok(request) = AuthorizeRequest::decode(bytes.as_slice()) {
+                refused_as_invalid(check_authorize(&request));
+            }
+            if let Ok(request) = CaptureRequest::decode(bytes.as_slice()) {
+                refused_as_invalid(check_capture(&request));
+            }
+            if let Ok(request) = VoidRequest::decode(bytes.as_slice()) {
+                refused_as_invalid(check_void(&request));
+            }
+        }
+    }
 }

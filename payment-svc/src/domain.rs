@@ -182,7 +182,13 @@ mod tests {
             (placed(id, 100, "EUR", "tok\u{2067}"), "payment_token"),
             (placed(id, 100, "EUR", ""), "payment_token"),
             (placed(uuid::Uuid::now_v7(), 100, "EUR", "tok"), "envelope"),
-            (OrderPlaced { total: None, ..placed(id, 1, "EUR", "tok") }, "without a total"),
+            (
+                OrderPlaced {
+                    total: None,
+                    ..placed(id, 1, "EUR", "tok")
+                },
+                "without a total",
+            ),
         ] {
             let error = parse_order_placed(&bad, id, &limits).unwrap_err();
             assert!(error.contains(why), "{error:?} should mention {why:?}");
@@ -223,5 +229,24 @@ mod tests {
             on_order_confirmed(Some(PaymentState::Voided)),
             Action::Refuse(_)
         ));
+    }
+
+    proptest::proptest! {
+        /// Arbitrary OrderPlaced events (the topic is writable by more than the order
+        /// service): never a panic, and a charge only within the limit, in a real currency,
+        /// with a visible token. `scripts/test` runs it with many more cases.
+        #[test]
+        fn fuzz_order_placed_is_a_valid_charge_or_refused(
+            amount_minor in proptest::prelude::any::<i64>(),
+            currency_code in proptest::prop_oneof!["[A-Z]{3}", proptest::prelude::any::<String>()],
+            token in proptest::prelude::any::<String>(),
+        ) {
+            let id = uuid::Uuid::now_v7();
+            let limits = TotalLimits::default();
+            if let Ok(charge) = parse_order_placed(&placed(id, amount_minor, &currency_code, &token), id, &limits) {
+                proptest::prop_assert!(charge.total.amount_minor() > 0 && limits.allows(charge.total));
+                proptest::prop_assert!(orderflow::text::visible(&charge.payment_token, MAX_TOKEN_CHARS).is_ok());
+            }
+        }
     }
 }

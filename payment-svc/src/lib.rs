@@ -12,7 +12,9 @@ use std::time::Duration;
 use domain::{Action, PaymentState};
 use orderflow::envelope::OpenedEvent;
 use orderflow::events::v1::event_envelope::Payload;
-use orderflow::events::v1::{OrderPlaced, PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentFailureReason, PaymentVoided};
+use orderflow::events::v1::{
+    OrderPlaced, PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentFailureReason, PaymentVoided,
+};
 use orderflow::gateway::v1::gateway_service_client::GatewayServiceClient;
 use orderflow::gateway::v1::{AuthorizationStatus, AuthorizeRequest, CaptureRequest, VoidRequest};
 use orderflow::orders::v1::Money;
@@ -436,7 +438,10 @@ impl PaymentHandler {
         let mut voided = 0;
         for (order_id,) in overdue {
             let mut tx = pool.begin().await?;
-            let Some(payment) = Self::load(&mut tx, order_id).await.map_err(|e| anyhow::anyhow!("{e}"))? else {
+            let Some(payment) = Self::load(&mut tx, order_id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+            else {
                 continue;
             };
             if payment.state != PaymentState::Authorized {
@@ -485,7 +490,10 @@ async fn sweep_overdue(
 ) {
     loop {
         if let Err(error) = handler.void_overdue(&pool, deadline).await {
-            tracing::warn!(error = format!("{error:#}"), "overdue authorizations not voided yet; retrying");
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "overdue authorizations not voided yet; retrying"
+            );
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -199,7 +199,11 @@ pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(60);
 pub struct ConsumerArgs {
     /// How long one message's transient failures are retried before it is dead-lettered,
     /// in milliseconds (0: forever).
-    #[arg(long = "consumer-retry-budget-ms", env = "CONSUMER_RETRY_BUDGET_MS", default_value_t = 60_000)]
+    #[arg(
+        long = "consumer-retry-budget-ms",
+        env = "CONSUMER_RETRY_BUDGET_MS",
+        default_value_t = 60_000
+    )]
     pub retry_budget_ms: u64,
 }
 

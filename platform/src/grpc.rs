@@ -93,8 +93,10 @@ where
             let started = Instant::now();
             let response = match tokio::time::timeout(deadline, inner.call(request).instrument(span.clone())).await {
                 Ok(response) => normalise(response?),
-                Err(_) => Status::deadline_exceeded(format!("not answered within the server's deadline of {deadline:?}"))
-                    .into_http(),
+                Err(_) => {
+                    Status::deadline_exceeded(format!("not answered within the server's deadline of {deadline:?}"))
+                        .into_http()
+                }
             };
             let code = Status::from_header_map(response.headers()).map_or(Code::Ok, |status| status.code());
             span.record("rpc.grpc.status_code", code as i32);

@@ -224,7 +224,8 @@ impl Saga {
             inbox_retention_hours: 168,
             max_order_total: Default::default(),
             consumer: Default::default(),
-            authorization_deadline_ms: u64::try_from(self.options.authorization_deadline.as_millis()).unwrap_or(u64::MAX),
+            authorization_deadline_ms: u64::try_from(self.options.authorization_deadline.as_millis())
+                .unwrap_or(u64::MAX),
             sweep_interval_ms: 200,
         };
         let token = CancellationToken::new();

@@ -255,3 +255,98 @@ pub(super) fn wire_order_view(view: &OrderView) -> wire::Order {
         history,
     }
 }
+
+/// Property tests of the PlaceOrder edge with arbitrary requests (structured, and decoded
+/// from arbitrary bytes): never a panic; always either a command `decide` accepts or
+/// refuses with a field violation, or INVALID_ARGUMENT naming fields of the request.
+/// `scripts/test` runs them with many more cases than the default (`PROPTEST_CASES`).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::domain::{Command, decide};
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    const FIELDS: &[&str] = &["request_id", "customer_id", "payment_token", "total", "items"];
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[A-Z]{3}",
+            "[a-zA-Z0-9_-]{1,70}",
+            Just("EUR".to_owned()),
+            Just("E\0R".to_owned()),
+        ]
+    }
+
+    fn money() -> impl Strategy<Value = Option<wire::Money>> {
+        proptest::option::of((prop_oneof![any::<i64>(), 1i64..100_000], text()).prop_map(
+            |(amount_minor, currency_code)| wire::Money {
+                amount_minor,
+                currency_code,
+            },
+        ))
+    }
+
+    fn request() -> impl Strategy<Value = wire::PlaceOrderRequest> {
+        let item = (text(), prop_oneof![any::<i32>(), 1i32..5], money()).prop_map(|(sku, quantity, unit_price)| {
+            wire::OrderItem {
+                sku,
+                quantity,
+                unit_price,
+            }
+        });
+        (
+            text(),
+            any::<i64>(),
+            proptest::collection::vec(item, 0..120),
+            money(),
+            text(),
+        )
+            .prop_map(
+                |(request_id, customer_id, items, total, payment_token)| wire::PlaceOrderRequest {
+                    request_id,
+                    customer_id,
+                    items,
+                    total,
+                    payment_token,
+                },
+            )
+    }
+
+    fn check(request: &wire::PlaceOrderRequest) {
+        let limits = TotalLimits::default();
+        match parse_place_order(request, OrderId::generate(), &limits) {
+            Ok((_, command)) => {
+                if let Err(error) = decide(None, Command::Place(command)) {
+                    assert!(matches!(domain_error(error), ApiError::InvalidArgument(v) if !v.is_empty()));
+                }
+            }
+            Err(ApiError::InvalidArgument(violations)) => {
+                assert!(!violations.is_empty());
+                for violation in violations {
+                    assert!(
+                        FIELDS.iter().any(|f| violation.field.starts_with(f)),
+                        "unknown field path {:?}",
+                        violation.field
+                    );
+                }
+            }
+            Err(other) => panic!("parsing answered {other:?}, not INVALID_ARGUMENT"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_structured_requests_are_commands_or_invalid_argument(request in request()) {
+            check(&request);
+        }
+
+        #[test]
+        fn fuzz_arbitrary_bytes_decode_to_a_request_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            if let Ok(request) = wire::PlaceOrderRequest::decode(bytes.as_slice()) {
+                check(&request);
+            }
+        }
+    }
+}

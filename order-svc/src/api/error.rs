@@ -141,7 +141,10 @@ mod tests {
         let status = tonic::Status::from(ApiError::InvalidArgument(violations));
         let mut headers = http::HeaderMap::new();
         assert!(status.add_header(&mut headers).is_ok());
-        let metadata_bytes: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
+        let metadata_bytes: usize = headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
         assert!(metadata_bytes < 8 * 1024, "{metadata_bytes} bytes of metadata");
         let details = tonic_types::StatusExt::get_error_details(&status);
         let reported = details.bad_request().map(|b| b.field_violations.len());

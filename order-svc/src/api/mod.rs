@@ -7,8 +7,8 @@ mod error;
 use std::time::Duration;
 
 use orderflow::envelope::{EventMeta, seal};
-use orderflow::money::TotalLimits;
 use orderflow::events::v1::{OrderPlaced, event_envelope::Payload};
+use orderflow::money::TotalLimits;
 use orderflow::orders::v1::order_service_server::OrderService;
 use orderflow::orders::v1::{
     GetOrderRequest, GetOrderResponse, OrderStatus as WireStatus, PlaceOrderRequest, PlaceOrderResponse,

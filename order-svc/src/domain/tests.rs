@@ -206,7 +206,10 @@ fn zero_values_are_missing_and_negatives_are_not_positive() {
         Err(ValueError::TooLarge(i64::from(Quantity::MAX)))
     );
     assert_eq!(Money::new(0, eur()).map_err(ValueError::from), Err(ValueError::Missing));
-    assert_eq!(Money::new(-5, eur()).map_err(ValueError::from), Err(ValueError::NotPositive));
+    assert_eq!(
+        Money::new(-5, eur()).map_err(ValueError::from),
+        Err(ValueError::NotPositive)
+    );
     assert_eq!(OrderId::parse(""), Err(ValueError::Missing));
     assert_eq!(
         OrderId::parse("00000000-0000-0000-0000-000000000000"),
@@ -229,7 +232,10 @@ fn strings_are_bounded_and_printable() {
     for invisible in ["A\u{2067}1", "A\u{00AD}1", "A\u{E0041}", " ", "A "] {
         assert_eq!(Sku::parse(invisible), Err(ValueError::NotPrintable), "{invisible:?}");
     }
-    assert!(Sku::parse("👩\u{200D}💻").is_ok(), "an emoji sequence is a legitimate SKU");
+    assert!(
+        Sku::parse("👩\u{200D}💻").is_ok(),
+        "an emoji sequence is a legitimate SKU"
+    );
     assert!(!format!("{:?}", PaymentToken::parse("tok_secret").expect("printable")).contains("secret"));
 }
 
