@@ -108,6 +108,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Apply every service's database migrations, as the databases' owners (the services
+    /// themselves run with roles that cannot change the schema: deploy/postgres/grants/).
+    Migrate {
+        #[command(flatten)]
+        stores: StoreArgs,
+    },
     /// Print the events on a topic, decoded, from the beginning.
     Events {
         /// The topic.
@@ -337,6 +343,21 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench(&cli.addr, *args).await?,
         Command::Dlq { command } => dlq(&cli.bootstrap_servers, command).await?,
+        Command::Migrate { stores } => {
+            let stores = stores.connect(1).await?;
+            for (name, migrator, pool) in [
+                ("orders", &order_svc::MIGRATOR, &stores.orders),
+                ("payments", &payment_svc::MIGRATOR, &stores.payments),
+                ("fulfilment", &fulfilment::MIGRATOR, &stores.fulfilment),
+                ("gateway", &gateway_sim::MIGRATOR, &stores.gateway),
+            ] {
+                migrator
+                    .run(pool)
+                    .await
+                    .with_context(|| format!("migrating the {name} database"))?;
+                println!("{name}: migrated");
+            }
+        }
         Command::Verify {
             stores,
             deadline_ms,

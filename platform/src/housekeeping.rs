@@ -4,6 +4,10 @@
 //! The inbox retention is the deduplication window: a redelivery (or a dead-letter redrive)
 //! older than it would be processed again. Keep it longer than the longest redrive you
 //! would ever do (default 7 days).
+//!
+//! Each job calls a function of the service's migrations (`purge_inbox`, ...) that runs with
+//! the database owner's rights and enforces its own floor: the service roles hold no DELETE
+//! on these tables (least privilege, deploy/postgres/grants/).
 
 use std::time::Duration;
 
@@ -13,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 /// Rows deleted per statement.
 pub const BATCH: i64 = 500;
 
-/// One cleanup job: a DELETE of at most `$2` rows older than `$1` seconds (and, where the
-/// statement has it, for consumer `$3`).
+/// One cleanup job: a purge function deleting at most `$2` rows older than `$1` seconds
+/// (and, where it takes one, for consumer `$3`), returning how many it deleted.
 #[derive(Debug, Clone)]
 pub struct Purge {
     /// For logs.
@@ -31,8 +35,7 @@ pub struct Purge {
 pub fn published_outbox(retention: Duration) -> Purge {
     Purge {
         name: "outbox",
-        sql: "DELETE FROM outbox WHERE id IN (
-                  SELECT id FROM outbox WHERE published_at < now() - make_interval(secs => $1) ORDER BY id LIMIT $2)",
+        sql: "SELECT purge_published_outbox($1, $2::int)",
         retention,
         consumer: None,
     }
@@ -42,9 +45,7 @@ pub fn published_outbox(retention: Duration) -> Purge {
 pub fn inbox(consumer: &str, retention: Duration) -> Purge {
     Purge {
         name: "inbox",
-        sql: "DELETE FROM inbox WHERE consumer = $3 AND message_id IN (
-                  SELECT message_id FROM inbox WHERE consumer = $3 AND processed_at < now() - make_interval(secs => $1)
-                  LIMIT $2)",
+        sql: "SELECT purge_inbox($3, $1, $2::int)",
         retention,
         consumer: Some(consumer.to_owned()),
     }
@@ -54,8 +55,7 @@ pub fn inbox(consumer: &str, retention: Duration) -> Purge {
 pub fn expired_request_ids() -> Purge {
     Purge {
         name: "idempotency_keys",
-        sql: "DELETE FROM idempotency_keys WHERE request_id IN (
-                  SELECT request_id FROM idempotency_keys WHERE expires_at < now() - make_interval(secs => $1) LIMIT $2)",
+        sql: "SELECT purge_expired_request_ids($1, $2::int)",
         retention: Duration::ZERO,
         consumer: None,
     }
@@ -65,8 +65,7 @@ pub fn expired_request_ids() -> Purge {
 pub fn expired_gateway_keys() -> Purge {
     Purge {
         name: "gateway idempotency_keys",
-        sql: "DELETE FROM idempotency_keys WHERE idempotency_key IN (
-                  SELECT idempotency_key FROM idempotency_keys WHERE expires_at < now() - make_interval(secs => $1) LIMIT $2)",
+        sql: "SELECT purge_expired_keys($1, $2::int)",
         retention: Duration::ZERO,
         consumer: None,
     }
@@ -79,13 +78,13 @@ pub const INTERVAL: Duration = Duration::from_secs(60);
 pub async fn purge(pool: &PgPool, job: &Purge) -> Result<u64, sqlx::Error> {
     let mut total = 0;
     loop {
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(job.sql))
+        let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(job.sql))
             .bind(job.retention.as_secs_f64())
             .bind(BATCH);
         if let Some(consumer) = &job.consumer {
             query = query.bind(consumer);
         }
-        let deleted = query.execute(pool).await?.rows_affected();
+        let deleted = u64::try_from(query.fetch_one(pool).await?).unwrap_or(0);
         total += deleted;
         if deleted < u64::try_from(BATCH).unwrap_or(u64::MAX) {
             return Ok(total);

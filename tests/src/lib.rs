@@ -23,8 +23,10 @@ use tokio_util::sync::CancellationToken;
 pub struct Stack {
     /// Superuser URL, used only to create test databases.
     pub admin_url: String,
-    /// URL of the `orders` database as the `orders_svc` role.
+    /// URL of the `orders` database as its owner, `orders_owner`.
     pub orders_url: String,
+    /// Every `ORDERFLOW_*` variable of the stack (the service roles' URLs among them).
+    pub vars: HashMap<String, String>,
     /// Kafka bootstrap servers.
     pub bootstrap_servers: String,
 }
@@ -52,6 +54,10 @@ pub fn stack() -> &'static Stack {
             admin_url: get("ORDERFLOW_PG_ADMIN_URL"),
             orders_url: get("ORDERFLOW_ORDERS_DATABASE_URL"),
             bootstrap_servers: get("ORDERFLOW_BOOTSTRAP_SERVERS"),
+            vars: vars
+                .into_iter()
+                .filter(|(key, _)| key.starts_with("ORDERFLOW_"))
+                .collect(),
         }
     })
 }
@@ -68,18 +74,18 @@ pub fn parse_stack_env(text: &str) -> impl Iterator<Item = (String, String)> + '
 pub struct TestDb {
     /// The database's name.
     pub name: String,
-    /// Its URL, as the `orders_svc` role.
+    /// Its URL, as the `orders_owner` role.
     pub url: String,
     /// A small pool on it.
     pub pool: sqlx::PgPool,
 }
 
-/// Creates and migrates a fresh orders database, owned by `orders_svc`.
+/// Creates and migrates a fresh orders database, owned by `orders_owner`.
 pub async fn fresh_orders_db() -> TestDb {
     fresh_db(&order_svc::MIGRATOR).await
 }
 
-/// Creates a fresh database owned by `orders_svc` and applies `migrator`.
+/// Creates a fresh database owned by `orders_owner` and applies `migrator`.
 pub async fn fresh_db(migrator: &sqlx::migrate::Migrator) -> TestDb {
     use sqlx::Connection as _;
     let stack = stack();
@@ -87,10 +93,12 @@ pub async fn fresh_db(migrator: &sqlx::migrate::Migrator) -> TestDb {
     let mut admin = sqlx::PgConnection::connect(&stack.admin_url)
         .await
         .expect("connect as the stack's superuser");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name} OWNER orders_svc")))
-        .execute(&mut admin)
-        .await
-        .expect("create a test database");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {name} OWNER orders_owner"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("create a test database");
     let (base, _) = stack.orders_url.rsplit_once('/').expect("a database URL ends in /NAME");
     let url = format!("{base}/{name}");
     let pool = orderflow_platform::connect_postgres(&Secret::new(url.clone()), 8)

@@ -1,0 +1,36 @@
+-- Least privilege in the orders database. Applied by the database's owner after the
+-- migrations (scripts/stack up; the tests in tests/least_privilege.rs apply the same file).
+-- Roles are created by the deployment (scripts/stack creates each with its own password);
+-- none of them owns anything, none can change the schema, none can connect to another
+-- service's database (CONNECT is revoked from PUBLIC and granted per role).
+--
+--   order_svc        the gRPC API, the saga consumer and its sweeper
+--   orders_relay     reads the outbox and marks what the broker acknowledged
+--   orders_projector writes the read model (and reads the order ids it may project)
+--
+-- Deleting old rows is housekeeping's, which runs with its own rights: the purge_*
+-- functions (migrations/orders/0005_housekeeping.sql), never DELETE on a table.
+DO $$
+BEGIN
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO order_svc, orders_relay, orders_projector', current_database());
+END
+$$;
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM order_svc, orders_relay, orders_projector;
+GRANT USAGE ON SCHEMA public TO order_svc, orders_relay, orders_projector;
+
+GRANT SELECT, INSERT, UPDATE ON orders, idempotency_keys TO order_svc;
+GRANT SELECT, INSERT ON order_items, inbox TO order_svc;
+GRANT INSERT ON outbox TO order_svc;
+GRANT SELECT ON order_read TO order_svc;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO order_svc;
+GRANT EXECUTE ON FUNCTION purge_inbox(text, float8, integer), purge_expired_request_ids(float8, integer) TO order_svc;
+
+-- The relay locks the unpublished rows it publishes (FOR UPDATE needs UPDATE) and sets their
+-- published_at; it cannot write an event, nor read an order.
+GRANT SELECT, UPDATE (published_at) ON outbox TO orders_relay;
+GRANT EXECUTE ON FUNCTION purge_published_outbox(float8, integer) TO orders_relay;
+
+GRANT SELECT, INSERT, UPDATE ON order_read TO orders_projector;
+GRANT SELECT, INSERT ON inbox TO orders_projector;
+GRANT SELECT (order_id) ON orders TO orders_projector;
+GRANT EXECUTE ON FUNCTION purge_inbox(text, float8, integer) TO orders_projector;

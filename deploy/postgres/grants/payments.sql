@@ -1,0 +1,20 @@
+-- Least privilege in the payments database (see orders.sql for how it is applied).
+--
+--   payment_svc     consumes the order events, moves money through the gateway
+--   payments_relay  reads the outbox and marks what the broker acknowledged
+DO $$
+BEGIN
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO payment_svc, payments_relay', current_database());
+END
+$$;
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM payment_svc, payments_relay;
+GRANT USAGE ON SCHEMA public TO payment_svc, payments_relay;
+
+GRANT SELECT, INSERT, UPDATE ON payments TO payment_svc;
+GRANT SELECT, INSERT ON inbox TO payment_svc;
+GRANT INSERT ON outbox TO payment_svc;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO payment_svc;
+GRANT EXECUTE ON FUNCTION purge_inbox(text, float8, integer) TO payment_svc;
+
+GRANT SELECT, UPDATE (published_at) ON outbox TO payments_relay;
+GRANT EXECUTE ON FUNCTION purge_published_outbox(float8, integer) TO payments_relay;

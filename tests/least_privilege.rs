@@ -1,0 +1,258 @@
+//! Least privilege in Postgres: each process kind's role, connected to a database migrated
+//! and granted exactly as `scripts/stack` does it (deploy/postgres/grants/), can do its work
+//! and nothing else. Every forbidden operation must be refused by Postgres itself (42501),
+//! so a broadened grant fails here.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use orderflow_platform::Secret;
+use orderflow_tests::{TestDb, fresh_db, stack};
+
+/// The grants file of `database`, applied to `db` as the stack applies it.
+async fn grant(db: &TestDb, database: &str) {
+    let path = format!(
+        "{}/../deploy/postgres/grants/{database}.sql",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let sql = std::fs::read_to_string(&path).unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap();
+}
+
+/// A connection to `database` (a test database's name, or one of the stack's) as `role`,
+/// with the password the stack gave it.
+async fn connect_as(role: &str, database: &str) -> Result<sqlx::PgPool, sqlx::Error> {
+    let key = format!("ORDERFLOW_DB_AS_{}", role.to_uppercase());
+    let url = stack()
+        .vars
+        .get(&key)
+        .unwrap_or_else(|| panic!("{key} missing: start the stack with scripts/stack up --infra"));
+    let (base, _) = url.rsplit_once('/').unwrap();
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(Secret::new(format!("{base}/{database}")).expose())
+        .await
+}
+
+async fn as_role(role: &str, db: &TestDb) -> sqlx::PgPool {
+    connect_as(role, &db.name).await.unwrap()
+}
+
+async fn allowed(pool: &sqlx::PgPool, role: &str, sql: &str) {
+    if let Err(error) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(pool).await {
+        panic!("{role} must be allowed to {sql}: {error}");
+    }
+}
+
+async fn denied(pool: &sqlx::PgPool, role: &str, sql: &str) {
+    match sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(pool).await {
+        Ok(_) => panic!("{role} was allowed to {sql}"),
+        Err(sqlx::Error::Database(error)) => assert_eq!(
+            error.code().as_deref(),
+            Some("42501"),
+            "{role}: {sql}: {}",
+            error.message()
+        ),
+        Err(other) => panic!("{role}: {sql}: {other}"),
+    }
+}
+
+/// What no service role may ever do in its database.
+const NEVER: &[&str] = &[
+    "CREATE TABLE intruder (i int)",
+    "DROP TABLE inbox",
+    "ALTER TABLE inbox ADD COLUMN intruder int",
+    "TRUNCATE inbox",
+    "DELETE FROM inbox",
+];
+
+const ORDER: &str = "'01a22f59-deca-72cd-99b1-af14132e1474'";
+const MESSAGE: &str = "'01a22f59-deca-72cd-99b1-af15cb66faed'";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_roles_do_their_work_and_nothing_else() {
+    let db = fresh_db(&order_svc::MIGRATOR).await;
+    grant(&db, "orders").await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO outbox (topic, partition_key, event_type, schema_version, payload, message_id)
+         VALUES ('orders.events', 'k', 'T', 1, '\\x00', {MESSAGE})"
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let order_svc = as_role("order_svc", &db).await;
+    allowed(&order_svc, "order_svc", "SELECT count(*) FROM orders").await;
+    allowed(&order_svc, "order_svc", "SELECT count(*) FROM order_read").await;
+    allowed(&order_svc, "order_svc", "SELECT purge_inbox('order', 0, 10)").await;
+    for sql in [
+        "SELECT payload FROM outbox",
+        "UPDATE outbox SET published_at = now()",
+        "DELETE FROM outbox",
+        "DELETE FROM orders",
+        "UPDATE order_read SET status = 'CONFIRMED'",
+        "SELECT purge_published_outbox(0, 10)",
+    ]
+    .into_iter()
+    .chain(NEVER.iter().copied())
+    {
+        denied(&order_svc, "order_svc", sql).await;
+    }
+
+    let relay = as_role("orders_relay", &db).await;
+    allowed(
+        &relay,
+        "orders_relay",
+        "SELECT id FROM outbox WHERE published_at IS NULL FOR UPDATE SKIP LOCKED",
+    )
+    .await;
+    allowed(&relay, "orders_relay", "UPDATE outbox SET published_at = now()").await;
+    allowed(&relay, "orders_relay", "SELECT purge_published_outbox(3600, 10)").await;
+    for sql in [
+        "SELECT count(*) FROM orders",
+        "SELECT count(*) FROM order_read",
+        "INSERT INTO outbox (topic, partition_key, event_type, schema_version, payload, message_id) VALUES ('t', 'k', 'T', 1, '\\x00', gen_random_uuid())",
+        "UPDATE outbox SET payload = '\\x01'",
+        "DELETE FROM outbox",
+        "SELECT purge_inbox('order', 3600, 10)",
+    ]
+    .into_iter()
+    .chain(NEVER.iter().copied())
+    {
+        denied(&relay, "orders_relay", sql).await;
+    }
+
+    let projector = as_role("orders_projector", &db).await;
+    allowed(
+        &projector,
+        "orders_projector",
+        &format!("SELECT EXISTS (SELECT 1 FROM orders WHERE order_id = {ORDER})"),
+    )
+    .await;
+    allowed(&projector, "orders_projector", "SELECT count(*) FROM order_read").await;
+    for sql in [
+        "SELECT status FROM orders",
+        "UPDATE orders SET status = 'CONFIRMED'",
+        "SELECT payload FROM outbox",
+        "INSERT INTO outbox (topic, partition_key, event_type, schema_version, payload, message_id) VALUES ('t', 'k', 'T', 1, '\\x00', gen_random_uuid())",
+        "DELETE FROM order_read",
+    ]
+    .into_iter()
+    .chain(NEVER.iter().copied())
+    {
+        denied(&projector, "orders_projector", sql).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_fulfilment_and_gateway_roles_do_their_work_and_nothing_else() {
+    let payments = fresh_db(&payment_svc::MIGRATOR).await;
+    grant(&payments, "payments").await;
+    let payment_svc = as_role("payment_svc", &payments).await;
+    allowed(&payment_svc, "payment_svc", "SELECT count(*) FROM payments").await;
+    for sql in [
+        "DELETE FROM payments",
+        "SELECT payload FROM outbox",
+        "UPDATE outbox SET published_at = now()",
+    ]
+    .into_iter()
+    .chain(NEVER.iter().copied())
+    {
+        denied(&payment_svc, "payment_svc", sql).await;
+    }
+    let relay = as_role("payments_relay", &payments).await;
+    allowed(
+        &relay,
+        "payments_relay",
+        "UPDATE outbox SET published_at = now() WHERE false",
+    )
+    .await;
+    for sql in ["SELECT count(*) FROM payments", "DELETE FROM outbox"]
+        .into_iter()
+        .chain(NEVER.iter().copied())
+    {
+        denied(&relay, "payments_relay", sql).await;
+    }
+
+    let fulfilment = fresh_db(&fulfilment::MIGRATOR).await;
+    grant(&fulfilment, "fulfilment").await;
+    let fulfilment_svc = as_role("fulfilment_svc", &fulfilment).await;
+    allowed(&fulfilment_svc, "fulfilment_svc", "SELECT count(*) FROM shipments").await;
+    for sql in ["DELETE FROM shipments", "UPDATE shipments SET order_id = order_id"]
+        .into_iter()
+        .chain(NEVER.iter().copied())
+    {
+        denied(&fulfilment_svc, "fulfilment_svc", sql).await;
+    }
+
+    // The gateway's ledger is append-only for the simulator.
+    let gateway = fresh_db(&gateway_sim::MIGRATOR).await;
+    grant(&gateway, "gateway").await;
+    let gateway_sim = as_role("gateway_sim", &gateway).await;
+    allowed(
+        &gateway_sim,
+        "gateway_sim",
+        "INSERT INTO ledger (operation, order_id, amount_minor, currency_code, idempotency_key) VALUES ('VOID', 'o', 1, 'EUR', 'k')",
+    )
+    .await;
+    for sql in [
+        "SELECT count(*) FROM ledger",
+        "UPDATE ledger SET amount_minor = 0",
+        "DELETE FROM ledger",
+        "DELETE FROM authorizations",
+        "DELETE FROM idempotency_keys",
+        "TRUNCATE ledger",
+    ] {
+        denied(&gateway_sim, "gateway_sim", sql).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn housekeeping_through_a_service_role_deletes_nothing_young() {
+    let db = fresh_db(&order_svc::MIGRATOR).await;
+    grant(&db, "orders").await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO inbox (consumer, message_id) VALUES ('order', {MESSAGE})"
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let order_svc = as_role("order_svc", &db).await;
+    // Asked to delete everything: the function's floor (one hour) keeps the fresh row.
+    let deleted: i64 = sqlx::query_scalar("SELECT purge_inbox('order', 0, 1000)")
+        .fetch_one(&order_svc)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 0);
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_service_role_can_connect_to_another_services_database() {
+    for (role, foreign) in [
+        ("order_svc", "payments"),
+        ("orders_relay", "payments"),
+        ("orders_projector", "gateway"),
+        ("payment_svc", "orders"),
+        ("payment_svc", "gateway"),
+        ("payments_relay", "orders"),
+        ("fulfilment_svc", "orders"),
+        ("gateway_sim", "payments"),
+    ] {
+        match connect_as(role, foreign).await {
+            Ok(_) => panic!("{role} connected to the {foreign} database"),
+            Err(sqlx::Error::Database(error)) => {
+                assert_eq!(
+                    error.code().as_deref(),
+                    Some("42501"),
+                    "{role} -> {foreign}: {}",
+                    error.message()
+                );
+            }
+            Err(other) => panic!("{role} -> {foreign}: {other}"),
+        }
+    }
+}
