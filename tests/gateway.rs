@@ -34,6 +34,7 @@ async fn start() -> (TestDb, String, CancellationToken) {
         timeout_reply_delay_ms: 2_000,
         seed: 1,
         migrate: false,
+        security: orderflow_platform::security::ServerSecurityArgs::insecure(),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(gateway_sim::run(config, listener, shutdown.clone()));

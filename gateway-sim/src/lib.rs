@@ -72,6 +72,10 @@ pub struct Config {
     /// Seed of the fault decisions.
     #[arg(long, env = "GATEWAY_SEED", default_value_t = 1)]
     pub seed: u64,
+    /// TLS, client certificates (payment-svc's, for the payment API) and bearer tokens (an
+    /// operator's, for the admin API).
+    #[command(flatten)]
+    pub security: orderflow_platform::security::ServerSecurityArgs,
     /// Apply the migrations at start-up.
     #[arg(long, env = "GATEWAY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -98,6 +102,41 @@ pub struct Gateway {
     pool: PgPool,
     faults: Arc<RwLock<Faults>>,
     key_retention: Duration,
+    access: Access,
+}
+
+/// Who may call what. The payment API moves money: with mutual TLS configured, only a
+/// client presenting a certificate of the payment CA may call it. The admin API changes how
+/// the simulator misbehaves: with tokens configured, only an operator may call it.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// Require a verified client certificate on the payment API.
+    pub client_certificates: bool,
+    /// Verify bearer tokens on the admin API.
+    pub verifier: Option<orderflow_platform::auth::Verifier>,
+}
+
+impl Access {
+    fn payment_call<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.client_certificates && request.peer_certs().is_none_or(|certs| certs.is_empty()) {
+            return Err(Status::unauthenticated(
+                "the payment API requires a client certificate (mutual TLS)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn admin_call<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(verifier) = &self.verifier else { return Ok(()) };
+        match verifier.verify_metadata(request.metadata()) {
+            Ok(orderflow_platform::auth::Caller::Operator(_)) => Ok(()),
+            Ok(_) => Err(Status::permission_denied("the admin API is for operators")),
+            Err(error) => {
+                tracing::info!(%error, "admin call refused: not authenticated");
+                Err(Status::unauthenticated("a valid operator token is required"))
+            }
+        }
+    }
 }
 
 /// The fingerprint stored with an Authorize key that a void closed before any Authorize
@@ -213,11 +252,12 @@ async fn lock_authorization(
 
 impl Gateway {
     /// A gateway on `pool` with initial `faults`.
-    pub fn new(pool: PgPool, faults: Faults, key_retention: Duration) -> Self {
+    pub fn new(pool: PgPool, faults: Faults, key_retention: Duration, access: Access) -> Self {
         Self {
             pool,
             faults: Arc::new(RwLock::new(faults)),
             key_retention,
+            access,
         }
     }
 
@@ -306,6 +346,7 @@ impl Gateway {
 #[tonic::async_trait]
 impl GatewayService for Gateway {
     async fn authorize(&self, request: Request<AuthorizeRequest>) -> Result<Response<AuthorizeResponse>, Status> {
+        self.access.payment_call(&request)?;
         let request = request.into_inner();
         let (amount, currency) = check_authorize(&request)?;
         self.latency(&request.idempotency_key).await;
@@ -372,6 +413,7 @@ impl GatewayService for Gateway {
     }
 
     async fn capture(&self, request: Request<CaptureRequest>) -> Result<Response<CaptureResponse>, Status> {
+        self.access.payment_call(&request)?;
         let request = request.into_inner();
         let (authorization_id, amount, currency) = check_capture(&request)?;
         self.latency(&request.idempotency_key).await;
@@ -426,6 +468,7 @@ impl GatewayService for Gateway {
     }
 
     async fn void(&self, request: Request<VoidRequest>) -> Result<Response<VoidResponse>, Status> {
+        self.access.payment_call(&request)?;
         let request = request.into_inner();
         let target = check_void(&request)?;
         self.latency(&request.idempotency_key).await;
@@ -582,6 +625,7 @@ impl Gateway {
 #[tonic::async_trait]
 impl GatewayAdminService for Gateway {
     async fn set_faults(&self, request: Request<SetFaultsRequest>) -> Result<Response<SetFaultsResponse>, Status> {
+        self.access.admin_call(&request)?;
         let faults = request.into_inner().faults.unwrap_or_default();
         let rates = [faults.decline_rate, faults.timeout_rate, faults.hang_rate];
         if rates.iter().any(|rate| !(0.0..=1.0).contains(rate)) {
@@ -592,7 +636,8 @@ impl GatewayAdminService for Gateway {
         Ok(Response::new(SetFaultsResponse { faults: Some(faults) }))
     }
 
-    async fn get_faults(&self, _: Request<GetFaultsRequest>) -> Result<Response<GetFaultsResponse>, Status> {
+    async fn get_faults(&self, request: Request<GetFaultsRequest>) -> Result<Response<GetFaultsResponse>, Status> {
+        self.access.admin_call(&request)?;
         Ok(Response::new(GetFaultsResponse {
             faults: Some(self.faults().await),
         }))
@@ -601,6 +646,11 @@ impl GatewayAdminService for Gateway {
 
 /// Runs the simulator on `listener` until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tls = config.security.server_tls()?;
+    let access = Access {
+        client_certificates: config.security.tls_client_ca.is_some() && tls.is_some(),
+        verifier: config.security.verifier()?,
+    };
     let pool = orderflow_platform::connect_postgres(&config.database_url, 16).await?;
     if config.migrate {
         MIGRATOR.run(&pool).await?;
@@ -615,6 +665,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         pool.clone(),
         config.faults(),
         Duration::from_secs(config.key_retention_hours * 3600),
+        access,
     );
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<GatewayServiceServer<Gateway>>().await;
@@ -630,7 +681,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     tracing::info!(local_addr = %listener.local_addr()?, "gateway-sim serving gRPC");
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .layer(orderflow_platform::grpc::EdgeLayer::new(REQUEST_DEADLINE))
         .add_service(health_service)
         .add_service(reflection)

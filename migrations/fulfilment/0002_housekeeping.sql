@@ -3,10 +3,12 @@
 -- database's owner and delete nothing younger than the function's own floor, whatever the
 -- caller asks: a compromised service cannot empty its inbox (which would let every
 -- redelivered message take effect again) nor its idempotency keys before they expire.
+-- Each function keeps the search_path it was created with (the migration's schema), so a
+-- caller's own search_path cannot point it at other tables.
 
 -- Inbox rows of one consumer older than the retention (at least one hour), a batch at a time.
 CREATE FUNCTION purge_inbox(p_consumer text, older_than_secs float8, batch integer) RETURNS bigint
-LANGUAGE sql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $$
     WITH gone AS (
         DELETE FROM inbox WHERE consumer = p_consumer AND message_id IN (
             SELECT message_id FROM inbox

@@ -3,10 +3,12 @@
 -- database's owner and delete nothing younger than the function's own floor, whatever the
 -- caller asks: a compromised service cannot empty its inbox (which would let every
 -- redelivered message take effect again) nor its idempotency keys before they expire.
+-- Each function keeps the search_path it was created with (the migration's schema), so a
+-- caller's own search_path cannot point it at other tables.
 
 -- Gateway idempotency keys past their expiry (plus a grace), a batch at a time.
 CREATE FUNCTION purge_expired_keys(grace_secs float8, batch integer) RETURNS bigint
-LANGUAGE sql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $$
     WITH gone AS (
         DELETE FROM idempotency_keys WHERE idempotency_key IN (
             SELECT idempotency_key FROM idempotency_keys

@@ -78,6 +78,9 @@ pub struct Config {
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,
+    /// TLS and bearer tokens on the API.
+    #[command(flatten)]
+    pub security: orderflow_platform::security::ServerSecurityArgs,
     /// How often the sweeper looks for overdue orders.
     #[arg(long, env = "ORDER_SVC_SWEEP_INTERVAL_MS", default_value_t = 1_000)]
     pub sweep_interval_ms: u64,
@@ -88,6 +91,10 @@ pub struct Config {
 /// service stops too and returns its error: a process that no longer settles orders must not
 /// go on answering SERVING (its supervisor restarts it).
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Refused before anything starts: a server with no certificate or no token key (and no
+    // explicit development flag) never serves.
+    let tls = config.security.server_tls()?;
+    let verifier = config.security.verifier()?;
     let pool = orderflow_platform::connect_postgres(&config.database_url, config.db_max_connections).await?;
     // Everything below stops on `stop`: the caller's shutdown, or the consumer's death.
     let stop = shutdown.child_token();
@@ -182,7 +189,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let local_addr = listener.local_addr()?;
     tracing::info!(%local_addr, "order-svc serving gRPC");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    let orders = tonic::service::interceptor::InterceptedService::new(
+        OrderServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES),
+        api::authenticate(verifier),
+    );
+    server
         // Outermost: one deadline (the wait for a slot included), one code map, every answer
         // counted, the caller's trace continued.
         .layer(orderflow_platform::grpc::EdgeLayer::new(Duration::from_millis(
@@ -194,7 +209,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(OrderServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(orders)
         .serve_with_incoming_shutdown(incoming, stop.cancelled())
         .await?;
     stop.cancel();

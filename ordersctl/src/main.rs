@@ -35,6 +35,8 @@ struct Cli {
         global = true
     )]
     bootstrap_servers: String,
+    #[command(flatten)]
+    access: ordersctl::access::AccessArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,6 +109,23 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Print a bearer token signed with the stack's key (`ORDERFLOW_JWT_SIGNING_KEY`), for
+    /// grpcurl and other clients: `-H "authorization: Bearer $(ordersctl token --customer 42)"`.
+    Token {
+        /// For this customer.
+        #[arg(long, conflicts_with = "operator", required_unless_present = "operator")]
+        customer: Option<i64>,
+        /// For an operator of this name.
+        #[arg(long)]
+        operator: Option<String>,
+    },
+    /// Make the stack's keys: a CA, the servers' and payment-svc's certificates, the
+    /// token-signing key pair (once; an existing directory is left as it is).
+    Pki {
+        /// Where.
+        #[arg(long)]
+        dir: std::path::PathBuf,
     },
     /// Apply every service's database migrations, as the databases' owners (the services
     /// themselves run with roles that cannot change the schema: deploy/postgres/grants/).
@@ -285,6 +304,8 @@ enum DlqCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Read only by the commands that call a server (`pki` runs before the keys exist).
+    let access = || ordersctl::access::Access::new(&cli.access);
     match cli.command {
         Command::Place {
             customer,
@@ -300,9 +321,12 @@ async fn main() -> anyhow::Result<()> {
                 None => order_from_flags(customer.unwrap_or_default(), &items, &currency, payment_token)?,
             };
             request.request_id = request_id.unwrap_or_else(uuid::Uuid::now_v7).to_string();
-            let response = client(&cli.addr)
+            let caller = orderflow_platform::auth::Caller::Customer(request.customer_id);
+            let access = access()?;
+            let response = access
+                .order_client(&cli.addr)
                 .await?
-                .place_order(request)
+                .place_order(access.request(request, &caller)?)
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -322,7 +346,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Get { order_id, json } => {
-            let order = fetch_order(&mut client(&cli.addr).await?, &order_id)
+            let access = access()?;
+            let order = fetch_order(&access, &mut access.order_client(&cli.addr).await?, &order_id)
                 .await
                 .map_err(status_error)?
                 .context("the server sent no order")?;
@@ -337,11 +362,29 @@ async fn main() -> anyhow::Result<()> {
             timeout_secs,
             json,
         } => {
-            if !watch(&cli.addr, order_id, Duration::from_secs(timeout_secs), json).await? {
+            if !watch(&access()?, &cli.addr, order_id, Duration::from_secs(timeout_secs), json).await? {
                 std::process::exit(1);
             }
         }
-        Command::Bench(args) => bench(&cli.addr, *args).await?,
+        Command::Bench(args) => bench(&cli.addr, access()?, *args).await?,
+        Command::Token { customer, operator } => {
+            let caller = match (customer, operator) {
+                (Some(id), _) => orderflow_platform::auth::Caller::Customer(id),
+                (None, Some(name)) => orderflow_platform::auth::Caller::Operator(name),
+                (None, None) => anyhow::bail!("--customer or --operator"),
+            };
+            let token = access()?
+                .token(&caller)?
+                .context("no signing key: set ORDERFLOW_JWT_SIGNING_KEY (scripts/stack writes it to .stack/env)")?;
+            println!("{token}");
+        }
+        Command::Pki { dir } => {
+            if ordersctl::pki::init(&dir)? {
+                println!("made the CA, certificates and token keys in {}", dir.display());
+            } else {
+                println!("{} holds a PKI already; left as it is", dir.display());
+            }
+        }
         Command::Dlq { command } => dlq(&cli.bootstrap_servers, command).await?,
         Command::Migrate { stores } => {
             let stores = stores.connect(1).await?;
@@ -480,13 +523,18 @@ fn order_from_json(source: &str) -> anyhow::Result<api::PlaceOrderRequest> {
 }
 
 /// One GetOrder call; the order, or None when the server sent none.
+/// An order, read as an operator (ordersctl is a support tool: it reads any order).
 async fn fetch_order(
+    access: &ordersctl::access::Access,
     client: &mut OrderServiceClient<tonic::transport::Channel>,
     order_id: &str,
 ) -> Result<Option<api::Order>, tonic::Status> {
     let request = api::GetOrderRequest {
         order_id: order_id.to_owned(),
     };
+    let request = access
+        .request(request, &ordersctl::access::operator())
+        .map_err(|error| tonic::Status::internal(format!("{error:#}")))?;
     Ok(client.get_order(request).await?.into_inner().order)
 }
 
@@ -543,12 +591,18 @@ fn order_table(order: &api::Order) -> String {
 }
 
 /// Follows an order to its terminal state; returns whether it got there in time.
-async fn watch(addr: &str, order_id: String, timeout: Duration, json: bool) -> anyhow::Result<bool> {
+async fn watch(
+    access: &ordersctl::access::Access,
+    addr: &str,
+    order_id: String,
+    timeout: Duration,
+    json: bool,
+) -> anyhow::Result<bool> {
     let started = Instant::now();
-    let mut client = client(addr).await?;
+    let mut client = access.order_client(addr).await?;
     let mut last = None;
     while started.elapsed() < timeout {
-        match fetch_order(&mut client, &order_id).await {
+        match fetch_order(access, &mut client, &order_id).await {
             Ok(None) => anyhow::bail!("the server sent no order"),
             Ok(Some(order)) => {
                 let state = (order.status, order.saga_state, order.version);
@@ -587,11 +641,12 @@ async fn watch(addr: &str, order_id: String, timeout: Duration, json: bool) -> a
     Ok(false)
 }
 
-async fn bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
+async fn bench(addr: &str, access: ordersctl::access::Access, args: BenchArgs) -> anyhow::Result<()> {
     use ordersctl::bench;
     let stores = args.stores.connect(8).await?;
     let options = bench::Options {
         addr: addr.to_owned(),
+        access: std::sync::Arc::new(access),
         seed: args.seed,
         customers: args.customers,
         zipf_s: args.zipf_s,
@@ -644,12 +699,6 @@ async fn bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
-}
-
-async fn client(addr: &str) -> anyhow::Result<OrderServiceClient<tonic::transport::Channel>> {
-    OrderServiceClient::connect(format!("http://{addr}"))
-        .await
-        .with_context(|| format!("cannot reach order-svc at {addr}"))
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {

@@ -52,6 +52,19 @@ pub struct Config {
     /// The gateway's gRPC address.
     #[arg(long, env = "PAYMENT_SVC_GATEWAY_ADDR", default_value = "127.0.0.1:15061")]
     pub gateway_addr: String,
+    /// The CA of the gateway's certificate (TLS to the gateway).
+    #[arg(long, env = "PAYMENT_SVC_GATEWAY_CA")]
+    pub gateway_ca: Option<std::path::PathBuf>,
+    /// This service's client certificate for the gateway (mutual TLS: the gateway moves money
+    /// only for a client it can identify).
+    #[arg(long, env = "PAYMENT_SVC_GATEWAY_CLIENT_CERT", requires = "gateway_client_key")]
+    pub gateway_client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key.
+    #[arg(long, env = "PAYMENT_SVC_GATEWAY_CLIENT_KEY", requires = "gateway_client_cert")]
+    pub gateway_client_key: Option<std::path::PathBuf>,
+    /// Talk to the gateway without TLS (development only).
+    #[arg(long, env = "PAYMENT_SVC_GATEWAY_PLAINTEXT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub gateway_plaintext: bool,
     /// How long to wait for one gateway reply before retrying (with the same key).
     #[arg(long, env = "PAYMENT_SVC_GATEWAY_TIMEOUT_MS", default_value_t = 1_000)]
     pub gateway_timeout_ms: u64,
@@ -531,7 +544,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if config.migrate {
         MIGRATOR.run(&pool).await?;
     }
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", config.gateway_addr))?.connect_lazy();
+    let security = match (&config.gateway_ca, config.gateway_plaintext) {
+        (Some(ca), false) => orderflow_platform::security::ClientSecurity {
+            ca: Some(ca.clone()),
+            identity: config
+                .gateway_client_cert
+                .clone()
+                .zip(config.gateway_client_key.clone()),
+        },
+        (None, true) => {
+            tracing::warn!("calling the gateway in PLAINTEXT (PAYMENT_SVC_GATEWAY_PLAINTEXT=true): development only");
+            orderflow_platform::security::ClientSecurity::default()
+        }
+        (Some(_), true) => anyhow::bail!("PAYMENT_SVC_GATEWAY_CA and PAYMENT_SVC_GATEWAY_PLAINTEXT are both set"),
+        (None, false) => anyhow::bail!(
+            "no CA for the gateway: set PAYMENT_SVC_GATEWAY_CA, or PAYMENT_SVC_GATEWAY_PLAINTEXT=true for development"
+        ),
+    };
+    let channel = security.endpoint(&config.gateway_addr)?.connect_lazy();
     let handler = PaymentHandler::new(
         GatewayServiceClient::new(channel),
         Duration::from_millis(config.gateway_timeout_ms),

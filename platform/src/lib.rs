@@ -2,6 +2,7 @@
 //! it is the plumbing (secrets, logging, Postgres, Kafka settings, the outbox row,
 //! shutdown) that each service would otherwise write again.
 
+pub mod auth;
 pub mod chaos;
 pub mod consumer;
 pub mod grpc;
@@ -11,6 +12,7 @@ pub mod inbox;
 pub mod kafka;
 pub mod outbox;
 pub mod secret;
+pub mod security;
 pub mod telemetry;
 
 use std::time::Duration;

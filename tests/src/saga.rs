@@ -116,6 +116,7 @@ impl Saga {
             timeout_reply_delay_ms: faults.timeout_reply_delay_ms,
             seed: faults.seed,
             migrate: false,
+            security: orderflow_platform::security::ServerSecurityArgs::insecure(),
         };
         tasks.push(spawn_logged(
             "gateway-sim",
@@ -217,6 +218,10 @@ impl Saga {
             orders_topic: self.orders_topic.clone(),
             payments_topic: self.payments_topic.clone(),
             gateway_addr: self.gateway_addr.to_string(),
+            gateway_ca: None,
+            gateway_client_cert: None,
+            gateway_client_key: None,
+            gateway_plaintext: true,
             gateway_timeout_ms: u64::try_from(self.options.gateway_timeout.as_millis()).unwrap_or(u64::MAX),
             instance_id: None,
             db_max_connections: 8,

@@ -75,6 +75,9 @@ pub enum ApiError {
     /// The request is well-formed but not allowed in the current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller is known but may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The thing to create exists.
     #[error("{0}")]
     AlreadyExists(String),
@@ -122,6 +125,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::NotFound(message) => Status::not_found(message),
             ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
             ApiError::AlreadyExists(message) => Status::already_exists(message),
+            ApiError::PermissionDenied(message) => Status::permission_denied(message),
             ApiError::Aborted(message) => Status::aborted(message),
             ApiError::Unavailable(message) => Status::unavailable(message),
             ApiError::Internal => Status::internal("internal error"),

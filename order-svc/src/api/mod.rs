@@ -13,6 +13,7 @@ use orderflow::orders::v1::order_service_server::OrderService;
 use orderflow::orders::v1::{
     GetOrderRequest, GetOrderResponse, OrderStatus as WireStatus, PlaceOrderRequest, PlaceOrderResponse,
 };
+use orderflow_platform::auth::Caller;
 use orderflow_platform::outbox::OutboxMessage;
 use orderflow_platform::telemetry;
 use prost::Message as _;
@@ -64,9 +65,27 @@ impl OrderApi {
         self
     }
 
-    async fn place_order(&self, request: PlaceOrderRequest) -> Result<PlaceOrderResponse, ApiError> {
+    async fn place_order(
+        &self,
+        caller: Option<Caller>,
+        request: PlaceOrderRequest,
+    ) -> Result<PlaceOrderResponse, ApiError> {
         let order_id = OrderId::generate();
         let (request_id, command) = convert::parse_place_order(&request, order_id, &self.limits)?;
+        // A customer places orders for itself only; operators do not shop. (No caller: the
+        // server runs without tokens, explicitly.)
+        match &caller {
+            None => {}
+            Some(Caller::Customer(id)) if *id == command.customer_id.get() => {}
+            Some(Caller::Customer(_)) => {
+                return Err(ApiError::PermissionDenied(
+                    "a customer places orders for itself only".into(),
+                ));
+            }
+            Some(Caller::Operator(_)) => {
+                return Err(ApiError::PermissionDenied("operators do not place orders".into()));
+            }
+        }
         let events = domain::decide(None, Command::Place(command)).map_err(convert::domain_error)?;
         let Some(Event::Placed { order }) = events.into_iter().next() else {
             tracing::error!("decide(Place) returned no Placed event");
@@ -157,25 +176,59 @@ impl OrderApi {
         }
     }
 
-    async fn get_order(&self, request: GetOrderRequest) -> Result<GetOrderResponse, ApiError> {
+    async fn get_order(&self, caller: Option<Caller>, request: GetOrderRequest) -> Result<GetOrderResponse, ApiError> {
         let id = OrderId::parse(&request.order_id)
             .map_err(|error| ApiError::InvalidArgument(vec![FieldViolation::new("order_id", error)]))?;
         tracing::Span::current().record("order_id", tracing::field::display(id));
+        let not_found = || ApiError::NotFound(format!("order {id} not found"));
+        // Another customer's order is answered exactly like a missing one: whether an id
+        // exists is not for other customers to learn.
+        let visible = |customer_id: Option<i64>| match &caller {
+            None | Some(Caller::Operator(_)) => true,
+            Some(Caller::Customer(id)) => customer_id == Some(*id),
+        };
         // The read model first; an order placed a moment ago may not be projected yet, and
         // then the write model answers (without history).
         if let Some(view) = store::get_order_view(&self.pool, id).await?
             && view.customer_id.is_some()
         {
+            if !visible(view.customer_id) {
+                return Err(not_found());
+            }
             return Ok(GetOrderResponse {
                 order: Some(convert::wire_order_view(&view)),
             });
         }
-        let record = store::get_order(&self.pool, id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))?;
+        let record = store::get_order(&self.pool, id).await?.ok_or_else(not_found)?;
+        if !visible(Some(record.order.customer_id.get())) {
+            return Err(not_found());
+        }
         Ok(GetOrderResponse {
             order: Some(convert::wire_order(&record)),
         })
+    }
+}
+
+/// The interceptor in front of the order API: with a verifier, every call must carry a
+/// valid bearer token (UNAUTHENTICATED otherwise: missing, expired, forged, wrongly signed),
+/// and the verified caller travels in the request's extensions to the handlers; without one
+/// (INSECURE_NO_AUTH, explicitly), calls pass anonymous.
+pub fn authenticate(
+    verifier: Option<orderflow_platform::auth::Verifier>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |mut request: tonic::Request<()>| {
+        if let Some(verifier) = &verifier {
+            match verifier.verify_metadata(request.metadata()) {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                }
+                Err(error) => {
+                    tracing::info!(%error, "call refused: not authenticated");
+                    return Err(tonic::Status::unauthenticated("a valid bearer token is required"));
+                }
+            }
+        }
+        Ok(request)
     }
 }
 
@@ -197,7 +250,8 @@ impl OrderService for OrderApi {
             correlation_id = tracing::field::Empty,
             trace_id = tracing::field::Empty
         );
-        respond(self.place_order(request.into_inner()).instrument(span).await)
+        let caller = request.extensions().get::<Caller>().cloned();
+        respond(self.place_order(caller, request.into_inner()).instrument(span).await)
     }
 
     async fn get_order(
@@ -205,6 +259,7 @@ impl OrderService for OrderApi {
         request: tonic::Request<GetOrderRequest>,
     ) -> Result<tonic::Response<GetOrderResponse>, tonic::Status> {
         let span = tracing::info_span!("GetOrder", order_id = tracing::field::Empty);
-        respond(self.get_order(request.into_inner()).instrument(span).await)
+        let caller = request.extensions().get::<Caller>().cloned();
+        respond(self.get_order(caller, request.into_inner()).instrument(span).await)
     }
 }

@@ -35,6 +35,8 @@ use workload::Workload;
 pub struct Options {
     /// order-svc's gRPC address.
     pub addr: String,
+    /// TLS and tokens (each order placed with its customer's token).
+    pub access: Arc<crate::access::Access>,
     /// Seed of the workload.
     pub seed: u64,
     /// Customers (Zipfian ranks).
@@ -95,8 +97,9 @@ pub fn percentiles(h: &Histogram<u64>) -> Percentiles {
 async fn connect(options: &Options) -> anyhow::Result<Vec<OrderServiceClient<Channel>>> {
     let mut clients = Vec::new();
     for _ in 0..options.connections.max(1) {
-        let channel = Channel::from_shared(format!("http://{}", options.addr))?
-            .connect()
+        let channel = options
+            .access
+            .channel(&options.addr)
             .await
             .with_context(|| format!("cannot reach order-svc at {}", options.addr))?;
         clients.push(OrderServiceClient::new(channel));
@@ -234,6 +237,8 @@ async fn load(
             };
             let (mut request, _) = workload.order(first_order + n);
             request.request_id = uuid::Uuid::now_v7().to_string();
+            let caller = orderflow_platform::auth::Caller::Customer(request.customer_id);
+            let request = options.access.request(request, &caller)?;
             let mut client = clients[(n as usize) % clients.len()].clone();
             let shared = shared.clone();
             let measured = due_at >= measured_from;

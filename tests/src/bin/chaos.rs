@@ -283,7 +283,13 @@ struct Placed {
 
 /// Places `orders` at `rate`, each retried with its own request id (so a retry is safe)
 /// until accepted or 120 s have passed: what a careful client does through an outage.
-async fn place_orders(addr: String, workload: Arc<Workload>, orders: u64, rate: f64) -> anyhow::Result<Arc<Placed>> {
+async fn place_orders(
+    access: Arc<ordersctl::access::Access>,
+    addr: String,
+    workload: Arc<Workload>,
+    orders: u64,
+    rate: f64,
+) -> anyhow::Result<Arc<Placed>> {
     let placed = Arc::new(Placed {
         accepted: Mutex::new(Vec::new()),
         gave_up: AtomicU64::new(0),
@@ -291,7 +297,8 @@ async fn place_orders(addr: String, workload: Arc<Workload>, orders: u64, rate: 
     // One channel for every attempt: it reconnects by itself after order-svc dies. (A
     // connection per attempt left thousands of client sockets in TIME_WAIT, and one on a
     // port a service was about to listen on kept it from binding.)
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let channel = access
+        .endpoint(&addr)?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10))
         .connect_lazy();
@@ -303,13 +310,19 @@ async fn place_orders(addr: String, workload: Arc<Workload>, orders: u64, rate: 
         let (mut request, outcome) = workload.order(n);
         request.request_id = uuid::Uuid::now_v7().to_string();
         let mut client = OrderServiceClient::new(channel.clone());
+        let caller = orderflow_platform::auth::Caller::Customer(request.customer_id);
+        let access = access.clone();
         let placed = placed.clone();
         tasks.push(tokio::spawn(async move {
             let started = Instant::now();
             // The same request_id on every attempt: a retry of an order that was committed
             // (its reply lost) returns the same order, never a second one.
             while started.elapsed() < Duration::from_secs(120) {
-                if let Ok(response) = client.place_order(request.clone()).await {
+                let Ok(call) = access.request(request.clone(), &caller) else {
+                    placed.gave_up.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                if let Ok(response) = client.place_order(call).await {
                     placed
                         .accepted
                         .lock()
@@ -764,7 +777,15 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         // Elsewhere the fault lands a third of the way into the load.
         (cli.rate, Duration::from_secs_f64(cli.orders as f64 / cli.rate / 3.0))
     };
+    // TLS with the stack's CA; each order with its customer's token, signed with the
+    // stack's key.
+    let access = Arc::new(ordersctl::access::Access::new(&ordersctl::access::AccessArgs {
+        ca_cert: env.get("ORDERFLOW_CA_CERT").map(PathBuf::from),
+        token: None,
+        signing_key: env.get("ORDERFLOW_JWT_SIGNING_KEY").map(PathBuf::from),
+    })?);
     let load = tokio::spawn(place_orders(
+        access,
         var("ORDERFLOW_ORDER_SVC_ADDR")?,
         workload,
         cli.orders,

@@ -1,0 +1,172 @@
+//! Who is calling: bearer tokens (JWT, Ed25519-signed) on every call of the public API.
+//!
+//! A token names its subject and role: `customer:<id>` with role `customer`, or an operator
+//! (`operator:<name>`, role `operator`). The servers hold only the public key: they verify
+//! the signature, the issuer, the audience and the expiry, and refuse anything else as
+//! UNAUTHENTICATED. What each role may do is the server's decision (order-svc: a customer
+//! places and reads its own orders; gateway-sim: only an operator changes the faults).
+//!
+//! The local stack plays the identity provider: `scripts/stack` generates the key pair and
+//! `ordersctl` signs tokens with the private key (`ordersctl token`). A real deployment
+//! hands the servers its provider's public key instead.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+
+/// The issuer the stack's tokens carry and the servers require.
+pub const ISSUER: &str = "orderflow-local";
+/// The audience the stack's tokens carry and the servers require.
+pub const AUDIENCE: &str = "orderflow";
+
+/// What a caller may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A shopper: acts for one customer id.
+    Customer,
+    /// Staff: admin operations, any order.
+    Operator,
+}
+
+/// The verified caller of one request (in the request's extensions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The customer with this id.
+    Customer(i64),
+    /// An operator, by name.
+    Operator(String),
+}
+
+/// A token's claims.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Claims {
+    sub: String,
+    role: Role,
+    iss: String,
+    aud: String,
+    iat: u64,
+    exp: u64,
+}
+
+/// Why a token is refused. Every variant answers UNAUTHENTICATED; the reason is logged,
+/// not sent (it would help a forger).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No `authorization: Bearer <token>` metadata.
+    #[error("no bearer token")]
+    Missing,
+    /// Signature, expiry, issuer, audience or shape wrong.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+/// Verifies tokens with the identity provider's public key.
+#[derive(Clone)]
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verifier")
+    }
+}
+
+impl Verifier {
+    /// A verifier for tokens signed by the Ed25519 key whose public half is `pem`.
+    pub fn from_public_pem(pem: &[u8]) -> anyhow::Result<Self> {
+        let key = DecodingKey::from_ed_pem(pem)?;
+        // EdDSA only: a token naming another algorithm (`none`, HS256 with the public key as
+        // the secret) is refused before its signature is looked at.
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_audience(&[AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = 5;
+        Ok(Self { key, validation })
+    }
+
+    /// The caller a token proves.
+    pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|error| AuthError::Invalid(error.to_string()))?;
+        let claims = data.claims;
+        match (claims.role, claims.sub.split_once(':')) {
+            (Role::Customer, Some(("customer", id))) => id
+                .parse::<i64>()
+                .ok()
+                .filter(|id| *id > 0)
+                .map(Caller::Customer)
+                .ok_or_else(|| AuthError::Invalid(format!("subject {:?} is not a customer id", claims.sub))),
+            (Role::Operator, Some(("operator", name))) if !name.is_empty() => Ok(Caller::Operator(name.to_owned())),
+            _ => Err(AuthError::Invalid(format!(
+                "subject {:?} does not match role {:?}",
+                claims.sub, claims.role
+            ))),
+        }
+    }
+
+    /// The caller of a request, from its `authorization` metadata.
+    pub fn verify_metadata(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, AuthError> {
+        let value = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .ok_or(AuthError::Missing)?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or(AuthError::Missing)?;
+        self.verify(token.trim())
+    }
+}
+
+/// Signs tokens (the local stack's identity provider; tests).
+#[derive(Clone)]
+pub struct Issuer {
+    key: EncodingKey,
+}
+
+impl std::fmt::Debug for Issuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Issuer([redacted])")
+    }
+}
+
+impl Issuer {
+    /// An issuer signing with the Ed25519 private key in `pem` (PKCS#8).
+    pub fn from_private_pem(pem: &[u8]) -> anyhow::Result<Self> {
+        Ok(Self {
+            key: EncodingKey::from_ed_pem(pem)?,
+        })
+    }
+
+    /// A token for `caller`, valid for `ttl`.
+    pub fn issue(&self, caller: &Caller, ttl: Duration) -> anyhow::Result<String> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        let (sub, role) = match caller {
+            Caller::Customer(id) => (format!("customer:{id}"), Role::Customer),
+            Caller::Operator(name) => (format!("operator:{name}"), Role::Operator),
+        };
+        let claims = Claims {
+            sub,
+            role,
+            iss: ISSUER.to_owned(),
+            aud: AUDIENCE.to_owned(),
+            iat: now,
+            exp: now + ttl.as_secs(),
+        };
+        Ok(jsonwebtoken::encode(
+            &Header::new(Algorithm::EdDSA),
+            &claims,
+            &self.key,
+        )?)
+    }
+}
+
+/// A new Ed25519 key pair for signing tokens: (private PKCS#8 PEM, public SPKI PEM).
+pub fn generate_signing_key() -> anyhow::Result<(String, String)> {
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+    Ok((pair.serialize_pem(), pair.public_key_pem()))
+}
