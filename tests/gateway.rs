@@ -12,7 +12,6 @@ use orderflow::gateway::v1::{
     AuthorizationStatus, AuthorizeRequest, CaptureRequest, Faults, SetFaultsRequest, VoidRequest,
 };
 use orderflow::orders::v1::Money;
-use orderflow_platform::Secret;
 use orderflow_tests::{TestDb, fresh_db};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -21,21 +20,18 @@ async fn start() -> (TestDb, String, CancellationToken) {
     let db = fresh_db(&gateway_sim::MIGRATOR).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
-    let config = gateway_sim::Config {
-        listen_addr: listener.local_addr().unwrap(),
-        database_url: Secret::new(db.url.clone()),
-        key_retention_hours: 24,
-        latency_ms: 0,
-        latency_jitter_ms: 0,
-        decline_rate: 0.0,
-        timeout_rate: 0.0,
-        hang_rate: 0.0,
+    let faults = Faults {
         hang_attempts: 1,
         timeout_reply_delay_ms: 2_000,
         seed: 1,
-        migrate: false,
-        security: orderflow_platform::security::ServerSecurityArgs::insecure(),
+        ..Faults::default()
     };
+    let config = orderflow_tests::gateway_config(
+        listener.local_addr().unwrap(),
+        &db,
+        faults,
+        orderflow_platform::security::ServerSecurityArgs::insecure(),
+    );
     let shutdown = CancellationToken::new();
     tokio::spawn(gateway_sim::run(config, listener, shutdown.clone()));
     (db, addr, shutdown)

@@ -225,21 +225,12 @@ async fn the_gateway_moves_money_only_for_a_client_certificate_and_takes_faults_
     let db = fresh_db(&gateway_sim::MIGRATOR).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let config = gateway_sim::Config {
-        listen_addr: listener.local_addr().unwrap(),
-        database_url: orderflow_platform::Secret::new(db.url.clone()),
-        key_retention_hours: 24,
-        latency_ms: 0,
-        latency_jitter_ms: 0,
-        decline_rate: 0.0,
-        timeout_rate: 0.0,
-        hang_rate: 0.0,
-        hang_attempts: 1,
-        timeout_reply_delay_ms: 1_000,
-        seed: 1,
-        migrate: false,
-        security: server_security(&pki, "gateway-sim", true),
-    };
+    let config = orderflow_tests::gateway_config(
+        listener.local_addr().unwrap(),
+        &db,
+        orderflow::gateway::v1::Faults::default(),
+        server_security(&pki, "gateway-sim", true),
+    );
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(gateway_sim::run(config, listener, shutdown.clone()));
 

@@ -108,6 +108,14 @@ pub struct PaymentHandler {
     limits: orderflow::money::TotalLimits,
 }
 
+/// Why a payment changes: an order event (the new event is caused by it), or the payment
+/// deadline passing (no message caused it).
+#[derive(Clone, Copy)]
+enum Cause<'a> {
+    Event(&'a OpenedEvent),
+    Deadline,
+}
+
 /// A payment as stored.
 struct PaymentRow {
     payment_id: uuid::Uuid,
@@ -319,7 +327,7 @@ impl PaymentHandler {
         .await?;
         self.transition(
             tx,
-            event,
+            Cause::Event(event),
             order_id,
             PaymentState::Authorized,
             PaymentState::Captured,
@@ -374,6 +382,18 @@ impl PaymentHandler {
         let Some(payment) = payment else {
             return Err(HandlerError::Permanent("no payment".into()));
         };
+        self.void_authorized(tx, Cause::Event(event), order_id, &payment).await
+    }
+
+    /// Releases an AUTHORIZED payment (its row locked in `tx`) at the gateway, then records
+    /// it VOIDED with its PaymentVoided event. The same key on every retry: at most one void.
+    async fn void_authorized(
+        &self,
+        tx: &mut Tx,
+        cause: Cause<'_>,
+        order_id: uuid::Uuid,
+        payment: &PaymentRow,
+    ) -> Result<Outcome, HandlerError> {
         self.call(
             "void",
             self.gateway.clone().void(VoidRequest {
@@ -385,7 +405,7 @@ impl PaymentHandler {
         .await?;
         self.transition(
             tx,
-            event,
+            cause,
             order_id,
             PaymentState::Authorized,
             PaymentState::Voided,
@@ -406,7 +426,7 @@ impl PaymentHandler {
     async fn transition(
         &self,
         tx: &mut Tx,
-        event: &OpenedEvent,
+        cause: Cause<'_>,
         order_id: uuid::Uuid,
         from: PaymentState,
         to: PaymentState,
@@ -426,7 +446,11 @@ impl PaymentHandler {
                 "payment changed concurrently; deciding again"
             )));
         }
-        outbox::insert(tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
+        let message = match cause {
+            Cause::Event(event) => outbox::caused_by(&self.payments_topic, event, payload),
+            Cause::Deadline => outbox::spontaneous(&self.payments_topic, order_id, payload),
+        };
+        outbox::insert(tx, &message).await?;
         tracing::info!(from = from.as_str(), to = to.as_str(), "payment transition");
         Ok(Outcome::Processed)
     }
@@ -461,29 +485,9 @@ impl PaymentHandler {
                 // Settled since the query above.
                 continue;
             }
-            self.call(
-                "void",
-                self.gateway.clone().void(VoidRequest {
-                    idempotency_key: format!("void:{order_id}"),
-                    authorization_id: payment.authorization_id.clone().unwrap_or_default(),
-                    authorize_idempotency_key: String::new(),
-                }),
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-            sqlx::query("UPDATE payments SET state = 'VOIDED', failure_reason = 'authorization deadline passed', version = version + 1, updated_at = now() WHERE order_id = $1")
-                .bind(order_id)
-                .execute(&mut *tx)
-                .await?;
-            let payload = Payload::PaymentVoided(PaymentVoided {
-                order_id: order_id.to_string(),
-                payment_id: payment.payment_id.to_string(),
-                amount: Some(Money {
-                    amount_minor: payment.amount_minor,
-                    currency_code: payment.currency_code.trim().to_owned(),
-                }),
-            });
-            outbox::insert(&mut tx, &outbox::spontaneous(&self.payments_topic, order_id, payload)).await?;
+            self.void_authorized(&mut tx, Cause::Deadline, order_id, &payment)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             tx.commit().await?;
             tracing::warn!(%order_id, ?deadline, "authorization voided: its order never settled");
             metrics::counter!(telemetry::OVERDUE_AUTHORIZATIONS_VOIDED).increment(1);

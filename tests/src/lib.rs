@@ -118,6 +118,31 @@ pub async fn fresh_topic(partitions: i32) -> String {
     name
 }
 
+/// gateway-sim's settings for a test: its database, its address, its initial faults and its
+/// transport security.
+pub fn gateway_config(
+    listen_addr: SocketAddr,
+    db: &TestDb,
+    faults: orderflow::gateway::v1::Faults,
+    security: orderflow_platform::security::ServerSecurityArgs,
+) -> gateway_sim::Config {
+    gateway_sim::Config {
+        listen_addr,
+        database_url: Secret::new(db.url.clone()),
+        key_retention_hours: 24,
+        latency_ms: faults.latency_ms,
+        latency_jitter_ms: faults.latency_jitter_ms,
+        decline_rate: faults.decline_rate,
+        timeout_rate: faults.timeout_rate,
+        hang_rate: faults.hang_rate,
+        hang_attempts: faults.hang_attempts,
+        timeout_reply_delay_ms: faults.timeout_reply_delay_ms,
+        seed: faults.seed,
+        migrate: false,
+        security,
+    }
+}
+
 /// An order service running inside the test process.
 pub struct RunningOrderSvc {
     /// Where it listens.

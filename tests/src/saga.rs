@@ -102,22 +102,12 @@ impl Saga {
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let gateway_addr = listener.local_addr().expect("address");
-        let faults = options.faults;
-        let gateway_config = gateway_sim::Config {
-            listen_addr: gateway_addr,
-            database_url: Secret::new(gateway.url.clone()),
-            key_retention_hours: 24,
-            latency_ms: faults.latency_ms,
-            latency_jitter_ms: faults.latency_jitter_ms,
-            decline_rate: faults.decline_rate,
-            timeout_rate: faults.timeout_rate,
-            hang_rate: faults.hang_rate,
-            hang_attempts: faults.hang_attempts,
-            timeout_reply_delay_ms: faults.timeout_reply_delay_ms,
-            seed: faults.seed,
-            migrate: false,
-            security: orderflow_platform::security::ServerSecurityArgs::insecure(),
-        };
+        let gateway_config = crate::gateway_config(
+            gateway_addr,
+            &gateway,
+            options.faults,
+            orderflow_platform::security::ServerSecurityArgs::insecure(),
+        );
         tasks.push(spawn_logged(
             "gateway-sim",
             gateway_sim::run(gateway_config, listener, shutdown.clone()),
