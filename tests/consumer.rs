@@ -114,7 +114,7 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
         .await
         .unwrap();
     let topic = fresh_topic(4).await;
-    let bootstrap = stack().bootstrap_servers.clone();
+    let bootstrap = stack().kafka.clone();
 
     // Keys spread over the 4 partitions; the stuck key has far more messages than its
     // partition's queue holds (64), so its queue fills and its partition must be paused.
@@ -233,7 +233,7 @@ async fn a_message_that_fails_transiently_past_its_budget_is_dead_lettered_and_i
         .unwrap();
     // One partition: the failing key's messages sit in front of the others'.
     let topic = fresh_topic(1).await;
-    let bootstrap = stack().bootstrap_servers.clone();
+    let bootstrap = stack().kafka.clone();
     let producer: FutureProducer = kafka::producer_config(&bootstrap, "budget-test", kafka::DEFAULT_DELIVERY_TIMEOUT)
         .create()
         .unwrap();
@@ -279,8 +279,8 @@ async fn a_message_that_fails_transiently_past_its_budget_is_dead_lettered_and_i
 
     let letters = {
         let dlq = orderflow::topics::dead_letter(&topic);
-        let servers = bootstrap.clone();
-        tokio::task::spawn_blocking(move || ordersctl::dlq::read_all(&servers, &dlq))
+        let cluster = bootstrap.clone();
+        tokio::task::spawn_blocking(move || ordersctl::dlq::read_all(&cluster, &dlq))
             .await
             .unwrap()
             .unwrap()
@@ -320,7 +320,11 @@ async fn a_consumer_that_holds_no_partition_for_too_long_gives_up() {
     let db = fresh_orders_db().await;
     let settings = ConsumerSettings {
         unassigned_limit: Some(Duration::from_secs(2)),
-        ..ConsumerSettings::new("127.0.0.1:9".into(), "nobody".into(), vec!["orders.events".into()])
+        ..ConsumerSettings::new(
+            kafka::Cluster::anonymous("127.0.0.1:9"),
+            "nobody".into(),
+            vec!["orders.events".into()],
+        )
     };
     let handler = Arc::new(Flaky {
         stuck_key: String::new(),

@@ -31,10 +31,9 @@ fn meta(order: uuid::Uuid) -> EventMeta {
 
 /// Writes raw bytes straight into a topic, as a buggy or foreign producer would.
 async fn produce(topic: &str, key: &str, payload: Vec<u8>) {
-    let producer: FutureProducer =
-        kafka::producer_config(&stack().bootstrap_servers, "poisoner", kafka::DEFAULT_DELIVERY_TIMEOUT)
-            .create()
-            .unwrap();
+    let producer: FutureProducer = kafka::producer_config(&stack().kafka, "poisoner", kafka::DEFAULT_DELIVERY_TIMEOUT)
+        .create()
+        .unwrap();
     producer
         .send(
             FutureRecord::to(topic).key(key).payload(&payload),
@@ -46,7 +45,7 @@ async fn produce(topic: &str, key: &str, payload: Vec<u8>) {
 }
 
 async fn dead_letters(topic: &str) -> Vec<ordersctl::dlq::DeadLetter> {
-    let (servers, dlq) = (stack().bootstrap_servers.clone(), orderflow::topics::dead_letter(topic));
+    let (servers, dlq) = (stack().kafka.clone(), orderflow::topics::dead_letter(topic));
     tokio::task::spawn_blocking(move || ordersctl::dlq::read_all(&servers, &dlq))
         .await
         .unwrap()
@@ -272,7 +271,7 @@ async fn a_repaired_dead_letter_redriven_completes_its_saga() {
         rate_per_sec: 10,
     };
     let dry = ordersctl::dlq::redrive(
-        &stack().bootstrap_servers,
+        &stack().kafka,
         &orderflow::topics::dead_letter(&saga.orders_topic),
         &options,
     )
@@ -284,7 +283,7 @@ async fn a_repaired_dead_letter_redriven_completes_its_saga() {
         ..options
     };
     let done = ordersctl::dlq::redrive(
-        &stack().bootstrap_servers,
+        &stack().kafka,
         &orderflow::topics::dead_letter(&saga.orders_topic),
         &options,
     )

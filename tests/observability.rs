@@ -105,7 +105,7 @@ async fn metrics_cover_every_hop_and_each_order_is_one_trace_across_services() {
     assert_eq!(span_ids.len(), 4, "each event from its own span: {chain:?}");
     // The Kafka record carries the stored traceparent as a header.
     let records = orderflow_tests::read_topic(
-        &orderflow_tests::stack().bootstrap_servers,
+        &orderflow_tests::stack().kafka,
         &saga.orders_topic,
         Duration::from_secs(10),
         |r| r.len() >= 2,

@@ -23,6 +23,16 @@ fn stack_command(arg: &str) {
     assert!(status.success(), "scripts/stack {arg}");
 }
 
+/// Resumes the paused brokers when dropped: a failing assertion during the pause must not
+/// leave the shared broker stopped for every test after this one.
+struct ResumeBrokers;
+
+impl Drop for ResumeBrokers {
+    fn drop(&mut self) {
+        stack_command("broker-resume");
+    }
+}
+
 /// Places orders at about `per_second` for `duration`; returns the accepted ids and the
 /// number of refused calls.
 fn steady_load(saga: &Saga, per_second: u64, duration: Duration) -> tokio::task::JoinHandle<(Vec<String>, usize)> {
@@ -105,6 +115,7 @@ async fn a_broker_paused_for_60_seconds_under_load_delays_but_loses_nothing() {
     let load = steady_load(&saga, 20, Duration::from_secs(70));
     tokio::time::sleep(Duration::from_secs(5)).await;
     stack_command("broker-pause");
+    let resume = ResumeBrokers;
     let paused = Instant::now();
     // PlaceOrder needs only Postgres: orders keep being accepted, the outbox grows. Meanwhile
     // no transaction (a relay's batch waiting for acknowledgements, above all) lives longer
@@ -114,7 +125,7 @@ async fn a_broker_paused_for_60_seconds_under_load_delays_but_loses_nothing() {
     while paused.elapsed() < Duration::from_secs(55) {
         for pool in [&saga.orders.pool, &saga.payments.pool] {
             let age: Option<f64> = sqlx::query_scalar(
-                "SELECT extract(epoch FROM max(now() - xact_start))::float8 FROM pg_stat_activity
+                "SELECT extract(epoch FROM max(clock_timestamp() - xact_start))::float8 FROM pg_stat_activity
                  WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL",
             )
             .fetch_one(pool)
@@ -132,7 +143,7 @@ async fn a_broker_paused_for_60_seconds_under_load_delays_but_loses_nothing() {
     while paused.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stack_command("broker-resume");
+    drop(resume);
     let limit = orderflow_platform::kafka::DEFAULT_DELIVERY_TIMEOUT + Duration::from_secs(2);
     println!("broker pause: the oldest transaction seen during the outage was {oldest:?} old");
     assert!(

@@ -54,29 +54,29 @@ async fn place_orders(db: &TestDb, topic: &str, n: usize) -> Vec<String> {
 /// Runs a relay inside the test process until the returned token is cancelled.
 fn spawn_relay(
     db: &TestDb,
-    bootstrap_servers: &str,
+    cluster: &kafka::Cluster,
     batch_size: i64,
 ) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    spawn_relay_polling_every(db, bootstrap_servers, batch_size, Duration::from_millis(200))
+    spawn_relay_polling_every(db, cluster, batch_size, Duration::from_millis(200))
 }
 
 fn spawn_relay_polling_every(
     db: &TestDb,
-    bootstrap_servers: &str,
+    cluster: &kafka::Cluster,
     batch_size: i64,
     poll_interval: Duration,
 ) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    spawn_configured_relay(db, bootstrap_servers, batch_size, poll_interval, |relay| relay)
+    spawn_configured_relay(db, cluster, batch_size, poll_interval, |relay| relay)
 }
 
 fn spawn_configured_relay(
     db: &TestDb,
-    bootstrap_servers: &str,
+    cluster: &kafka::Cluster,
     batch_size: i64,
     poll_interval: Duration,
     configure: impl FnOnce(relay::Relay) -> relay::Relay,
 ) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    let producer: FutureProducer = kafka::producer_config(bootstrap_servers, "relay-test", Duration::from_secs(2))
+    let producer: FutureProducer = kafka::producer_config(cluster, "relay-test", Duration::from_secs(2))
         .create()
         .expect("producer");
     let relay = configure(
@@ -93,6 +93,8 @@ fn spawn_relay_process(db: &TestDb, failpoints: Option<&str>) -> Child {
     command
         .env("RELAY_DATABASE_URL", &db.url)
         .env("RELAY_BOOTSTRAP_SERVERS", &stack().bootstrap_servers)
+        .env("KAFKA_USERNAME", stack().kafka.principal().unwrap_or_default())
+        .env("KAFKA_PASSWORD", &stack().vars["ORDERFLOW_KAFKA_PASSWORD"])
         .env("RELAY_POLL_INTERVAL_MS", "200")
         .env("RUST_LOG", "warn")
         .env_remove("FAILPOINTS")
@@ -149,13 +151,13 @@ async fn placed_orders_reach_kafka_keyed_by_order_id_with_mirrored_headers() {
     let db = fresh_orders_db().await;
     let topic = fresh_topic(3).await;
     let order_ids = place_orders(&db, &topic, 5).await;
-    let (stop, relay) = spawn_relay(&db, &stack().bootstrap_servers, 100);
+    let (stop, relay) = spawn_relay(&db, &stack().kafka, 100);
 
     assert!(
         eventually(WAIT, || async { unpublished(&db).await == 0 }).await,
         "the relay marks every row published"
     );
-    let records = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 5).await;
+    let records = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 5).await;
     assert_eq!(records.len(), 5, "one record per order");
     for record in &records {
         assert!(order_ids.contains(&record.key), "key {} is an order id", record.key);
@@ -188,7 +190,7 @@ async fn a_relay_killed_after_the_broker_acknowledged_but_before_marking_republi
     let expected = outbox_message_ids(&db).await;
 
     let mut relay = spawn_relay_process(&db, Some("relay::after_ack_before_mark=pause"));
-    let first = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 3).await;
+    let first = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 3).await;
     assert_eq!(first.len(), 3, "the broker acknowledged the batch");
     assert!(relay_inside_a_batch(&db).await, "the relay is paused inside its batch");
     assert_eq!(
@@ -205,7 +207,7 @@ async fn a_relay_killed_after_the_broker_acknowledged_but_before_marking_republi
         eventually(WAIT, || async { unpublished(&db).await == 0 }).await,
         "the restarted relay publishes the rows again"
     );
-    let all = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 6).await;
+    let all = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 6).await;
     let counts = count_by_message_id(&all);
     assert_eq!(counts.len(), 3, "nothing lost, nothing invented: {counts:?}");
     for id in &expected {
@@ -230,23 +232,17 @@ async fn a_relay_killed_before_publishing_loses_nothing() {
         eventually(WAIT, || relay_inside_a_batch(&db)).await,
         "the relay claimed a batch"
     );
-    let nothing = read_topic(&stack().bootstrap_servers, &topic, Duration::from_secs(2), |r| {
-        !r.is_empty()
-    })
-    .await;
+    let nothing = read_topic(&stack().kafka, &topic, Duration::from_secs(2), |r| !r.is_empty()).await;
     assert!(nothing.is_empty(), "paused before publishing: nothing on the topic yet");
     kill_9(&mut relay).await;
     assert_eq!(unpublished(&db).await, 3);
 
     let restarted = spawn_relay_process(&db, None);
     assert!(eventually(WAIT, || async { unpublished(&db).await == 0 }).await);
-    let all = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 3).await;
+    let all = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 3).await;
     // Give a duplicate, if there were one, the time to arrive.
     let all = if all.len() == 3 {
-        read_topic(&stack().bootstrap_servers, &topic, Duration::from_secs(2), |r| {
-            r.len() > 3
-        })
-        .await
+        read_topic(&stack().kafka, &topic, Duration::from_secs(2), |r| r.len() > 3).await
     } else {
         all
     };
@@ -263,8 +259,8 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
     let db = fresh_orders_db().await;
     // A broker of this test's own, on ports where nothing listens yet (below the ephemeral
     // range, kept for this test).
-    let port = 19310;
-    let bootstrap = format!("127.0.0.1:{port}");
+    let broker = PrivateKafka::new(19310, 1);
+    let bootstrap = broker.cluster.clone();
     let topic = "orders.events";
     place_orders(&db, topic, 3).await;
     // The relay's records fail after 2 s (spawn_configured_relay's delivery timeout).
@@ -277,7 +273,7 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
     let outage = std::time::Instant::now();
     while outage.elapsed() < Duration::from_secs(8) {
         let age: Option<f64> = sqlx::query_scalar(
-            "SELECT extract(epoch FROM max(now() - xact_start))::float8 FROM pg_stat_activity
+            "SELECT extract(epoch FROM max(clock_timestamp() - xact_start))::float8 FROM pg_stat_activity
              WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL",
         )
         .fetch_one(&db.pool)
@@ -292,7 +288,7 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
         "a transaction stayed open {oldest:?} while the broker was away (delivery timeout 2 s)"
     );
 
-    let _broker = PrivateKafka::start(port, 1).await;
+    broker.start().await;
     kafka::ensure_topics(&bootstrap, &[topic], 3)
         .await
         .expect("create the topic on the new broker");
@@ -350,10 +346,10 @@ async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
         }
         tx.commit().await.unwrap();
     }
-    let (stop_a, relay_a) = spawn_relay(&db, &stack().bootstrap_servers, 7);
-    let (stop_b, relay_b) = spawn_relay(&db, &stack().bootstrap_servers, 7);
+    let (stop_a, relay_a) = spawn_relay(&db, &stack().kafka, 7);
+    let (stop_b, relay_b) = spawn_relay(&db, &stack().kafka, 7);
     assert!(eventually(WAIT, || async { unpublished(&db).await == 0 }).await);
-    let records = read_topic(&stack().bootstrap_servers, &topic, WAIT, |r| r.len() >= 160).await;
+    let records = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 160).await;
     assert_eq!(records.len(), 160, "each row published once");
 
     let rows: Vec<(String, String)> = sqlx::query_as("SELECT partition_key, message_id::text FROM outbox ORDER BY id")
@@ -385,7 +381,7 @@ async fn a_commit_wakes_the_relay_at_once_without_waiting_for_the_poll() {
     let db = fresh_orders_db().await;
     let topic = fresh_topic(3).await;
     // The polling fallback would take a minute: only the NOTIFY sent at commit can be this fast.
-    let (stop, relay) = spawn_relay_polling_every(&db, &stack().bootstrap_servers, 100, Duration::from_secs(60));
+    let (stop, relay) = spawn_relay_polling_every(&db, &stack().kafka, 100, Duration::from_secs(60));
     // Let the relay finish its first (empty) pass and start listening.
     tokio::time::sleep(Duration::from_millis(500)).await;
     place_orders(&db, &topic, 1).await;
@@ -403,7 +399,7 @@ async fn a_polling_only_relay_ignores_notify_and_publishes_on_its_poll() {
     let topic = fresh_topic(3).await;
     let (stop, relay) = spawn_configured_relay(
         &db,
-        &stack().bootstrap_servers,
+        &stack().kafka,
         100,
         Duration::from_secs(4),
         relay::Relay::polling_only,

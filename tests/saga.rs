@@ -109,14 +109,11 @@ async fn a_declined_order_is_cancelled_with_no_capture_and_one_cancellation() {
         "nothing authorized, nothing captured"
     );
 
-    let records = read_topic(&stack().bootstrap_servers, &saga.orders_topic, SETTLE, |r| r.len() >= 2).await;
+    let records = read_topic(&stack().kafka, &saga.orders_topic, SETTLE, |r| r.len() >= 2).await;
     // Give a second cancellation, if there were one, time to show up.
-    let records = read_topic(
-        &stack().bootstrap_servers,
-        &saga.orders_topic,
-        Duration::from_secs(2),
-        move |r| r.len() > records.len(),
-    )
+    let records = read_topic(&stack().kafka, &saga.orders_topic, Duration::from_secs(2), move |r| {
+        r.len() > records.len()
+    })
     .await;
     assert_eq!(
         event_types(&records, &order_id),
@@ -186,14 +183,13 @@ async fn a_hanging_gateway_lets_the_sweeper_cancel_and_the_late_authorization_is
 
 /// Commits offset 0 on every partition of `topic` for `group` (no member may be active).
 async fn reset_group_to_start(group: &str, topic: &str) {
-    orderflow_tests::reset_group_to_start(&stack().bootstrap_servers, group, topic)
-        .expect("reset the group's offsets to 0");
+    orderflow_tests::reset_group_to_start(&stack().kafka, group, topic).expect("reset the group's offsets to 0");
 }
 
 /// The group's committed offsets and the high watermarks on `topic`, per partition.
 async fn committed_and_end(group: &str, topic: &str) -> Vec<(i64, i64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(&stack().bootstrap_servers, group, None)
+    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(&stack().kafka, group, None)
         .create()
         .unwrap();
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
@@ -236,13 +232,7 @@ async fn duplicated_and_replayed_events_charge_once_and_change_each_order_once()
     }
     assert!(saga.settled(SETTLE).await);
     let group = saga.payment_group();
-    let records = read_topic(
-        &stack().bootstrap_servers,
-        &saga.orders_topic,
-        Duration::from_secs(5),
-        |_| false,
-    )
-    .await;
+    let records = read_topic(&stack().kafka, &saga.orders_topic, Duration::from_secs(5), |_| false).await;
     assert!(
         records.len() >= 80,
         "every order event was published twice: {} records",

@@ -39,6 +39,9 @@ pub struct Config {
     /// Inbox rows are kept this long: the deduplication window (longer than any redrive).
     #[arg(long, env = "FULFILMENT_INBOX_RETENTION_HOURS", default_value_t = 168)]
     pub inbox_retention_hours: u64,
+    /// Who this process is to Kafka (SASL/SCRAM).
+    #[command(flatten)]
+    pub kafka_auth: orderflow_platform::kafka::KafkaAuthArgs,
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,
@@ -89,7 +92,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
     let settings = config.consumer.apply(ConsumerSettings {
         instance_id: config.instance_id,
-        ..ConsumerSettings::new(config.bootstrap_servers, config.group_id, vec![config.orders_topic])
+        ..ConsumerSettings::new(
+            orderflow_platform::kafka::Cluster::new(config.bootstrap_servers, &config.kafka_auth),
+            config.group_id,
+            vec![config.orders_topic],
+        )
     });
     consumer::run(settings, pool.clone(), Arc::new(Fulfilment), shutdown).await?;
     pool.close().await;

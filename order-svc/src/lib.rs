@@ -75,6 +75,9 @@ pub struct Config {
     #[arg(long, env = "ORDER_SVC_MAX_ORDER_TOTAL", default_value = "1000000",
           value_parser = orderflow::money::TotalLimits::from_setting)]
     pub max_order_total: orderflow::money::TotalLimits,
+    /// Who this process is to Kafka (SASL/SCRAM).
+    #[command(flatten)]
+    pub kafka_auth: orderflow_platform::kafka::KafkaAuthArgs,
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,
@@ -113,8 +116,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         // The chaos harness's "before" column only (a build with the `naive` feature and
         // ORDERFLOW_NAIVE=true): a plain producer with a 5 s delivery timeout, as a textbook
         // dual write would have.
-        let producer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", servers)
+        let producer = orderflow_platform::kafka::Cluster::new(servers.clone(), &config.kafka_auth)
+            .client_config()
             .set("message.timeout.ms", "5000")
             .create()?;
         tracing::warn!("NAIVE MODE: PlaceOrder publishes directly (dual write), no outbox");
@@ -157,13 +160,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // The saga: the payment events consumer and the sweeper, stopped with the server.
     let mut consumer = None;
     if let Some(bootstrap_servers) = config.bootstrap_servers.clone() {
+        let cluster = orderflow_platform::kafka::Cluster::new(bootstrap_servers, &config.kafka_auth);
         let settings = config.consumer.apply(orderflow_platform::consumer::ConsumerSettings {
             instance_id: config.instance_id.clone(),
             // Never exits for holding no partition: during a broker outage this process
             // still takes orders.
             unassigned_limit: None,
             ..orderflow_platform::consumer::ConsumerSettings::new(
-                bootstrap_servers,
+                cluster,
                 config.group_id.clone(),
                 vec![config.payments_topic.clone()],
             )

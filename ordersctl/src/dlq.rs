@@ -50,8 +50,8 @@ impl DeadLetter {
 }
 
 /// Reads every dead letter of `topic` (a `.dlq` topic) present now.
-pub fn read_all(bootstrap_servers: &str, topic: &str) -> anyhow::Result<Vec<DeadLetter>> {
-    let (consumer, partitions) = orderflow_platform::kafka::reader_from_start(bootstrap_servers, topic)?;
+pub fn read_all(cluster: &orderflow_platform::kafka::Cluster, topic: &str) -> anyhow::Result<Vec<DeadLetter>> {
+    let (consumer, partitions) = orderflow_platform::kafka::reader_from_start(cluster, topic)?;
     // Read each non-empty partition up to its high watermark as of now.
     let mut remaining = Vec::new();
     for partition in 0..partitions {
@@ -116,13 +116,13 @@ pub struct RedriveSummary {
 
 /// Redrives the dead letters of `dlq_topic` that match `options`.
 pub async fn redrive(
-    bootstrap_servers: &str,
+    cluster: &orderflow_platform::kafka::Cluster,
     dlq_topic: &str,
     options: &RedriveOptions,
 ) -> anyhow::Result<RedriveSummary> {
     let letters = {
-        let (servers, topic) = (bootstrap_servers.to_owned(), dlq_topic.to_owned());
-        tokio::task::spawn_blocking(move || read_all(&servers, &topic)).await??
+        let (cluster, topic) = (cluster.clone(), dlq_topic.to_owned());
+        tokio::task::spawn_blocking(move || read_all(&cluster, &topic)).await??
     };
     let matching: Vec<&DeadLetter> = letters
         .iter()
@@ -150,7 +150,7 @@ pub async fn redrive(
         return Ok(summary);
     }
     let producer: FutureProducer = orderflow_platform::kafka::producer_config(
-        bootstrap_servers,
+        cluster,
         "ordersctl-redrive",
         orderflow_platform::kafka::DEFAULT_DELIVERY_TIMEOUT,
     )

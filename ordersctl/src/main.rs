@@ -35,6 +35,12 @@ struct Cli {
         global = true
     )]
     bootstrap_servers: String,
+    /// The Kafka principal ordersctl reads and redrives as (the stack's operator principal).
+    #[arg(long, env = "ORDERFLOW_KAFKA_USERNAME", global = true, requires = "kafka_password")]
+    kafka_username: Option<String>,
+    /// Its password.
+    #[arg(long, env = "ORDERFLOW_KAFKA_PASSWORD", global = true, hide_env_values = true)]
+    kafka_password: Option<orderflow_platform::Secret>,
     #[command(flatten)]
     access: ordersctl::access::AccessArgs,
     #[command(subcommand)]
@@ -304,6 +310,12 @@ enum DlqCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let cluster = match (&cli.kafka_username, &cli.kafka_password) {
+        (Some(user), Some(password)) => {
+            orderflow_platform::kafka::Cluster::scram(cli.bootstrap_servers.clone(), user.clone(), password.clone())
+        }
+        _ => orderflow_platform::kafka::Cluster::anonymous(cli.bootstrap_servers.clone()),
+    };
     // Read only by the commands that call a server (`pki` runs before the keys exist).
     let access = || ordersctl::access::Access::new(&cli.access);
     match cli.command {
@@ -385,7 +397,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{} holds a PKI already; left as it is", dir.display());
             }
         }
-        Command::Dlq { command } => dlq(&cli.bootstrap_servers, command).await?,
+        Command::Dlq { command } => dlq(&cluster, command).await?,
         Command::Migrate { stores } => {
             let stores = stores.connect(1).await?;
             for (name, migrator, pool) in [
@@ -429,8 +441,8 @@ async fn main() -> anyhow::Result<()> {
             count,
             idle_secs,
         } => {
-            let bootstrap = cli.bootstrap_servers.clone();
-            tokio::task::spawn_blocking(move || print_events(&bootstrap, &topic, order.as_deref(), count, idle_secs))
+            let cluster = cluster.clone();
+            tokio::task::spawn_blocking(move || print_events(&cluster, &topic, order.as_deref(), count, idle_secs))
                 .await??;
         }
     }
@@ -706,13 +718,13 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
 }
 
 fn print_events(
-    bootstrap_servers: &str,
+    cluster: &orderflow_platform::kafka::Cluster,
     topic: &str,
     order: Option<&str>,
     count: Option<usize>,
     idle_secs: u64,
 ) -> anyhow::Result<()> {
-    let (consumer, _) = orderflow_platform::kafka::reader_from_start(bootstrap_servers, topic)?;
+    let (consumer, _) = orderflow_platform::kafka::reader_from_start(cluster, topic)?;
     let mut printed = 0;
     let mut last_seen = Instant::now();
     while count.is_none_or(|n| printed < n) && last_seen.elapsed() < Duration::from_secs(idle_secs) {
@@ -748,12 +760,12 @@ fn print_events(
     Ok(())
 }
 
-async fn dlq(bootstrap_servers: &str, command: DlqCommand) -> anyhow::Result<()> {
+async fn dlq(cluster: &orderflow_platform::kafka::Cluster, command: DlqCommand) -> anyhow::Result<()> {
     use ordersctl::dlq;
     match command {
         DlqCommand::List { topic } => {
-            let servers = bootstrap_servers.to_owned();
-            let letters = tokio::task::spawn_blocking(move || dlq::read_all(&servers, &topic)).await??;
+            let reader = cluster.clone();
+            let letters = tokio::task::spawn_blocking(move || dlq::read_all(&reader, &topic)).await??;
             for letter in &letters {
                 let (origin_topic, origin_partition, origin_offset) = letter.origin();
                 println!(
@@ -777,8 +789,8 @@ async fn dlq(bootstrap_servers: &str, command: DlqCommand) -> anyhow::Result<()>
             partition,
             offset,
         } => {
-            let servers = bootstrap_servers.to_owned();
-            let letters = tokio::task::spawn_blocking(move || dlq::read_all(&servers, &topic)).await??;
+            let reader = cluster.clone();
+            let letters = tokio::task::spawn_blocking(move || dlq::read_all(&reader, &topic)).await??;
             let letter = letters
                 .iter()
                 .find(|l| l.partition == partition && l.offset == offset)
@@ -804,7 +816,7 @@ async fn dlq(bootstrap_servers: &str, command: DlqCommand) -> anyhow::Result<()>
                 dry_run,
                 rate_per_sec: rate,
             };
-            let summary = dlq::redrive(bootstrap_servers, &topic, &options).await?;
+            let summary = dlq::redrive(cluster, &topic, &options).await?;
             println!("{}", serde_json::to_string(&summary)?);
         }
     }

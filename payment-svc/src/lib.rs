@@ -92,6 +92,9 @@ pub struct Config {
     #[arg(long, env = "PAYMENT_SVC_MAX_ORDER_TOTAL", default_value = "1000000",
           value_parser = orderflow::money::TotalLimits::from_setting)]
     pub max_order_total: orderflow::money::TotalLimits,
+    /// Who this process is to Kafka (SASL/SCRAM).
+    #[command(flatten)]
+    pub kafka_auth: orderflow_platform::kafka::KafkaAuthArgs,
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,
@@ -575,7 +578,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
     let settings = config.consumer.apply(ConsumerSettings {
         instance_id: config.instance_id,
-        ..ConsumerSettings::new(config.bootstrap_servers, config.group_id, vec![config.orders_topic])
+        ..ConsumerSettings::new(
+            orderflow_platform::kafka::Cluster::new(config.bootstrap_servers, &config.kafka_auth),
+            config.group_id,
+            vec![config.orders_topic],
+        )
     });
     let handler = Arc::new(handler);
     // Everything stops on `stop`: the caller's shutdown, or the consumer's death (a process

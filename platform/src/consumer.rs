@@ -228,8 +228,8 @@ impl ConsumerArgs {
 /// Where and how to consume.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
-    /// Kafka bootstrap servers.
-    pub bootstrap_servers: String,
+    /// The cluster, and who this consumer is to it.
+    pub cluster: kafka::Cluster,
     /// The consumer group.
     pub group_id: String,
     /// Static membership id (`group.instance.id`), unique within the group; None for a
@@ -253,9 +253,9 @@ pub struct ConsumerSettings {
 
 impl ConsumerSettings {
     /// The defaults for `group_id` on `topics`.
-    pub fn new(bootstrap_servers: String, group_id: String, topics: Vec<String>) -> Self {
+    pub fn new(cluster: kafka::Cluster, group_id: String, topics: Vec<String>) -> Self {
         Self {
-            bootstrap_servers,
+            cluster,
             group_id,
             instance_id: None,
             topics,
@@ -413,17 +413,14 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let slots: Slots = Arc::default();
-    let consumer: Client = kafka::consumer_config(
-        &settings.bootstrap_servers,
-        &settings.group_id,
-        settings.instance_id.as_deref(),
-    )
-    .set("statistics.interval.ms", "5000")
-    .create_with_context(RuntimeContext {
-        group: settings.group_id.clone(),
-        slots: slots.clone(),
-        revoke_grace: settings.revoke_grace,
-    })?;
+    let consumer: Client =
+        kafka::consumer_config(&settings.cluster, &settings.group_id, settings.instance_id.as_deref())
+            .set("statistics.interval.ms", "5000")
+            .create_with_context(RuntimeContext {
+                group: settings.group_id.clone(),
+                slots: slots.clone(),
+                revoke_grace: settings.revoke_grace,
+            })?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let consumer = Arc::new(consumer);
@@ -432,7 +429,7 @@ pub async fn run<H: Handler>(
         pool,
         consumer: consumer.clone(),
         dead_letters: kafka::producer_config(
-            &settings.bootstrap_servers,
+            &settings.cluster,
             &format!("{}-dlq", settings.group_id),
             kafka::DEFAULT_DELIVERY_TIMEOUT,
         )

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer as _};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -34,12 +33,12 @@ pub async fn watch(
     reporter: HealthReporter,
     services: Vec<&'static str>,
     pool: PgPool,
-    bootstrap_servers: Option<String>,
+    cluster: Option<crate::kafka::Cluster>,
     shutdown: CancellationToken,
 ) {
-    let broker: Option<std::sync::Arc<BaseProducer>> = bootstrap_servers.and_then(|servers| {
-        ClientConfig::new()
-            .set("bootstrap.servers", servers)
+    let broker: Option<std::sync::Arc<BaseProducer>> = cluster.and_then(|cluster| {
+        cluster
+            .client_config()
             .set("client.id", "health-probe")
             .create()
             .map_err(|error| tracing::warn!(%error, "cannot create the broker probe"))

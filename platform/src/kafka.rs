@@ -9,6 +9,85 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+/// Where the cluster is and who this client is. The brokers authenticate every client with
+/// SASL/SCRAM (SHA-512) and authorize it with ACLs per principal (each service has its own:
+/// deploy/kafka/acls.txt); a cluster without credentials (a broker for development) is
+/// reached anonymously.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    credentials: Option<(String, crate::Secret)>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("principal", &self.credentials.as_ref().map(|(user, _)| user))
+            .finish()
+    }
+}
+
+impl Cluster {
+    /// A cluster reached anonymously.
+    pub fn anonymous(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            credentials: None,
+        }
+    }
+
+    /// A cluster reached as `username` (SASL/SCRAM-SHA-512).
+    pub fn scram(bootstrap_servers: impl Into<String>, username: impl Into<String>, password: crate::Secret) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            credentials: Some((username.into(), password)),
+        }
+    }
+
+    /// `bootstrap_servers` with the credentials of `auth`, if it has them.
+    pub fn new(bootstrap_servers: impl Into<String>, auth: &KafkaAuthArgs) -> Self {
+        match (&auth.kafka_username, &auth.kafka_password) {
+            (Some(user), Some(password)) => Self::scram(bootstrap_servers, user.clone(), password.clone()),
+            _ => Self::anonymous(bootstrap_servers),
+        }
+    }
+
+    /// The principal this client authenticates as.
+    pub fn principal(&self) -> Option<&str> {
+        self.credentials.as_ref().map(|(user, _)| user.as_str())
+    }
+
+    /// A client configuration for this cluster: its servers and, with credentials, SASL.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        if let Some((user, password)) = &self.credentials {
+            // SCRAM over plaintext: the password never crosses the wire (the client proves
+            // it knows it), but the records do; the brokers listen on loopback only.
+            config
+                .set("security.protocol", "SASL_PLAINTEXT")
+                .set("sasl.mechanism", "SCRAM-SHA-512")
+                .set("sasl.username", user)
+                .set("sasl.password", password.expose());
+        }
+        config
+    }
+}
+
+/// The Kafka credentials every process takes in its configuration (generic names: each
+/// process is given its own principal's).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KafkaAuthArgs {
+    /// The SASL/SCRAM principal this process authenticates to Kafka as.
+    #[arg(long, env = "KAFKA_USERNAME", requires = "kafka_password")]
+    pub kafka_username: Option<String>,
+    /// Its password.
+    #[arg(long, env = "KAFKA_PASSWORD", hide_env_values = true, requires = "kafka_username")]
+    pub kafka_password: Option<crate::Secret>,
+}
+
 /// A client setting that the benchmark's tuning runs may override from the environment
 /// (docs/performance.md); the default is the measured choice.
 fn tuning(variable: &str, default: &str) -> String {
@@ -26,10 +105,9 @@ fn tuning(variable: &str, default: &str) -> String {
 pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Settings of an idempotent producer whose records fail after `delivery_timeout`.
-pub fn producer_config(bootstrap_servers: &str, client_id: &str, delivery_timeout: Duration) -> ClientConfig {
-    let mut config = ClientConfig::new();
+pub fn producer_config(cluster: &Cluster, client_id: &str, delivery_timeout: Duration) -> ClientConfig {
+    let mut config = cluster.client_config();
     config
-        .set("bootstrap.servers", bootstrap_servers)
         .set("client.id", client_id)
         // Idempotence: retries inside librdkafka never duplicate or reorder a partition's
         // records, even with several requests in flight.
@@ -57,10 +135,9 @@ pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 /// Settings of a consumer in `group_id` that stores offsets only when told to.
 /// `instance_id` makes it a static member: restarted with the same id within the session
 /// timeout, it gets its partitions back with no rebalance of the other members.
-pub fn consumer_config(bootstrap_servers: &str, group_id: &str, instance_id: Option<&str>) -> ClientConfig {
-    let mut config = ClientConfig::new();
+pub fn consumer_config(cluster: &Cluster, group_id: &str, instance_id: Option<&str>) -> ClientConfig {
+    let mut config = cluster.client_config();
     config
-        .set("bootstrap.servers", bootstrap_servers)
         .set("group.id", group_id)
         .set("enable.auto.commit", "true")
         // The offset of a message is stored only after its effect committed in Postgres.
@@ -81,9 +158,9 @@ pub fn consumer_config(bootstrap_servers: &str, group_id: &str, instance_id: Opt
 /// A consumer assigned every partition of `topic` from the beginning, in a throw-away group
 /// with nothing committed, so reading never moves anyone's offsets (tools and tests).
 /// Returns it with the number of partitions.
-pub fn reader_from_start(bootstrap_servers: &str, topic: &str) -> anyhow::Result<(BaseConsumer, i32)> {
+pub fn reader_from_start(cluster: &Cluster, topic: &str) -> anyhow::Result<(BaseConsumer, i32)> {
     let group = format!("reader-{}", uuid::Uuid::now_v7());
-    let consumer: BaseConsumer = consumer_config(bootstrap_servers, &group, None)
+    let consumer: BaseConsumer = consumer_config(cluster, &group, None)
         .set("enable.auto.commit", "false")
         .create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
@@ -102,10 +179,8 @@ const BROKER_DEFAULT_REPLICATION: i32 = -1;
 /// Creates the topics that do not exist yet, with `partitions` partitions each and the
 /// broker's default replication factor (1 on one broker, 3 on the three-node cluster).
 /// Existing topics are left as they are.
-pub async fn ensure_topics(bootstrap_servers: &str, names: &[&str], partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap_servers)
-        .create()?;
+pub async fn ensure_topics(cluster: &Cluster, names: &[&str], partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = cluster.client_config().create()?;
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(BROKER_DEFAULT_REPLICATION)))

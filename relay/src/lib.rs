@@ -50,6 +50,10 @@ pub struct Config {
     /// Kafka bootstrap servers.
     #[arg(long, env = "RELAY_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:19092")]
     pub bootstrap_servers: String,
+    /// Who this relay is to Kafka (SASL/SCRAM): each relay's principal may write its own
+    /// topic and nothing else.
+    #[command(flatten)]
+    pub kafka_auth: kafka::KafkaAuthArgs,
     /// Kafka client id (shows in broker logs).
     #[arg(long, env = "RELAY_CLIENT_ID", default_value = "orderflow-relay")]
     pub client_id: String,
@@ -404,8 +408,9 @@ pub async fn main_from_env() -> anyhow::Result<()> {
 /// Connects to the database and the broker and runs the relay until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = orderflow_platform::connect_postgres(&config.database_url, 2).await?;
+    let cluster = kafka::Cluster::new(config.bootstrap_servers.clone(), &config.kafka_auth);
     let producer: FutureProducer = kafka::producer_config(
-        &config.bootstrap_servers,
+        &cluster,
         &config.client_id,
         Duration::from_millis(config.delivery_timeout_ms),
     )

@@ -29,6 +29,9 @@ pub struct Stack {
     pub vars: HashMap<String, String>,
     /// Kafka bootstrap servers.
     pub bootstrap_servers: String,
+    /// The cluster, as the stack's admin principal (a super user: tests create topics and
+    /// groups of their own).
+    pub kafka: kafka::Cluster,
 }
 
 /// The stack's coordinates, from the environment or else from `.stack/env`.
@@ -54,12 +57,27 @@ pub fn stack() -> &'static Stack {
             admin_url: get("ORDERFLOW_PG_ADMIN_URL"),
             orders_url: get("ORDERFLOW_ORDERS_DATABASE_URL"),
             bootstrap_servers: get("ORDERFLOW_BOOTSTRAP_SERVERS"),
+            kafka: kafka::Cluster::scram(
+                get("ORDERFLOW_BOOTSTRAP_SERVERS"),
+                get("ORDERFLOW_KAFKA_USERNAME"),
+                Secret::new(get("ORDERFLOW_KAFKA_PASSWORD")),
+            ),
             vars: vars
                 .into_iter()
                 .filter(|(key, _)| key.starts_with("ORDERFLOW_"))
                 .collect(),
         }
     })
+}
+
+impl Stack {
+    /// The admin principal's credentials, as a service's configuration takes them.
+    pub fn kafka_auth(&self) -> kafka::KafkaAuthArgs {
+        kafka::KafkaAuthArgs {
+            kafka_username: self.vars.get("ORDERFLOW_KAFKA_USERNAME").cloned(),
+            kafka_password: self.vars.get("ORDERFLOW_KAFKA_PASSWORD").map(Secret::new),
+        }
+    }
 }
 
 /// The variables of a `.stack/env` file (`export KEY='value'` lines, as `scripts/stack` writes
@@ -112,7 +130,7 @@ pub async fn fresh_db(migrator: &sqlx::migrate::Migrator) -> TestDb {
 pub async fn fresh_topic(partitions: i32) -> String {
     let name = format!("test.{}", uuid::Uuid::now_v7().simple());
     let dead_letters = orderflow::topics::dead_letter(&name);
-    kafka::ensure_topics(&stack().bootstrap_servers, &[&name, &dead_letters], partitions)
+    kafka::ensure_topics(&stack().kafka, &[&name, &dead_letters], partitions)
         .await
         .expect("create a test topic");
     name
@@ -194,6 +212,7 @@ pub async fn start_order_svc_with(
         max_concurrent_requests: 64,
         migrate: false,
         bootstrap_servers: None,
+        kafka_auth: stack().kafka_auth(),
         payments_topic: orderflow::topics::PAYMENTS_EVENTS.to_owned(),
         group_id: "order".to_owned(),
         instance_id: None,
@@ -265,16 +284,15 @@ pub struct Record {
 /// Reads `topic` from the beginning of every partition until `done(records)` holds or
 /// `timeout` passes; returns what was read either way.
 pub async fn read_topic(
-    bootstrap_servers: &str,
+    cluster: &kafka::Cluster,
     topic: &str,
     timeout: Duration,
     done: impl Fn(&[Record]) -> bool + Send + 'static,
 ) -> Vec<Record> {
-    let bootstrap_servers = bootstrap_servers.to_owned();
+    let cluster = cluster.clone();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let (consumer, partitions) =
-            kafka::reader_from_start(&bootstrap_servers, &topic).expect("a reader of the topic");
+        let (consumer, partitions) = kafka::reader_from_start(&cluster, &topic).expect("a reader of the topic");
         assert!(partitions > 0, "topic {topic} has no partitions");
         let deadline = Instant::now() + timeout;
         let mut records = Vec::new();
@@ -330,9 +348,9 @@ where
 
 /// Commits offset 0 on every partition of `topic` for `group`, so the group's next member
 /// replays the topic from the start (no member may be active meanwhile).
-pub fn reset_group_to_start(bootstrap_servers: &str, group: &str, topic: &str) -> anyhow::Result<()> {
+pub fn reset_group_to_start(cluster: &kafka::Cluster, group: &str, topic: &str) -> anyhow::Result<()> {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
-    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(bootstrap_servers, group, None)
+    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(cluster, group, None)
         .set("enable.auto.commit", "false")
         .create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
@@ -354,24 +372,36 @@ pub struct PrivateKafka {
     brokers: u8,
     /// Where clients connect.
     pub bootstrap_servers: String,
+    /// The cluster as its admin principal.
+    pub cluster: kafka::Cluster,
 }
 
 impl PrivateKafka {
-    /// Starts `brokers` (1 or 3) nodes and creates the stack's topics on them.
-    pub async fn start(port: u16, brokers: u8) -> Self {
+    /// Brokers of a test's own (1 or 3 nodes) on `port` and up, not started yet: their
+    /// coordinates and admin credentials are known before they run (a test can point a
+    /// client at a broker that does not exist yet).
+    pub fn new(port: u16, brokers: u8) -> Self {
         let dir = std::env::temp_dir().join(format!("orderflow-kafka-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).expect("the private stack's directory");
+        // scripts/stack keeps a password it finds in the secrets file.
+        let password = uuid::Uuid::now_v7().simple().to_string();
+        std::fs::write(dir.join("secrets"), format!("kafka-admin={password}\n")).expect("the private stack's secrets");
         let bootstrap_servers = (0..u16::from(brokers))
             .map(|n| format!("127.0.0.1:{}", port + 2 * n))
             .collect::<Vec<_>>()
             .join(",");
-        let kafka = Self {
+        Self {
             dir,
             port,
             brokers,
+            cluster: kafka::Cluster::scram(bootstrap_servers.clone(), "admin", Secret::new(password)),
             bootstrap_servers,
-        };
-        kafka.stack(&["kafka", "--brokers", &brokers.to_string()]).await;
-        kafka
+        }
+    }
+
+    /// Starts the brokers and creates the stack's topics on them.
+    pub async fn start(&self) {
+        self.stack(&["kafka", "--brokers", &self.brokers.to_string()]).await;
     }
 
     /// Runs `scripts/stack ARGS` on these brokers; panics if it fails.

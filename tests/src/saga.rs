@@ -131,9 +131,10 @@ impl Saga {
         .await;
 
         for (db, name) in [(&orders, "relay-orders"), (&payments, "relay-payments")] {
-            let producer: FutureProducer = kafka::producer_config(&bootstrap, name, kafka::DEFAULT_DELIVERY_TIMEOUT)
-                .create()
-                .expect("producer");
+            let producer: FutureProducer =
+                kafka::producer_config(&stack().kafka, name, kafka::DEFAULT_DELIVERY_TIMEOUT)
+                    .create()
+                    .expect("producer");
             let relay = relay::Relay::new(db.pool.clone(), producer, 500);
             let relay = if options.publish_twice {
                 relay.publishing_twice()
@@ -155,6 +156,7 @@ impl Saga {
             inbox_retention_hours: 168,
             instance_id: None,
             consumer: Default::default(),
+            kafka_auth: stack().kafka_auth(),
         };
         tasks.push(spawn_logged(
             "fulfilment",
@@ -169,6 +171,7 @@ impl Saga {
             instance_id: None,
             inbox_retention_hours: 168,
             consumer: Default::default(),
+            kafka_auth: stack().kafka_auth(),
         };
         tasks.push(spawn_logged(
             "projector",
@@ -219,6 +222,7 @@ impl Saga {
             inbox_retention_hours: 168,
             max_order_total: Default::default(),
             consumer: Default::default(),
+            kafka_auth: stack().kafka_auth(),
             authorization_deadline_ms: u64::try_from(self.options.authorization_deadline.as_millis())
                 .unwrap_or(u64::MAX),
             sweep_interval_ms: 200,

@@ -216,6 +216,22 @@ fn stack_env() -> anyhow::Result<BTreeMap<String, String>> {
     Ok(orderflow_tests::parse_stack_env(&text).collect())
 }
 
+/// The stack's Kafka cluster, as its admin principal (the harness reads every topic and
+/// resets groups).
+fn kafka_cluster() -> anyhow::Result<orderflow_platform::kafka::Cluster> {
+    let env = stack_env()?;
+    let get = |key: &str| {
+        env.get(key)
+            .cloned()
+            .with_context(|| format!("{key} missing from .stack/env"))
+    };
+    Ok(orderflow_platform::kafka::Cluster::scram(
+        get("ORDERFLOW_BOOTSTRAP_SERVERS")?,
+        get("ORDERFLOW_KAFKA_USERNAME")?,
+        orderflow_platform::Secret::new(get("ORDERFLOW_KAFKA_PASSWORD")?),
+    ))
+}
+
 /// How each scenario sets the stack up.
 fn scenario_env(
     scenario: &str,
@@ -546,10 +562,7 @@ async fn inject(scenario: &str, cli: &Cli, paused: &AtomicBool) -> anyhow::Resul
             measured.rebalances_of_others = Some(seen);
         }
         "broker-leader-kill" => {
-            let bootstrap = stack_env()?
-                .get("ORDERFLOW_BOOTSTRAP_SERVERS")
-                .cloned()
-                .context("no bootstrap servers")?;
+            let bootstrap = kafka_cluster()?;
             let leader =
                 tokio::task::spawn_blocking(move || leader_of(&bootstrap, orderflow::topics::ORDERS_EVENTS, 0))
                     .await??;
@@ -566,10 +579,7 @@ async fn inject(scenario: &str, cli: &Cli, paused: &AtomicBool) -> anyhow::Resul
                 stack(&["stop", &format!("kafka-{node}")], &[])?;
                 revive()?;
                 // As an operator does: the next broker only once every replica is in sync.
-                let bootstrap = stack_env()?
-                    .get("ORDERFLOW_BOOTSTRAP_SERVERS")
-                    .cloned()
-                    .context("no bootstrap servers")?;
+                let bootstrap = kafka_cluster()?;
                 let waited = Instant::now();
                 while waited.elapsed() < Duration::from_secs(120) {
                     let probe = bootstrap.clone();
@@ -632,11 +642,9 @@ async fn two_members_stable() {
 }
 
 /// The broker leading `partition` of `topic`.
-fn leader_of(bootstrap: &str, topic: &str, partition: i32) -> anyhow::Result<i32> {
+fn leader_of(cluster: &orderflow_platform::kafka::Cluster, topic: &str, partition: i32) -> anyhow::Result<i32> {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    let client: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
+    let client: BaseConsumer = cluster.client_config().create()?;
     let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     metadata
         .topics()
@@ -647,11 +655,9 @@ fn leader_of(bootstrap: &str, topic: &str, partition: i32) -> anyhow::Result<i32
 }
 
 /// Whether every partition of the event topics has all three replicas in sync.
-fn fully_replicated(bootstrap: &str) -> anyhow::Result<bool> {
+fn fully_replicated(cluster: &orderflow_platform::kafka::Cluster) -> anyhow::Result<bool> {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    let client: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
+    let client: BaseConsumer = cluster.client_config().create()?;
     let metadata = client.fetch_metadata(None, Duration::from_secs(10))?;
     Ok(metadata
         .topics()
@@ -688,7 +694,7 @@ async fn first_moved_message(killed_at: &chrono::DateTime<chrono::Utc>, limit: D
 }
 
 /// Reads the orders topic and returns the orders whose OrderPlaced is on it.
-fn placed_on_topic(bootstrap: &str) -> anyhow::Result<HashSet<String>> {
+fn placed_on_topic(bootstrap: &orderflow_platform::kafka::Cluster) -> anyhow::Result<HashSet<String>> {
     use rdkafka::consumer::Consumer as _;
     let topic = orderflow::topics::ORDERS_EVENTS;
     let (consumer, partitions) = orderflow_platform::kafka::reader_from_start(bootstrap, topic)?;
@@ -817,11 +823,7 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         stack(&["kill", "payment-svc"], &[])?;
         // Past the session timeout: the static member is gone and the group is empty.
         tokio::time::sleep(orderflow_platform::kafka::SESSION_TIMEOUT + Duration::from_secs(5)).await;
-        orderflow_tests::reset_group_to_start(
-            &var("ORDERFLOW_BOOTSTRAP_SERVERS")?,
-            "payment",
-            orderflow::topics::ORDERS_EVENTS,
-        )?;
+        orderflow_tests::reset_group_to_start(&kafka_cluster()?, "payment", orderflow::topics::ORDERS_EVENTS)?;
         paused.store(false, Ordering::Relaxed);
     }
 
@@ -897,7 +899,7 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
             .map_or(0, |c| c.violations)
     };
     let accepted = placed.accepted.lock().await.clone();
-    let bootstrap = var("ORDERFLOW_BOOTSTRAP_SERVERS")?;
+    let bootstrap = kafka_cluster()?;
     let on_topic = tokio::task::spawn_blocking(move || placed_on_topic(&bootstrap)).await??;
     let lost_events = accepted.iter().filter(|(id, _)| !on_topic.contains(id)).count();
     // Goodput: the orders that should confirm, and how many did.
