@@ -406,3 +406,83 @@ async fn a_forged_order_placed_is_caught_by_verify_and_its_money_released_by_the
     assert_eq!(ledger, ["AUTHORIZE", "VOID"]);
     saga.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_payment_deadline_and_a_late_confirmation_never_both_act_on_one_payment() {
+    // The service's own sweeper is kept out of the way: this test drives one pass itself.
+    let saga = Saga::start(SagaOptions {
+        authorization_deadline: Duration::from_secs(10 * 86_400),
+        ..SagaOptions::default()
+    })
+    .await;
+    let order = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO payments (payment_id, order_id, amount_minor, currency_code, state, authorization_id, created_at)
+         VALUES ($1, $2, 4250, 'EUR', 'AUTHORIZED', $3, now() - interval '1 day')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(order)
+    .bind(uuid::Uuid::now_v7().to_string())
+    .execute(&saga.payments.pool)
+    .await
+    .unwrap();
+
+    // A late OrderConfirmed is capturing: its transaction holds the payment row.
+    let mut capture = saga.payments.pool.begin().await.unwrap();
+    sqlx::query("SELECT state FROM payments WHERE order_id = $1 FOR UPDATE")
+        .bind(order)
+        .execute(&mut *capture)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE payments SET state = 'CAPTURED' WHERE order_id = $1")
+        .bind(order)
+        .execute(&mut *capture)
+        .await
+        .unwrap();
+
+    // The deadline passes meanwhile: the sweeper's pass waits for that row.
+    let gateway = orderflow::gateway::v1::gateway_service_client::GatewayServiceClient::connect(format!(
+        "http://{}",
+        saga.gateway_addr
+    ))
+    .await
+    .unwrap();
+    let handler = payment_svc::PaymentHandler::new(
+        gateway,
+        Duration::from_secs(1),
+        saga.payments_topic.clone(),
+        orderflow::money::TotalLimits::default(),
+    );
+    let pool = saga.payments.pool.clone();
+    let sweep = tokio::spawn(async move { handler.void_overdue(&pool, Duration::ZERO).await });
+    assert!(
+        eventually(WAIT, || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&saga.payments.pool)
+            .await
+            .unwrap()
+                > 0
+        })
+        .await,
+        "the sweeper waits for the capture's lock"
+    );
+    capture.commit().await.unwrap();
+
+    // It then finds the payment captured and leaves it: no void at the gateway.
+    assert_eq!(sweep.await.unwrap().unwrap(), 0, "nothing voided");
+    let state: String = sqlx::query_scalar("SELECT state FROM payments WHERE order_id = $1")
+        .bind(order)
+        .fetch_one(&saga.payments.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "CAPTURED");
+    let voids: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE idempotency_key = $1")
+        .bind(format!("void:{order}"))
+        .fetch_one(&saga.gateway.pool)
+        .await
+        .unwrap();
+    assert_eq!(voids, 0, "the gateway was never asked to void");
+    saga.stop().await;
+}
