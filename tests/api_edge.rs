@@ -10,6 +10,15 @@ use orderflow_tests::{count, fresh_orders_db, start_order_svc, start_order_svc_w
 use tonic::Code;
 use tonic_types::StatusExt as _;
 
+/// A plaintext channel to a server of the test.
+async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// A message whose field 1 is a number where PlaceOrderRequest has a string: bytes that are
 /// valid protobuf but not a PlaceOrderRequest.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -22,12 +31,7 @@ struct NotAPlaceOrder {
 async fn a_request_that_is_not_the_message_is_invalid_argument() {
     let db = fresh_orders_db().await;
     let svc = start_order_svc(&db, "orders.events").await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", svc.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut grpc = tonic::client::Grpc::new(channel(svc.addr).await);
     grpc.ready().await.unwrap();
     let status = grpc
         .unary(
@@ -129,12 +133,7 @@ async fn reflection_describes_the_order_api_and_nothing_the_server_does_not_serv
 
     let db = fresh_orders_db().await;
     let svc = start_order_svc(&db, "orders.events").await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", svc.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = ServerReflectionClient::new(channel);
+    let mut client = ServerReflectionClient::new(channel(svc.addr).await);
     let ask = |request: MessageRequest| {
         tokio_stream::iter([ServerReflectionRequest {
             host: String::new(),

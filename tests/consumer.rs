@@ -252,16 +252,35 @@ async fn a_message_that_fails_transiently_past_its_budget_is_dead_lettered_and_i
         stuck_key: failing.to_string(),
         healed: Arc::new(AtomicBool::new(false)),
     });
+    // The runtime's metrics, served as a process serves them: the message retrying must show.
+    let metrics = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    orderflow_platform::telemetry::install_metrics(metrics).expect("install the recorder");
+    let group = format!("budget-{}", uuid::Uuid::now_v7().simple());
+    let gauge = |name: &'static str| {
+        let (addr, label) = (metrics.to_string(), format!("group=\"{group}\""));
+        async move {
+            tokio::task::spawn_blocking(move || ordersctl::bench::probe::scrape_sum(&addr, name, &label))
+                .await
+                .unwrap()
+                .unwrap_or(0.0)
+        }
+    };
     let shutdown = CancellationToken::new();
     let settings = ConsumerSettings {
-        retry_budget: Some(Duration::from_secs(1)),
-        ..ConsumerSettings::new(
-            bootstrap.clone(),
-            format!("budget-{}", uuid::Uuid::now_v7().simple()),
-            vec![topic.clone()],
-        )
+        retry_budget: Some(Duration::from_secs(3)),
+        ..ConsumerSettings::new(bootstrap.clone(), group.clone(), vec![topic.clone()])
     };
     let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            gauge(orderflow_platform::telemetry::CONSUMER_RETRYING).await == 1.0
+        })
+        .await,
+        "the message failing over and over shows as retrying"
+    );
 
     let healthy_handled = || async {
         sqlx::query_scalar::<_, i32>("SELECT seq FROM handled WHERE key = $1 ORDER BY handled_at")
@@ -276,6 +295,15 @@ async fn a_message_that_fails_transiently_past_its_budget_is_dead_lettered_and_i
         healthy_handled().await
     );
     assert_eq!(healthy_handled().await, vec![0, 1, 2], "in order");
+    assert_eq!(
+        gauge(orderflow_platform::telemetry::CONSUMER_RETRYING).await,
+        0.0,
+        "nothing retries any more"
+    );
+    assert_eq!(
+        gauge(orderflow_platform::telemetry::CONSUMER_BUDGET_EXHAUSTED).await,
+        2.0
+    );
 
     let letters = {
         let dlq = orderflow::topics::dead_letter(&topic);
