@@ -14,13 +14,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(PROTOS, ["proto"])?;
-    // tonic-reflection serves this set; tonic-prost-build does not write it when it is
-    // handed descriptors, so write it ourselves.
+    // tonic-prost-build writes no descriptor set when it is handed descriptors, so the ones
+    // tonic-reflection serves are written here. Each server's reflection describes what that
+    // server serves and nothing else: its own file with its services, the files it imports
+    // with their services removed (the gateway's API imports Money from the orders API, not
+    // the OrderService).
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out_dir.join("descriptor.bin"), descriptors.encode_to_vec())?;
-    // Each server's reflection describes what that server serves and nothing else: its own
-    // file with its services, the files it imports with their services removed (the gateway's
-    // API imports Money from the orders API, not the OrderService).
     for (name, served) in [
         ("orders_descriptor.bin", "orderflow/orders/v1/orders.proto"),
         ("gateway_descriptor.bin", "orderflow/gateway/v1/gateway.proto"),

@@ -28,9 +28,6 @@ pub mod gateway {
     }
 }
 
-/// The encoded `FileDescriptorSet` of every proto in `proto/`.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
-
 /// What the order service's reflection describes: the orders API (its imports without
 /// services).
 pub const ORDERS_FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/orders_descriptor.bin"));

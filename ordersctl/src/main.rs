@@ -310,12 +310,13 @@ enum DlqCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let cluster = match (&cli.kafka_username, &cli.kafka_password) {
-        (Some(user), Some(password)) => {
-            orderflow_platform::kafka::Cluster::scram(cli.bootstrap_servers.clone(), user.clone(), password.clone())
-        }
-        _ => orderflow_platform::kafka::Cluster::anonymous(cli.bootstrap_servers.clone()),
-    };
+    let cluster = orderflow_platform::kafka::Cluster::new(
+        cli.bootstrap_servers.clone(),
+        &orderflow_platform::kafka::KafkaAuthArgs {
+            kafka_username: cli.kafka_username.clone(),
+            kafka_password: cli.kafka_password.clone(),
+        },
+    );
     // Read only by the commands that call a server (`pki` runs before the keys exist).
     let access = || ordersctl::access::Access::new(&cli.access);
     match cli.command {
