@@ -12,14 +12,30 @@ use orderflow::events::v1::{OrderCancelled, OrderConfirmed};
 use orderflow_platform::kafka;
 use orderflow_platform::outbox::{self, OutboxMessage};
 use orderflow_tests::{
-    PrivateKafka, Record, TestDb, eventually, fresh_orders_db, fresh_topic, read_topic, stack, start_order_svc,
-    valid_order,
+    PrivateKafka, Record, TestDb, eventually, fresh_topic, read_topic, stack, start_order_svc, valid_order,
 };
 use rdkafka::producer::FutureProducer;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// A fresh orders database with the stack's grants: every relay here runs as `orders_relay`,
+/// with exactly the rights it has in production (a write the relay needs and lacks fails
+/// here, not first on the stack).
+async fn fresh_orders_db() -> TestDb {
+    let db = orderflow_tests::fresh_orders_db().await;
+    db.grant("orders").await;
+    db
+}
+
+/// A pool on `db` as the relay's role.
+fn relay_pool(db: &TestDb) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_lazy(&db.url_as("orders_relay"))
+        .expect("a valid URL")
+}
 
 async fn unpublished(db: &TestDb) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
@@ -80,7 +96,7 @@ fn spawn_configured_relay(
         .create()
         .expect("producer");
     let relay = configure(
-        relay::Relay::new(db.pool.clone(), producer, batch_size).with_delivery_timeout(Duration::from_secs(2)),
+        relay::Relay::new(relay_pool(db), producer, batch_size).with_delivery_timeout(Duration::from_secs(2)),
     );
     let token = CancellationToken::new();
     let task = tokio::spawn(relay.run(poll_interval, token.clone()));
@@ -91,7 +107,7 @@ fn spawn_configured_relay(
 fn spawn_relay_process(db: &TestDb, failpoints: Option<&str>) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_relay-with-failpoints"));
     command
-        .env("RELAY_DATABASE_URL", &db.url)
+        .env("RELAY_DATABASE_URL", db.url_as("orders_relay"))
         .env("RELAY_BOOTSTRAP_SERVERS", &stack().bootstrap_servers)
         .env("KAFKA_USERNAME", stack().kafka.principal().unwrap_or_default())
         .env("KAFKA_PASSWORD", &stack().vars["ORDERFLOW_KAFKA_PASSWORD"])
@@ -283,6 +299,15 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(unpublished(&db).await, 3, "no broker: every row stays pending");
+    // Each failed delivery is recorded on its row (what `scripts/stack status` and an operator
+    // read), written by the relay's own role.
+    let unrecorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE published_at IS NULL AND (failed_attempts = 0 OR last_error IS NULL)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(unrecorded, 0, "every pending row records its failed delivery");
     assert!(
         oldest < Duration::from_secs(3),
         "a transaction stayed open {oldest:?} while the broker was away (delivery timeout 2 s)"

@@ -98,6 +98,43 @@ pub struct TestDb {
     pub pool: sqlx::PgPool,
 }
 
+impl TestDb {
+    /// Applies `deploy/postgres/grants/{database}.sql` here, as `scripts/stack up` applies it
+    /// to the stack's database of that name.
+    pub async fn grant(&self, database: &str) {
+        let path = format!(
+            "{}/../deploy/postgres/grants/{database}.sql",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let sql = std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("{path}: {error}"));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|error| panic!("{path}: {error}"));
+    }
+
+    /// This database's URL as `role`, with the password the stack gave it (the stack's
+    /// `ORDERFLOW_DB_AS_<ROLE>` with this database's name).
+    pub fn url_as(&self, role: &str) -> String {
+        let key = format!("ORDERFLOW_DB_AS_{}", role.to_uppercase());
+        let url = stack()
+            .vars
+            .get(&key)
+            .unwrap_or_else(|| panic!("{key} missing: start the stack with scripts/stack up --infra"));
+        let (base, _) = url.rsplit_once('/').expect("a database URL ends in /NAME");
+        format!("{base}/{}", self.name)
+    }
+
+    /// A small pool on this database as `role` (after [`TestDb::grant`]), for running a
+    /// process kind's code with exactly its production rights.
+    pub async fn pool_as(&self, role: &str) -> Result<sqlx::PgPool, sqlx::Error> {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.url_as(role))
+            .await
+    }
+}
+
 /// Creates and migrates a fresh orders database, owned by `orders_owner`.
 pub async fn fresh_orders_db() -> TestDb {
     fresh_db(&order_svc::MIGRATOR).await

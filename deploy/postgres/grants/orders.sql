@@ -25,9 +25,10 @@ GRANT SELECT ON order_read TO order_svc;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO order_svc;
 GRANT EXECUTE ON FUNCTION purge_inbox(text, float8, integer), purge_expired_request_ids(float8, integer) TO order_svc;
 
--- The relay locks the unpublished rows it publishes (FOR UPDATE needs UPDATE) and sets their
--- published_at; it cannot write an event, nor read an order.
-GRANT SELECT, UPDATE (published_at) ON outbox TO orders_relay;
+-- The relay locks the unpublished rows it publishes (FOR UPDATE needs UPDATE), sets their
+-- published_at, and records a failed delivery on the row (failed_attempts, last_error); it
+-- cannot write an event, nor read an order.
+GRANT SELECT, UPDATE (published_at, failed_attempts, last_error) ON outbox TO orders_relay;
 GRANT EXECUTE ON FUNCTION purge_published_outbox(float8, integer) TO orders_relay;
 
 GRANT SELECT, INSERT, UPDATE ON order_read TO orders_projector;

@@ -162,10 +162,37 @@ struct Row {
     stuck_sagas: i64,
     money_kept_for_cancelled: usize,
     invariant_violations: usize,
+    /// The invariants broken, by the checker's name, with how many orders break each.
+    violated: BTreeMap<String, usize>,
     crashes: u64,
     crash_steps: BTreeMap<String, u64>,
     duplicates_deduplicated: f64,
     seconds: f64,
+}
+
+impl Row {
+    /// Whether the scenario did damage (the goodput and rebalance targets are checked apart).
+    fn damaged(&self) -> bool {
+        self.double_charges + self.lost_events + self.money_kept_for_cancelled + self.invariant_violations > 0
+            || self.stuck_sagas > 0
+            || self.undelivered_outbox_rows > 0
+            || self.gave_up > 0
+            || (self.mode == "hardened" && goodput_required(&self.scenario) && self.goodput < GOODPUT_TARGET)
+    }
+}
+
+/// Copies the stack's logs to `out/logs/MODE-SCENARIO/` before the next scenario resets the
+/// stack: a damaged run is explained from them afterwards (CI keeps `out`).
+fn keep_logs(out: &std::path::Path, row: &Row) -> anyhow::Result<PathBuf> {
+    let kept = out.join("logs").join(format!("{}-{}", row.mode, row.scenario));
+    let _ = std::fs::remove_dir_all(&kept);
+    std::fs::create_dir_all(&kept)?;
+    for entry in std::fs::read_dir(stack_dir().join("log"))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), kept.join(entry.file_name()))?;
+    }
+    std::fs::write(kept.join("row.json"), serde_json::to_string_pretty(row)?)?;
+    Ok(kept)
 }
 
 fn root() -> PathBuf {
@@ -938,6 +965,12 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         stuck_sagas: stuck,
         money_kept_for_cancelled: count("CANCELLED orders whose money"),
         invariant_violations: report.violations(),
+        violated: report
+            .checks
+            .iter()
+            .filter(|c| c.violations > 0)
+            .map(|c| (c.name.to_owned(), c.violations))
+            .collect(),
         crashes: crashes.load(Ordering::Relaxed),
         crash_steps: crash_loop.fired(),
         duplicates_deduplicated: duplicates,
@@ -1032,6 +1065,15 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
             row.duplicates_deduplicated,
             row.seconds
         );
+        if row.damaged() {
+            for (check, orders) in &row.violated {
+                eprintln!("[chaos]   violated: {check} ({orders} orders)");
+            }
+            match keep_logs(&cli.out, &row) {
+                Ok(kept) => eprintln!("[chaos]   the stack's logs are kept in {}", kept.display()),
+                Err(error) => eprintln!("[chaos]   cannot keep the stack's logs: {error:#}"),
+            }
+        }
         rows.push(row);
     }
     let _ = stack(&["down"], &[]);
@@ -1043,13 +1085,11 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         cli.out.join(format!("chaos-{}.json", cli.mode)),
         serde_json::to_string_pretty(&rows)?,
     )?;
-    let damaged = rows.iter().filter(|r| {
-        r.double_charges + r.lost_events + r.money_kept_for_cancelled + r.invariant_violations > 0
-            || r.stuck_sagas > 0
-            || r.undelivered_outbox_rows > 0
-            || r.gave_up > 0
-    });
-    let mut damaged: Vec<&str> = damaged.map(|r| r.scenario.as_str()).collect();
+    let mut damaged: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.damaged())
+        .map(|r| r.scenario.as_str())
+        .collect();
     // The kill after the commit must have produced a redelivery that the inbox absorbed.
     if cli.mode == "hardened"
         && rows
@@ -1060,8 +1100,8 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
     }
     if cli.mode == "hardened" {
         for r in &rows {
+            // Counted by damaged() above; said here with its number.
             if goodput_required(&r.scenario) && r.goodput < GOODPUT_TARGET {
-                damaged.push(&r.scenario);
                 eprintln!(
                     "[chaos] {}: goodput {:.1}% is under {GOODPUT_TARGET}%",
                     r.scenario, r.goodput
