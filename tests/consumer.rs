@@ -367,3 +367,52 @@ async fn a_consumer_that_holds_no_partition_for_too_long_gives_up() {
     let error = outcome.expect_err("holding no partition is an error");
     assert!(error.to_string().contains("held no partition"), "{error:#}");
 }
+
+/// Never finishes handling anything: a dependency call without a timeout that never answers.
+struct Hanging;
+
+impl Handler for Hanging {
+    fn inbox(&self) -> &'static str {
+        "hanging"
+    }
+
+    fn wants(&self, _event: &OpenedEvent) -> bool {
+        true
+    }
+
+    async fn handle(
+        &self,
+        _tx: &mut Transaction<'static, Postgres>,
+        _message: &Incoming,
+        _event: &OpenedEvent,
+    ) -> Result<Outcome, HandlerError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_making_progress_gives_up() {
+    // It holds its partition, its records wait, and it neither receives nor attempts
+    // anything: without the watchdog it would look alive for ever while its orders time out.
+    let db = fresh_orders_db().await;
+    let topic = fresh_topic(1).await;
+    let bootstrap = stack().kafka.clone();
+    let producer: FutureProducer = kafka::producer_config(&bootstrap, "stall-test", Duration::from_secs(10))
+        .create()
+        .unwrap();
+    let keys: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+    send(&producer, &topic, &keys, &mut HashMap::new()).await;
+    let settings = ConsumerSettings {
+        stall_limit: Some(Duration::from_secs(3)),
+        statistics_interval: Duration::from_millis(500),
+        ..ConsumerSettings::new(bootstrap, format!("stall-{topic}"), vec![topic.clone()])
+    };
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        consumer::run(settings, db.pool.clone(), Arc::new(Hanging), CancellationToken::new()),
+    )
+    .await
+    .expect("the consumer gave up instead of hanging for ever");
+    let error = outcome.expect_err("a stall is an error");
+    assert!(error.to_string().contains("stalled: 3 records"), "{error:#}");
+}

@@ -30,9 +30,16 @@
 //!   fatal error (such as a fenced static member), or when the consumer has held no partition
 //!   for longer than `unassigned_limit`: the process then exits and its supervisor restarts it.
 //!   The number of partitions held is published as a gauge.
+//! - **Stalls.** A consumer can also stop making progress without any error: a fetch that
+//!   never resumes after a broker pause, a handler awaiting something that never answers.
+//!   When records of the partitions this member holds wait to be handled and, for
+//!   `stall_limit`, no message arrived and no attempt started, `run` returns an error too
+//!   (the process exits and is restarted, and the group redelivers from the committed
+//!   offsets). A message retrying with backoff is progress; only silence is a stall.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -194,6 +201,11 @@ pub trait Handler: Send + Sync + 'static {
 /// (a Postgres restart, a gateway that does not answer 12 times).
 pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(60);
 
+/// The stall limit unless configured: 30 s, six times the longest backoff between two
+/// attempts (5 s) plus the statistics' 5 s resolution, and short enough that a restarted
+/// consumer still settles the orders it held up within the 90 s saga deadline.
+pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(30);
+
 /// The consumer settings every service exposes in its own configuration.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumerArgs {
@@ -205,12 +217,22 @@ pub struct ConsumerArgs {
         default_value_t = 60_000
     )]
     pub retry_budget_ms: u64,
+    /// How long a consumer may hold records waiting to be handled while it receives and
+    /// attempts nothing before it gives up (the process exits and is restarted), in
+    /// milliseconds (0: never).
+    #[arg(
+        long = "consumer-stall-limit-ms",
+        env = "CONSUMER_STALL_LIMIT_MS",
+        default_value_t = 30_000
+    )]
+    pub stall_limit_ms: u64,
 }
 
 impl Default for ConsumerArgs {
     fn default() -> Self {
         Self {
             retry_budget_ms: u64::try_from(DEFAULT_RETRY_BUDGET.as_millis()).unwrap_or(u64::MAX),
+            stall_limit_ms: u64::try_from(DEFAULT_STALL_LIMIT.as_millis()).unwrap_or(u64::MAX),
         }
     }
 }
@@ -220,6 +242,7 @@ impl ConsumerArgs {
     pub fn apply(&self, settings: ConsumerSettings) -> ConsumerSettings {
         ConsumerSettings {
             retry_budget: (self.retry_budget_ms > 0).then(|| Duration::from_millis(self.retry_budget_ms)),
+            stall_limit: (self.stall_limit_ms > 0).then(|| Duration::from_millis(self.stall_limit_ms)),
             ..settings
         }
     }
@@ -249,6 +272,12 @@ pub struct ConsumerSettings {
     /// supervisor restarts it); None never gives up (a member of a group that has more
     /// members than partitions).
     pub unassigned_limit: Option<Duration>,
+    /// Records of this member's partitions waiting to be handled while nothing arrives and
+    /// no attempt starts for this long is an error (the process exits and its supervisor
+    /// restarts it); None never gives up. Longer than the longest backoff between attempts.
+    pub stall_limit: Option<Duration>,
+    /// How often librdkafka reports its statistics (consumer lag, records waiting).
+    pub statistics_interval: Duration,
 }
 
 impl ConsumerSettings {
@@ -263,6 +292,8 @@ impl ConsumerSettings {
             revoke_grace: Duration::from_secs(5),
             retry_budget: Some(DEFAULT_RETRY_BUDGET),
             unassigned_limit: Some(Duration::from_secs(120)),
+            stall_limit: Some(DEFAULT_STALL_LIMIT),
+            statistics_interval: Duration::from_secs(5),
         }
     }
 }
@@ -323,20 +354,32 @@ struct RuntimeContext {
     group: String,
     slots: Slots,
     revoke_grace: Duration,
+    /// Records not yet handled in the partitions this member holds, as of the last
+    /// statistics.
+    unhandled: Arc<AtomicI64>,
 }
 
 impl ClientContext for RuntimeContext {
-    /// Publishes librdkafka's per-partition consumer lag as a gauge (statistics every 5 s).
+    /// Publishes librdkafka's per-partition consumer lag as a gauge, and counts the records
+    /// not yet handled in the partitions held (the stall watchdog's input).
     fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut unhandled = 0;
         for (topic, stats) in &statistics.topics {
             for (partition, partition_stats) in &stats.partitions {
-                if *partition >= 0 && partition_stats.consumer_lag >= 0 {
+                if *partition < 0 {
+                    continue;
+                }
+                if partition_stats.consumer_lag >= 0 {
                     metrics::gauge!(telemetry::CONSUMER_LAG, "group" => self.group.clone(), "topic" => topic.clone(),
                         "partition" => partition.to_string())
                     .set(partition_stats.consumer_lag as f64);
                 }
+                if partition_stats.desired {
+                    unhandled += records_unhandled(partition_stats);
+                }
             }
         }
+        self.unhandled.store(unhandled, AtomicOrdering::Relaxed);
     }
 }
 
@@ -392,6 +435,22 @@ impl ConsumerContext for RuntimeContext {
     }
 }
 
+/// Records of a partition that this member has not finished with: from the offset stored
+/// after its last handled message (or the committed one, or the log start) to the high
+/// watermark. Records fetched but still queued in librdkafka or in a partition's queue
+/// count too: a handler that never returns leaves them all unhandled.
+/// (Under Kafka transactions a trailing commit marker would count as one record for ever;
+/// this system's producers are idempotent, not transactional.)
+fn records_unhandled(stats: &rdkafka::statistics::Partition) -> i64 {
+    let position = [stats.stored_offset, stats.committed_offset, stats.lo_offset]
+        .into_iter()
+        .find(|offset| *offset >= 0);
+    match position {
+        Some(position) if stats.hi_offset >= 0 => (stats.hi_offset - position).max(0),
+        _ => 0,
+    }
+}
+
 type Client = BaseConsumer<RuntimeContext>;
 
 /// Everything a partition's task needs.
@@ -402,6 +461,34 @@ struct Worker<H> {
     dead_letters: FutureProducer,
     retry_budget: Option<Duration>,
     group: String,
+    /// When a message last arrived or an attempt last started (the stall watchdog's clock).
+    progress: Progress,
+}
+
+/// The last sign of progress, as milliseconds since the consumer started.
+struct Progress {
+    started: Instant,
+    last: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, AtomicOrdering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        self.started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last.load(AtomicOrdering::Relaxed)))
+    }
 }
 
 /// Consumes until `shutdown`; then lets each partition finish its message in flight, commits
@@ -413,13 +500,18 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let slots: Slots = Arc::default();
+    let unhandled = Arc::new(AtomicI64::new(0));
     let consumer: Client =
         kafka::consumer_config(&settings.cluster, &settings.group_id, settings.instance_id.as_deref())
-            .set("statistics.interval.ms", "5000")
+            .set(
+                "statistics.interval.ms",
+                settings.statistics_interval.as_millis().max(1).to_string(),
+            )
             .create_with_context(RuntimeContext {
                 group: settings.group_id.clone(),
                 slots: slots.clone(),
                 revoke_grace: settings.revoke_grace,
+                unhandled: unhandled.clone(),
             })?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
@@ -436,9 +528,11 @@ pub async fn run<H: Handler>(
         .create()?,
         retry_budget: settings.retry_budget,
         group: settings.group_id.clone(),
+        progress: Progress::new(),
     });
     tracing::info!(group = %settings.group_id, instance = ?settings.instance_id, topics = ?settings.topics, "consumer started");
 
+    let revoke_grace = settings.revoke_grace;
     let tasks = TaskTracker::new();
     // Stops the partitions' tasks when the caller shuts down, and also when the poll thread
     // fails: a task retrying a message must not keep a dead consumer's process alive.
@@ -457,6 +551,7 @@ pub async fn run<H: Handler>(
             let poll = Poller {
                 consumer,
                 slots,
+                unhandled,
                 worker,
                 runtime,
                 tasks,
@@ -476,7 +571,12 @@ pub async fn run<H: Handler>(
     // backoff) and stores its offset; then the stored offsets are committed.
     lock(&slots).clear();
     tasks.close();
-    tasks.wait().await;
+    // A handler that never returns (the stall above, or a dependency without a timeout) must
+    // not keep the process from exiting: after the grace its message is abandoned, its offset
+    // unstored, and the next owner of its partition redelivers it.
+    if tokio::time::timeout(revoke_grace, tasks.wait()).await.is_err() {
+        tracing::warn!("a message in flight did not finish within the grace; abandoning it (it will be redelivered)");
+    }
     let closing = consumer.clone();
     let _ =
         tokio::task::spawn_blocking(move || closing.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)).await;
@@ -494,6 +594,7 @@ pub async fn run<H: Handler>(
 struct Poller<H> {
     consumer: Arc<Client>,
     slots: Slots,
+    unhandled: Arc<AtomicI64>,
     worker: Arc<Worker<H>>,
     runtime: tokio::runtime::Handle,
     tasks: TaskTracker,
@@ -504,12 +605,16 @@ struct Poller<H> {
 impl<H: Handler> Poller<H> {
     fn run(self) -> anyhow::Result<()> {
         let mut unassigned_since = Some(Instant::now());
+        let mut waiting_since: Option<Instant> = None;
         let mut next_check = Instant::now();
         while !self.shutdown.is_cancelled() {
             self.hand_on_overflow();
             // Every rebalance callback runs inside this call, on this thread.
             match self.consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(message)) => self.dispatch(Incoming::from_kafka(&message)),
+                Some(Ok(message)) => {
+                    self.worker.progress.mark();
+                    self.dispatch(Incoming::from_kafka(&message));
+                }
                 Some(Err(error)) => {
                     if let Some((code, reason)) = self.consumer.client().fatal_error() {
                         anyhow::bail!("fatal consumer error {code:?}: {reason}");
@@ -525,6 +630,24 @@ impl<H: Handler> Poller<H> {
                     .set(held as f64);
                 if held > 0 {
                     unassigned_since = None;
+                    // Records unhandled in every report for the whole limit, not in one: the
+                    // high watermark may be learnt a moment before the records it announces.
+                    let unhandled = self.unhandled.load(AtomicOrdering::Relaxed);
+                    let waiting_for = if unhandled > 0 {
+                        waiting_since.get_or_insert_with(Instant::now).elapsed()
+                    } else {
+                        waiting_since = None;
+                        Duration::ZERO
+                    };
+                    let silent = self.worker.progress.silent_for();
+                    if let Some(limit) = self.settings.stall_limit
+                        && waiting_for > limit
+                        && silent > limit
+                    {
+                        anyhow::bail!(
+                            "stalled: {unhandled} records of the {held} partitions held wait to be handled, and no message arrived and no attempt started for {silent:.0?}"
+                        );
+                    }
                 } else {
                     let since = *unassigned_since.get_or_insert_with(Instant::now);
                     if let Some(limit) = self.settings.unassigned_limit
@@ -703,6 +826,7 @@ impl<H: Handler> Worker<H> {
 
     /// One attempt: the inbox step and the handler's effect in one transaction.
     async fn attempt(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
+        self.progress.mark();
         let event = message.open()?;
         if !self.handler.wants(&event) {
             return Ok(Outcome::Ignored);
