@@ -14,7 +14,7 @@ use orderflow::events::v1::OrderConfirmed;
 use orderflow::events::v1::event_envelope::Payload;
 use orderflow_platform::consumer::{self, ConsumerSettings, Handler, HandlerError, Incoming, Outcome};
 use orderflow_platform::{kafka, outbox};
-use orderflow_tests::{eventually, fresh_orders_db, fresh_topic, stack};
+use orderflow_tests::{PrivateKafka, eventually, fresh_orders_db, fresh_topic, stack};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
@@ -415,4 +415,49 @@ async fn a_consumer_that_stops_making_progress_gives_up() {
     .expect("the consumer gave up instead of hanging for ever");
     let error = outcome.expect_err("a stall is an error");
     assert!(error.to_string().contains("stalled: 3 records"), "{error:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_stops_in_bounded_time_while_its_broker_does_not_answer() {
+    // A consumer that decides to exit (shutdown, a stall, no partition for too long) must exit
+    // even when its group coordinator never answers again: its supervisor restarts it only
+    // then. A broker of this test's own, stopped with SIGSTOP (connections open, no answers).
+    let broker = PrivateKafka::new(19320, 1);
+    broker.start().await;
+    let db = fresh_orders_db().await;
+    sqlx::query("CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, partition int NOT NULL, handled_at timestamptz NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let topic = orderflow::topics::ORDERS_EVENTS.to_owned();
+    let settings = ConsumerSettings::new(broker.cluster.clone(), "closing".into(), vec![topic.clone()]);
+    let handler = Arc::new(Flaky {
+        stuck_key: String::new(),
+        healed: Arc::new(AtomicBool::new(true)),
+    });
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
+    let producer: FutureProducer = kafka::producer_config(&broker.cluster, "closing-test", Duration::from_secs(10))
+        .create()
+        .unwrap();
+    send(&producer, &topic, &[uuid::Uuid::now_v7()], &mut HashMap::new()).await;
+    let handled = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM handled")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || async { handled().await == 1 }).await,
+        "the consumer joined its group and handled a message"
+    );
+
+    broker.pause().await;
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(45), consumer).await;
+    broker.resume().await;
+    stopped
+        .expect("the consumer stopped while its broker did not answer")
+        .unwrap()
+        .expect("a requested shutdown is not an error");
 }

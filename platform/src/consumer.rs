@@ -206,6 +206,9 @@ pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(60);
 /// consumer still settles the orders it held up within the 90 s saga deadline.
 pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(30);
 
+/// How long a stopping consumer waits for its last commit and its close (see `run`).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The consumer settings every service exposes in its own configuration.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumerArgs {
@@ -291,7 +294,10 @@ impl ConsumerSettings {
             partition_queue: 64,
             revoke_grace: Duration::from_secs(5),
             retry_budget: Some(DEFAULT_RETRY_BUDGET),
-            unassigned_limit: Some(Duration::from_secs(120)),
+            // Past a 20 s broker outage and the rejoin after it, short of the 90 s saga
+            // deadline: a member that lost its coordinator for good (seen after a broker
+            // pause under SASL) is restarted while its orders can still settle.
+            unassigned_limit: Some(Duration::from_secs(45)),
             stall_limit: Some(DEFAULT_STALL_LIMIT),
             statistics_interval: Duration::from_secs(5),
         }
@@ -533,6 +539,7 @@ pub async fn run<H: Handler>(
     tracing::info!(group = %settings.group_id, instance = ?settings.instance_id, topics = ?settings.topics, "consumer started");
 
     let revoke_grace = settings.revoke_grace;
+    let group = settings.group_id.clone();
     let tasks = TaskTracker::new();
     // Stops the partitions' tasks when the caller shuts down, and also when the poll thread
     // fails: a task retrying a message must not keep a dead consumer's process alive.
@@ -577,12 +584,30 @@ pub async fn run<H: Handler>(
     if tokio::time::timeout(revoke_grace, tasks.wait()).await.is_err() {
         tracing::warn!("a message in flight did not finish within the grace; abandoning it (it will be redelivered)");
     }
-    let closing = consumer.clone();
-    let _ =
-        tokio::task::spawn_blocking(move || closing.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)).await;
-    // Closing blocks until the broker answers (possibly as long as an outage lasts): never on
-    // a runtime thread.
-    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    // Committing and closing wait for the group coordinator, for as long as it does not
+    // answer: measured in the chaos harness's broker-pause under SASL, a coordinator
+    // connection can stay down for good after the broker was stopped, and closing never
+    // returned, so a consumer that had decided to exit (for its supervisor to restart it)
+    // stayed alive holding nothing while its orders timed out. Both run on a thread of their
+    // own, waited for at most CLOSE_TIMEOUT; past it, the thread is left behind (the process
+    // is exiting) and the offsets not committed are redelivered to the next owner, whose
+    // inbox absorbs them.
+    let (closed, closed_wait) = tokio::sync::oneshot::channel();
+    let closing = std::thread::Builder::new()
+        .name(format!("close-{group}"))
+        .spawn(move || {
+            let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+            drop(consumer);
+            let _ = closed.send(());
+        });
+    match closing {
+        Ok(_) => {
+            if tokio::time::timeout(CLOSE_TIMEOUT, closed_wait).await.is_err() {
+                tracing::warn!(timeout = ?CLOSE_TIMEOUT, "the consumer did not close in time (its group coordinator does not answer); leaving it behind");
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot start the thread that closes the consumer"),
+    }
     match &result {
         Ok(()) => tracing::info!("consumer stopped"),
         Err(error) => tracing::error!(error = format!("{error:#}"), "consumer failed"),

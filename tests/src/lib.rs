@@ -441,6 +441,16 @@ impl PrivateKafka {
         self.stack(&["kafka", "--brokers", &self.brokers.to_string()]).await;
     }
 
+    /// Stops every broker (SIGSTOP): connections stay open, nothing answers.
+    pub async fn pause(&self) {
+        self.stack(&["broker-pause"]).await;
+    }
+
+    /// Resumes the brokers `pause` stopped.
+    pub async fn resume(&self) {
+        self.stack(&["broker-resume"]).await;
+    }
+
     /// Runs `scripts/stack ARGS` on these brokers; panics if it fails.
     async fn stack(&self, args: &[&str]) {
         let status = self.command(args).status().await.expect("run scripts/stack");
@@ -462,6 +472,12 @@ impl PrivateKafka {
 
 impl Drop for PrivateKafka {
     fn drop(&mut self) {
+        // A broker a failed test left paused cannot stop gracefully.
+        let mut resume: std::process::Command = self.command(&["broker-resume"]).into_std();
+        let _ = resume
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
         let mut down: std::process::Command = self.command(&["down"]).into_std();
         let _ = down.stdout(std::process::Stdio::null()).status();
         let _ = std::fs::remove_dir_all(&self.dir);
