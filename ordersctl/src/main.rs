@@ -219,6 +219,9 @@ struct BenchArgs {
         default_value = "127.0.0.1:9101,127.0.0.1:9102,127.0.0.1:9103,127.0.0.1:9104"
     )]
     consumer_metrics: Vec<String>,
+    /// Metrics endpoints of the relays (records published, for the cost per order).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:9105,127.0.0.1:9106")]
+    relay_metrics: Vec<String>,
     /// Where the JSON and HTML reports go.
     #[arg(long, default_value = "bench-results")]
     out: std::path::PathBuf,
@@ -657,6 +660,21 @@ async fn watch(
 async fn bench(addr: &str, access: ordersctl::access::Access, args: BenchArgs) -> anyhow::Result<()> {
     use ordersctl::bench;
     let stores = args.stores.connect(8).await?;
+    // The superuser reads every database's counters (pg_stat_database, pg_stat_statements).
+    let admin = match &args.admin_db {
+        Some(url) => {
+            let admin = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect(url)
+                .await
+                .context("connect with ORDERFLOW_PG_ADMIN_URL")?;
+            if !bench::cost::prepare(&admin).await {
+                eprintln!("[bench] pg_stat_statements is not loaded: no statements per order (scripts/stack preloads it)");
+            }
+            Some(admin)
+        }
+        None => None,
+    };
     let options = bench::Options {
         addr: addr.to_owned(),
         access: std::sync::Arc::new(access),
@@ -669,6 +687,11 @@ async fn bench(addr: &str, access: ordersctl::access::Access, args: BenchArgs) -
         max_in_flight: args.max_in_flight,
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         consumer_metrics: args.consumer_metrics.clone(),
+        cost: bench::cost::Sources {
+            admin,
+            relay_metrics: args.relay_metrics.clone(),
+            consumer_metrics: args.consumer_metrics.clone(),
+        },
         stack_dir: args.stack_dir.clone(),
         progress: !args.json,
     };

@@ -18,6 +18,11 @@ pub const RELAY_LAG: &str = "orderflow_relay_lag_seconds";
 pub const RELAY_PUBLISHED: &str = "orderflow_relay_published_total";
 /// Rows the broker refused.
 pub const RELAY_PUBLISH_ERRORS: &str = "orderflow_relay_publish_errors_total";
+/// Counter: relay passes (each a transaction looking for unpublished rows, and publishing
+/// what it finds).
+pub const RELAY_PASSES: &str = "orderflow_relay_passes_total";
+/// Counter: outbox notifications answered by a pass already due (one pass per burst).
+pub const RELAY_WAKEUPS_COALESCED: &str = "orderflow_relay_wakeups_coalesced_total";
 /// Messages handled, by `group`, `topic` and `outcome` (processed, duplicate, ignored, dead_lettered).
 pub const CONSUMER_MESSAGES: &str = "orderflow_consumer_messages_total";
 /// Transient failures retried, by `group`.

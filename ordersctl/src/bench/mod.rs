@@ -7,6 +7,8 @@
 //! answered, and its latency counts from that due time. A closed loop (send, wait, send)
 //! slows down with the system and hides its queueing (coordinated omission).
 
+pub mod cost;
+pub mod hops;
 pub mod pgbench;
 pub mod probe;
 pub mod report;
@@ -55,6 +57,8 @@ pub struct Options {
     pub drain_timeout: Duration,
     /// Metrics endpoints of the consuming processes (host:port).
     pub consumer_metrics: Vec<String>,
+    /// Where the cost per order is read from.
+    pub cost: cost::Sources,
     /// The stack directory (pid files), for CPU per process.
     pub stack_dir: Option<PathBuf>,
     /// Show a progress bar.
@@ -71,12 +75,13 @@ struct LoadOutcome {
     timeline: Vec<Sample>,
     cpu: BTreeMap<String, f64>,
     machine_cpu: f64,
+    cost: cost::CostPerOrder,
     started_at: DateTime<Utc>,
     window_start: DateTime<Utc>,
     window_end: DateTime<Utc>,
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     // Microseconds, 1 µs to 10 minutes, 3 significant digits.
     #[allow(clippy::expect_used)] // The bounds are constants that hdrhistogram accepts.
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
@@ -216,6 +221,12 @@ async fn load(
 
     let mut window_start = Utc::now();
     let mut measuring = false;
+    let counters_meter = Arc::new(probe::CpuMeter::new(options.stack_dir.as_deref()));
+    let read_counters = || {
+        let (sources, meter) = (options.cost.clone(), counters_meter.clone());
+        tokio::spawn(async move { cost::Counters::read(&sources, &meter).await })
+    };
+    let mut counters_at_start = None;
     let mut issued: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -230,6 +241,8 @@ async fn load(
             if !measuring && due_at >= measured_from {
                 measuring = true;
                 window_start = Utc::now();
+                // Read in a task of its own: the arrivals keep their schedule.
+                counters_at_start = Some(read_counters());
             }
             let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                 shared.not_sent.fetch_add(1, Ordering::Relaxed);
@@ -271,11 +284,17 @@ async fn load(
         .acquire_many(u32::try_from(options.max_in_flight).unwrap_or(u32::MAX))
         .await;
     let window_end = Utc::now();
+    let counters_at_end = read_counters().await?;
     let (timeline, meter) = sampler.await?;
     bar.finish_and_clear();
     let (cpu, machine_cpu) = meter.averages();
     let place = shared.place.lock().await.clone();
     let errors = shared.errors.lock().await.clone();
+    // The divisor: orders accepted whose arrival was due in the measured window.
+    let cost = match counters_at_start {
+        Some(start) => counters_at_end.per_order_since(&start.await?, place.len()),
+        None => cost::CostPerOrder::default(),
+    };
     Ok(LoadOutcome {
         offered: due_total,
         accepted: shared.accepted.load(Ordering::Relaxed),
@@ -285,6 +304,7 @@ async fn load(
         timeline,
         cpu,
         machine_cpu,
+        cost,
         started_at,
         window_start,
         window_end,
@@ -444,6 +464,7 @@ pub async fn step(
     let drain_secs = drain_started.elapsed().as_secs_f64();
     let (relay, saga, saga_approved, read_model) =
         server_latencies(stores, outcome.window_start, outcome.window_end).await?;
+    let hops = hops::decompose(stores, outcome.window_start, outcome.window_end).await?;
     let measured: Vec<&Sample> = outcome
         .timeline
         .iter()
@@ -480,6 +501,8 @@ pub async fn step(
         drain_secs,
         cpu: outcome.cpu,
         machine_cpu: outcome.machine_cpu,
+        cost: outcome.cost,
+        hops,
         timeline: outcome.timeline,
     })
 }
@@ -643,7 +666,7 @@ pub async fn run(
 
     let pgbench = match (&plan.admin_url, plan.pgbench_secs) {
         (Some(url), secs) if secs > 0 => {
-            eprintln!("[bench] pgbench: one order's transactions for {secs} s");
+            eprintln!("[bench] pgbench: one order's transactions, every one and the critical path, {secs} s each");
             Some(pgbench::run(url, plan.pgbench_clients, secs).await?)
         }
         _ => None,
@@ -657,7 +680,9 @@ pub async fn run(
         None if !plan.find_ceiling => steps.first().map_or(0.0, |s| s.sustained_rate),
         None => 0.0,
     };
-    let ratio_to_pgbench = pgbench.as_ref().map(|pg| best_sustained / pg.orders_per_sec.max(1e-9));
+    let ratio_to_pgbench = pgbench
+        .as_ref()
+        .map(|pg| best_sustained / pg.full.orders_per_sec.max(1e-9));
 
     let verification = crate::verify::verify(stores, plan.deadline, Duration::from_secs(5)).await?;
     let violations = verification.violations();
@@ -763,6 +788,8 @@ mod tests {
             drain_secs: 1.0,
             cpu: BTreeMap::new(),
             machine_cpu: 50.0,
+            cost: cost::CostPerOrder::default(),
+            hops: Vec::new(),
             timeline: Vec::new(),
         }
     }

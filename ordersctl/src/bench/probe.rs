@@ -66,6 +66,9 @@ fn clock_ticks_per_sec() -> f64 {
     100.0
 }
 
+/// CPU milliseconds in one clock tick of /proc's counters.
+pub const MILLIS_PER_TICK: f64 = 1000.0 / 100.0;
+
 /// utime + stime of one process, in clock ticks.
 fn process_ticks(pid: &str) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -97,11 +100,12 @@ impl CpuMeter {
             last_machine: machine_ticks(),
             last_at: Instant::now(),
         };
-        meter.last = meter.read();
+        meter.last = meter.ticks();
         meter
     }
 
-    fn read(&self) -> BTreeMap<String, u64> {
+    /// CPU ticks (utime + stime) so far of every process measured.
+    pub fn ticks(&self) -> BTreeMap<String, u64> {
         let mut ticks = BTreeMap::new();
         if let Some(dir) = &self.stack_dir
             && let Ok(entries) = std::fs::read_dir(dir.join("pid"))
@@ -137,7 +141,7 @@ impl CpuMeter {
     /// Per process, the share of one core used since the last call (100 = one full core),
     /// and the machine's busy share of all cores (100 = every core busy).
     pub fn sample(&mut self) -> (BTreeMap<String, f64>, f64) {
-        let now = self.read();
+        let now = self.ticks();
         let elapsed = self.last_at.elapsed().as_secs_f64().max(0.001);
         let mut shares = BTreeMap::new();
         for (name, &ticks) in &now {

@@ -83,6 +83,10 @@ pub struct StepReport {
     pub cpu: BTreeMap<String, f64>,
     /// Average busy share of the machine.
     pub machine_cpu: f64,
+    /// What one order cost over the measured window.
+    pub cost: super::cost::CostPerOrder,
+    /// An approved order's saga, hop by hop.
+    pub hops: Vec<super::hops::Hop>,
     /// Second by second.
     pub timeline: Vec<Sample>,
 }
@@ -100,17 +104,30 @@ pub struct Target {
     pub met: bool,
 }
 
-/// The pgbench side-by-side.
+/// One pgbench script's run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PgbenchResult {
     /// The command run.
     pub command: String,
     /// The script.
     pub script: String,
-    /// Transactions a second (one transaction = one order's database work).
+    /// Database transactions in one run of the script.
+    pub transactions_per_order: u32,
+    /// Runs of the script a second (one run = one order's database work).
     pub orders_per_sec: f64,
     /// Average latency of one order's work.
     pub latency_avg_ms: f64,
+    /// Postgres CPU milliseconds per order (every postgres process, as in the system's cost).
+    pub postgres_cpu_ms_per_order: f64,
+}
+
+/// The pgbench side-by-side: Postgres's own ceiling for this workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct PgbenchCeiling {
+    /// Every write transaction of one order: the honest ceiling.
+    pub full: PgbenchResult,
+    /// The three critical-path transactions only (overstates the headroom).
+    pub critical_path: PgbenchResult,
 }
 
 /// The whole run.
@@ -133,8 +150,8 @@ pub struct BenchReport {
     /// The bottleneck, with its evidence.
     pub bottleneck: Vec<String>,
     /// Postgres's own ceiling for one order's transactions.
-    pub pgbench: Option<PgbenchResult>,
-    /// The sustained rate as a share of pgbench's.
+    pub pgbench: Option<PgbenchCeiling>,
+    /// The sustained rate as a share of pgbench's full-order rate.
     pub ratio_to_pgbench: Option<f64>,
     /// The targets.
     pub targets: Vec<Target>,
@@ -198,6 +215,37 @@ pub fn bottleneck(step: &StepReport, cores: usize) -> Vec<String> {
     evidence
 }
 
+/// The cost of one order as (what, per order) lines, shared by the text and HTML reports.
+pub fn cost_lines(cost: &super::cost::CostPerOrder) -> Vec<(String, String)> {
+    let mut lines = vec![(
+        "CPU, every process but the load generator".to_owned(),
+        format!("{:.2} ms", cost.cpu_ms_total),
+    )];
+    let mut by_cpu: Vec<(&String, &f64)> = cost.cpu_ms.iter().collect();
+    by_cpu.sort_by(|a, b| b.1.total_cmp(a.1));
+    for (name, ms) in by_cpu {
+        let apart = if name == super::cost::LOAD_GENERATOR { " (apart)" } else { "" };
+        lines.push((format!("  CPU {name}{apart}"), format!("{ms:.2} ms")));
+    }
+    lines.push((
+        "Postgres transactions".to_owned(),
+        format!("{:.1}", cost.transactions_total),
+    ));
+    for (db, n) in &cost.transactions {
+        lines.push((format!("  transactions in {db}"), format!("{n:.1}")));
+    }
+    lines.push((
+        "Postgres statements (round trips, pings apart)".to_owned(),
+        format!("{:.1}", cost.statements_total),
+    ));
+    for (db, n) in &cost.statements {
+        lines.push((format!("  statements in {db}"), format!("{n:.1}")));
+    }
+    lines.push(("Kafka records published".to_owned(), format!("{:.2}", cost.records_produced)));
+    lines.push(("Kafka records consumed".to_owned(), format!("{:.2}", cost.records_consumed)));
+    lines
+}
+
 /// The terminal summary.
 pub fn render_text(report: &BenchReport) -> String {
     let mut out = String::new();
@@ -223,6 +271,24 @@ pub fn render_text(report: &BenchReport) -> String {
             step.drain_secs,
             step.machine_cpu
         );
+        if !step.hops.is_empty() {
+            let _ = writeln!(out, "  hop by hop (approved orders)                      p50        p99");
+            for hop in &step.hops {
+                let _ = writeln!(
+                    out,
+                    "    {:<46} {:>7.1} ms {:>7.1} ms",
+                    hop.name, hop.latency.p50_ms, hop.latency.p99_ms
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  per order ({} orders over {:.0} s):",
+            step.cost.orders, step.cost.seconds
+        );
+        for (what, value) in cost_lines(&step.cost) {
+            let _ = writeln!(out, "    {what:<48} {value}");
+        }
     }
     if let Some(ceiling) = report.ceiling {
         let _ = writeln!(out, "\nceiling: {ceiling:.0} orders/s sustainable");
@@ -237,13 +303,16 @@ pub fn render_text(report: &BenchReport) -> String {
         }
     }
     if let Some(pg) = &report.pgbench {
-        let _ = writeln!(
-            out,
-            "\npgbench (one order's transactions on the same Postgres): {:.0} orders/s, {:.2} ms per order",
-            pg.orders_per_sec, pg.latency_avg_ms
-        );
+        let _ = writeln!(out, "\npgbench on the same Postgres (one run of the script = one order):");
+        for (name, run) in [("every write transaction", &pg.full), ("critical path only", &pg.critical_path)] {
+            let _ = writeln!(
+                out,
+                "  {name:<24} ({:>2} transactions): {:.0} orders/s, {:.2} ms per order, Postgres CPU {:.2} ms per order",
+                run.transactions_per_order, run.orders_per_sec, run.latency_avg_ms, run.postgres_cpu_ms_per_order
+            );
+        }
         if let Some(ratio) = report.ratio_to_pgbench {
-            let _ = writeln!(out, "  the system sustains {:.0}% of that", ratio * 100.0);
+            let _ = writeln!(out, "  the system sustains {:.0}% of the full-order rate", ratio * 100.0);
         }
     }
     let _ = writeln!(out, "\ntargets:");
@@ -344,6 +413,37 @@ fn chart(title: &str, unit: &str, series: &[Series<'_>]) -> String {
     svg
 }
 
+/// The hops as horizontal bars, p50 filled and p99 outlined, on one scale.
+fn hop_bars(hops: &[super::hops::Hop]) -> String {
+    let (w, row, left, right) = (760.0, 26.0, 300.0, 90.0);
+    let h = row * hops.len() as f64 + 40.0;
+    let max = hops.iter().map(|hop| hop.latency.p99_ms).fold(1e-9_f64, f64::max);
+    let scale = |ms: f64| ms / max * (w - left - right);
+    let mut svg = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">
+<text x="0" y="14" font-weight="bold">Saga latency by hop: p50 (filled), p99 (outline), ms</text>
+"##
+    );
+    for (i, hop) in hops.iter().enumerate() {
+        let y = 26.0 + row * i as f64;
+        let _ = writeln!(
+            svg,
+            r##"<text x="{tx}" y="{ty}" text-anchor="end">{name}</text><rect x="{left}" y="{y}" width="{p99}" height="16" fill="none" stroke="{c}"/><rect x="{left}" y="{y}" width="{p50}" height="16" fill="{c}"/><text x="{lx}" y="{ty}">{p50v:.1} / {p99v:.1}</text>"##,
+            tx = left - 6.0,
+            ty = y + 12.0,
+            name = html_escape(&hop.name),
+            p99 = scale(hop.latency.p99_ms).max(1.0),
+            p50 = scale(hop.latency.p50_ms).max(1.0),
+            c = COLORS[i % COLORS.len()],
+            lx = left + scale(hop.latency.p99_ms) + 6.0,
+            p50v = hop.latency.p50_ms,
+            p99v = hop.latency.p99_ms,
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
 fn html_escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
@@ -439,17 +539,29 @@ pub fn render_html(report: &BenchReport) -> String {
     if let Some(pg) = &report.pgbench {
         let _ = write!(
             body,
-            "<h2>Postgres's own ceiling</h2><p>pgbench replaying one order's transactions on the same Postgres: \
-             <b>{:.0} orders/s</b> ({:.2} ms per order). The system sustained <b>{}</b> of that.</p><pre>{}</pre>\
-             <details><summary>script</summary><pre>{}</pre></details>",
-            pg.orders_per_sec,
-            pg.latency_avg_ms,
+            "<h2>Postgres's own ceiling</h2><p>pgbench replaying one order's transactions on the same Postgres. \
+             The system sustained <b>{}</b> of the full-order rate.</p>\
+             <table><tr><th>script</th><th>transactions</th><th>orders/s</th><th>ms per order</th><th>Postgres CPU ms per order</th></tr>",
             report
                 .ratio_to_pgbench
                 .map_or("n/a".to_owned(), |r| format!("{:.0}%", r * 100.0)),
-            html_escape(&pg.command),
-            html_escape(&pg.script)
         );
+        for (name, run) in [("every write transaction", &pg.full), ("critical path only", &pg.critical_path)] {
+            let _ = write!(
+                body,
+                "<tr><td>{name}</td><td>{}</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td></tr>",
+                run.transactions_per_order, run.orders_per_sec, run.latency_avg_ms, run.postgres_cpu_ms_per_order
+            );
+        }
+        body.push_str("</table>");
+        for (name, run) in [("every write transaction", &pg.full), ("critical path only", &pg.critical_path)] {
+            let _ = write!(
+                body,
+                "<details><summary>{name}: command and script</summary><pre>{}</pre><pre>{}</pre></details>",
+                html_escape(&run.command),
+                html_escape(&run.script)
+            );
+        }
     }
     for (i, step) in report.steps.iter().enumerate() {
         let _ = write!(
@@ -478,6 +590,25 @@ pub fn render_html(report: &BenchReport) -> String {
         ));
         body.push_str(&percentile_row("read-model convergence", &step.read_model_convergence));
         body.push_str("</table>");
+        let _ = write!(
+            body,
+            "<table><tr><th>per order ({} orders over {:.0} s)</th><th></th></tr>",
+            step.cost.orders, step.cost.seconds
+        );
+        for (what, value) in cost_lines(&step.cost) {
+            let _ = write!(body, "<tr><td>{}</td><td>{}</td></tr>", html_escape(&what), html_escape(&value));
+        }
+        body.push_str("</table>");
+        if !step.hops.is_empty() {
+            body.push_str(
+                "<table><tr><th>hop (approved orders)</th><th>p50</th><th>p99</th><th>p99.9</th><th>max</th><th>n</th></tr>",
+            );
+            for hop in &step.hops {
+                body.push_str(&percentile_row(&hop.name, &hop.latency));
+            }
+            body.push_str("</table>");
+            body.push_str(&hop_bars(&step.hops));
+        }
         let series =
             |f: &dyn Fn(&Sample) -> f64| -> Vec<(f64, f64)> { step.timeline.iter().map(|s| (s.t, f(s))).collect() };
         body.push_str(&chart(
