@@ -461,3 +461,43 @@ async fn a_consumer_stops_in_bounded_time_while_its_broker_does_not_answer() {
         .unwrap()
         .expect("a requested shutdown is not an error");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_consumer_starts_a_new_client_instead_of_giving_up() {
+    // order-svc's consumer: holding no partition (nothing listens on port 9) makes `run` give
+    // up after 1 s; `run_reconnecting` starts a new client each time, for as long as it runs,
+    // and stops cleanly when asked.
+    let db = fresh_orders_db().await;
+    let settings = ConsumerSettings {
+        unassigned_limit: Some(Duration::from_secs(1)),
+        ..ConsumerSettings::new(
+            kafka::Cluster::anonymous("127.0.0.1:9"),
+            "reconnecting".into(),
+            vec!["orders.events".into()],
+        )
+    };
+    let handler = Arc::new(Flaky {
+        stuck_key: String::new(),
+        healed: Arc::new(AtomicBool::new(true)),
+    });
+    let shutdown = CancellationToken::new();
+    let mut consumer = tokio::spawn(consumer::run_reconnecting(
+        settings,
+        db.pool.clone(),
+        handler,
+        shutdown.clone(),
+    ));
+    // Several give-ups' worth of time: `run` alone would have returned its error after 1 s.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(6), &mut consumer)
+            .await
+            .is_err(),
+        "the consumer kept reconnecting instead of returning"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), consumer)
+        .await
+        .expect("it stops when asked")
+        .unwrap()
+        .expect("a requested stop is not an error");
+}

@@ -441,3 +441,27 @@ async fn a_polling_only_relay_ignores_notify_and_publishes_on_its_poll() {
     stop.cancel();
     relay.await.unwrap().expect("the relay stops cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_passes_all_fail_gives_up_for_its_supervisor_to_restart_it() {
+    // A producer whose connection wedged never heals in its process; a relay that keeps
+    // failing would hold its outbox back for ever while looking alive. Here the broker never
+    // answers at all (a private one, never started).
+    let db = fresh_orders_db().await;
+    let broker = PrivateKafka::new(19340, 1);
+    place_orders(&db, "orders.events", 1).await;
+    let (_stop, relay) = spawn_configured_relay(&db, &broker.cluster, 100, Duration::from_millis(200), |relay| {
+        relay.with_stall_limit(Some(Duration::from_secs(3)))
+    });
+    let outcome = tokio::time::timeout(Duration::from_secs(60), relay)
+        .await
+        .expect("the relay gave up instead of failing for ever")
+        .unwrap();
+    let error = outcome.expect_err("giving up is an error");
+    assert!(error.to_string().contains("every pass failed"), "{error:#}");
+    assert_eq!(
+        unpublished(&db).await,
+        1,
+        "the row waits in the outbox for the next relay"
+    );
+}

@@ -163,9 +163,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         let cluster = orderflow_platform::kafka::Cluster::new(bootstrap_servers, &config.kafka_auth);
         let settings = config.consumer.apply(orderflow_platform::consumer::ConsumerSettings {
             instance_id: config.instance_id.clone(),
-            // Never exits for holding no partition: during a broker outage this process
-            // still takes orders.
-            unassigned_limit: None,
             ..orderflow_platform::consumer::ConsumerSettings::new(
                 cluster,
                 config.group_id.clone(),
@@ -175,8 +172,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         let handler = std::sync::Arc::new(saga::PaymentEventsHandler::new(config.orders_topic.clone()));
         let (consumer_pool, consumer_stop) = (pool.clone(), stop.clone());
         consumer = Some(tokio::spawn(async move {
+            // A consumer that holds no partition or stalls gets a new client in this process,
+            // which goes on taking orders meanwhile (they wait in the outbox).
             let result =
-                orderflow_platform::consumer::run(settings, consumer_pool, handler, consumer_stop.clone()).await;
+                orderflow_platform::consumer::run_reconnecting(settings, consumer_pool, handler, consumer_stop.clone())
+                    .await;
             // Stops the server (and so the process) when the consumer dies.
             consumer_stop.cancel();
             result

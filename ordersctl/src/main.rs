@@ -669,7 +669,9 @@ async fn bench(addr: &str, access: ordersctl::access::Access, args: BenchArgs) -
                 .await
                 .context("connect with ORDERFLOW_PG_ADMIN_URL")?;
             if !bench::cost::prepare(&admin).await {
-                eprintln!("[bench] pg_stat_statements is not loaded: no statements per order (scripts/stack preloads it)");
+                eprintln!(
+                    "[bench] pg_stat_statements is not loaded: no statements per order (scripts/stack preloads it)"
+                );
             }
             Some(admin)
         }

@@ -206,6 +206,41 @@ pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(60);
 /// consumer still settles the orders it held up within the 90 s saga deadline.
 pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(30);
 
+/// Why a consumer gave up although nothing is wrong with the process: it held no partition
+/// for too long, or it stalled. A new client usually heals it (a librdkafka connection that
+/// stayed down after a broker pause under SASL was seen to cause both).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct GaveUp(String);
+
+/// [`run`], with a new client each time the consumer gives up ([`GaveUp`]), until `shutdown`:
+/// for a process that must go on serving while its consumer reconnects (order-svc takes
+/// orders during a broker outage). Any other error is returned: the process exits and its
+/// supervisor restarts it, like the processes that use [`run`].
+pub async fn run_reconnecting<H: Handler>(
+    settings: ConsumerSettings,
+    pool: PgPool,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        match run(settings.clone(), pool.clone(), handler.clone(), shutdown.clone()).await {
+            Err(error) if error.downcast_ref::<GaveUp>().is_some() && !shutdown.is_cancelled() => {
+                metrics::counter!(telemetry::CONSUMER_RECONNECTS, "group" => settings.group_id.clone()).increment(1);
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "the consumer gave up; starting a new client"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
 /// How long a stopping consumer waits for its last commit and its close (see `run`).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -669,16 +704,19 @@ impl<H: Handler> Poller<H> {
                         && waiting_for > limit
                         && silent > limit
                     {
-                        anyhow::bail!(
+                        return Err(GaveUp(format!(
                             "stalled: {unhandled} records of the {held} partitions held wait to be handled, and no message arrived and no attempt started for {silent:.0?}"
-                        );
+                        ))
+                        .into());
                     }
                 } else {
                     let since = *unassigned_since.get_or_insert_with(Instant::now);
                     if let Some(limit) = self.settings.unassigned_limit
                         && since.elapsed() > limit
                     {
-                        anyhow::bail!("held no partition of {:?} for {limit:?}", self.settings.topics);
+                        return Err(
+                            GaveUp(format!("held no partition of {:?} for {limit:?}", self.settings.topics)).into(),
+                        );
                     }
                 }
             }

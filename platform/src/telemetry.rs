@@ -35,6 +35,9 @@ pub const CONSUMER_RETRYING: &str = "orderflow_consumer_retrying_messages";
 pub const CONSUMER_BUDGET_EXHAUSTED: &str = "orderflow_consumer_retry_budget_exhausted_total";
 /// Partitions a consumer holds now, by `group` (0 for long: a consumer that cannot join).
 pub const CONSUMER_ASSIGNED: &str = "orderflow_consumer_assigned_partitions";
+/// Counter: new clients a consumer started after giving up (no partition, or a stall), by
+/// `group` (order-svc only: the other consumers' processes exit and are restarted).
+pub const CONSUMER_RECONNECTS: &str = "orderflow_consumer_reconnects_total";
 /// Rebalances seen by a consumer, by `group` and `kind` (assign, revoke).
 pub const CONSUMER_REBALANCES: &str = "orderflow_consumer_rebalances_total";
 /// Messages behind the high watermark, by `group`, `topic` and `partition`.

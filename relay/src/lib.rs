@@ -41,6 +41,9 @@ const PUBLISHER_LOCK: i64 = 0x6f72_6465_7266_6c6f;
 const OUTBOX_CHANNEL: &str = "outbox";
 /// How often the backlog gauge is counted.
 const BACKLOG_INTERVAL: Duration = Duration::from_secs(1);
+/// How long every pass may fail before the relay gives up (`RELAY_STALL_LIMIT_MS`): past a
+/// short broker outage, well within the 90 s saga deadline.
+pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(30);
 
 /// The relay's settings: defaults, overridden by environment variables, overridden by flags.
 #[derive(Debug, Clone, clap::Parser)]
@@ -77,6 +80,10 @@ pub struct Config {
     /// broker is away.
     #[arg(long, env = "RELAY_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
     pub delivery_timeout_ms: u64,
+    /// Every pass failing for this long ends the relay with an error (its supervisor starts a
+    /// new one, with a new broker connection), in milliseconds (0: never).
+    #[arg(long, env = "RELAY_STALL_LIMIT_MS", default_value_t = 30_000)]
+    pub stall_limit_ms: u64,
     /// Fault injection for tests and the chaos harness: publish every row twice.
     #[arg(long, env = "RELAY_PUBLISH_TWICE", default_value_t = false, action = clap::ArgAction::Set)]
     pub publish_twice: bool,
@@ -106,6 +113,7 @@ pub struct Relay {
     publish_twice: bool,
     listen: bool,
     delivery_timeout: Duration,
+    stall_limit: Option<Duration>,
 }
 
 type OutboxRow = (
@@ -130,6 +138,16 @@ impl Relay {
             publish_twice: false,
             listen: true,
             delivery_timeout: kafka::DEFAULT_DELIVERY_TIMEOUT,
+            stall_limit: Some(DEFAULT_STALL_LIMIT),
+        }
+    }
+
+    /// Gives up (`run` returns an error, so the process exits and its supervisor starts a
+    /// new one, with a new producer) when every pass has failed for `limit`; None never.
+    pub fn with_stall_limit(self, limit: Option<Duration>) -> Self {
+        Self {
+            stall_limit: limit,
+            ..self
         }
     }
 
@@ -321,12 +339,27 @@ impl Relay {
         let mut backlog_tick = tokio::time::interval(BACKLOG_INTERVAL);
         backlog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut backoff = Duration::from_millis(100);
+        let mut failing_since: Option<tokio::time::Instant> = None;
         while !shutdown.is_cancelled() {
             let pass = self.drain_batches(&shutdown).await;
             metrics::counter!(telemetry::RELAY_PASSES).increment(1);
             match pass {
-                Ok(()) => backoff = Duration::from_millis(100),
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    failing_since = None;
+                }
                 Err(error) => {
+                    // A producer whose broker connection wedged (seen after a broker pause
+                    // under SASL: every record timed out for minutes while a new client
+                    // connected at once) never heals in this process: give up, and let the
+                    // supervisor start a new one. A real outage costs a restart per limit.
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    if let Some(limit) = self.stall_limit
+                        && since.elapsed() > limit
+                    {
+                        let _ = self.producer.flush(Duration::from_secs(1));
+                        anyhow::bail!("every pass failed for {limit:?}; last: {error:#}");
+                    }
                     tracing::warn!(
                         error = format!("{error:#}"),
                         retry_in_ms = backoff.as_millis() as u64,
@@ -457,7 +490,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     ));
     let relay = Relay::new(pool, producer, config.batch_size)
-        .with_delivery_timeout(Duration::from_millis(config.delivery_timeout_ms));
+        .with_delivery_timeout(Duration::from_millis(config.delivery_timeout_ms))
+        .with_stall_limit((config.stall_limit_ms > 0).then(|| Duration::from_millis(config.stall_limit_ms)));
     let relay = if config.publish_twice {
         relay.publishing_twice()
     } else {

@@ -218,7 +218,11 @@ mod tests {
 
     #[test]
     fn cost_is_the_counters_delta_per_order_with_the_load_generator_apart() {
-        let start = counters(&[("postgres", 100), (LOAD_GENERATOR, 10), ("relay-orders", 50)], &[("orders", 1000)], 5.0);
+        let start = counters(
+            &[("postgres", 100), (LOAD_GENERATOR, 10), ("relay-orders", 50)],
+            &[("orders", 1000)],
+            5.0,
+        );
         let end = counters(
             &[("postgres", 300), (LOAD_GENERATOR, 60), ("relay-orders", 20)],
             &[("orders", 1400)],

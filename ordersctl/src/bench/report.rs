@@ -224,7 +224,11 @@ pub fn cost_lines(cost: &super::cost::CostPerOrder) -> Vec<(String, String)> {
     let mut by_cpu: Vec<(&String, &f64)> = cost.cpu_ms.iter().collect();
     by_cpu.sort_by(|a, b| b.1.total_cmp(a.1));
     for (name, ms) in by_cpu {
-        let apart = if name == super::cost::LOAD_GENERATOR { " (apart)" } else { "" };
+        let apart = if name == super::cost::LOAD_GENERATOR {
+            " (apart)"
+        } else {
+            ""
+        };
         lines.push((format!("  CPU {name}{apart}"), format!("{ms:.2} ms")));
     }
     lines.push((
@@ -241,8 +245,14 @@ pub fn cost_lines(cost: &super::cost::CostPerOrder) -> Vec<(String, String)> {
     for (db, n) in &cost.statements {
         lines.push((format!("  statements in {db}"), format!("{n:.1}")));
     }
-    lines.push(("Kafka records published".to_owned(), format!("{:.2}", cost.records_produced)));
-    lines.push(("Kafka records consumed".to_owned(), format!("{:.2}", cost.records_consumed)));
+    lines.push((
+        "Kafka records published".to_owned(),
+        format!("{:.2}", cost.records_produced),
+    ));
+    lines.push((
+        "Kafka records consumed".to_owned(),
+        format!("{:.2}", cost.records_consumed),
+    ));
     lines
 }
 
@@ -272,7 +282,10 @@ pub fn render_text(report: &BenchReport) -> String {
             step.machine_cpu
         );
         if !step.hops.is_empty() {
-            let _ = writeln!(out, "  hop by hop (approved orders)                      p50        p99");
+            let _ = writeln!(
+                out,
+                "  hop by hop (approved orders)                      p50        p99"
+            );
             for hop in &step.hops {
                 let _ = writeln!(
                     out,
@@ -303,8 +316,14 @@ pub fn render_text(report: &BenchReport) -> String {
         }
     }
     if let Some(pg) = &report.pgbench {
-        let _ = writeln!(out, "\npgbench on the same Postgres (one run of the script = one order):");
-        for (name, run) in [("every write transaction", &pg.full), ("critical path only", &pg.critical_path)] {
+        let _ = writeln!(
+            out,
+            "\npgbench on the same Postgres (one run of the script = one order):"
+        );
+        for (name, run) in [
+            ("every write transaction", &pg.full),
+            ("critical path only", &pg.critical_path),
+        ] {
             let _ = writeln!(
                 out,
                 "  {name:<24} ({:>2} transactions): {:.0} orders/s, {:.2} ms per order, Postgres CPU {:.2} ms per order",
@@ -312,7 +331,11 @@ pub fn render_text(report: &BenchReport) -> String {
             );
         }
         if let Some(ratio) = report.ratio_to_pgbench {
-            let _ = writeln!(out, "  the system sustains {:.0}% of the full-order rate", ratio * 100.0);
+            let _ = writeln!(
+                out,
+                "  the system sustains {:.0}% of the full-order rate",
+                ratio * 100.0
+            );
         }
     }
     let _ = writeln!(out, "\ntargets:");
@@ -546,7 +569,10 @@ pub fn render_html(report: &BenchReport) -> String {
                 .ratio_to_pgbench
                 .map_or("n/a".to_owned(), |r| format!("{:.0}%", r * 100.0)),
         );
-        for (name, run) in [("every write transaction", &pg.full), ("critical path only", &pg.critical_path)] {
+        for (name, run) in [
+            ("every write transaction", &pg.full),
+            ("critical path only", &pg.critical_path),
+        ] {
             let _ = write!(
                 body,
                 "<tr><td>{name}</td><td>{}</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td></tr>",
@@ -554,7 +580,10 @@ pub fn render_html(report: &BenchReport) -> String {
             );
         }
         body.push_str("</table>");
-        for (name, run) in [("every write transaction", &pg.full), ("critical path only", &pg.critical_path)] {
+        for (name, run) in [
+            ("every write transaction", &pg.full),
+            ("critical path only", &pg.critical_path),
+        ] {
             let _ = write!(
                 body,
                 "<details><summary>{name}: command and script</summary><pre>{}</pre><pre>{}</pre></details>",
@@ -596,7 +625,12 @@ pub fn render_html(report: &BenchReport) -> String {
             step.cost.orders, step.cost.seconds
         );
         for (what, value) in cost_lines(&step.cost) {
-            let _ = write!(body, "<tr><td>{}</td><td>{}</td></tr>", html_escape(&what), html_escape(&value));
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td>{}</td></tr>",
+                html_escape(&what),
+                html_escape(&value)
+            );
         }
         body.push_str("</table>");
         if !step.hops.is_empty() {
