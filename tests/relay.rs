@@ -465,3 +465,40 @@ async fn a_relay_whose_passes_all_fail_gives_up_for_its_supervisor_to_restart_it
         "the row waits in the outbox for the next relay"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_passes_all_fail_replaces_its_producer_and_goes_on() {
+    // The relay binary's way: a new producer (new broker connections) rather than an exit.
+    let db = fresh_orders_db().await;
+    let broker = PrivateKafka::new(19342, 1);
+    place_orders(&db, "orders.events", 1).await;
+    let made = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let factory: relay::ProducerFactory = {
+        let (cluster, made) = (broker.cluster.clone(), made.clone());
+        Box::new(move || {
+            made.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(kafka::producer_config(&cluster, "relay-test", Duration::from_secs(2)).create()?)
+        })
+    };
+    let (stop, relay) = spawn_configured_relay(&db, &broker.cluster, 100, Duration::from_millis(200), |relay| {
+        relay
+            .with_stall_limit(Some(Duration::from_secs(3)))
+            .reconnecting_with(factory)
+    });
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            made.load(std::sync::atomic::Ordering::SeqCst) >= 2
+        })
+        .await,
+        "the relay made a new producer after its passes kept failing"
+    );
+    assert!(!relay.is_finished(), "and went on instead of giving up");
+    // Once the broker answers, the new producer publishes the row.
+    broker.start().await;
+    assert!(
+        eventually(Duration::from_secs(60), || async { unpublished(&db).await == 0 }).await,
+        "the row was published"
+    );
+    stop.cancel();
+    relay.await.unwrap().expect("the relay stops cleanly");
+}

@@ -98,7 +98,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             vec![config.orders_topic],
         )
     });
-    consumer::run(settings, pool.clone(), Arc::new(Fulfilment), shutdown).await?;
+    consumer::run_reconnecting(settings, pool.clone(), Arc::new(Fulfilment), shutdown).await?;
     pool.close().await;
     Ok(())
 }

@@ -234,7 +234,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             config.topics,
         )
     });
-    consumer::run(settings, pool.clone(), Arc::new(Projector), shutdown).await?;
+    consumer::run_reconnecting(settings, pool.clone(), Arc::new(Projector), shutdown).await?;
     pool.close().await;
     Ok(())
 }

@@ -595,7 +595,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Duration::from_millis(config.sweep_interval_ms),
         stop.clone(),
     ));
-    let consumed = consumer::run(settings, pool.clone(), handler, stop.clone()).await;
+    let consumed = consumer::run_reconnecting(settings, pool.clone(), handler, stop.clone()).await;
     stop.cancel();
     let _ = sweeper.await;
     consumed?;

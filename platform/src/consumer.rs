@@ -214,9 +214,9 @@ pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(30);
 pub struct GaveUp(String);
 
 /// [`run`], with a new client each time the consumer gives up ([`GaveUp`]), until `shutdown`:
-/// for a process that must go on serving while its consumer reconnects (order-svc takes
-/// orders during a broker outage). Any other error is returned: the process exits and its
-/// supervisor restarts it, like the processes that use [`run`].
+/// what every service runs. The process heals without a supervisor (the local stack has
+/// none) and order-svc goes on taking orders meanwhile. Any other error (the poll thread
+/// died, a fatal client error) is returned: the process exits and its supervisor restarts it.
 pub async fn run_reconnecting<H: Handler>(
     settings: ConsumerSettings,
     pool: PgPool,

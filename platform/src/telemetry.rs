@@ -23,6 +23,8 @@ pub const RELAY_PUBLISH_ERRORS: &str = "orderflow_relay_publish_errors_total";
 pub const RELAY_PASSES: &str = "orderflow_relay_passes_total";
 /// Counter: outbox notifications answered by a pass already due (one pass per burst).
 pub const RELAY_WAKEUPS_COALESCED: &str = "orderflow_relay_wakeups_coalesced_total";
+/// Counter: producers a relay replaced after every pass failed for its stall limit.
+pub const RELAY_PRODUCERS_REPLACED: &str = "orderflow_relay_producers_replaced_total";
 /// Messages handled, by `group`, `topic` and `outcome` (processed, duplicate, ignored, dead_lettered).
 pub const CONSUMER_MESSAGES: &str = "orderflow_consumer_messages_total";
 /// Transient failures retried, by `group`.
@@ -36,7 +38,7 @@ pub const CONSUMER_BUDGET_EXHAUSTED: &str = "orderflow_consumer_retry_budget_exh
 /// Partitions a consumer holds now, by `group` (0 for long: a consumer that cannot join).
 pub const CONSUMER_ASSIGNED: &str = "orderflow_consumer_assigned_partitions";
 /// Counter: new clients a consumer started after giving up (no partition, or a stall), by
-/// `group` (order-svc only: the other consumers' processes exit and are restarted).
+/// `group`.
 pub const CONSUMER_RECONNECTS: &str = "orderflow_consumer_reconnects_total";
 /// Rebalances seen by a consumer, by `group` and `kind` (assign, revoke).
 pub const CONSUMER_REBALANCES: &str = "orderflow_consumer_rebalances_total";

@@ -80,8 +80,8 @@ pub struct Config {
     /// broker is away.
     #[arg(long, env = "RELAY_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
     pub delivery_timeout_ms: u64,
-    /// Every pass failing for this long ends the relay with an error (its supervisor starts a
-    /// new one, with a new broker connection), in milliseconds (0: never).
+    /// Every pass failing for this long makes the relay replace its producer (new broker
+    /// connections), in milliseconds (0: never).
     #[arg(long, env = "RELAY_STALL_LIMIT_MS", default_value_t = 30_000)]
     pub stall_limit_ms: u64,
     /// Fault injection for tests and the chaos harness: publish every row twice.
@@ -114,7 +114,11 @@ pub struct Relay {
     listen: bool,
     delivery_timeout: Duration,
     stall_limit: Option<Duration>,
+    new_producer: Option<ProducerFactory>,
 }
+
+/// Makes a new producer for a relay whose producer stopped delivering.
+pub type ProducerFactory = Box<dyn Fn() -> anyhow::Result<FutureProducer> + Send + Sync>;
 
 type OutboxRow = (
     i64,
@@ -139,14 +143,25 @@ impl Relay {
             listen: true,
             delivery_timeout: kafka::DEFAULT_DELIVERY_TIMEOUT,
             stall_limit: Some(DEFAULT_STALL_LIMIT),
+            new_producer: None,
         }
     }
 
-    /// Gives up (`run` returns an error, so the process exits and its supervisor starts a
-    /// new one, with a new producer) when every pass has failed for `limit`; None never.
+    /// When every pass has failed for `limit` (None: never): replaces the producer with a
+    /// new one from [`Relay::reconnecting_with`], or without one gives up (`run` returns an
+    /// error, so the process exits and its supervisor starts a new one).
     pub fn with_stall_limit(self, limit: Option<Duration>) -> Self {
         Self {
             stall_limit: limit,
+            ..self
+        }
+    }
+
+    /// How to make a new producer when the current one stopped delivering (see
+    /// [`Relay::with_stall_limit`]).
+    pub fn reconnecting_with(self, new_producer: ProducerFactory) -> Self {
+        Self {
+            new_producer: Some(new_producer),
             ..self
         }
     }
@@ -328,7 +343,7 @@ impl Relay {
     /// when a pass starts are all answered by it (at 150 orders/s, one pass per NOTIFY was
     /// about 300 mostly empty passes a second per relay). The backlog gauge is counted on a
     /// timer of its own, not after every pass.
-    pub async fn run(self, poll_interval: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, poll_interval: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut listener = if self.listen {
             let mut listener = PgListener::connect_with(&self.pool).await?;
             listener.listen(OUTBOX_CHANNEL).await?;
@@ -351,14 +366,27 @@ impl Relay {
                 Err(error) => {
                     // A producer whose broker connection wedged (seen after a broker pause
                     // under SASL: every record timed out for minutes while a new client
-                    // connected at once) never heals in this process: give up, and let the
-                    // supervisor start a new one. A real outage costs a restart per limit.
+                    // connected at once) does not heal: replace it (or, with no way to make
+                    // one, give up for the supervisor to start a new relay). A real outage
+                    // costs a new producer per limit.
                     let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                     if let Some(limit) = self.stall_limit
                         && since.elapsed() > limit
                     {
-                        let _ = self.producer.flush(Duration::from_secs(1));
-                        anyhow::bail!("every pass failed for {limit:?}; last: {error:#}");
+                        let Some(new_producer) = &self.new_producer else {
+                            let _ = self.producer.flush(Duration::from_secs(1));
+                            anyhow::bail!("every pass failed for {limit:?}; last: {error:#}");
+                        };
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            "every pass failed for {limit:?}; replacing the producer"
+                        );
+                        let old = std::mem::replace(&mut self.producer, new_producer()?);
+                        // Destroying a client waits for its broker threads: not on a runtime
+                        // thread, and not for long (its records all failed already).
+                        std::thread::spawn(move || drop(old));
+                        metrics::counter!(telemetry::RELAY_PRODUCERS_REPLACED).increment(1);
+                        failing_since = None;
                     }
                     tracing::warn!(
                         error = format!("{error:#}"),
@@ -474,12 +502,14 @@ pub async fn main_from_env() -> anyhow::Result<()> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = orderflow_platform::connect_postgres(&config.database_url, 2).await?;
     let cluster = kafka::Cluster::new(config.bootstrap_servers.clone(), &config.kafka_auth);
-    let producer: FutureProducer = kafka::producer_config(
-        &cluster,
-        &config.client_id,
-        Duration::from_millis(config.delivery_timeout_ms),
-    )
-    .create()?;
+    let new_producer: ProducerFactory = {
+        let (client_id, delivery_timeout) = (
+            config.client_id.clone(),
+            Duration::from_millis(config.delivery_timeout_ms),
+        );
+        Box::new(move || Ok(kafka::producer_config(&cluster, &client_id, delivery_timeout).create()?))
+    };
+    let producer = new_producer()?;
     tracing::info!(bootstrap_servers = %config.bootstrap_servers, batch_size = config.batch_size, "relay started");
     let cleanup =
         orderflow_platform::housekeeping::published_outbox(Duration::from_secs(config.published_retention_secs));
@@ -491,7 +521,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ));
     let relay = Relay::new(pool, producer, config.batch_size)
         .with_delivery_timeout(Duration::from_millis(config.delivery_timeout_ms))
-        .with_stall_limit((config.stall_limit_ms > 0).then(|| Duration::from_millis(config.stall_limit_ms)));
+        .with_stall_limit((config.stall_limit_ms > 0).then(|| Duration::from_millis(config.stall_limit_ms)))
+        .reconnecting_with(new_producer);
     let relay = if config.publish_twice {
         relay.publishing_twice()
     } else {

@@ -131,11 +131,12 @@ impl Saga {
         .await;
 
         for (db, name) in [(&orders, "relay-orders"), (&payments, "relay-payments")] {
-            let producer: FutureProducer =
-                kafka::producer_config(&stack().kafka, name, kafka::DEFAULT_DELIVERY_TIMEOUT)
-                    .create()
-                    .expect("producer");
-            let relay = relay::Relay::new(db.pool.clone(), producer, 500);
+            // As the relay binary does: a new producer when the current one stopped delivering.
+            let new_producer: relay::ProducerFactory = Box::new(move || {
+                Ok(kafka::producer_config(&stack().kafka, name, kafka::DEFAULT_DELIVERY_TIMEOUT).create()?)
+            });
+            let producer: FutureProducer = new_producer().expect("producer");
+            let relay = relay::Relay::new(db.pool.clone(), producer, 500).reconnecting_with(new_producer);
             let relay = if options.publish_twice {
                 relay.publishing_twice()
             } else {
