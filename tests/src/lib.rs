@@ -156,7 +156,12 @@ pub async fn fresh_db(migrator: &sqlx::migrate::Migrator) -> TestDb {
     .expect("create a test database");
     let (base, _) = stack.orders_url.rsplit_once('/').expect("a database URL ends in /NAME");
     let url = format!("{base}/{name}");
-    let pool = orderflow_platform::connect_postgres(&Secret::new(url.clone()), 8)
+    // The tests' own pool pings before each acquire (sqlx's default; the services' pools do
+    // not): a test's check right after a Postgres restart must not fail on a stale
+    // connection, which the services handle as a transient error and retry.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
         .await
         .expect("connect to the test database");
     migrator.run(&pool).await.expect("migrate the test database");
