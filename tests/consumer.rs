@@ -501,3 +501,81 @@ async fn a_reconnecting_consumer_starts_a_new_client_instead_of_giving_up() {
         .unwrap()
         .expect("a requested stop is not an error");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_messages_share_a_transaction_and_a_bad_one_never_fails_its_neighbours() {
+    let db = fresh_orders_db().await;
+    // txid: rows written in one transaction share it, so the batches can be seen.
+    sqlx::query(
+        "CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, partition int NOT NULL,
+                               handled_at timestamptz NOT NULL, txid bigint NOT NULL DEFAULT txid_current())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let topic = fresh_topic(1).await;
+    let bootstrap = stack().kafka.clone();
+    let producer: FutureProducer = kafka::producer_config(&bootstrap, "batch-test", Duration::from_secs(10))
+        .create()
+        .unwrap();
+    // Everything is on the topic before the consumer starts, so its partition's queue fills
+    // and batches form: 40 messages of two keys, one of them sent twice (a redelivery), and
+    // one record that is not an envelope at all, in the middle.
+    let keys = [uuid::Uuid::now_v7(), uuid::Uuid::now_v7()];
+    let mut records: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|n| (keys[n % 2].to_string(), record(keys[n % 2], n / 2)))
+        .collect();
+    records.insert(7, records[6].clone());
+    records.insert(20, (keys[0].to_string(), b"not an envelope".to_vec()));
+    for (key, payload) in &records {
+        producer
+            .send(
+                FutureRecord::to(&topic).key(key).payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(error, _)| error)
+            .unwrap();
+    }
+    let settings = ConsumerSettings::new(bootstrap.clone(), format!("batch-{topic}"), vec![topic.clone()]);
+    let handler = Arc::new(Flaky {
+        stuck_key: String::new(),
+        healed: Arc::new(AtomicBool::new(true)),
+    });
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM handled")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || async { count().await == 40 }).await,
+        "every good message was handled once (the repeated one is a duplicate)"
+    );
+    let per_key: Vec<(String, Vec<i32>)> =
+        sqlx::query_as("SELECT key, array_agg(seq ORDER BY handled_at, seq) FROM handled GROUP BY key ORDER BY key")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    for (key, seqs) in per_key {
+        assert_eq!(seqs, (0..20).collect::<Vec<i32>>(), "key {key}: in order, each once");
+    }
+    let largest_batch: i64 =
+        sqlx::query_scalar("SELECT max(n) FROM (SELECT count(*) AS n FROM handled GROUP BY txid) b")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(largest_batch > 1, "queued messages were committed together");
+    let letters = {
+        let dlq = orderflow::topics::dead_letter(&topic);
+        tokio::task::spawn_blocking(move || ordersctl::dlq::read_all(&bootstrap, &dlq))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(letters.len(), 1, "the bad record alone was dead-lettered");
+    shutdown.cancel();
+    consumer.await.unwrap().expect("the consumer stops cleanly");
+}

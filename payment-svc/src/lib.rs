@@ -527,6 +527,12 @@ impl consumer::Handler for PaymentHandler {
         INBOX
     }
 
+    /// The gateway is called inside the message's transaction: a batch would hold one
+    /// transaction, and its locks, across one gateway call after another.
+    fn batches(&self) -> bool {
+        false
+    }
+
     fn wants(&self, event: &OpenedEvent) -> bool {
         matches!(
             event.payload,

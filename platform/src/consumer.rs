@@ -186,8 +186,17 @@ pub trait Handler: Send + Sync + 'static {
     /// a transaction.
     fn wants(&self, event: &orderflow::envelope::OpenedEvent) -> bool;
 
+    /// Whether several messages of a partition may share one transaction. A handler that
+    /// calls a remote service inside its transaction says no: a batch would hold the
+    /// transaction (and its locks) across one call after another.
+    fn batches(&self) -> bool {
+        true
+    }
+
     /// Writes the effect of `event` in `tx`, where the message's inbox row is already
-    /// recorded. Returns `Processed` to have it committed, `Ignored` to have it rolled back.
+    /// recorded. Returns `Processed` to have it committed, `Ignored` to have it rolled back
+    /// (alone; in a batch, only its inbox row is committed, so a handler must write nothing
+    /// before it decides to ignore a message).
     fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -244,6 +253,9 @@ pub async fn run_reconnecting<H: Handler>(
 /// How long a stopping consumer waits for its last commit and its close (see `run`).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most messages of one partition in one transaction unless configured.
+pub const DEFAULT_MAX_BATCH: usize = 64;
+
 /// The consumer settings every service exposes in its own configuration.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumerArgs {
@@ -264,6 +276,10 @@ pub struct ConsumerArgs {
         default_value_t = 30_000
     )]
     pub stall_limit_ms: u64,
+    /// Most messages of one partition handled in one transaction, when they are already
+    /// waiting (1: one at a time).
+    #[arg(long = "consumer-max-batch", env = "CONSUMER_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
 }
 
 impl Default for ConsumerArgs {
@@ -271,6 +287,7 @@ impl Default for ConsumerArgs {
         Self {
             retry_budget_ms: u64::try_from(DEFAULT_RETRY_BUDGET.as_millis()).unwrap_or(u64::MAX),
             stall_limit_ms: u64::try_from(DEFAULT_STALL_LIMIT.as_millis()).unwrap_or(u64::MAX),
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -281,6 +298,7 @@ impl ConsumerArgs {
         ConsumerSettings {
             retry_budget: (self.retry_budget_ms > 0).then(|| Duration::from_millis(self.retry_budget_ms)),
             stall_limit: (self.stall_limit_ms > 0).then(|| Duration::from_millis(self.stall_limit_ms)),
+            max_batch: self.max_batch.max(1),
             ..settings
         }
     }
@@ -316,6 +334,8 @@ pub struct ConsumerSettings {
     pub stall_limit: Option<Duration>,
     /// How often librdkafka reports its statistics (consumer lag, records waiting).
     pub statistics_interval: Duration,
+    /// Most messages of one partition handled in one transaction (1: one at a time).
+    pub max_batch: usize,
 }
 
 impl ConsumerSettings {
@@ -335,6 +355,7 @@ impl ConsumerSettings {
             unassigned_limit: Some(Duration::from_secs(45)),
             stall_limit: Some(DEFAULT_STALL_LIMIT),
             statistics_interval: Duration::from_secs(5),
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -501,6 +522,7 @@ struct Worker<H> {
     consumer: Arc<Client>,
     dead_letters: FutureProducer,
     retry_budget: Option<Duration>,
+    max_batch: usize,
     group: String,
     /// When a message last arrived or an attempt last started (the stall watchdog's clock).
     progress: Progress,
@@ -568,6 +590,7 @@ pub async fn run<H: Handler>(
         )
         .create()?,
         retry_budget: settings.retry_budget,
+        max_batch: settings.max_batch.max(1),
         group: settings.group_id.clone(),
         progress: Progress::new(),
     });
@@ -803,7 +826,37 @@ impl<H: Handler> Poller<H> {
     }
 }
 
+/// The span of one message: its partition and offset, its order and message id, and the
+/// producer's trace continued (one trace per order).
+fn message_span(group: &str, message: &Incoming) -> tracing::Span {
+    let span = tracing::info_span!(
+        "consume",
+        group = %group,
+        topic = %message.topic,
+        partition = message.partition,
+        offset = message.offset,
+        order_id = %String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()),
+        message_id = %message.header(orderflow::envelope::headers::MESSAGE_ID).unwrap_or_default(),
+        correlation_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(traceparent) = message.header(orderflow::envelope::headers::TRACEPARENT) {
+        telemetry::continue_trace(&span, &traceparent);
+        if let Some(trace_id) = telemetry::trace_id_of(&traceparent) {
+            span.record("trace_id", trace_id);
+        }
+    }
+    span
+}
+
 /// Handles one partition's messages in order until it is revoked or the consumer stops.
+///
+/// Messages already queued behind the first join it in one batch (at most `max_batch`, and
+/// only for a handler that batches): one transaction, one commit, then the offsets. A batch
+/// never waits for messages to arrive, so a quiet partition pays no latency for it, and a
+/// busy one amortises its commits. A message that fails inside a batch is taken out of it
+/// ([`commit_together`]) and handled alone, with the retries, budget and dead letter of a
+/// single message: one bad message never fails its neighbours.
 async fn partition_task<H: Handler>(
     worker: Arc<Worker<H>>,
     mut queue: mpsc::Receiver<Incoming>,
@@ -828,41 +881,58 @@ async fn partition_task<H: Handler>(
             control.set_busy(false);
             return;
         }
-        let span = tracing::info_span!(
-            "consume",
-            group = %worker.group,
-            topic = %message.topic,
-            partition = message.partition,
-            offset = message.offset,
-            order_id = %String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()),
-            message_id = %message.header(orderflow::envelope::headers::MESSAGE_ID).unwrap_or_default(),
-            correlation_id = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-        );
-        // One trace per order: this span continues the producer's trace.
-        if let Some(traceparent) = message.header(orderflow::envelope::headers::TRACEPARENT) {
-            telemetry::continue_trace(&span, &traceparent);
-            if let Some(trace_id) = telemetry::trace_id_of(&traceparent) {
-                span.record("trace_id", trace_id);
+        let mut batch = vec![message];
+        // The naive build stores each offset before its work: never batched.
+        if worker.handler.batches() && !crate::chaos::naive() {
+            while batch.len() < worker.max_batch {
+                match queue.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
             }
         }
-        if crate::chaos::naive() {
-            // The textbook mistake: the offset first, then the work. Dying during the work
-            // loses the message (its offset is committed already).
-            worker.store_offset(&message);
-        }
-        let done = process(&worker, &message, &control.abandon).instrument(span).await;
-        if done {
+        // Each round commits a run of messages together, or handles the first alone.
+        let mut done = true;
+        let mut next = 0;
+        while next < batch.len() {
+            let rest = &batch[next..];
+            let together = if rest.len() > 1 {
+                commit_together(&worker, rest).await
+            } else {
+                0
+            };
+            if together > 0 {
+                fail::fail_point!("consumer::after_commit_before_store", |_| crate::chaos::crash());
+                // Committed: now, and only now, the offsets. Dying here redelivers them all,
+                // and the inbox absorbs every one.
+                for message in &rest[..together] {
+                    worker.store_offset(message);
+                }
+                next += together;
+                continue;
+            }
+            let message = &rest[0];
+            if crate::chaos::naive() {
+                // The textbook mistake: the offset first, then the work. Dying during the work
+                // loses the message (its offset is committed already).
+                worker.store_offset(message);
+            }
+            let span = message_span(&worker.group, message);
+            done = process(&worker, message, &control.abandon).instrument(span).await;
+            if !done {
+                break;
+            }
             fail::fail_point!("consumer::after_commit_before_store", |_| crate::chaos::crash());
             // The effect is committed (or dead-lettered): now, and only now, the offset.
             // Dying here redelivers the message, and the inbox absorbs it.
-            worker.store_offset(&message);
+            worker.store_offset(message);
+            next += 1;
         }
         control.set_busy(false);
         if first && done {
             // The failover measure of the chaos harness: a partition that moved here is
             // flowing again from this moment.
-            tracing::info!(topic = %message.topic, partition = message.partition, offset = message.offset,
+            tracing::info!(topic = %batch[0].topic, partition = batch[0].partition, offset = batch[0].offset,
                 "first message handled since the partition was assigned");
             first = false;
         }
@@ -872,6 +942,38 @@ async fn partition_task<H: Handler>(
             return;
         }
     }
+}
+
+/// Commits a leading run of `messages` in one transaction and returns how many it
+/// committed (0: none, so the first is to be handled alone). When a message fails (it cannot
+/// be opened, its handler errs), the transaction is rolled back and the messages before it
+/// are committed together again without it: the failing one is then handled alone, with the
+/// retries, budget and dead letter of a single message, and never fails its neighbours.
+async fn commit_together<H: Handler>(worker: &Worker<H>, messages: &[Incoming]) -> usize {
+    let mut run = messages.len();
+    while run > 1 {
+        match worker.attempt_batch(&messages[..run]).await {
+            Ok(outcomes) => {
+                metrics::histogram!(telemetry::CONSUMER_BATCH_SIZE, "group" => worker.group.clone()).record(run as f64);
+                for (message, outcome) in messages.iter().zip(outcomes) {
+                    metrics::counter!(telemetry::CONSUMER_MESSAGES, "group" => worker.group.clone(),
+                        "topic" => message.topic.clone(), "outcome" => outcome.label())
+                    .increment(1);
+                }
+                return run;
+            }
+            Err((failed_at, error)) => {
+                tracing::debug!(%error, failed_at, messages = run, "batch rolled back");
+                // Failing at the commit (failed_at == run) or at the first message: nothing
+                // is known good; the first goes alone.
+                if failed_at == 0 || failed_at >= run {
+                    return 0;
+                }
+                run = failed_at;
+            }
+        }
+    }
+    0
 }
 
 impl<H: Handler> Worker<H> {
@@ -885,6 +987,37 @@ impl<H: Handler> Worker<H> {
         {
             tracing::warn!(%error, "cannot store the offset; the message will be redelivered");
         }
+    }
+
+    /// One attempt for a whole batch: each message's inbox step and effect, in order, in one
+    /// transaction. A message the consumer does not want, or that its inbox knows, writes
+    /// nothing (its inbox insert did nothing); one its handler ignores leaves only its inbox
+    /// row (handlers write nothing before they decide to ignore).
+    /// On failure, the index of the message that failed (`batch.len()` for the commit).
+    async fn attempt_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>, (usize, HandlerError)> {
+        self.progress.mark();
+        let mut tx = self.pool.begin().await.map_err(|error| (0, error.into()))?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (index, message) in batch.iter().enumerate() {
+            let span = message_span(&self.group, message);
+            let outcome = async {
+                let event = message.open()?;
+                if !self.handler.wants(&event) {
+                    return Ok(Outcome::Ignored);
+                }
+                if !inbox::record(&mut tx, self.handler.inbox(), event.message_id).await? {
+                    return Ok(Outcome::Duplicate);
+                }
+                self.handler.handle(&mut tx, message, &event).await
+            }
+            .instrument(span)
+            .await
+            .map_err(|error| (index, error))?;
+            outcomes.push(outcome);
+        }
+        // Dying before this commit: nothing of the batch exists, every message is redelivered.
+        tx.commit().await.map_err(|error| (batch.len(), error.into()))?;
+        Ok(outcomes)
     }
 
     /// One attempt: the inbox step and the handler's effect in one transaction.

@@ -27,6 +27,9 @@ pub const RELAY_WAKEUPS_COALESCED: &str = "orderflow_relay_wakeups_coalesced_tot
 pub const RELAY_PRODUCERS_REPLACED: &str = "orderflow_relay_producers_replaced_total";
 /// Messages handled, by `group`, `topic` and `outcome` (processed, duplicate, ignored, dead_lettered).
 pub const CONSUMER_MESSAGES: &str = "orderflow_consumer_messages_total";
+/// Histogram: messages of one partition committed together in one transaction, by `group`
+/// (batches of one are not recorded).
+pub const CONSUMER_BATCH_SIZE: &str = "orderflow_consumer_batch_size";
 /// Transient failures retried, by `group`.
 pub const CONSUMER_RETRIES: &str = "orderflow_consumer_retries_total";
 /// Messages of a consumer failing transiently right now (each holds up its partition), by

@@ -317,21 +317,23 @@ async fn run_script(
         seconds.to_string(),
         url.to_owned(),
     ];
-    // Postgres's CPU per order, as the system's cost is measured (every postgres process).
-    let meter = super::probe::CpuMeter::new(None);
-    let postgres_before = meter.ticks().get("postgres").copied().unwrap_or(0);
+    // Postgres's CPU per order: the machine's busy time during the run less pgbench's own.
+    // (pgbench's backends start and end within the run, so summing the live postgres
+    // processes at both ends, as the system's cost does, would miss them; the idle services
+    // add a little.)
+    let (busy_before, _) = super::probe::machine_ticks();
+    let children_before = super::probe::children_ticks();
     let output = tokio::task::spawn_blocking({
         let pgbench = pgbench.to_owned();
         let args = args.clone();
         move || Command::new(pgbench).args(args).output()
     })
     .await??;
-    let postgres_ticks = meter
-        .ticks()
-        .get("postgres")
-        .copied()
-        .unwrap_or(0)
-        .saturating_sub(postgres_before);
+    let pgbench_ticks = super::probe::children_ticks().saturating_sub(children_before);
+    let postgres_ticks = super::probe::machine_ticks()
+        .0
+        .saturating_sub(busy_before)
+        .saturating_sub(pgbench_ticks);
     let _ = std::fs::remove_file(&script_path);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     anyhow::ensure!(

@@ -78,8 +78,21 @@ fn process_ticks(pid: &str) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
+/// CPU ticks of this process's children that it has waited for (cutime + cstime).
+pub fn children_ticks() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0;
+    };
+    let Some(rest) = stat.rfind(')').map(|at| &stat[at + 2..]) else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let field = |n: usize| fields.get(n).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    field(13) + field(14)
+}
+
 /// (busy, total) ticks of the whole machine.
-fn machine_ticks() -> (u64, u64) {
+pub fn machine_ticks() -> (u64, u64) {
     let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
         return (0, 0);
     };

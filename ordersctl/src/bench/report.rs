@@ -117,7 +117,8 @@ pub struct PgbenchResult {
     pub orders_per_sec: f64,
     /// Average latency of one order's work.
     pub latency_avg_ms: f64,
-    /// Postgres CPU milliseconds per order (every postgres process, as in the system's cost).
+    /// Postgres CPU milliseconds per order: the machine's busy time during the run less
+    /// pgbench's own, per order.
     pub postgres_cpu_ms_per_order: f64,
 }
 
