@@ -80,6 +80,10 @@ pub struct Config {
     /// broker is away.
     #[arg(long, env = "RELAY_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
     pub delivery_timeout_ms: u64,
+    /// After a NOTIFY, wait this long before the pass, so that a burst of commits shares one
+    /// pass, in milliseconds.
+    #[arg(long, env = "RELAY_COALESCE_MS", default_value_t = 5)]
+    pub coalesce_ms: u64,
     /// Every pass failing for this long makes the relay replace its producer (new broker
     /// connections), in milliseconds (0: never).
     #[arg(long, env = "RELAY_STALL_LIMIT_MS", default_value_t = 30_000)]
@@ -115,6 +119,7 @@ pub struct Relay {
     delivery_timeout: Duration,
     stall_limit: Option<Duration>,
     new_producer: Option<ProducerFactory>,
+    coalesce: Duration,
 }
 
 /// Makes a new producer for a relay whose producer stopped delivering.
@@ -144,7 +149,14 @@ impl Relay {
             delivery_timeout: kafka::DEFAULT_DELIVERY_TIMEOUT,
             stall_limit: Some(DEFAULT_STALL_LIMIT),
             new_producer: None,
+            coalesce: Duration::ZERO,
         }
+    }
+
+    /// After a NOTIFY wakes it, waits `coalesce` before its pass, so that the commits of a
+    /// burst share one pass (each such commit's row waits that much longer).
+    pub fn coalescing(self, coalesce: Duration) -> Self {
+        Self { coalesce, ..self }
     }
 
     /// When every pass has failed for `limit` (None: never): replaces the producer with a
@@ -194,6 +206,16 @@ impl Relay {
 
     /// Publishes the oldest unpublished rows, at most one batch.
     pub async fn publish_batch(&self) -> anyhow::Result<BatchOutcome> {
+        // Most wake-ups find nothing (the pass before already took the row whose NOTIFY woke
+        // this one): one statement says so, instead of a transaction, the lock and the
+        // claim (measured: 87% of passes were empty, 4 statements each). The partial index
+        // on unpublished rows answers it without touching the table.
+        let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL)")
+            .fetch_one(&self.pool)
+            .await?;
+        if !any {
+            return Ok(BatchOutcome::Empty);
+        }
         let mut tx = self.pool.begin().await?;
         // Ends with the transaction: a relay that dies releases it at once.
         let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
@@ -413,6 +435,11 @@ impl Relay {
                     notification = async { Some(listener.as_mut()?.recv().await) }, if listener.is_some() => {
                         match notification {
                             Some(Ok(_)) => {
+                                // A moment for the rest of the burst to commit and notify, so
+                                // one pass takes them all.
+                                if !self.coalesce.is_zero() {
+                                    tokio::time::sleep(self.coalesce).await;
+                                }
                                 // Answered by the next pass, with this one: they all came from
                                 // commits before it.
                                 let mut coalesced: u64 = 0;
@@ -522,7 +549,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let relay = Relay::new(pool, producer, config.batch_size)
         .with_delivery_timeout(Duration::from_millis(config.delivery_timeout_ms))
         .with_stall_limit((config.stall_limit_ms > 0).then(|| Duration::from_millis(config.stall_limit_ms)))
-        .reconnecting_with(new_producer);
+        .reconnecting_with(new_producer)
+        .coalescing(Duration::from_millis(config.coalesce_ms));
     let relay = if config.publish_twice {
         relay.publishing_twice()
     } else {
