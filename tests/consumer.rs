@@ -60,6 +60,16 @@ impl Handler for Flaky {
     }
 }
 
+impl Flaky {
+    /// One whose dependency never fails.
+    fn healthy() -> Self {
+        Self {
+            stuck_key: String::new(),
+            healed: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
 /// An envelope for `key` carrying `seq` (in the payment_id field: any string field would do).
 fn record(key: uuid::Uuid, seq: usize) -> Vec<u8> {
     let meta = EventMeta {
@@ -354,10 +364,7 @@ async fn a_consumer_that_holds_no_partition_for_too_long_gives_up() {
             vec!["orders.events".into()],
         )
     };
-    let handler = Arc::new(Flaky {
-        stuck_key: String::new(),
-        healed: Arc::new(AtomicBool::new(true)),
-    });
+    let handler = Arc::new(Flaky::healthy());
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
         consumer::run(settings, db.pool.clone(), handler, CancellationToken::new()),
@@ -431,10 +438,7 @@ async fn a_consumer_stops_in_bounded_time_while_its_broker_does_not_answer() {
         .unwrap();
     let topic = orderflow::topics::ORDERS_EVENTS.to_owned();
     let settings = ConsumerSettings::new(broker.cluster.clone(), "closing".into(), vec![topic.clone()]);
-    let handler = Arc::new(Flaky {
-        stuck_key: String::new(),
-        healed: Arc::new(AtomicBool::new(true)),
-    });
+    let handler = Arc::new(Flaky::healthy());
     let shutdown = CancellationToken::new();
     let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
     let producer: FutureProducer = kafka::producer_config(&broker.cluster, "closing-test", Duration::from_secs(10))
@@ -476,10 +480,7 @@ async fn a_reconnecting_consumer_starts_a_new_client_instead_of_giving_up() {
             vec!["orders.events".into()],
         )
     };
-    let handler = Arc::new(Flaky {
-        stuck_key: String::new(),
-        healed: Arc::new(AtomicBool::new(true)),
-    });
+    let handler = Arc::new(Flaky::healthy());
     let shutdown = CancellationToken::new();
     let mut consumer = tokio::spawn(consumer::run_reconnecting(
         settings,
@@ -538,10 +539,7 @@ async fn queued_messages_share_a_transaction_and_a_bad_one_never_fails_its_neigh
             .unwrap();
     }
     let settings = ConsumerSettings::new(bootstrap.clone(), format!("batch-{topic}"), vec![topic.clone()]);
-    let handler = Arc::new(Flaky {
-        stuck_key: String::new(),
-        healed: Arc::new(AtomicBool::new(true)),
-    });
+    let handler = Arc::new(Flaky::healthy());
     let shutdown = CancellationToken::new();
     let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
     let count = || async {
