@@ -26,16 +26,18 @@
 //!   that keeps failing "transiently" (a dependency that refuses it in a way nobody
 //!   classified, a bug) is then dead-lettered too, so it holds up its partition for a bounded
 //!   time, never forever. Messages retrying now are a gauge; exhausted budgets a counter.
-//! - **Health.** `run` returns an error when the poll thread dies, when the client reports a
-//!   fatal error (such as a fenced static member), or when the consumer has held no partition
-//!   for longer than `unassigned_limit`: the process then exits and its supervisor restarts it.
-//!   The number of partitions held is published as a gauge.
+//! - **Health.** `run` returns an error when the poll thread dies or the client reports a
+//!   fatal error (such as a fenced static member): the process then exits and its supervisor
+//!   restarts it. It gives up ([`GaveUp`]) when the consumer has held no partition for longer
+//!   than `unassigned_limit`; [`run_reconnecting`] then starts a new client in the same
+//!   process. The number of partitions held is published as a gauge.
 //! - **Stalls.** A consumer can also stop making progress without any error: a fetch that
 //!   never resumes after a broker pause, a handler awaiting something that never answers.
 //!   When records of the partitions this member holds wait to be handled and, for
-//!   `stall_limit`, no message arrived and no attempt started, `run` returns an error too
-//!   (the process exits and is restarted, and the group redelivers from the committed
-//!   offsets). A message retrying with backoff is progress; only silence is a stall.
+//!   `stall_limit`, no message arrived and no attempt started, `run` gives up too
+//!   ([`GaveUp`]), and [`run_reconnecting`] starts a new client, to which the group
+//!   redelivers from the committed offsets. A message retrying with backoff is progress;
+//!   only silence is a stall.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -268,8 +270,8 @@ pub struct ConsumerArgs {
     )]
     pub retry_budget_ms: u64,
     /// How long a consumer may hold records waiting to be handled while it receives and
-    /// attempts nothing before it gives up (the process exits and is restarted), in
-    /// milliseconds (0: never).
+    /// attempts nothing before it gives up and starts a new client, in milliseconds
+    /// (0: never).
     #[arg(
         long = "consumer-stall-limit-ms",
         env = "CONSUMER_STALL_LIMIT_MS",
@@ -324,13 +326,12 @@ pub struct ConsumerSettings {
     /// (None: forever). Shorter than the saga deadline, so a message stuck on a dependency
     /// is out of its partition's way before the orders behind it time out.
     pub retry_budget: Option<Duration>,
-    /// Holding no partition for longer than this is an error (the process exits and its
-    /// supervisor restarts it); None never gives up (a member of a group that has more
-    /// members than partitions).
+    /// Holding no partition for longer than this makes `run` give up ([`GaveUp`]); None
+    /// never (a member of a group that has more members than partitions).
     pub unassigned_limit: Option<Duration>,
     /// Records of this member's partitions waiting to be handled while nothing arrives and
-    /// no attempt starts for this long is an error (the process exits and its supervisor
-    /// restarts it); None never gives up. Longer than the longest backoff between attempts.
+    /// no attempt starts for this long makes `run` give up ([`GaveUp`]); None never.
+    /// Longer than the longest backoff between attempts.
     pub stall_limit: Option<Duration>,
     /// How often librdkafka reports its statistics (consumer lag, records waiting).
     pub statistics_interval: Duration,
@@ -989,6 +990,24 @@ impl<H: Handler> Worker<H> {
         }
     }
 
+    /// The inbox step, for one message alone or in a batch: its id recorded in `tx`, then the
+    /// handler's effect in the same transaction; a message whose id the inbox knows is a
+    /// redelivery and writes nothing.
+    async fn inbox_step(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        message: &Incoming,
+        event: &orderflow::envelope::OpenedEvent,
+    ) -> Result<Outcome, HandlerError> {
+        // The naive build has no inbox: every redelivery is processed again.
+        if !crate::chaos::naive() && !inbox::record(tx, self.handler.inbox(), event.message_id).await? {
+            // Another transaction recorded it (and committed), or an earlier message of this
+            // batch did: a redelivery.
+            return Ok(Outcome::Duplicate);
+        }
+        self.handler.handle(tx, message, event).await
+    }
+
     /// One attempt for a whole batch: each message's inbox step and effect, in order, in one
     /// transaction. A message the consumer does not want, or that its inbox knows, writes
     /// nothing (its inbox insert did nothing); one its handler ignores leaves only its inbox
@@ -1005,10 +1024,7 @@ impl<H: Handler> Worker<H> {
                 if !self.handler.wants(&event) {
                     return Ok(Outcome::Ignored);
                 }
-                if !inbox::record(&mut tx, self.handler.inbox(), event.message_id).await? {
-                    return Ok(Outcome::Duplicate);
-                }
-                self.handler.handle(&mut tx, message, &event).await
+                self.inbox_step(&mut tx, message, &event).await
             }
             .instrument(span)
             .await
@@ -1028,12 +1044,7 @@ impl<H: Handler> Worker<H> {
             return Ok(Outcome::Ignored);
         }
         let mut tx = self.pool.begin().await?;
-        // The naive build has no inbox: every redelivery is processed again.
-        if !crate::chaos::naive() && !inbox::record(&mut tx, self.handler.inbox(), event.message_id).await? {
-            // Another transaction recorded it (and committed): a redelivery.
-            return Ok(Outcome::Duplicate);
-        }
-        let outcome = self.handler.handle(&mut tx, message, &event).await?;
+        let outcome = self.inbox_step(&mut tx, message, &event).await?;
         if outcome == Outcome::Processed {
             // Dying before this commit: nothing of the effect exists, the message is
             // redelivered. Dying after it, before the offset is stored: redelivered, and the

@@ -41,8 +41,9 @@ const PUBLISHER_LOCK: i64 = 0x6f72_6465_7266_6c6f;
 const OUTBOX_CHANNEL: &str = "outbox";
 /// How often the backlog gauge is counted.
 const BACKLOG_INTERVAL: Duration = Duration::from_secs(1);
-/// How long every pass may fail before the relay gives up (`RELAY_STALL_LIMIT_MS`): past a
-/// short broker outage, well within the 90 s saga deadline.
+/// How long every pass may fail before the relay replaces its producer (or, with no way to
+/// make one, gives up) (`RELAY_STALL_LIMIT_MS`): past a short broker outage, well within the
+/// 90 s saga deadline.
 pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(30);
 
 /// The relay's settings: defaults, overridden by environment variables, overridden by flags.
