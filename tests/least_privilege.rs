@@ -6,19 +6,13 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use orderflow_platform::Secret;
-use orderflow_tests::{TestDb, fresh_db, stack};
+use orderflow_tests::{TestDb, database_url_as, fresh_db};
 
 /// A connection to `database` (a test database's name, or one of the stack's) as `role`.
 async fn connect_as(role: &str, database: &str) -> Result<sqlx::PgPool, sqlx::Error> {
-    let key = format!("ORDERFLOW_DB_AS_{}", role.to_uppercase());
-    let url = stack()
-        .vars
-        .get(&key)
-        .unwrap_or_else(|| panic!("{key} missing: start the stack with scripts/stack up --infra"));
-    let (base, _) = url.rsplit_once('/').unwrap();
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
-        .connect(Secret::new(format!("{base}/{database}")).expose())
+        .connect(Secret::new(database_url_as(role, database)).expose())
         .await
 }
 

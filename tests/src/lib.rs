@@ -98,6 +98,18 @@ pub struct TestDb {
     pub pool: sqlx::PgPool,
 }
 
+/// The URL of `database` (a test database's name, or one of the stack's) as `role`, with
+/// the password the stack gave it (the stack's `ORDERFLOW_DB_AS_<ROLE>` with that name).
+pub fn database_url_as(role: &str, database: &str) -> String {
+    let key = format!("ORDERFLOW_DB_AS_{}", role.to_uppercase());
+    let url = stack()
+        .vars
+        .get(&key)
+        .unwrap_or_else(|| panic!("{key} missing: start the stack with scripts/stack up --infra"));
+    let (base, _) = url.rsplit_once('/').expect("a database URL ends in /NAME");
+    format!("{base}/{database}")
+}
+
 impl TestDb {
     /// Applies `deploy/postgres/grants/{database}.sql` here, as `scripts/stack up` applies it
     /// to the stack's database of that name.
@@ -116,13 +128,7 @@ impl TestDb {
     /// This database's URL as `role`, with the password the stack gave it (the stack's
     /// `ORDERFLOW_DB_AS_<ROLE>` with this database's name).
     pub fn url_as(&self, role: &str) -> String {
-        let key = format!("ORDERFLOW_DB_AS_{}", role.to_uppercase());
-        let url = stack()
-            .vars
-            .get(&key)
-            .unwrap_or_else(|| panic!("{key} missing: start the stack with scripts/stack up --infra"));
-        let (base, _) = url.rsplit_once('/').expect("a database URL ends in /NAME");
-        format!("{base}/{}", self.name)
+        database_url_as(role, &self.name)
     }
 
     /// A small pool on this database as `role` (after [`TestDb::grant`]), for running a

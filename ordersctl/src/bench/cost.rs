@@ -142,15 +142,9 @@ impl Counters {
         };
         let (relays, consumers) = (sources.relay_metrics.clone(), sources.consumer_metrics.clone());
         let (produced, consumed) = tokio::task::spawn_blocking(move || {
-            let sum = |endpoints: &[String], metric: &str| -> f64 {
-                endpoints
-                    .iter()
-                    .filter_map(|addr| probe::scrape_sum(addr, metric, ""))
-                    .sum()
-            };
             (
-                sum(&relays, orderflow_platform::telemetry::RELAY_PUBLISHED),
-                sum(&consumers, orderflow_platform::telemetry::CONSUMER_MESSAGES),
+                probe::scrape_total(&relays, orderflow_platform::telemetry::RELAY_PUBLISHED),
+                probe::scrape_total(&consumers, orderflow_platform::telemetry::CONSUMER_MESSAGES),
             )
         })
         .await

@@ -46,10 +46,12 @@ pub fn scrape_sum(addr: &str, metric: &str, label: &str) -> Option<f64> {
 
 /// Consumer lag summed over the consumer processes' metrics endpoints.
 pub fn consumer_lag(endpoints: &[String]) -> f64 {
-    endpoints
-        .iter()
-        .filter_map(|addr| scrape_sum(addr, orderflow_platform::telemetry::CONSUMER_LAG, ""))
-        .sum()
+    scrape_total(endpoints, orderflow_platform::telemetry::CONSUMER_LAG)
+}
+
+/// Sum of `metric` over every series of every endpoint that answers.
+pub fn scrape_total(endpoints: &[String], metric: &str) -> f64 {
+    endpoints.iter().filter_map(|addr| scrape_sum(addr, metric, "")).sum()
 }
 
 /// CPU time of a set of processes, sampled twice to give a share of one core.
@@ -61,34 +63,31 @@ pub struct CpuMeter {
     last_at: Instant,
 }
 
-fn clock_ticks_per_sec() -> f64 {
-    // USER_HZ is 100 on every Linux this runs on (it is fixed in the kernel's ABI).
-    100.0
-}
+/// Clock ticks a second in /proc's CPU counters: USER_HZ is 100 on every Linux this runs on
+/// (it is fixed in the kernel's ABI).
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
 
 /// CPU milliseconds in one clock tick of /proc's counters.
-pub const MILLIS_PER_TICK: f64 = 1000.0 / 100.0;
+pub const MILLIS_PER_TICK: f64 = 1000.0 / CLOCK_TICKS_PER_SEC;
 
-/// utime + stime of one process, in clock ticks.
-fn process_ticks(pid: &str) -> Option<u64> {
+/// The sum of two adjacent tick counters of `/proc/PID/stat`, `first` counted from the field
+/// after the command name (11: utime + stime; 13: the waited-for children's).
+fn stat_ticks(pid: &str, first: usize) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces; the fields after it start past the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    Some(fields.get(first)?.parse::<u64>().ok()? + fields.get(first + 1)?.parse::<u64>().ok()?)
+}
+
+/// utime + stime of one process, in clock ticks.
+fn process_ticks(pid: &str) -> Option<u64> {
+    stat_ticks(pid, 11)
 }
 
 /// CPU ticks of this process's children that it has waited for (cutime + cstime).
 pub fn children_ticks() -> u64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0;
-    };
-    let Some(rest) = stat.rfind(')').map(|at| &stat[at + 2..]) else {
-        return 0;
-    };
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let field = |n: usize| fields.get(n).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    field(13) + field(14)
+    stat_ticks("self", 13).unwrap_or(0)
 }
 
 /// (busy, total) ticks of the whole machine.
@@ -162,7 +161,7 @@ impl CpuMeter {
             let before = self.last.get(name).copied().filter(|&b| b <= ticks).unwrap_or(0);
             shares.insert(
                 name.clone(),
-                (ticks - before) as f64 / clock_ticks_per_sec() / elapsed * 100.0,
+                (ticks - before) as f64 / CLOCK_TICKS_PER_SEC / elapsed * 100.0,
             );
         }
         // Postgres backends come and go; their sum can shrink when one exits.
