@@ -577,3 +577,124 @@ async fn queued_messages_share_a_transaction_and_a_bad_one_never_fails_its_neigh
     shutdown.cancel();
     consumer.await.unwrap().expect("the consumer stops cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_waiting_on_its_dependency_holds_up_only_its_key_lane() {
+    // One partition, one key whose dependency is away. With key lanes, the other keys'
+    // messages are handled meanwhile (those that share the stuck key's lane wait); the
+    // offset committed never passes the stuck key's first message, and after a restart with
+    // the dependency healed every message is handled exactly once, the stuck key's in order.
+    let db = fresh_orders_db().await;
+    sqlx::query("CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, partition int NOT NULL, handled_at timestamptz NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let topic = fresh_topic(1).await;
+    let bootstrap = stack().kafka.clone();
+    let producer: FutureProducer = kafka::producer_config(&bootstrap, "lanes-test", kafka::DEFAULT_DELIVERY_TIMEOUT)
+        .create()
+        .unwrap();
+    let keys: Vec<uuid::Uuid> = (0..40).map(|_| uuid::Uuid::now_v7()).collect();
+    let stuck = keys[0];
+    // Three other messages first, then the stuck key's first, then the rest interleaved.
+    let mut sent_keys: Vec<uuid::Uuid> = keys[1..4].to_vec();
+    sent_keys.push(stuck);
+    for i in 0..78 {
+        sent_keys.push(if i % 13 == 0 { stuck } else { keys[1 + i % 39] });
+    }
+    let mut sent: HashMap<uuid::Uuid, usize> = HashMap::new();
+    send(&producer, &topic, &sent_keys, &mut sent).await;
+    let stuck_count = sent[&stuck];
+    let others = sent_keys.len() - stuck_count;
+    let first_stuck_offset = i64::try_from(sent_keys.iter().position(|key| *key == stuck).unwrap()).unwrap();
+
+    let group = format!("lanes-{}", uuid::Uuid::now_v7().simple());
+    let settings = ConsumerSettings {
+        retry_budget: None,
+        key_lanes: 8,
+        ..ConsumerSettings::new(bootstrap.clone(), group.clone(), vec![topic.clone()])
+    };
+    let healed = Arc::new(AtomicBool::new(false));
+    let handler = Arc::new(Flaky {
+        stuck_key: stuck.to_string(),
+        healed: healed.clone(),
+    });
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn(consumer::run(
+        settings.clone(),
+        db.pool.clone(),
+        handler,
+        shutdown.clone(),
+    ));
+    let handled_others = |pool: sqlx::PgPool| async move {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM handled WHERE key <> $1")
+            .bind(stuck.to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        usize::try_from(count).unwrap()
+    };
+    // One lane in eight is the stuck key's: most of the other messages get through.
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let pool = db.pool.clone();
+            async move { handled_others(pool).await * 2 > others }
+        })
+        .await,
+        "the other keys wait behind the stuck one: {} of {others} handled",
+        handled_others(db.pool.clone()).await
+    );
+    shutdown.cancel();
+    consumer.await.unwrap().expect("the consumer stops cleanly");
+    let committed = orderflow_tests::committed_and_end(&bootstrap, &group, &topic).unwrap();
+    assert_eq!(
+        committed[0].0, first_stuck_offset,
+        "the committed offset is exactly the stuck key's first message (everything before it is done)"
+    );
+
+    healed.store(true, Ordering::SeqCst);
+    let shutdown = CancellationToken::new();
+    let handler = Arc::new(Flaky {
+        stuck_key: stuck.to_string(),
+        healed,
+    });
+    let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
+    let handled_all = |pool: sqlx::PgPool| async move {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM handled")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        usize::try_from(count).unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || handled_all(db.pool.clone())
+            .map_eq(sent_keys.len()))
+        .await,
+        "after the restart: {} of {} handled",
+        handled_all(db.pool.clone()).await,
+        sent_keys.len()
+    );
+    let order: Vec<i32> = sqlx::query_scalar("SELECT seq FROM handled WHERE key = $1 ORDER BY handled_at")
+        .bind(stuck.to_string())
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(order, (0..i32::try_from(stuck_count).unwrap()).collect::<Vec<i32>>());
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT key, seq FROM handled GROUP BY key, seq HAVING count(*) > 1) d",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(twice, 0, "a redelivered message was handled twice");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            orderflow_tests::committed_and_end(&bootstrap, &group, &topic).unwrap()[0].0
+                == i64::try_from(sent_keys.len()).unwrap()
+        })
+        .await,
+        "everything committed in the end"
+    );
+    shutdown.cancel();
+    consumer.await.unwrap().expect("the consumer stops cleanly");
+}

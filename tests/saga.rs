@@ -188,26 +188,7 @@ async fn reset_group_to_start(group: &str, topic: &str) {
 
 /// The group's committed offsets and the high watermarks on `topic`, per partition.
 async fn committed_and_end(group: &str, topic: &str) -> Vec<(i64, i64)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(&stack().kafka, group, None)
-        .create()
-        .unwrap();
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-    let mut list = rdkafka::TopicPartitionList::new();
-    for partition in 0..metadata.topics()[0].partitions().len() {
-        list.add_partition(topic, i32::try_from(partition).unwrap());
-    }
-    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
-    committed
-        .elements()
-        .iter()
-        .map(|e| {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
-                .unwrap();
-            (e.offset().to_raw().unwrap_or(-1).max(0), high)
-        })
-        .collect()
+    orderflow_tests::committed_and_end(&stack().kafka, group, topic).expect("read the group's offsets")
 }
 
 /// Whether the group has committed everything on `topic`.

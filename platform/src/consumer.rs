@@ -7,10 +7,15 @@
 //!   dependency retried for minutes) fills its own queue and is then paused with the consumer,
 //!   so its messages stay at the broker; the poll thread never waits on a handler, every other
 //!   partition keeps flowing, and `max.poll.interval.ms` is never exceeded because one
-//!   partition is slow. Messages of one partition are handled one after another, in order.
-//! - **The inbox step.** `begin → record the message id in the inbox → handler's effect →
-//!   commit → store the offset`, here and nowhere else. A message whose id the inbox knows is
-//!   a redelivery: rolled back, counted as a duplicate, its offset stored.
+//!   partition is slow. Messages of one partition are handled one after another, in order;
+//!   those already queued when one starts join it in a batch. A service may split each
+//!   partition into **key lanes** (`key_lanes`): one key's messages stay in one lane, in
+//!   order, while a message waiting on a slow dependency holds up only its own lane; offsets
+//!   are still stored in partition order, up to the first message not done.
+//! - **The inbox step.** `begin → record the message ids in the inbox → handler's effects →
+//!   commit → store the offsets`, here and nowhere else: for a batch, one insert of all its
+//!   ids and one commit. A message whose id the inbox knows is a redelivery: no effect,
+//!   counted as a duplicate, its offset stored.
 //! - **Offsets after the effect.** An offset is stored only after the transaction committed
 //!   (or the message was dead-lettered); auto-commit then commits stored offsets. Dying
 //!   anywhere before the store means a redelivery, which the inbox makes a no-op.
@@ -205,6 +210,43 @@ pub trait Handler: Send + Sync + 'static {
         message: &Incoming,
         event: &orderflow::envelope::OpenedEvent,
     ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send;
+
+    /// Writes the effects of the new messages of a batch (their inbox rows already recorded)
+    /// in `tx`, in their order, with the contract of [`Handler::handle`] for each. A handler
+    /// overrides it to do the work in bulk (one statement for many rows, remote calls side
+    /// by side); the default handles one after another. On failure, the index in `batch` of
+    /// the message that failed: the runtime rolls back, commits those before it without it
+    /// and handles it alone.
+    fn handle_batch(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: &[Fresh<'_>],
+    ) -> impl Future<Output = Result<Vec<Outcome>, (usize, HandlerError)>> + Send {
+        async move {
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for (index, fresh) in batch.iter().enumerate() {
+                let outcome = self
+                    .handle(tx, fresh.message, fresh.event)
+                    .instrument(fresh.span.clone())
+                    .await
+                    .map_err(|error| (index, error))?;
+                outcomes.push(outcome);
+            }
+            Ok(outcomes)
+        }
+    }
+}
+
+/// A message of a batch that the inbox did not know, opened, with the span its work belongs
+/// to (the trace the message carries on).
+pub struct Fresh<'a> {
+    /// The message as read.
+    pub message: &'a Incoming,
+    /// Its event.
+    pub event: &'a orderflow::envelope::OpenedEvent,
+    /// Its `consume` span: a handler doing work of several messages at once enters each
+    /// message's span for that message's part.
+    pub span: tracing::Span,
 }
 
 /// The retry budget unless configured: 60 s, two thirds of the stack's 90 s saga deadline
@@ -282,6 +324,10 @@ pub struct ConsumerArgs {
     /// waiting (1: one at a time).
     #[arg(long = "consumer-max-batch", env = "CONSUMER_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
+    /// Lanes per partition: messages of different keys in different lanes are handled side
+    /// by side, those of one key always in one lane, in order (unset: the service's default).
+    #[arg(long = "consumer-key-lanes", env = "CONSUMER_KEY_LANES")]
+    pub key_lanes: Option<usize>,
 }
 
 impl Default for ConsumerArgs {
@@ -290,6 +336,7 @@ impl Default for ConsumerArgs {
             retry_budget_ms: u64::try_from(DEFAULT_RETRY_BUDGET.as_millis()).unwrap_or(u64::MAX),
             stall_limit_ms: u64::try_from(DEFAULT_STALL_LIMIT.as_millis()).unwrap_or(u64::MAX),
             max_batch: DEFAULT_MAX_BATCH,
+            key_lanes: None,
         }
     }
 }
@@ -301,6 +348,7 @@ impl ConsumerArgs {
             retry_budget: (self.retry_budget_ms > 0).then(|| Duration::from_millis(self.retry_budget_ms)),
             stall_limit: (self.stall_limit_ms > 0).then(|| Duration::from_millis(self.stall_limit_ms)),
             max_batch: self.max_batch.max(1),
+            key_lanes: self.key_lanes.unwrap_or(settings.key_lanes).max(1),
             ..settings
         }
     }
@@ -337,6 +385,12 @@ pub struct ConsumerSettings {
     pub statistics_interval: Duration,
     /// Most messages of one partition handled in one transaction (1: one at a time).
     pub max_batch: usize,
+    /// Lanes per partition (1: the partition's messages one after another). A message goes
+    /// to the lane of its key's hash, so one key's messages keep their order; a message that
+    /// waits on a slow dependency holds up only its lane, not every order of its partition.
+    /// Offsets are stored in partition order all the same: up to the first message not yet
+    /// done.
+    pub key_lanes: usize,
 }
 
 impl ConsumerSettings {
@@ -357,30 +411,38 @@ impl ConsumerSettings {
             stall_limit: Some(DEFAULT_STALL_LIMIT),
             statistics_interval: Duration::from_secs(5),
             max_batch: DEFAULT_MAX_BATCH,
+            key_lanes: 1,
         }
     }
 }
 
-/// A partition's task, as the revoke callback and the poll thread see it.
+/// A partition's tasks (one per lane), as the revoke callback and the poll thread see them.
 struct PartitionControl {
-    /// Whether a message is being handled now.
-    busy: Mutex<bool>,
+    /// How many of its lanes are handling a message now.
+    busy: Mutex<usize>,
     idle: Condvar,
     /// Cancelled when the partition is revoked: take no further message.
     revoked: CancellationToken,
-    /// Cancelled when a revoke gives up waiting: stop retrying the message in flight.
+    /// Cancelled when a revoke gives up waiting: stop retrying the messages in flight.
     abandon: CancellationToken,
+    /// Whether a message was handled since the partition was assigned (logged once).
+    flowing: std::sync::atomic::AtomicBool,
 }
 
 impl PartitionControl {
-    fn busy(&self) -> MutexGuard<'_, bool> {
+    fn busy(&self) -> MutexGuard<'_, usize> {
         self.busy.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn set_busy(&self, busy: bool) {
-        *self.busy() = busy;
-        if !busy {
-            self.idle.notify_all();
+        let mut lanes = self.busy();
+        if busy {
+            *lanes += 1;
+        } else {
+            *lanes = lanes.saturating_sub(1);
+            if *lanes == 0 {
+                self.idle.notify_all();
+            }
         }
     }
 
@@ -389,20 +451,78 @@ impl PartitionControl {
         let guard = self.busy();
         let (guard, _) = self
             .idle
-            .wait_timeout_while(guard, limit, |busy| *busy)
+            .wait_timeout_while(guard, limit, |lanes| *lanes > 0)
             .unwrap_or_else(PoisonError::into_inner);
-        !*guard
+        *guard == 0
+    }
+}
+
+/// Which offsets of a partition are done, so that what is stored is always "everything up to
+/// here is done" although lanes finish out of order: an offset is stored only once every
+/// message before it in the partition is done too. A message that is never done (abandoned
+/// at a revoke) keeps every later offset unstored, and the next owner redelivers them all;
+/// the inbox absorbs those already handled.
+struct Offsets {
+    topic: String,
+    partition: i32,
+    /// Offsets handed to a lane, in partition order, and whether each is done.
+    pending: Mutex<VecDeque<(i64, bool)>>,
+}
+
+impl Offsets {
+    fn pending(&self) -> MutexGuard<'_, VecDeque<(i64, bool)>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called by the poll thread, in partition order, for each message it hands on.
+    fn handed_on(&self, offset: i64) {
+        self.pending().push_back((offset, false));
+    }
+
+    /// Marks `offset` done and returns the offset to store now, if the done prefix grew.
+    fn done(&self, offset: i64) -> Option<i64> {
+        let mut pending = self.pending();
+        if let Some(entry) = pending
+            .iter_mut()
+            .find(|(pending_offset, done)| *pending_offset == offset && !done)
+        {
+            entry.1 = true;
+        }
+        let mut store = None;
+        while let Some(&(front, true)) = pending.front() {
+            store = Some(front);
+            pending.pop_front();
+        }
+        store
     }
 }
 
 /// The poll thread's view of one assigned partition.
 struct PartitionSlot {
-    queue: mpsc::Sender<Incoming>,
-    /// Messages that arrived while the queue was full (already fetched before the pause
-    /// took effect), handed on in order before anything newer.
+    /// One queue per lane.
+    lanes: Vec<mpsc::Sender<Incoming>>,
+    /// Messages that arrived while their lane's queue was full (already fetched before the
+    /// pause took effect), handed on in order before anything newer.
     overflow: VecDeque<Incoming>,
     paused: bool,
     control: Arc<PartitionControl>,
+    offsets: Arc<Offsets>,
+}
+
+impl PartitionSlot {
+    fn lane_of(&self, message: &Incoming) -> &mpsc::Sender<Incoming> {
+        let index = match (&message.key, self.lanes.len()) {
+            (_, 0 | 1) | (None, _) => 0,
+            (Some(key), lanes) => {
+                use std::hash::{Hash as _, Hasher as _};
+                // SipHash with fixed keys: a key's lane is the same for the life of the slot.
+                let mut hasher = std::hash::DefaultHasher::new();
+                key.hash(&mut hasher);
+                usize::try_from(hasher.finish() % lanes as u64).unwrap_or(0)
+            }
+        };
+        &self.lanes[index]
+    }
 }
 
 type PartitionKey = (String, i32);
@@ -753,9 +873,12 @@ impl<H: Handler> Poller<H> {
     fn dispatch(&self, message: Incoming) {
         let mut slots = lock(&self.slots);
         let key = (message.topic.clone(), message.partition);
-        let slot = slots.entry(key).or_insert_with(|| self.spawn_partition());
+        let slot = slots
+            .entry(key)
+            .or_insert_with(|| self.spawn_partition(&message.topic, message.partition));
+        slot.offsets.handed_on(message.offset);
         if slot.overflow.is_empty() {
-            match slot.queue.try_send(message) {
+            match slot.lane_of(&message).clone().try_send(message) {
                 Ok(()) => return,
                 Err(mpsc::error::TrySendError::Full(message) | mpsc::error::TrySendError::Closed(message)) => {
                     slot.overflow.push_back(message);
@@ -784,7 +907,9 @@ impl<H: Handler> Poller<H> {
         let mut slots = lock(&self.slots);
         for ((topic, partition), slot) in slots.iter_mut().filter(|(_, slot)| slot.paused) {
             while let Some(message) = slot.overflow.pop_front() {
-                match slot.queue.try_send(message) {
+                // Stops at the first message whose lane is full: the overflow keeps the
+                // partition's order, so no message of a key passes an earlier one.
+                match slot.lane_of(&message).clone().try_send(message) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(message) | mpsc::error::TrySendError::Closed(message)) => {
                         slot.overflow.push_front(message);
@@ -806,23 +931,48 @@ impl<H: Handler> Poller<H> {
         }
     }
 
-    fn spawn_partition(&self) -> PartitionSlot {
-        let (queue, receiver) = mpsc::channel(self.settings.partition_queue.max(1));
+    fn spawn_partition(&self, topic: &str, partition: i32) -> PartitionSlot {
         let control = Arc::new(PartitionControl {
-            busy: Mutex::new(false),
+            busy: Mutex::new(0),
             idle: Condvar::new(),
             revoked: CancellationToken::new(),
             abandon: self.shutdown.child_token(),
+            flowing: std::sync::atomic::AtomicBool::new(false),
         });
-        self.tasks.spawn_on(
-            partition_task(self.worker.clone(), receiver, control.clone(), self.shutdown.clone()),
-            &self.runtime,
-        );
+        let offsets = Arc::new(Offsets {
+            topic: topic.to_owned(),
+            partition,
+            pending: Mutex::default(),
+        });
+        // The naive build stores each offset before its work: one lane, so that what it
+        // loses is what the textbook consumer loses, no more.
+        let lanes = if crate::chaos::naive() {
+            1
+        } else {
+            self.settings.key_lanes.max(1)
+        };
+        let lanes = (0..lanes)
+            .map(|_| {
+                let (queue, receiver) = mpsc::channel(self.settings.partition_queue.max(1));
+                self.tasks.spawn_on(
+                    partition_task(
+                        self.worker.clone(),
+                        receiver,
+                        control.clone(),
+                        offsets.clone(),
+                        self.shutdown.clone(),
+                    ),
+                    &self.runtime,
+                );
+                queue
+            })
+            .collect();
         PartitionSlot {
-            queue,
+            lanes,
             overflow: VecDeque::new(),
             paused: false,
             control,
+            offsets,
         }
     }
 }
@@ -862,9 +1012,9 @@ async fn partition_task<H: Handler>(
     worker: Arc<Worker<H>>,
     mut queue: mpsc::Receiver<Incoming>,
     control: Arc<PartitionControl>,
+    offsets: Arc<Offsets>,
     shutdown: CancellationToken,
 ) {
-    let mut first = true;
     loop {
         let message = tokio::select! {
             biased;
@@ -907,7 +1057,7 @@ async fn partition_task<H: Handler>(
                 // Committed: now, and only now, the offsets. Dying here redelivers them all,
                 // and the inbox absorbs every one.
                 for message in &rest[..together] {
-                    worker.store_offset(message);
+                    worker.done(&offsets, message);
                 }
                 next += together;
                 continue;
@@ -926,16 +1076,15 @@ async fn partition_task<H: Handler>(
             fail::fail_point!("consumer::after_commit_before_store", |_| crate::chaos::crash());
             // The effect is committed (or dead-lettered): now, and only now, the offset.
             // Dying here redelivers the message, and the inbox absorbs it.
-            worker.store_offset(message);
+            worker.done(&offsets, message);
             next += 1;
         }
         control.set_busy(false);
-        if first && done {
+        if done && !control.flowing.swap(true, AtomicOrdering::Relaxed) {
             // The failover measure of the chaos harness: a partition that moved here is
             // flowing again from this moment.
             tracing::info!(topic = %batch[0].topic, partition = batch[0].partition, offset = batch[0].offset,
                 "first message handled since the partition was assigned");
-            first = false;
         }
         if !done {
             // Abandoned (revoked or shutting down) before it was processed: its offset stays
@@ -978,65 +1127,88 @@ async fn commit_together<H: Handler>(worker: &Worker<H>, messages: &[Incoming]) 
 }
 
 impl<H: Handler> Worker<H> {
+    /// `message` is done with (committed or dead-lettered): its offset, and those of the
+    /// messages before it that other lanes finished, are stored once every earlier message
+    /// of the partition is done too.
+    fn done(&self, offsets: &Offsets, message: &Incoming) {
+        if let Some(offset) = offsets.done(message.offset) {
+            self.store(&offsets.topic, offsets.partition, offset);
+        }
+    }
+
     fn store_offset(&self, message: &Incoming) {
+        self.store(&message.topic, message.partition, message.offset);
+    }
+
+    fn store(&self, topic: &str, partition: i32, offset: i64) {
         // The message's own offset: librdkafka commits offset + 1 itself. (Passing offset + 1
         // here would skip the next message after a restart: a lost event.) A partition that
         // is no longer assigned refuses the store, and the new owner redelivers the message.
-        if let Err(error) = self
-            .consumer
-            .store_offset(&message.topic, message.partition, message.offset)
-        {
+        if let Err(error) = self.consumer.store_offset(topic, partition, offset) {
             tracing::warn!(%error, "cannot store the offset; the message will be redelivered");
         }
     }
 
-    /// The inbox step, for one message alone or in a batch: its id recorded in `tx`, then the
-    /// handler's effect in the same transaction; a message whose id the inbox knows is a
-    /// redelivery and writes nothing.
-    async fn inbox_step(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        message: &Incoming,
-        event: &orderflow::envelope::OpenedEvent,
-    ) -> Result<Outcome, HandlerError> {
-        // The naive build has no inbox: every redelivery is processed again.
-        if !crate::chaos::naive() && !inbox::record(tx, self.handler.inbox(), event.message_id).await? {
-            // Another transaction recorded it (and committed), or an earlier message of this
-            // batch did: a redelivery.
-            return Ok(Outcome::Duplicate);
-        }
-        self.handler.handle(tx, message, event).await
-    }
-
-    /// One attempt for a whole batch: each message's inbox step and effect, in order, in one
-    /// transaction. A message the consumer does not want, or that its inbox knows, writes
-    /// nothing (its inbox insert did nothing); one its handler ignores leaves only its inbox
+    /// One attempt for a whole batch in one transaction: one inbox insert for the ids of
+    /// every message the consumer wants, then the handler's effects of those the inbox did not
+    /// know, in order, then one commit. A message the consumer does not want writes nothing;
+    /// one the inbox knows (a redelivery, or an earlier message of this batch with the same
+    /// id) is a duplicate and writes nothing; one its handler ignores leaves only its inbox
     /// row (handlers write nothing before they decide to ignore).
     /// On failure, the index of the message that failed (`batch.len()` for the commit).
     async fn attempt_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>, (usize, HandlerError)> {
         self.progress.mark();
-        let mut tx = self.pool.begin().await.map_err(|error| (0, error.into()))?;
-        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut outcomes = vec![Outcome::Ignored; batch.len()];
+        let mut wanted = Vec::with_capacity(batch.len());
         for (index, message) in batch.iter().enumerate() {
             let span = message_span(&self.group, message);
-            let outcome = async {
-                let event = message.open()?;
-                if !self.handler.wants(&event) {
-                    return Ok(Outcome::Ignored);
-                }
-                self.inbox_step(&mut tx, message, &event).await
+            let event = span.in_scope(|| message.open()).map_err(|error| (index, error))?;
+            if self.handler.wants(&event) {
+                wanted.push((index, event, span));
             }
-            .instrument(span)
+        }
+        if wanted.is_empty() {
+            return Ok(outcomes);
+        }
+        let mut tx = self.pool.begin().await.map_err(|error| (0, error.into()))?;
+        let ids: Vec<uuid::Uuid> = wanted.iter().map(|(_, event, _)| event.message_id).collect();
+        let mut first_time = inbox::record_all(&mut tx, self.handler.inbox(), &ids)
             .await
-            .map_err(|error| (index, error))?;
-            outcomes.push(outcome);
+            .map_err(|error| (0, error.into()))?;
+        let mut fresh = Vec::with_capacity(wanted.len());
+        let mut fresh_at = Vec::with_capacity(wanted.len());
+        for (index, event, span) in &wanted {
+            // The first message with an id the insert recorded is new; any other with that id
+            // is a duplicate, as is one whose id another transaction recorded.
+            if first_time.remove(&event.message_id) {
+                fresh.push(Fresh {
+                    message: &batch[*index],
+                    event,
+                    span: span.clone(),
+                });
+                fresh_at.push(*index);
+            } else {
+                outcomes[*index] = Outcome::Duplicate;
+            }
+        }
+        if !fresh.is_empty() {
+            let handled = self
+                .handler
+                .handle_batch(&mut tx, &fresh)
+                .await
+                .map_err(|(at, error)| (fresh_at.get(at).copied().unwrap_or(batch.len()), error))?;
+            for (index, outcome) in fresh_at.into_iter().zip(handled) {
+                outcomes[index] = outcome;
+            }
         }
         // Dying before this commit: nothing of the batch exists, every message is redelivered.
         tx.commit().await.map_err(|error| (batch.len(), error.into()))?;
         Ok(outcomes)
     }
 
-    /// One attempt: the inbox step and the handler's effect in one transaction.
+    /// One attempt for a message alone: the inbox step (its id recorded in the transaction;
+    /// an id the inbox knows is a redelivery and writes nothing), then the handler's effect,
+    /// then the commit.
     async fn attempt(&self, message: &Incoming) -> Result<Outcome, HandlerError> {
         self.progress.mark();
         let event = message.open()?;
@@ -1044,7 +1216,12 @@ impl<H: Handler> Worker<H> {
             return Ok(Outcome::Ignored);
         }
         let mut tx = self.pool.begin().await?;
-        let outcome = self.inbox_step(&mut tx, message, &event).await?;
+        // The naive build has no inbox: every redelivery is processed again.
+        if !crate::chaos::naive() && !inbox::record(&mut tx, self.handler.inbox(), event.message_id).await? {
+            // Another transaction recorded it (and committed): a redelivery. Rolled back.
+            return Ok(Outcome::Duplicate);
+        }
+        let outcome = self.handler.handle(&mut tx, message, &event).await?;
         if outcome == Outcome::Processed {
             // Dying before this commit: nothing of the effect exists, the message is
             // redelivered. Dying after it, before the offset is stored: redelivered, and the

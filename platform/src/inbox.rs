@@ -15,3 +15,28 @@ pub async fn record(tx: &mut sqlx::PgConnection, consumer: &str, message_id: uui
         .rows_affected();
     Ok(inserted == 1)
 }
+
+/// Records the ids of a batch of messages for `consumer` in one statement inside the caller's
+/// transaction, and returns those recorded now: an id missing from the answer was processed
+/// already (or is recorded by a concurrent transaction, which this insert then waits for, as
+/// [`record`] does). An id given twice is recorded once. The ids are inserted in sorted order,
+/// so two transactions recording overlapping batches take their locks in the same order
+/// instead of deadlocking.
+pub async fn record_all(
+    tx: &mut sqlx::PgConnection,
+    consumer: &str,
+    message_ids: &[uuid::Uuid],
+) -> Result<std::collections::HashSet<uuid::Uuid>, sqlx::Error> {
+    let mut sorted = message_ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let recorded: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "INSERT INTO inbox (consumer, message_id) SELECT $1, id FROM unnest($2::uuid[]) WITH ORDINALITY AS t(id, n)
+         ORDER BY n ON CONFLICT DO NOTHING RETURNING message_id",
+    )
+    .bind(consumer)
+    .bind(&sorted)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(recorded.into_iter().collect())
+}

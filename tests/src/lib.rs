@@ -411,6 +411,28 @@ pub fn reset_group_to_start(cluster: &kafka::Cluster, group: &str, topic: &str) 
     Ok(())
 }
 
+/// The group's committed offsets (0 where none) and the high watermarks on `topic`, per
+/// partition.
+pub fn committed_and_end(cluster: &kafka::Cluster, group: &str, topic: &str) -> anyhow::Result<Vec<(i64, i64)>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer = orderflow_platform::kafka::consumer_config(cluster, group, None).create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+    let mut list = rdkafka::TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition(topic, i32::try_from(partition)?);
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10))?;
+    committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let (_, high) = consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(10))?;
+            Ok((e.offset().to_raw().unwrap_or(-1).max(0), high))
+        })
+        .collect()
+}
+
 /// Apache Kafka brokers of one test's own (`scripts/stack kafka`), in a directory of their
 /// own, on `port` and the ports after it (two per broker: clients, controller). Stopped and
 /// deleted when dropped.
