@@ -6,19 +6,18 @@
 
 pub mod domain;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use domain::{Action, PaymentState};
 use orderflow::envelope::OpenedEvent;
 use orderflow::events::v1::event_envelope::Payload;
-use orderflow::events::v1::{
-    OrderPlaced, PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentFailureReason, PaymentVoided,
-};
+use orderflow::events::v1::{PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentFailureReason, PaymentVoided};
 use orderflow::gateway::v1::gateway_service_client::GatewayServiceClient;
-use orderflow::gateway::v1::{AuthorizationStatus, AuthorizeRequest, CaptureRequest, VoidRequest};
+use orderflow::gateway::v1::{AuthorizationStatus, AuthorizeRequest, AuthorizeResponse, CaptureRequest, VoidRequest};
 use orderflow::orders::v1::Money;
-use orderflow_platform::consumer::{self, ConsumerSettings, HandlerError, Incoming, Outcome};
+use orderflow_platform::consumer::{self, ConsumerSettings, Fresh, HandlerError, Incoming, Outcome};
 use orderflow_platform::{Secret, outbox, telemetry};
 use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +28,12 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/pay
 
 /// The name this consumer records in its inbox.
 const INBOX: &str = "payment";
+
+/// Key lanes per partition unless configured (`CONSUMER_KEY_LANES`). Every message here may
+/// wait on the gateway, up to its timeout and then its retries: with one lane, one late
+/// reply held up every order of its partition behind it (the saga's p99 for good cards was
+/// the gateway timeout). With eight, one in eight of its neighbours waits.
+const KEY_LANES: usize = 8;
 
 /// The payment service's settings.
 #[derive(Debug, Clone, clap::Parser)]
@@ -128,6 +133,58 @@ struct PaymentRow {
     currency_code: String,
 }
 
+type PaymentColumns = (uuid::Uuid, uuid::Uuid, String, Option<String>, i64, String);
+
+impl PaymentRow {
+    fn from_columns(
+        (_, payment_id, state, authorization_id, amount_minor, currency_code): PaymentColumns,
+    ) -> Result<Self, HandlerError> {
+        let state = PaymentState::parse(&state)
+            .ok_or_else(|| HandlerError::Permanent(format!("stored payment state {state:?} is unknown")))?;
+        Ok(Self {
+            payment_id,
+            state,
+            authorization_id,
+            amount_minor,
+            currency_code,
+        })
+    }
+
+    fn amount(&self) -> Money {
+        Money {
+            amount_minor: self.amount_minor,
+            currency_code: self.currency_code.trim().to_owned(),
+        }
+    }
+}
+
+/// What one order event asks of the gateway, decided on the payment as locked in the
+/// transaction. Deciding, calling the gateway and recording are three steps, so that a batch
+/// decides for all its orders, makes their calls side by side, then records them all.
+enum Plan {
+    /// Not an event this service acts on.
+    Ignore,
+    /// Settled already: the inbox row alone is committed.
+    Nothing,
+    /// Authorize the charge, then record the payment (AUTHORIZED or FAILED) and its event.
+    Authorize(domain::Charge),
+    /// Capture the authorized payment, then record it CAPTURED with its event.
+    Capture(PaymentRow),
+    /// Release the authorized payment, then record it VOIDED with its event.
+    Void(PaymentRow),
+    /// No payment on record for a cancelled order: release whatever the authorize key made,
+    /// then remember the cancellation.
+    VoidUnrecorded,
+}
+
+/// What the gateway answered that the record needs.
+enum Answer {
+    /// The call's success is all there is to know (or there was no call).
+    Done,
+    /// The authorization's outcome.
+    Authorization(AuthorizeResponse),
+}
+
 type Tx = Transaction<'static, Postgres>;
 
 impl PaymentHandler {
@@ -147,27 +204,25 @@ impl PaymentHandler {
     }
 
     async fn load(tx: &mut Tx, order_id: uuid::Uuid) -> Result<Option<PaymentRow>, HandlerError> {
-        let row: Option<(uuid::Uuid, String, Option<String>, i64, String)> = sqlx::query_as(
-            // Locked for the rest of the message's transaction: the overdue-authorization
-            // sweeper takes the same lock, so a void and a capture of one payment never
-            // interleave (whichever comes second sees the other's result).
-            "SELECT payment_id, state, authorization_id, amount_minor, currency_code FROM payments WHERE order_id = $1 FOR UPDATE",
+        Ok(Self::load_all(tx, &[order_id]).await?.remove(&order_id))
+    }
+
+    /// The payments of `order_ids`, in one statement. Locked for the rest of the message's
+    /// transaction: the overdue-authorization sweeper takes the same lock, so a void and a
+    /// capture of one payment never interleave (whichever comes second sees the other's
+    /// result). Locked in the order of their ids, so two transactions never wait on each
+    /// other in a cycle.
+    async fn load_all(tx: &mut Tx, order_ids: &[uuid::Uuid]) -> Result<HashMap<uuid::Uuid, PaymentRow>, HandlerError> {
+        let rows: Vec<PaymentColumns> = sqlx::query_as(
+            "SELECT order_id, payment_id, state, authorization_id, amount_minor, currency_code
+             FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
         )
-        .bind(order_id)
-        .fetch_optional(&mut **tx)
+        .bind(order_ids)
+        .fetch_all(&mut **tx)
         .await?;
-        row.map(|(payment_id, state, authorization_id, amount_minor, currency_code)| {
-            let state = PaymentState::parse(&state)
-                .ok_or_else(|| HandlerError::Permanent(format!("stored payment state {state:?} is unknown")))?;
-            Ok(PaymentRow {
-                payment_id,
-                state,
-                authorization_id,
-                amount_minor,
-                currency_code,
-            })
-        })
-        .transpose()
+        rows.into_iter()
+            .map(|row| Ok((row.0, PaymentRow::from_columns(row)?)))
+            .collect()
     }
 
     /// Calls the gateway with a deadline; a missing reply is transient (the retry reuses the key).
@@ -198,49 +253,189 @@ impl PaymentHandler {
         result
     }
 
-    async fn order_placed(
+    /// Decides what `event` asks, given the payment on record for its order.
+    fn plan(&self, event: &OpenedEvent, payment: Option<PaymentRow>) -> Result<Plan, HandlerError> {
+        let state = payment.as_ref().map(|p| p.state);
+        let action = match &event.payload {
+            Payload::OrderPlaced(placed) => {
+                let charge = domain::parse_order_placed(placed, event.aggregate_id, &self.limits)
+                    .map_err(HandlerError::Permanent)?;
+                match domain::on_order_placed(state) {
+                    Action::Authorize => return Ok(Plan::Authorize(charge)),
+                    action => action,
+                }
+            }
+            Payload::OrderConfirmed(_) => domain::on_order_confirmed(state),
+            Payload::OrderCancelled(_) => domain::on_order_cancelled(state),
+            _ => return Ok(Plan::Ignore),
+        };
+        let recorded = || payment.ok_or_else(|| HandlerError::Permanent("no payment".into()));
+        match action {
+            Action::Capture => Ok(Plan::Capture(recorded()?)),
+            Action::Void => Ok(Plan::Void(recorded()?)),
+            Action::RecordCancellation => Ok(Plan::VoidUnrecorded),
+            Action::Refuse(why) => Err(HandlerError::Permanent(why.into())),
+            Action::Nothing | Action::Authorize => Ok(Plan::Nothing),
+        }
+    }
+
+    /// The gateway call `plan` needs, with the key every retry of it reuses: at most one
+    /// authorization, capture and void per order, however often this runs.
+    async fn call_gateway(&self, order_id: uuid::Uuid, plan: &Plan) -> Result<Answer, HandlerError> {
+        match plan {
+            Plan::Ignore | Plan::Nothing => Ok(Answer::Done),
+            Plan::Authorize(charge) => {
+                // The gateway is called inside the message's transaction (its inbox row is
+                // recorded and locked, so a concurrent redelivery waits instead of calling
+                // too); the call is bounded by the gateway timeout. Dying during or after this
+                // call leaves an authorization at the gateway that we have not recorded. The
+                // message is redelivered (its offset was not stored), we call again with the
+                // same key, and the gateway returns the same authorization: no second charge.
+                fail::fail_point!("payment::before_gateway", |_| orderflow_platform::chaos::crash());
+                let idempotency_key = if orderflow_platform::chaos::naive() {
+                    // The textbook mistake: a fresh key per call, so a retry is a second charge.
+                    format!("authorize:{order_id}:{}", uuid::Uuid::now_v7())
+                } else {
+                    format!("authorize:{order_id}")
+                };
+                let reply = self
+                    .call(
+                        "authorize",
+                        self.gateway.clone().authorize(AuthorizeRequest {
+                            idempotency_key,
+                            order_id: order_id.to_string(),
+                            amount: Some(charge.total.to_wire()),
+                            payment_token: charge.payment_token.clone(),
+                        }),
+                    )
+                    .await?;
+                Ok(Answer::Authorization(reply))
+            }
+            Plan::Capture(payment) => {
+                self.call(
+                    "capture",
+                    self.gateway.clone().capture(CaptureRequest {
+                        idempotency_key: format!("capture:{order_id}"),
+                        authorization_id: payment.authorization_id.clone().unwrap_or_default(),
+                        amount: Some(payment.amount()),
+                    }),
+                )
+                .await?;
+                Ok(Answer::Done)
+            }
+            Plan::Void(payment) => {
+                self.call(
+                    "void",
+                    self.gateway.clone().void(VoidRequest {
+                        idempotency_key: format!("void:{order_id}"),
+                        authorization_id: payment.authorization_id.clone().unwrap_or_default(),
+                        authorize_idempotency_key: String::new(),
+                    }),
+                )
+                .await?;
+                Ok(Answer::Done)
+            }
+            Plan::VoidUnrecorded => {
+                // Usually the order was cancelled before its OrderPlaced got here. But an
+                // OrderPlaced that was dead-lettered after the gateway had authorized (its
+                // reply lost, the retry budget spent) leaves money held that no row of ours
+                // knows: release whatever the authorize key made, and close the key, so that
+                // nothing authorized under it ever stays held.
+                self.call(
+                    "void",
+                    self.gateway.clone().void(VoidRequest {
+                        idempotency_key: format!("void:{order_id}"),
+                        authorization_id: String::new(),
+                        authorize_idempotency_key: format!("authorize:{order_id}"),
+                    }),
+                )
+                .await?;
+                Ok(Answer::Done)
+            }
+        }
+    }
+
+    /// Records in `tx` what the gateway did for `plan`, with the event that tells it.
+    async fn record(
+        &self,
+        tx: &mut Tx,
+        cause: Cause<'_>,
+        order_id: uuid::Uuid,
+        plan: Plan,
+        answer: Answer,
+    ) -> Result<Outcome, HandlerError> {
+        match (plan, answer) {
+            (Plan::Ignore, _) => Ok(Outcome::Ignored),
+            (Plan::Nothing, _) => Ok(Outcome::Processed),
+            (Plan::Authorize(charge), Answer::Authorization(reply)) => {
+                let Cause::Event(event) = cause else {
+                    return Err(HandlerError::Permanent(
+                        "an authorization without its OrderPlaced".into(),
+                    ));
+                };
+                self.record_authorization(tx, event, order_id, &charge, reply).await
+            }
+            (Plan::Authorize(_), Answer::Done) => {
+                Err(HandlerError::Permanent("an authorization without its reply".into()))
+            }
+            (Plan::Capture(payment), _) => {
+                let payload = Payload::PaymentCaptured(PaymentCaptured {
+                    order_id: order_id.to_string(),
+                    payment_id: payment.payment_id.to_string(),
+                    amount: Some(payment.amount()),
+                });
+                self.transition(
+                    tx,
+                    cause,
+                    order_id,
+                    PaymentState::Authorized,
+                    PaymentState::Captured,
+                    payload,
+                )
+                .await
+            }
+            (Plan::Void(payment), _) => {
+                let payload = Payload::PaymentVoided(PaymentVoided {
+                    order_id: order_id.to_string(),
+                    payment_id: payment.payment_id.to_string(),
+                    amount: Some(payment.amount()),
+                });
+                self.transition(
+                    tx,
+                    cause,
+                    order_id,
+                    PaymentState::Authorized,
+                    PaymentState::Voided,
+                    payload,
+                )
+                .await
+            }
+            (Plan::VoidUnrecorded, _) => {
+                // Remember the cancellation, so that a later OrderPlaced (a redrive, a replay)
+                // never charges this order.
+                sqlx::query(
+                    "INSERT INTO payments (payment_id, order_id, amount_minor, currency_code, state)
+                     VALUES ($1, $2, 0, 'XXX', 'CANCELLED_BEFORE_AUTHORIZATION') ON CONFLICT (order_id) DO NOTHING",
+                )
+                .bind(uuid::Uuid::now_v7())
+                .bind(order_id)
+                .execute(&mut **tx)
+                .await?;
+                Ok(Outcome::Processed)
+            }
+        }
+    }
+
+    async fn record_authorization(
         &self,
         tx: &mut Tx,
         event: &OpenedEvent,
         order_id: uuid::Uuid,
-        placed: &OrderPlaced,
+        charge: &domain::Charge,
+        reply: AuthorizeResponse,
     ) -> Result<Outcome, HandlerError> {
-        let charge = domain::parse_order_placed(placed, order_id, &self.limits).map_err(HandlerError::Permanent)?;
-        let existing = Self::load(tx, order_id).await?;
-        match domain::on_order_placed(existing.map(|p| p.state)) {
-            Action::Authorize => {}
-            // Settled already: the inbox row alone is committed.
-            _ => return Ok(Outcome::Processed),
-        }
         let total = charge.total.to_wire();
-        let token = charge.payment_token.as_str();
-
-        // The gateway is called inside the message's transaction (its inbox row is recorded and
-        // locked, so a concurrent redelivery waits here instead of calling too); the call is
-        // bounded by the gateway timeout. Dying during or after this call leaves an
-        // authorization at the gateway that we have not recorded. The message is redelivered
-        // (its offset was not stored), we call again with the same key, and the gateway
-        // returns the same authorization: no second charge.
-        fail::fail_point!("payment::before_gateway", |_| orderflow_platform::chaos::crash());
-        let idempotency_key = if orderflow_platform::chaos::naive() {
-            // The textbook mistake: a fresh key per call, so a retry is a second charge.
-            format!("authorize:{order_id}:{}", uuid::Uuid::now_v7())
-        } else {
-            format!("authorize:{order_id}")
-        };
-        let reply = self
-            .call(
-                "authorize",
-                self.gateway.clone().authorize(AuthorizeRequest {
-                    idempotency_key,
-                    order_id: order_id.to_string(),
-                    amount: Some(total.clone()),
-                    payment_token: token.to_owned(),
-                }),
-            )
-            .await?;
         let approved = reply.status() == AuthorizationStatus::Approved;
-
         let payment_id = uuid::Uuid::now_v7();
         let (state, authorization_id, failure) = if approved {
             (PaymentState::Authorized, Some(reply.authorization_id.clone()), None)
@@ -278,7 +473,7 @@ impl PaymentHandler {
                 order_id: order_id.to_string(),
                 payment_id: payment_id.to_string(),
                 authorization_id: reply.authorization_id,
-                amount: Some(total.clone()),
+                amount: Some(total),
             })
         } else {
             Payload::PaymentFailed(PaymentFailed {
@@ -297,131 +492,6 @@ impl PaymentHandler {
         });
         tracing::info!(approved, "payment recorded");
         Ok(Outcome::Processed)
-    }
-
-    async fn order_confirmed(
-        &self,
-        tx: &mut Tx,
-        event: &OpenedEvent,
-        order_id: uuid::Uuid,
-    ) -> Result<Outcome, HandlerError> {
-        let payment = Self::load(tx, order_id).await?;
-        match domain::on_order_confirmed(payment.as_ref().map(|p| p.state)) {
-            Action::Capture => {}
-            Action::Refuse(why) => return Err(HandlerError::Permanent(why.into())),
-            _ => return Ok(Outcome::Processed),
-        }
-        let Some(payment) = payment else {
-            return Err(HandlerError::Permanent("no payment".into()));
-        };
-        let amount = Money {
-            amount_minor: payment.amount_minor,
-            currency_code: payment.currency_code.trim().to_owned(),
-        };
-        // Same key on every retry: at most one capture.
-        self.call(
-            "capture",
-            self.gateway.clone().capture(CaptureRequest {
-                idempotency_key: format!("capture:{order_id}"),
-                authorization_id: payment.authorization_id.clone().unwrap_or_default(),
-                amount: Some(amount.clone()),
-            }),
-        )
-        .await?;
-        self.transition(
-            tx,
-            Cause::Event(event),
-            order_id,
-            PaymentState::Authorized,
-            PaymentState::Captured,
-            Payload::PaymentCaptured(PaymentCaptured {
-                order_id: order_id.to_string(),
-                payment_id: payment.payment_id.to_string(),
-                amount: Some(amount),
-            }),
-        )
-        .await
-    }
-
-    async fn order_cancelled(
-        &self,
-        tx: &mut Tx,
-        event: &OpenedEvent,
-        order_id: uuid::Uuid,
-    ) -> Result<Outcome, HandlerError> {
-        let payment = Self::load(tx, order_id).await?;
-        match domain::on_order_cancelled(payment.as_ref().map(|p| p.state)) {
-            Action::Void => {}
-            Action::RecordCancellation => {
-                // No payment on record. Usually the order was cancelled before its OrderPlaced
-                // got here. But an OrderPlaced that was dead-lettered after the gateway had
-                // authorized (its reply lost, the retry budget spent) leaves money held
-                // that no row of ours knows: release whatever the authorize key made, and
-                // close the key, so that nothing authorized under it ever stays held.
-                self.call(
-                    "void",
-                    self.gateway.clone().void(VoidRequest {
-                        idempotency_key: format!("void:{order_id}"),
-                        authorization_id: String::new(),
-                        authorize_idempotency_key: format!("authorize:{order_id}"),
-                    }),
-                )
-                .await?;
-                // Then remember the cancellation, so that a later OrderPlaced (a redrive, a
-                // replay) never charges this order.
-                sqlx::query(
-                    "INSERT INTO payments (payment_id, order_id, amount_minor, currency_code, state)
-                     VALUES ($1, $2, 0, 'XXX', 'CANCELLED_BEFORE_AUTHORIZATION') ON CONFLICT (order_id) DO NOTHING",
-                )
-                .bind(uuid::Uuid::now_v7())
-                .bind(order_id)
-                .execute(&mut **tx)
-                .await?;
-                return Ok(Outcome::Processed);
-            }
-            Action::Refuse(why) => return Err(HandlerError::Permanent(why.into())),
-            _ => return Ok(Outcome::Processed),
-        }
-        let Some(payment) = payment else {
-            return Err(HandlerError::Permanent("no payment".into()));
-        };
-        self.void_authorized(tx, Cause::Event(event), order_id, &payment).await
-    }
-
-    /// Releases an AUTHORIZED payment (its row locked in `tx`) at the gateway, then records
-    /// it VOIDED with its PaymentVoided event. The same key on every retry: at most one void.
-    async fn void_authorized(
-        &self,
-        tx: &mut Tx,
-        cause: Cause<'_>,
-        order_id: uuid::Uuid,
-        payment: &PaymentRow,
-    ) -> Result<Outcome, HandlerError> {
-        self.call(
-            "void",
-            self.gateway.clone().void(VoidRequest {
-                idempotency_key: format!("void:{order_id}"),
-                authorization_id: payment.authorization_id.clone().unwrap_or_default(),
-                authorize_idempotency_key: String::new(),
-            }),
-        )
-        .await?;
-        self.transition(
-            tx,
-            cause,
-            order_id,
-            PaymentState::Authorized,
-            PaymentState::Voided,
-            Payload::PaymentVoided(PaymentVoided {
-                order_id: order_id.to_string(),
-                payment_id: payment.payment_id.to_string(),
-                amount: Some(Money {
-                    amount_minor: payment.amount_minor,
-                    currency_code: payment.currency_code.trim().to_owned(),
-                }),
-            }),
-        )
-        .await
     }
 
     /// Compare-and-set `from` → `to` with the outbox event, in the message's transaction.
@@ -488,7 +558,12 @@ impl PaymentHandler {
                 // Settled since the query above.
                 continue;
             }
-            self.void_authorized(&mut tx, Cause::Deadline, order_id, &payment)
+            let plan = Plan::Void(payment);
+            let answer = self
+                .call_gateway(order_id, &plan)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            self.record(&mut tx, Cause::Deadline, order_id, plan, answer)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             tx.commit().await?;
@@ -527,12 +602,6 @@ impl consumer::Handler for PaymentHandler {
         INBOX
     }
 
-    /// The gateway is called inside the message's transaction: a batch would hold one
-    /// transaction, and its locks, across one gateway call after another.
-    fn batches(&self) -> bool {
-        false
-    }
-
     fn wants(&self, event: &OpenedEvent) -> bool {
         matches!(
             event.payload,
@@ -542,12 +611,54 @@ impl consumer::Handler for PaymentHandler {
 
     async fn handle(&self, tx: &mut Tx, _message: &Incoming, event: &OpenedEvent) -> Result<Outcome, HandlerError> {
         let order_id = event.aggregate_id;
-        match &event.payload {
-            Payload::OrderPlaced(placed) => self.order_placed(tx, event, order_id, placed).await,
-            Payload::OrderConfirmed(_) => self.order_confirmed(tx, event, order_id).await,
-            Payload::OrderCancelled(_) => self.order_cancelled(tx, event, order_id).await,
-            _ => Ok(Outcome::Ignored),
+        let plan = self.plan(event, Self::load(tx, order_id).await?)?;
+        let answer = self.call_gateway(order_id, &plan).await?;
+        self.record(tx, Cause::Event(event), order_id, plan, answer).await
+    }
+
+    /// A batch in runs of messages of different orders: per run, one statement loads (and
+    /// locks) their payments, the gateway calls are made side by side, then the effects are
+    /// recorded in order. The transaction is held for the slowest call of a run (bounded by
+    /// the gateway timeout), not for one call after another. A second message of an order
+    /// starts the next run, so it is decided on the first one's effect.
+    async fn handle_batch(&self, tx: &mut Tx, batch: &[Fresh<'_>]) -> Result<Vec<Outcome>, (usize, HandlerError)> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        while start < batch.len() {
+            let mut orders = HashSet::new();
+            let run_len = batch[start..]
+                .iter()
+                .take_while(|fresh| orders.insert(fresh.event.aggregate_id))
+                .count();
+            let run = &batch[start..start + run_len];
+            let order_ids: Vec<uuid::Uuid> = run.iter().map(|fresh| fresh.event.aggregate_id).collect();
+            let mut payments = Self::load_all(tx, &order_ids).await.map_err(|error| (start, error))?;
+            let plans = run
+                .iter()
+                .enumerate()
+                .map(|(at, fresh)| {
+                    let _entered = fresh.span.enter();
+                    self.plan(fresh.event, payments.remove(&fresh.event.aggregate_id))
+                        .map_err(|error| (start + at, error))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let answers = futures::future::join_all(run.iter().zip(&plans).map(|(fresh, plan)| {
+                self.call_gateway(fresh.event.aggregate_id, plan)
+                    .instrument(fresh.span.clone())
+            }))
+            .await;
+            for (at, ((fresh, plan), answer)) in run.iter().zip(plans).zip(answers).enumerate() {
+                let answer = answer.map_err(|error| (start + at, error))?;
+                let outcome = self
+                    .record(tx, Cause::Event(fresh.event), fresh.event.aggregate_id, plan, answer)
+                    .instrument(fresh.span.clone())
+                    .await
+                    .map_err(|error| (start + at, error))?;
+                outcomes.push(outcome);
+            }
+            start += run_len;
         }
+        Ok(outcomes)
     }
 }
 
@@ -584,6 +695,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
     let settings = config.consumer.apply(ConsumerSettings {
         instance_id: config.instance_id,
+        key_lanes: KEY_LANES,
         ..ConsumerSettings::new(
             orderflow_platform::kafka::Cluster::new(config.bootstrap_servers, &config.kafka_auth),
             config.group_id,
