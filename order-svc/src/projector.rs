@@ -6,13 +6,14 @@
 //! order-insensitive: a terminal status is never replaced, a settled payment state never
 //! goes back to AUTHORIZED, and fields only ever fill in.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use orderflow::envelope::{OpenedEvent, event_type_of};
 use orderflow::events::v1::event_envelope::Payload;
 use orderflow::orders::v1::CancellationReason;
 use orderflow_platform::Secret;
-use orderflow_platform::consumer::{self, ConsumerSettings, Handler, HandlerError, Incoming, Outcome};
+use orderflow_platform::consumer::{self, ConsumerSettings, Fresh, Handler, HandlerError, Incoming, Outcome};
 use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
@@ -122,24 +123,64 @@ fn change_of(payload: &Payload) -> Change {
     }
 }
 
-impl Projector {
-    async fn project(tx: &mut Transaction<'static, Postgres>, event: &OpenedEvent) -> Result<Outcome, HandlerError> {
-        if matches!(event.payload, Payload::OrderPlaced(_)) {
-            // The read model answers GetOrder: it must never show an order this service did
-            // not place. The order's row committed before its event left the outbox, so a
-            // genuine OrderPlaced always finds it; one that does not was written to the
-            // topic by someone else (a forgery, a replay from another environment).
-            let placed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders WHERE order_id = $1)")
-                .bind(event.aggregate_id)
-                .fetch_one(&mut **tx)
-                .await?;
-            if !placed {
-                return Err(HandlerError::Permanent(format!(
-                    "OrderPlaced for order {} that the order service never placed",
-                    event.aggregate_id
-                )));
-            }
-        }
+/// One upsert for many events of different orders (one row each: a statement may not touch
+/// a row twice). Every update is order-insensitive, so the rows of one batch may be written
+/// in any order relative to each other; per order, events are written in their order.
+const UPSERT: &str = "
+    INSERT INTO order_read AS r (order_id, customer_id, currency_code, total_minor, items, placed_at,
+        correlation_id, status, saga_state, cancellation_reason, payment_state, last_event_type, history)
+    SELECT order_id, customer_id, currency_code, total_minor, items, CASE WHEN placed THEN now() END,
+        correlation_id, COALESCE(status, 'PENDING'), COALESCE(saga_state, 'AWAITING_PAYMENT'),
+        cancellation_reason, payment_state, last_event_type, jsonb_build_array(entry)
+    FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::jsonb[], $6::bool[], $7::uuid[],
+                $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::jsonb[])
+        AS u(order_id, customer_id, currency_code, total_minor, items, placed, correlation_id,
+             status, saga_state, cancellation_reason, payment_state, last_event_type, entry)
+    ORDER BY order_id
+    ON CONFLICT (order_id) DO UPDATE SET
+        customer_id = COALESCE(EXCLUDED.customer_id, r.customer_id),
+        currency_code = COALESCE(EXCLUDED.currency_code, r.currency_code),
+        total_minor = COALESCE(EXCLUDED.total_minor, r.total_minor),
+        items = COALESCE(EXCLUDED.items, r.items),
+        placed_at = COALESCE(r.placed_at, EXCLUDED.placed_at),
+        correlation_id = COALESCE(r.correlation_id, EXCLUDED.correlation_id),
+        -- a terminal status is final (an event that sets no status inserts PENDING, which
+        -- never replaces anything; status and saga state are set together)
+        status = CASE WHEN r.status = 'PENDING' AND EXCLUDED.status <> 'PENDING' THEN EXCLUDED.status ELSE r.status END,
+        saga_state = CASE WHEN r.status = 'PENDING' AND EXCLUDED.status <> 'PENDING' THEN EXCLUDED.saga_state ELSE r.saga_state END,
+        cancellation_reason = COALESCE(r.cancellation_reason, EXCLUDED.cancellation_reason),
+        -- AUTHORIZED may be followed by a settled state, never the other way round
+        payment_state = CASE WHEN EXCLUDED.payment_state IS NULL THEN r.payment_state
+                             WHEN r.payment_state IS NULL OR r.payment_state = 'AUTHORIZED' THEN EXCLUDED.payment_state
+                             ELSE r.payment_state END,
+        last_event_type = EXCLUDED.last_event_type,
+        history = CASE WHEN jsonb_array_length(r.history) >= 50 THEN r.history
+                       ELSE r.history || EXCLUDED.history END,
+        updated_at = now(),
+        projected_at = now()";
+
+/// The columns of [`UPSERT`], one element per event.
+#[derive(Default)]
+struct Rows {
+    order_id: Vec<uuid::Uuid>,
+    customer_id: Vec<Option<i64>>,
+    currency_code: Vec<Option<String>>,
+    total_minor: Vec<Option<i64>>,
+    items: Vec<Option<serde_json::Value>>,
+    placed: Vec<bool>,
+    correlation_id: Vec<uuid::Uuid>,
+    status: Vec<Option<&'static str>>,
+    saga_state: Vec<Option<&'static str>>,
+    cancellation_reason: Vec<Option<&'static str>>,
+    payment_state: Vec<Option<&'static str>>,
+    last_event_type: Vec<&'static str>,
+    entry: Vec<serde_json::Value>,
+    /// When each event happened, for the lag histogram.
+    occurred_at: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Rows {
+    fn push(&mut self, event: &OpenedEvent) {
         let change = change_of(&event.payload);
         let projected_at = chrono::Utc::now();
         let occurred_at = event
@@ -149,57 +190,106 @@ impl Projector {
             .unwrap_or(projected_at);
         // Both times are kept: projected_at - occurred_at is the read model's lag for this
         // event (`ordersctl verify` reports its percentiles).
-        let entry = serde_json::json!({
+        self.entry.push(serde_json::json!({
             "event_type": event_type_of(&event.payload),
             "message_id": event.message_id.to_string(),
             "occurred_at": occurred_at.to_rfc3339(),
             "projected_at": projected_at.to_rfc3339(),
-        });
-        sqlx::query(
-            "INSERT INTO order_read AS r (order_id, customer_id, currency_code, total_minor, items, placed_at,
-                 correlation_id, status, saga_state, cancellation_reason, payment_state, last_event_type, history)
-             VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN now() END, $7, COALESCE($8, 'PENDING'),
-                     COALESCE($9, 'AWAITING_PAYMENT'), $10, $11, $12, jsonb_build_array($13::jsonb))
-             ON CONFLICT (order_id) DO UPDATE SET
-                 customer_id = COALESCE(EXCLUDED.customer_id, r.customer_id),
-                 currency_code = COALESCE(EXCLUDED.currency_code, r.currency_code),
-                 total_minor = COALESCE(EXCLUDED.total_minor, r.total_minor),
-                 items = COALESCE(EXCLUDED.items, r.items),
-                 placed_at = COALESCE(r.placed_at, EXCLUDED.placed_at),
-                 correlation_id = COALESCE(r.correlation_id, EXCLUDED.correlation_id),
-                 -- a terminal status is final
-                 status = CASE WHEN r.status = 'PENDING' AND $8::text IS NOT NULL THEN $8 ELSE r.status END,
-                 saga_state = CASE WHEN r.status = 'PENDING' AND $9::text IS NOT NULL THEN $9 ELSE r.saga_state END,
-                 cancellation_reason = COALESCE(r.cancellation_reason, EXCLUDED.cancellation_reason),
-                 -- AUTHORIZED may be followed by a settled state, never the other way round
-                 payment_state = CASE WHEN $11::text IS NULL THEN r.payment_state
-                                      WHEN r.payment_state IS NULL OR r.payment_state = 'AUTHORIZED' THEN $11
-                                      ELSE r.payment_state END,
-                 last_event_type = EXCLUDED.last_event_type,
-                 history = CASE WHEN jsonb_array_length(r.history) >= 50 THEN r.history
-                                ELSE r.history || jsonb_build_array($13::jsonb) END,
-                 updated_at = now(),
-                 projected_at = now()",
-        )
-        .bind(event.aggregate_id)
-        .bind(change.customer_id)
-        .bind(change.currency_code)
-        .bind(change.total_minor)
-        .bind(change.items)
-        .bind(change.placed)
-        .bind(event.correlation_id)
-        .bind(change.status)
-        .bind(change.saga_state)
-        .bind(change.cancellation_reason)
-        .bind(change.payment_state)
-        .bind(event_type_of(&event.payload))
-        .bind(entry)
-        .execute(&mut **tx)
-        .await?;
+        }));
+        self.order_id.push(event.aggregate_id);
+        self.customer_id.push(change.customer_id);
+        self.currency_code.push(change.currency_code);
+        self.total_minor.push(change.total_minor);
+        self.items.push(change.items);
+        self.placed.push(change.placed);
+        self.correlation_id.push(event.correlation_id);
+        self.status.push(change.status);
+        self.saga_state.push(change.saga_state);
+        self.cancellation_reason.push(change.cancellation_reason);
+        self.payment_state.push(change.payment_state);
+        self.last_event_type.push(event_type_of(&event.payload));
+        self.occurred_at.push(occurred_at);
+    }
+
+    async fn upsert(self, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
+        sqlx::query(UPSERT)
+            .bind(&self.order_id)
+            .bind(&self.customer_id)
+            .bind(&self.currency_code)
+            .bind(&self.total_minor)
+            .bind(&self.items)
+            .bind(&self.placed)
+            .bind(&self.correlation_id)
+            .bind(&self.status)
+            .bind(&self.saga_state)
+            .bind(&self.cancellation_reason)
+            .bind(&self.payment_state)
+            .bind(&self.last_event_type)
+            .bind(&self.entry)
+            .execute(&mut **tx)
+            .await?;
         // Measured before the runtime's commit: the lag up to the write, not its visibility.
-        let lag = (chrono::Utc::now() - occurred_at).to_std().unwrap_or_default();
-        metrics::histogram!(orderflow_platform::telemetry::READ_MODEL_LAG).record(lag.as_secs_f64());
-        Ok(Outcome::Processed)
+        let now = chrono::Utc::now();
+        for occurred_at in self.occurred_at {
+            let lag = (now - occurred_at).to_std().unwrap_or_default();
+            metrics::histogram!(orderflow_platform::telemetry::READ_MODEL_LAG).record(lag.as_secs_f64());
+        }
+        Ok(())
+    }
+}
+
+impl Projector {
+    /// Projects `events` in order: one check that every OrderPlaced's order exists, then one
+    /// upsert per run of events of different orders. On failure, the index of the event that
+    /// failed (the first of its run for a failed upsert).
+    async fn project(
+        tx: &mut Transaction<'static, Postgres>,
+        events: &[&OpenedEvent],
+    ) -> Result<(), (usize, HandlerError)> {
+        let placed: Vec<uuid::Uuid> = events
+            .iter()
+            .filter(|event| matches!(event.payload, Payload::OrderPlaced(_)))
+            .map(|event| event.aggregate_id)
+            .collect();
+        if !placed.is_empty() {
+            // The read model answers GetOrder: it must never show an order this service did
+            // not place. The order's row committed before its event left the outbox, so a
+            // genuine OrderPlaced always finds it; one that does not was written to the
+            // topic by someone else (a forgery, a replay from another environment).
+            let known: HashSet<uuid::Uuid> = sqlx::query_scalar("SELECT order_id FROM orders WHERE order_id = ANY($1)")
+                .bind(&placed)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(|error| (0, error.into()))?
+                .into_iter()
+                .collect();
+            if let Some(at) = events.iter().position(|event| {
+                matches!(event.payload, Payload::OrderPlaced(_)) && !known.contains(&event.aggregate_id)
+            }) {
+                return Err((
+                    at,
+                    HandlerError::Permanent(format!(
+                        "OrderPlaced for order {} that the order service never placed",
+                        events[at].aggregate_id
+                    )),
+                ));
+            }
+        }
+        let mut start = 0;
+        while start < events.len() {
+            let mut orders = HashSet::new();
+            let mut rows = Rows::default();
+            for event in events[start..]
+                .iter()
+                .take_while(|event| orders.insert(event.aggregate_id))
+            {
+                rows.push(event);
+            }
+            let run_len = rows.order_id.len();
+            rows.upsert(tx).await.map_err(|error| (start, error))?;
+            start += run_len;
+        }
+        Ok(())
     }
 }
 
@@ -218,7 +308,18 @@ impl Handler for Projector {
         _message: &Incoming,
         event: &OpenedEvent,
     ) -> Result<Outcome, HandlerError> {
-        Self::project(tx, event).await
+        Self::project(tx, &[event]).await.map_err(|(_, error)| error)?;
+        Ok(Outcome::Processed)
+    }
+
+    async fn handle_batch(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: &[Fresh<'_>],
+    ) -> Result<Vec<Outcome>, (usize, HandlerError)> {
+        let events: Vec<&OpenedEvent> = batch.iter().map(|fresh| fresh.event).collect();
+        Self::project(tx, &events).await?;
+        Ok(vec![Outcome::Processed; batch.len()])
     }
 }
 

@@ -1,0 +1,274 @@
+//! The read model's projector, in bulk and alone: whatever order an order's events arrive in
+//! (across the two topics they may arrive in any order), and whether they are written one
+//! per transaction or many orders per statement, every order ends in the same row.
+
+// Tests: a failed step must stop the test at once with its reason.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use order_svc::projector::Projector;
+use orderflow::envelope::{self, EventMeta, OpenedEvent};
+use orderflow::events::v1::event_envelope::Payload;
+use orderflow::events::v1::{
+    OrderCancelled, OrderConfirmed, OrderPlaced, PaymentAuthorized, PaymentCaptured, PaymentVoided,
+};
+use orderflow::orders::v1::{CancellationReason, Money, OrderItem};
+use orderflow_platform::consumer::{Fresh, Handler, Incoming};
+use orderflow_platform::outbox;
+use orderflow_tests::fresh_orders_db;
+
+fn money(amount_minor: i64) -> Option<Money> {
+    Some(Money {
+        amount_minor,
+        currency_code: "EUR".into(),
+    })
+}
+
+/// An order's four events: placed, authorized, then confirmed and captured, or cancelled
+/// and voided.
+fn lifecycle(order_id: uuid::Uuid, confirmed: bool) -> Vec<Payload> {
+    let id = order_id.to_string();
+    let mut events = vec![
+        Payload::OrderPlaced(OrderPlaced {
+            order_id: id.clone(),
+            customer_id: 7,
+            items: vec![OrderItem {
+                sku: "BOOK-1".into(),
+                quantity: 2,
+                unit_price: money(1250),
+            }],
+            total: money(2500),
+            payment_token: "tok_visa".into(),
+        }),
+        Payload::PaymentAuthorized(PaymentAuthorized {
+            order_id: id.clone(),
+            payment_id: "p".into(),
+            authorization_id: "a".into(),
+            amount: money(2500),
+        }),
+    ];
+    if confirmed {
+        events.push(Payload::OrderConfirmed(OrderConfirmed {
+            order_id: id.clone(),
+            payment_id: "p".into(),
+            total: money(2500),
+        }));
+        events.push(Payload::PaymentCaptured(PaymentCaptured {
+            order_id: id,
+            payment_id: "p".into(),
+            amount: money(2500),
+        }));
+    } else {
+        events.push(Payload::OrderCancelled(OrderCancelled {
+            order_id: id.clone(),
+            reason: CancellationReason::PaymentTimeout as i32,
+            detail: String::new(),
+        }));
+        events.push(Payload::PaymentVoided(PaymentVoided {
+            order_id: id,
+            payment_id: "p".into(),
+            amount: money(2500),
+        }));
+    }
+    events
+}
+
+/// Every ordering of four things.
+fn permutations() -> Vec<[usize; 4]> {
+    let mut all = Vec::new();
+    for a in 0..4 {
+        for b in 0..4 {
+            for c in 0..4 {
+                for d in 0..4 {
+                    let p = [a, b, c, d];
+                    if (0..4).all(|i| p.contains(&i)) {
+                        all.push(p);
+                    }
+                }
+            }
+        }
+    }
+    all
+}
+
+/// A message carrying `payload` for `order_id`, as the consumer runtime hands it on.
+fn message(order_id: uuid::Uuid, payload: Payload, offset: i64) -> (Incoming, OpenedEvent) {
+    let meta = EventMeta {
+        message_id: uuid::Uuid::now_v7(),
+        aggregate_id: order_id,
+        correlation_id: order_id,
+        causation_id: None,
+        traceparent: None,
+        occurred_at: outbox::now_timestamp(),
+    };
+    let bytes = prost::Message::encode_to_vec(&envelope::seal(meta, payload));
+    let event = envelope::open(&bytes).unwrap();
+    let incoming = Incoming {
+        topic: "test".into(),
+        partition: 0,
+        offset,
+        key: Some(order_id.to_string().into_bytes()),
+        payload: bytes,
+        headers: Vec::new(),
+    };
+    (incoming, event)
+}
+
+async fn place(pool: &sqlx::PgPool, order_id: uuid::Uuid) {
+    sqlx::query(
+        "INSERT INTO orders (order_id, customer_id, currency_code, total_minor, payment_token, status, saga_state, correlation_id)
+         VALUES ($1, 7, 'EUR', 2500, 'tok_visa', 'PENDING', 'AWAITING_PAYMENT', $1)",
+    )
+    .bind(order_id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// (status, saga_state, payment_state, customer_id, total_minor, items present, history length)
+type Row = (String, String, Option<String>, Option<i64>, Option<i64>, bool, i32);
+
+async fn row(pool: &sqlx::PgPool, order_id: uuid::Uuid) -> Row {
+    sqlx::query_as(
+        "SELECT status, saga_state, payment_state, customer_id, total_minor, items IS NOT NULL, jsonb_array_length(history)
+         FROM order_read WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+fn expected(confirmed: bool) -> Row {
+    if confirmed {
+        (
+            "CONFIRMED".into(),
+            "COMPLETED".into(),
+            Some("CAPTURED".into()),
+            Some(7),
+            Some(2500),
+            true,
+            4,
+        )
+    } else {
+        (
+            "CANCELLED".into(),
+            "COMPENSATED".into(),
+            Some("VOIDED".into()),
+            Some(7),
+            Some(2500),
+            true,
+            4,
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_arrival_order_in_bulk_or_alone_ends_in_the_same_row() {
+    let db = fresh_orders_db().await;
+    let orders_of = permutations();
+    assert_eq!(orders_of.len(), 24);
+    for confirmed in [true, false] {
+        // In bulk: wave k is the k-th arriving event of each of 24 orders (each its own
+        // permutation), projected as one batch: one statement for 24 rows.
+        let bulk: Vec<uuid::Uuid> = (0..24).map(|_| uuid::Uuid::now_v7()).collect();
+        // Alone: the same permutations, one event per transaction.
+        let alone: Vec<uuid::Uuid> = (0..24).map(|_| uuid::Uuid::now_v7()).collect();
+        for id in bulk.iter().chain(&alone) {
+            place(&db.pool, *id).await;
+        }
+        for wave in 0..4 {
+            let messages: Vec<(Incoming, OpenedEvent)> = bulk
+                .iter()
+                .zip(&orders_of)
+                .map(|(id, order)| message(*id, lifecycle(*id, confirmed)[order[wave]].clone(), wave as i64))
+                .collect();
+            let fresh: Vec<Fresh<'_>> = messages
+                .iter()
+                .map(|(message, event)| Fresh {
+                    message,
+                    event,
+                    span: tracing::Span::none(),
+                })
+                .collect();
+            let mut tx = db.pool.begin().await.unwrap();
+            let outcomes = Projector
+                .handle_batch(&mut tx, &fresh)
+                .await
+                .map_err(|(at, e)| format!("{at}: {e}"))
+                .unwrap();
+            assert_eq!(outcomes.len(), 24);
+            tx.commit().await.unwrap();
+
+            for (id, order) in alone.iter().zip(&orders_of) {
+                let (message, event) = message(*id, lifecycle(*id, confirmed)[order[wave]].clone(), wave as i64);
+                let mut tx = db.pool.begin().await.unwrap();
+                Projector.handle(&mut tx, &message, &event).await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        }
+        for (id, order) in bulk.iter().chain(&alone).zip(orders_of.iter().cycle()) {
+            assert_eq!(
+                row(&db.pool, *id).await,
+                expected(confirmed),
+                "order {id}, arrival order {order:?}"
+            );
+        }
+    }
+
+    // One batch holding all four events of one order (and of another, interleaved): each
+    // event of an order in a statement of its own, in their order.
+    let (one, two) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    place(&db.pool, one).await;
+    place(&db.pool, two).await;
+    let messages: Vec<(Incoming, OpenedEvent)> = lifecycle(one, true)
+        .into_iter()
+        .zip(lifecycle(two, false))
+        .enumerate()
+        .flat_map(|(i, (a, b))| [message(one, a, 2 * i as i64), message(two, b, 2 * i as i64 + 1)])
+        .collect();
+    let fresh: Vec<Fresh<'_>> = messages
+        .iter()
+        .map(|(message, event)| Fresh {
+            message,
+            event,
+            span: tracing::Span::none(),
+        })
+        .collect();
+    let mut tx = db.pool.begin().await.unwrap();
+    Projector
+        .handle_batch(&mut tx, &fresh)
+        .await
+        .map_err(|(at, e)| format!("{at}: {e}"))
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(row(&db.pool, one).await, expected(true));
+    assert_eq!(row(&db.pool, two).await, expected(false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_an_order_never_placed_names_that_message() {
+    // A forged OrderPlaced inside a batch fails at its own index, so the runtime commits its
+    // neighbours and dead-letters it alone.
+    let db = fresh_orders_db().await;
+    let (real, forged) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    place(&db.pool, real).await;
+    let messages = [
+        message(real, lifecycle(real, true).remove(0), 0),
+        message(forged, lifecycle(forged, true).remove(0), 1),
+    ];
+    let fresh: Vec<Fresh<'_>> = messages
+        .iter()
+        .map(|(message, event)| Fresh {
+            message,
+            event,
+            span: tracing::Span::none(),
+        })
+        .collect();
+    let mut tx = db.pool.begin().await.unwrap();
+    let (at, error) = Projector
+        .handle_batch(&mut tx, &fresh)
+        .await
+        .expect_err("a forged order");
+    assert_eq!(at, 1, "{error}");
+    assert!(error.to_string().contains("never placed"), "{error}");
+}
