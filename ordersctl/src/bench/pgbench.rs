@@ -118,7 +118,8 @@ COMMIT;
 -- 4. payment-svc on OrderPlaced: inbox, payment row (locked read first), PaymentAuthorized.
 BEGIN;
 INSERT INTO p.inbox (consumer, message_id) VALUES ('payment', ':placed') ON CONFLICT DO NOTHING;
-SELECT payment_id, state, authorization_id, amount_minor, currency_code FROM p.payments WHERE order_id = ':order_id' FOR UPDATE;
+SELECT order_id, payment_id, state, authorization_id, amount_minor, currency_code
+  FROM p.payments WHERE order_id = ANY(ARRAY[':order_id']::uuid[]) ORDER BY order_id FOR UPDATE;
 INSERT INTO p.payments (payment_id, order_id, amount_minor, currency_code, state, authorization_id, failure_reason)
   VALUES (':payment', ':order_id', :total, 'EUR', 'AUTHORIZED', ':auth_id', NULL) ON CONFLICT (order_id) DO NOTHING;
 INSERT INTO p.outbox (message_id, topic, partition_key, event_type, schema_version, traceparent, payload)
@@ -166,7 +167,8 @@ COMMIT;
 -- 9. payment-svc on OrderConfirmed: inbox, locked payment, capture recorded, PaymentCaptured.
 BEGIN;
 INSERT INTO p.inbox (consumer, message_id) VALUES ('payment', ':confirmed') ON CONFLICT DO NOTHING;
-SELECT payment_id, state, authorization_id, amount_minor, currency_code FROM p.payments WHERE order_id = ':order_id' FOR UPDATE;
+SELECT order_id, payment_id, state, authorization_id, amount_minor, currency_code
+  FROM p.payments WHERE order_id = ANY(ARRAY[':order_id']::uuid[]) ORDER BY order_id FOR UPDATE;
 UPDATE p.payments SET state = 'CAPTURED', version = version + 1, updated_at = now() WHERE order_id = ':order_id' AND state = 'AUTHORIZED';
 INSERT INTO p.outbox (message_id, topic, partition_key, event_type, schema_version, traceparent, payload)
   VALUES (':captured', 'payments.events', ':order_id', 'PaymentCaptured', 1,
