@@ -148,7 +148,11 @@ pub fn consumer_config(cluster: &Cluster, group_id: &str, instance_id: Option<&s
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", SESSION_TIMEOUT.as_millis().to_string())
         // A third of the session timeout, as Kafka recommends: two lost heartbeats are tolerated.
-        .set("heartbeat.interval.ms", (SESSION_TIMEOUT / 3).as_millis().to_string());
+        .set("heartbeat.interval.ms", (SESSION_TIMEOUT / 3).as_millis().to_string())
+        // How long the broker may hold a fetch to gather `fetch.min.bytes`: fewer, fuller
+        // fetch requests for a few milliseconds of latency per hop (docs/performance.md).
+        .set("fetch.min.bytes", tuning("ORDERFLOW_KAFKA_FETCH_MIN_BYTES", "1"))
+        .set("fetch.wait.max.ms", tuning("ORDERFLOW_KAFKA_FETCH_WAIT_MS", "500"));
     if let Some(instance_id) = instance_id.filter(|id| !id.is_empty()) {
         config.set("group.instance.id", instance_id);
     }
