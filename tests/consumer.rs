@@ -70,6 +70,16 @@ impl Flaky {
     }
 }
 
+/// A fresh database with the table [`Flaky`] records each handled message in.
+async fn db_with_handled_table() -> orderflow_tests::TestDb {
+    let db = fresh_orders_db().await;
+    sqlx::query("CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, partition int NOT NULL, handled_at timestamptz NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db
+}
+
 /// An envelope for `key` carrying `seq` (in the payment_id field: any string field would do).
 fn record(key: uuid::Uuid, seq: usize) -> Vec<u8> {
     let meta = EventMeta {
@@ -118,11 +128,7 @@ async fn send(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others() {
-    let db = fresh_orders_db().await;
-    sqlx::query("CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, partition int NOT NULL, handled_at timestamptz NOT NULL)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let db = db_with_handled_table().await;
     let topic = fresh_topic(4).await;
     let bootstrap = stack().kafka.clone();
 
@@ -236,11 +242,7 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_fails_transiently_past_its_budget_is_dead_lettered_and_its_partition_flows() {
-    let db = fresh_orders_db().await;
-    sqlx::query("CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, partition int NOT NULL, handled_at timestamptz NOT NULL)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let db = db_with_handled_table().await;
     // One partition: the failing key's messages sit in front of the others'.
     let topic = fresh_topic(1).await;
     let bootstrap = stack().kafka.clone();
@@ -431,11 +433,7 @@ async fn a_consumer_stops_in_bounded_time_while_its_broker_does_not_answer() {
     // then. A broker of this test's own, stopped with SIGSTOP (connections open, no answers).
     let broker = PrivateKafka::new(19320, 1);
     broker.start().await;
-    let db = fresh_orders_db().await;
-    sqlx::query("CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, partition int NOT NULL, handled_at timestamptz NOT NULL)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let db = db_with_handled_table().await;
     let topic = orderflow::topics::ORDERS_EVENTS.to_owned();
     let settings = ConsumerSettings::new(broker.cluster.clone(), "closing".into(), vec![topic.clone()]);
     let handler = Arc::new(Flaky::healthy());
@@ -584,11 +582,7 @@ async fn a_message_waiting_on_its_dependency_holds_up_only_its_key_lane() {
     // messages are handled meanwhile (those that share the stuck key's lane wait); the
     // offset committed never passes the stuck key's first message, and after a restart with
     // the dependency healed every message is handled exactly once, the stuck key's in order.
-    let db = fresh_orders_db().await;
-    sqlx::query("CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, partition int NOT NULL, handled_at timestamptz NOT NULL)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let db = db_with_handled_table().await;
     let topic = fresh_topic(1).await;
     let bootstrap = stack().kafka.clone();
     let producer: FutureProducer = kafka::producer_config(&bootstrap, "lanes-test", kafka::DEFAULT_DELIVERY_TIMEOUT)

@@ -113,6 +113,18 @@ fn message(order_id: uuid::Uuid, payload: Payload, offset: i64) -> (Incoming, Op
     (incoming, event)
 }
 
+/// The batch the runtime would hand on for `messages`.
+fn fresh(messages: &[(Incoming, OpenedEvent)]) -> Vec<Fresh<'_>> {
+    messages
+        .iter()
+        .map(|(message, event)| Fresh {
+            message,
+            event,
+            span: tracing::Span::none(),
+        })
+        .collect()
+}
+
 async fn place(pool: &sqlx::PgPool, order_id: uuid::Uuid) {
     sqlx::query(
         "INSERT INTO orders (order_id, customer_id, currency_code, total_minor, payment_token, status, saga_state, correlation_id)
@@ -182,14 +194,7 @@ async fn every_arrival_order_in_bulk_or_alone_ends_in_the_same_row() {
                 .zip(&orders_of)
                 .map(|(id, order)| message(*id, lifecycle(*id, confirmed)[order[wave]].clone(), wave as i64))
                 .collect();
-            let fresh: Vec<Fresh<'_>> = messages
-                .iter()
-                .map(|(message, event)| Fresh {
-                    message,
-                    event,
-                    span: tracing::Span::none(),
-                })
-                .collect();
+            let fresh = fresh(&messages);
             let mut tx = db.pool.begin().await.unwrap();
             let outcomes = Projector
                 .handle_batch(&mut tx, &fresh)
@@ -226,14 +231,7 @@ async fn every_arrival_order_in_bulk_or_alone_ends_in_the_same_row() {
         .enumerate()
         .flat_map(|(i, (a, b))| [message(one, a, 2 * i as i64), message(two, b, 2 * i as i64 + 1)])
         .collect();
-    let fresh: Vec<Fresh<'_>> = messages
-        .iter()
-        .map(|(message, event)| Fresh {
-            message,
-            event,
-            span: tracing::Span::none(),
-        })
-        .collect();
+    let fresh = fresh(&messages);
     let mut tx = db.pool.begin().await.unwrap();
     Projector
         .handle_batch(&mut tx, &fresh)
@@ -256,14 +254,7 @@ async fn a_batch_with_an_order_never_placed_names_that_message() {
         message(real, lifecycle(real, true).remove(0), 0),
         message(forged, lifecycle(forged, true).remove(0), 1),
     ];
-    let fresh: Vec<Fresh<'_>> = messages
-        .iter()
-        .map(|(message, event)| Fresh {
-            message,
-            event,
-            span: tracing::Span::none(),
-        })
-        .collect();
+    let fresh = fresh(&messages);
     let mut tx = db.pool.begin().await.unwrap();
     let (at, error) = Projector
         .handle_batch(&mut tx, &fresh)

@@ -379,34 +379,36 @@ impl PaymentHandler {
                 Err(HandlerError::Permanent("an authorization without its reply".into()))
             }
             (Plan::Capture(payment), _) => {
-                let payload = Payload::PaymentCaptured(PaymentCaptured {
-                    order_id: order_id.to_string(),
-                    payment_id: payment.payment_id.to_string(),
-                    amount: Some(payment.amount()),
-                });
-                self.transition(
+                self.settle(
                     tx,
                     cause,
                     order_id,
-                    PaymentState::Authorized,
+                    &payment,
                     PaymentState::Captured,
-                    payload,
+                    |order_id, payment_id, amount| {
+                        Payload::PaymentCaptured(PaymentCaptured {
+                            order_id,
+                            payment_id,
+                            amount,
+                        })
+                    },
                 )
                 .await
             }
             (Plan::Void(payment), _) => {
-                let payload = Payload::PaymentVoided(PaymentVoided {
-                    order_id: order_id.to_string(),
-                    payment_id: payment.payment_id.to_string(),
-                    amount: Some(payment.amount()),
-                });
-                self.transition(
+                self.settle(
                     tx,
                     cause,
                     order_id,
-                    PaymentState::Authorized,
+                    &payment,
                     PaymentState::Voided,
-                    payload,
+                    |order_id, payment_id, amount| {
+                        Payload::PaymentVoided(PaymentVoided {
+                            order_id,
+                            payment_id,
+                            amount,
+                        })
+                    },
                 )
                 .await
             }
@@ -424,6 +426,26 @@ impl PaymentHandler {
                 Ok(Outcome::Processed)
             }
         }
+    }
+
+    /// An AUTHORIZED payment captured or voided at the gateway: `to`, with the event `event`
+    /// makes of the order id, the payment id and the amount.
+    async fn settle(
+        &self,
+        tx: &mut Tx,
+        cause: Cause<'_>,
+        order_id: uuid::Uuid,
+        payment: &PaymentRow,
+        to: PaymentState,
+        event: impl FnOnce(String, String, Option<Money>) -> Payload,
+    ) -> Result<Outcome, HandlerError> {
+        let payload = event(
+            order_id.to_string(),
+            payment.payment_id.to_string(),
+            Some(payment.amount()),
+        );
+        self.transition(tx, cause, order_id, PaymentState::Authorized, to, payload)
+            .await
     }
 
     async fn record_authorization(

@@ -731,7 +731,11 @@ pub async fn run(
         let latency_targets = [
             ("PlaceOrder p99", &r.place_order, 25.0),
             ("relay lag p99", &r.relay_lag, 100.0),
-            ("saga completion p99, approved cards", &r.saga_completion_approved, 1000.0),
+            (
+                "saga completion p99, approved cards",
+                &r.saga_completion_approved,
+                1000.0,
+            ),
             ("read-model convergence p99", &r.read_model_convergence, 250.0),
         ];
         for (name, latency, limit_ms) in latency_targets {
