@@ -275,19 +275,12 @@ impl Projector {
                 ));
             }
         }
-        let mut start = 0;
-        while start < events.len() {
-            let mut orders = HashSet::new();
+        for (start, run) in consumer::runs_of_distinct_keys(events, |event| event.aggregate_id) {
             let mut rows = Rows::default();
-            for event in events[start..]
-                .iter()
-                .take_while(|event| orders.insert(event.aggregate_id))
-            {
+            for event in run {
                 rows.push(event);
             }
-            let run_len = rows.order_id.len();
             rows.upsert(tx).await.map_err(|error| (start, error))?;
-            start += run_len;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 
 pub mod domain;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -645,14 +645,7 @@ impl consumer::Handler for PaymentHandler {
     /// starts the next run, so it is decided on the first one's effect.
     async fn handle_batch(&self, tx: &mut Tx, batch: &[Fresh<'_>]) -> Result<Vec<Outcome>, (usize, HandlerError)> {
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut start = 0;
-        while start < batch.len() {
-            let mut orders = HashSet::new();
-            let run_len = batch[start..]
-                .iter()
-                .take_while(|fresh| orders.insert(fresh.event.aggregate_id))
-                .count();
-            let run = &batch[start..start + run_len];
+        for (start, run) in consumer::runs_of_distinct_keys(batch, |fresh| fresh.event.aggregate_id) {
             let order_ids: Vec<uuid::Uuid> = run.iter().map(|fresh| fresh.event.aggregate_id).collect();
             let mut payments = Self::load_all(tx, &order_ids).await.map_err(|error| (start, error))?;
             let plans = run
@@ -678,7 +671,6 @@ impl consumer::Handler for PaymentHandler {
                     .map_err(|error| (start + at, error))?;
                 outcomes.push(outcome);
             }
-            start += run_len;
         }
         Ok(outcomes)
     }

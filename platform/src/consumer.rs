@@ -249,6 +249,22 @@ pub struct Fresh<'a> {
     pub span: tracing::Span,
 }
 
+/// Splits `items` into consecutive runs in which no key (an order id) appears twice, each
+/// with the index of its first item: a handler writes one run in bulk (a statement may not
+/// touch one row twice), and a second item of a key starts the next run, which sees the
+/// first one's effect.
+pub fn runs_of_distinct_keys<T>(items: &[T], key: impl Fn(&T) -> uuid::Uuid) -> Vec<(usize, &[T])> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < items.len() {
+        let mut seen = std::collections::HashSet::new();
+        let len = items[start..].iter().take_while(|item| seen.insert(key(item))).count();
+        runs.push((start, &items[start..start + len]));
+        start += len;
+    }
+    runs
+}
+
 /// The retry budget unless configured: 60 s, two thirds of the stack's 90 s saga deadline
 /// and longer than the outages the chaos harness injects into a handler's dependencies
 /// (a Postgres restart, a gateway that does not answer 12 times).
@@ -878,7 +894,7 @@ impl<H: Handler> Poller<H> {
             .or_insert_with(|| self.spawn_partition(&message.topic, message.partition));
         slot.offsets.handed_on(message.offset);
         if slot.overflow.is_empty() {
-            match slot.lane_of(&message).clone().try_send(message) {
+            match slot.lane_of(&message).try_send(message) {
                 Ok(()) => return,
                 Err(mpsc::error::TrySendError::Full(message) | mpsc::error::TrySendError::Closed(message)) => {
                     slot.overflow.push_back(message);
@@ -909,7 +925,7 @@ impl<H: Handler> Poller<H> {
             while let Some(message) = slot.overflow.pop_front() {
                 // Stops at the first message whose lane is full: the overflow keeps the
                 // partition's order, so no message of a key passes an earlier one.
-                match slot.lane_of(&message).clone().try_send(message) {
+                match slot.lane_of(&message).try_send(message) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(message) | mpsc::error::TrySendError::Closed(message)) => {
                         slot.overflow.push_front(message);
