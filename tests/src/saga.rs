@@ -286,13 +286,15 @@ impl Saga {
     }
 
     /// Waits until the saga is quiet: no order PENDING, the read model agrees with every
-    /// order, and no authorization is left open at the gateway.
+    /// order, no authorization is left open at the gateway, and fulfilment has a shipment for
+    /// every confirmed order (after an outage it drains its own backlog, at its own pace).
     pub async fn settled(&self, timeout: Duration) -> bool {
         crate::eventually(timeout, || async {
-            let (pending, unprojected): (i64, i64) = sqlx::query_as(
+            let (pending, unprojected, confirmed): (i64, i64, i64) = sqlx::query_as(
                 "SELECT (SELECT count(*) FROM orders WHERE status = 'PENDING'),
                         (SELECT count(*) FROM orders o LEFT JOIN order_read r USING (order_id)
-                         WHERE r.order_id IS NULL OR r.status <> o.status)",
+                         WHERE r.order_id IS NULL OR r.status <> o.status),
+                        (SELECT count(*) FROM orders WHERE status = 'CONFIRMED')",
             )
             .fetch_one(&self.orders.pool)
             .await
@@ -302,7 +304,11 @@ impl Saga {
                 .fetch_one(&self.gateway.pool)
                 .await
                 .expect("count");
-            pending == 0 && unprojected == 0 && open == 0
+            let shipped: i64 = sqlx::query_scalar("SELECT count(*) FROM shipments")
+                .fetch_one(&self.fulfilment.pool)
+                .await
+                .expect("count");
+            pending == 0 && unprojected == 0 && open == 0 && shipped >= confirmed
         })
         .await
     }
