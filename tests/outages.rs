@@ -36,6 +36,19 @@ impl Drop for ResumeBrokers {
 /// Places orders at about `per_second` for `duration`; returns the accepted ids and the
 /// number of refused calls.
 fn steady_load(saga: &Saga, per_second: u64, duration: Duration) -> tokio::task::JoinHandle<(Vec<String>, usize)> {
+    let load = timed_load(saga, per_second, duration);
+    tokio::spawn(async move {
+        let (accepted, refused) = load.await.unwrap();
+        (accepted.into_iter().map(|(id, _)| id).collect(), refused)
+    })
+}
+
+/// As [`steady_load`], with the moment each order was accepted.
+fn timed_load(
+    saga: &Saga,
+    per_second: u64,
+    duration: Duration,
+) -> tokio::task::JoinHandle<(Vec<(String, Instant)>, usize)> {
     let addr = saga.order_svc_addr();
     tokio::spawn(async move {
         let mut client = api::order_service_client::OrderServiceClient::connect(format!("http://{addr}"))
@@ -51,7 +64,7 @@ fn steady_load(saga: &Saga, per_second: u64, duration: Duration) -> tokio::task:
                 ..valid_order(n)
             };
             match tokio::time::timeout(Duration::from_secs(5), client.place_order(request)).await {
-                Ok(Ok(response)) => accepted.push(response.into_inner().order_id),
+                Ok(Ok(response)) => accepted.push((response.into_inner().order_id, Instant::now())),
                 _ => refused += 1,
             }
             tokio::time::sleep(Duration::from_millis(1000 / per_second)).await;
@@ -91,15 +104,23 @@ async fn postgres_killed_and_restarted_mid_run_loses_nothing() {
         ..SagaOptions::default()
     })
     .await;
-    let load = steady_load(&saga, 20, Duration::from_secs(12));
+    let load = timed_load(&saga, 20, Duration::from_secs(14));
     tokio::time::sleep(Duration::from_secs(4)).await;
+    let restart_began = Instant::now();
     stack_command("pg-restart");
+    let restarted = Instant::now();
     let (accepted, refused) = load.await.unwrap();
+    // Counted by when they were accepted, not in total: how many calls fit in the run depends
+    // on how busy the machine is (CI once managed 98 where a quiet machine makes 200).
+    let before = accepted.iter().filter(|(_, at)| *at < restart_began).count();
+    let after = accepted.iter().filter(|(_, at)| *at > restarted).count();
     println!(
-        "postgres restart: {} orders accepted, {refused} calls refused during the restart",
+        "postgres restart: {} orders accepted ({before} before the restart, {after} after it), {refused} calls refused during the restart",
         accepted.len()
     );
-    assert!(accepted.len() > 100, "orders kept being accepted around the restart");
+    assert!(before > 0, "orders were accepted before the restart");
+    assert!(after >= 10, "orders are accepted again after the restart: {after}");
+    let accepted: Vec<String> = accepted.into_iter().map(|(id, _)| id).collect();
     assert_all_settled(&saga, &accepted).await;
     saga.stop().await;
 }
