@@ -123,9 +123,14 @@ async fn metrics_cover_every_hop_and_each_order_is_one_trace_across_services() {
     let mut saga = saga;
     saga.stop_payment_svc().await;
     let overdue = saga.place(4, "tok_visa").await;
-    let cancelled = order_svc::saga::sweep_once(&saga.orders.pool, &saga.orders_topic, Duration::ZERO)
-        .await
-        .unwrap();
+    let cancelled = order_svc::saga::sweep_once(
+        &saga.orders.pool,
+        &saga.orders_topic,
+        Default::default(),
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
     assert_eq!(cancelled, 1);
     let events: Vec<(String, String)> =
         sqlx::query_as("SELECT event_type, traceparent FROM outbox WHERE partition_key = $1 ORDER BY id")

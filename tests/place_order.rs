@@ -542,9 +542,9 @@ async fn two_sweepers_at_once_cancel_each_overdue_order_exactly_once() {
     // Deadline zero: every order is overdue. Two sweepers race over the same orders.
     let deadline = std::time::Duration::ZERO;
     let (a, b, c) = tokio::join!(
-        order_svc::saga::sweep_once(&db.pool, "orders.events", deadline),
-        order_svc::saga::sweep_once(&db.pool, "orders.events", deadline),
-        order_svc::saga::sweep_once(&db.pool, "orders.events", deadline),
+        order_svc::saga::sweep_once(&db.pool, "orders.events", Default::default(), deadline),
+        order_svc::saga::sweep_once(&db.pool, "orders.events", Default::default(), deadline),
+        order_svc::saga::sweep_once(&db.pool, "orders.events", Default::default(), deadline),
     );
     let cancelled = a.unwrap() + b.unwrap() + c.unwrap();
     assert_eq!(cancelled, 30, "each order cancelled by exactly one sweeper");

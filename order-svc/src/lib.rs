@@ -81,6 +81,9 @@ pub struct Config {
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,
+    /// How its events reach the relay (`OUTBOX_MODE`).
+    #[command(flatten)]
+    pub outbox: orderflow_platform::outbox::OutboxArgs,
     /// TLS and bearer tokens on the API.
     #[command(flatten)]
     pub security: orderflow_platform::security::ServerSecurityArgs,
@@ -109,7 +112,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         config.orders_topic.clone(),
         Duration::from_secs(config.idempotency_retention_hours * 3600),
         config.max_order_total.clone(),
-    );
+    )
+    .with_outbox_mode(config.outbox.mode);
     if orderflow_platform::chaos::naive()
         && let Some(servers) = &config.bootstrap_servers
     {
@@ -169,7 +173,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 vec![config.payments_topic.clone()],
             )
         });
-        let handler = std::sync::Arc::new(saga::PaymentEventsHandler::new(config.orders_topic.clone()));
+        let handler = std::sync::Arc::new(
+            saga::PaymentEventsHandler::new(config.orders_topic.clone()).with_outbox_mode(config.outbox.mode),
+        );
         let (consumer_pool, consumer_stop) = (pool.clone(), stop.clone());
         consumer = Some(tokio::spawn(async move {
             // A consumer that holds no partition or stalls gets a new client in this process,
@@ -184,6 +190,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         background.push(tokio::spawn(saga::sweep(
             pool.clone(),
             config.orders_topic.clone(),
+            config.outbox.mode,
             Duration::from_millis(config.saga_deadline_ms),
             Duration::from_millis(config.sweep_interval_ms),
             stop.clone(),

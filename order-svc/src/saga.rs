@@ -10,7 +10,7 @@ use orderflow::events::v1::event_envelope::Payload;
 use orderflow::events::v1::{OrderCancelled, OrderConfirmed};
 use orderflow::orders::v1::CancellationReason as WireReason;
 use orderflow_platform::consumer::{Handler, HandlerError, Incoming, Outcome};
-use orderflow_platform::outbox::{self, OutboxMessage};
+use orderflow_platform::outbox::{self, OutboxMessage, OutboxMode};
 use orderflow_platform::telemetry;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
@@ -90,12 +90,21 @@ fn settle(before: &Order, command: Command) -> Result<Option<Settlement>, String
 /// Consumes `payments.events`.
 pub struct PaymentEventsHandler {
     orders_topic: String,
+    outbox: OutboxMode,
 }
 
 impl PaymentEventsHandler {
-    /// A handler emitting order events for `orders_topic`.
+    /// A handler emitting order events for `orders_topic` through the outbox table.
     pub fn new(orders_topic: String) -> Self {
-        Self { orders_topic }
+        Self {
+            orders_topic,
+            outbox: OutboxMode::Table,
+        }
+    }
+
+    /// Writes its events the `mode` way.
+    pub fn with_outbox_mode(self, mode: OutboxMode) -> Self {
+        Self { outbox: mode, ..self }
     }
 
     async fn apply(
@@ -121,7 +130,7 @@ impl PaymentEventsHandler {
             return Ok(Outcome::Ignored);
         };
         let message = outbox::caused_by(&self.orders_topic, event, payload);
-        match store::transition_in(tx, &before, &after, reason, &message)
+        match store::transition_in(tx, &before, &after, reason, &message, self.outbox)
             .await
             .map_err(store_error)?
         {
@@ -171,12 +180,13 @@ impl Handler for PaymentEventsHandler {
 pub async fn sweep(
     pool: PgPool,
     orders_topic: String,
+    outbox: OutboxMode,
     deadline: Duration,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
     loop {
-        match sweep_once(&pool, &orders_topic, deadline).await {
+        match sweep_once(&pool, &orders_topic, outbox, deadline).await {
             Ok(0) => {}
             Ok(cancelled) => tracing::info!(cancelled, "sweeper cancelled overdue orders"),
             Err(error) => tracing::warn!(%error, "sweep failed; trying again next round"),
@@ -189,7 +199,12 @@ pub async fn sweep(
 }
 
 /// One sweep; returns how many orders it cancelled.
-pub async fn sweep_once(pool: &PgPool, orders_topic: &str, deadline: Duration) -> Result<usize, StoreError> {
+pub async fn sweep_once(
+    pool: &PgPool,
+    orders_topic: &str,
+    outbox: OutboxMode,
+    deadline: Duration,
+) -> Result<usize, StoreError> {
     let mut cancelled = 0;
     for (id, waited_secs) in store::pending_past_deadline(pool, deadline, 200).await? {
         let Some(record) = store::get_order(pool, id).await? else {
@@ -217,7 +232,7 @@ pub async fn sweep_once(pool: &PgPool, orders_topic: &str, deadline: Duration) -
             topic: orders_topic.to_owned(),
             envelope: envelope::seal(meta, payload),
         };
-        if store::transition(pool, &before, &after, reason, &message).await? == TransitionOutcome::Applied {
+        if store::transition(pool, &before, &after, reason, &message, outbox).await? == TransitionOutcome::Applied {
             tracing::info!(order_id = %id, waited_secs, "order cancelled: payment timeout");
             metrics::counter!(telemetry::SWEEPER_CANCELLATIONS).increment(1);
             record_completion(record.created_at, after.status.as_str());

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use orderflow::orders::v1::PlaceOrderResponse;
-use orderflow_platform::outbox::{self, OutboxMessage};
+use orderflow_platform::outbox::{OutboxMessage, OutboxMode};
 use prost::Message as _;
 use sqlx::PgPool;
 
@@ -79,7 +79,7 @@ pub async fn place_order(
     correlation_id: uuid::Uuid,
     key: Option<&IdempotencyKey>,
     event: &OutboxMessage,
-    write_outbox: bool,
+    outbox: Option<OutboxMode>,
     response: &PlaceOrderResponse,
 ) -> Result<PlaceOutcome, StoreError> {
     let mut tx = pool.begin().await?;
@@ -154,9 +154,9 @@ pub async fn place_order(
     .execute(&mut *tx)
     .await?;
 
-    // false only in the chaos harness's naive mode (a dual write after the commit instead).
-    if write_outbox {
-        outbox::insert(&mut tx, event).await?;
+    // None only in the chaos harness's naive mode (a dual write after the commit instead).
+    if let Some(outbox) = outbox {
+        outbox.write(&mut tx, event).await?;
     }
 
     // If the process dies before this commit, nothing above exists: the client sees an
@@ -285,9 +285,10 @@ pub async fn transition(
     after: &Order,
     cancellation_reason: Option<&str>,
     event: &OutboxMessage,
+    outbox: OutboxMode,
 ) -> Result<TransitionOutcome, StoreError> {
     let mut tx = pool.begin().await?;
-    let outcome = transition_in(&mut tx, before, after, cancellation_reason, event).await?;
+    let outcome = transition_in(&mut tx, before, after, cancellation_reason, event, outbox).await?;
     if outcome == TransitionOutcome::Applied {
         tx.commit().await?;
     }
@@ -303,6 +304,7 @@ pub async fn transition_in(
     after: &Order,
     cancellation_reason: Option<&str>,
     event: &OutboxMessage,
+    outbox: OutboxMode,
 ) -> Result<TransitionOutcome, StoreError> {
     let changed = sqlx::query(
         "UPDATE orders SET status = $3, saga_state = $4, cancellation_reason = $5, version = $6,
@@ -322,7 +324,7 @@ pub async fn transition_in(
         // Someone else (a payment event, another sweeper) changed the order first.
         return Ok(TransitionOutcome::Conflict);
     }
-    outbox::insert(tx, event).await?;
+    outbox.write(tx, event).await?;
     Ok(TransitionOutcome::Applied)
 }
 

@@ -103,6 +103,9 @@ pub struct Config {
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,
+    /// How its events reach the relay (`OUTBOX_MODE`).
+    #[command(flatten)]
+    pub outbox: orderflow_platform::outbox::OutboxArgs,
     /// Apply the migrations at start-up.
     #[arg(long, env = "PAYMENT_SVC_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -113,6 +116,7 @@ pub struct PaymentHandler {
     gateway: GatewayServiceClient<tonic::transport::Channel>,
     gateway_timeout: Duration,
     payments_topic: String,
+    outbox: outbox::OutboxMode,
     limits: orderflow::money::TotalLimits,
 }
 
@@ -199,8 +203,14 @@ impl PaymentHandler {
             gateway,
             gateway_timeout,
             payments_topic,
+            outbox: outbox::OutboxMode::Table,
             limits,
         }
+    }
+
+    /// Writes its events the `mode` way (the outbox table by default).
+    pub fn with_outbox_mode(self, mode: outbox::OutboxMode) -> Self {
+        Self { outbox: mode, ..self }
     }
 
     async fn load(tx: &mut Tx, order_id: uuid::Uuid) -> Result<Option<PaymentRow>, HandlerError> {
@@ -505,7 +515,9 @@ impl PaymentHandler {
                 detail: reply.decline_reason,
             })
         };
-        outbox::insert(tx, &outbox::caused_by(&self.payments_topic, event, payload)).await?;
+        self.outbox
+            .write(tx, &outbox::caused_by(&self.payments_topic, event, payload))
+            .await?;
         // Dying here (the chaos harness's failpoint), before the runtime commits: nothing of
         // this transaction is committed, the authorization exists at the gateway only; the
         // redelivery calls again with the same key and gets the same authorization back.
@@ -545,7 +557,7 @@ impl PaymentHandler {
             Cause::Event(event) => outbox::caused_by(&self.payments_topic, event, payload),
             Cause::Deadline => outbox::spontaneous(&self.payments_topic, order_id, payload),
         };
-        outbox::insert(tx, &message).await?;
+        self.outbox.write(tx, &message).await?;
         tracing::info!(from = from.as_str(), to = to.as_str(), "payment transition");
         Ok(Outcome::Processed)
     }
@@ -705,7 +717,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Duration::from_millis(config.gateway_timeout_ms),
         config.payments_topic.clone(),
         config.max_order_total.clone(),
-    );
+    )
+    .with_outbox_mode(config.outbox.mode);
     orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
     let settings = config.consumer.apply(ConsumerSettings {
         instance_id: config.instance_id,

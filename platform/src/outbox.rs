@@ -4,6 +4,13 @@
 //! Every service database has the same `outbox` table (see `migrations/*/`); the relay
 //! reads it, the services only ever insert into it, inside the transaction that makes
 //! the change the event describes.
+//!
+//! Or, in [`OutboxMode::WalMessage`], no row at all: the event is written into the
+//! write-ahead log as a transactional logical decoding message
+//! (`pg_logical_emit_message(true, ...)`) and reaches a relay through a logical
+//! replication slot when, and only if, the business transaction commits. Same atomicity
+//! (the message is part of the transaction), no table to poll, mark or purge; the WAL
+//! the slot has not confirmed is what holds the unpublished events (docs/adr/0003).
 
 use orderflow::envelope::{EventMeta, headers, seal};
 use orderflow::events::v1::EventEnvelope;
@@ -17,6 +24,55 @@ pub struct OutboxMessage {
     pub topic: String,
     /// The sealed envelope; its `aggregate_id` becomes the record key.
     pub envelope: EventEnvelope,
+}
+
+/// The prefix of every outbox WAL message; the topic follows it (`orderflow.outbox/orders.events`),
+/// the content is the sealed envelope, exactly the outbox table's `payload`.
+pub const WAL_MESSAGE_PREFIX: &str = "orderflow.outbox/";
+
+/// How a service hands its events to the relay: the one setting both sides of the outbox share.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutboxMode {
+    /// A row in the `outbox` table; a polling relay publishes and marks it.
+    #[default]
+    Table,
+    /// A transactional logical decoding message in the WAL; a relay reading a logical
+    /// replication slot publishes it and confirms the slot past it.
+    WalMessage,
+}
+
+impl OutboxMode {
+    /// Writes `message` the chosen way, inside the caller's transaction: it exists for the
+    /// relay exactly when the transaction commits.
+    pub async fn write(self, tx: &mut sqlx::PgConnection, message: &OutboxMessage) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Table => insert(tx, message).await,
+            Self::WalMessage => emit(tx, message).await,
+        }
+    }
+}
+
+/// The services' choice of [`OutboxMode`] (`OUTBOX_MODE`); the relay of the database must
+/// be started with the same one (`RELAY_MODE`).
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct OutboxArgs {
+    /// How events reach the relay: `table` (outbox rows, the polling relay) or
+    /// `wal-message` (logical decoding messages, the relay reading a replication slot).
+    #[arg(long = "outbox-mode", env = "OUTBOX_MODE", value_enum, default_value_t = OutboxMode::Table)]
+    pub mode: OutboxMode,
+}
+
+/// Writes the message into the WAL as a transactional logical decoding message, inside the
+/// caller's transaction (a span of its own). Decoded only once the transaction commits, and
+/// never if it rolls back.
+#[tracing::instrument(name = "outbox_write", skip_all, fields(event_type = %message.envelope.event_type, mode = "wal-message"))]
+pub async fn emit(tx: &mut sqlx::PgConnection, message: &OutboxMessage) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_logical_emit_message(true, $1, $2)::text")
+        .bind(format!("{WAL_MESSAGE_PREFIX}{}", message.topic))
+        .bind(message.envelope.encode_to_vec())
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
 /// Inserts the message into the outbox, inside the caller's transaction (a span of its own). The insert fires

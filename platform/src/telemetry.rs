@@ -25,6 +25,15 @@ pub const RELAY_PASSES: &str = "orderflow_relay_passes_total";
 pub const RELAY_WAKEUPS_COALESCED: &str = "orderflow_relay_wakeups_coalesced_total";
 /// Counter: producers a relay replaced after every pass failed for its stall limit.
 pub const RELAY_PRODUCERS_REPLACED: &str = "orderflow_relay_producers_replaced_total";
+/// Gauge: WAL between the server's current position and what the relay's replication slot
+/// confirmed (RELAY_MODE=wal-message): what the slot holds back from being recycled.
+pub const RELAY_SLOT_LAG_BYTES: &str = "orderflow_relay_slot_lag_bytes";
+/// Gauge: age of the oldest committed event the slot has not yet confirmed (0 when the relay
+/// has confirmed everything it received).
+pub const RELAY_SLOT_LAG_SECONDS: &str = "orderflow_relay_slot_lag_seconds";
+/// Gauge: the WAL the slot may still fall behind before Postgres invalidates it
+/// (`safe_wal_size`, from max_slot_wal_keep_size).
+pub const RELAY_SLOT_SAFE_BYTES: &str = "orderflow_relay_slot_safe_wal_bytes";
 /// Messages handled, by `group`, `topic` and `outcome` (processed, duplicate, ignored, dead_lettered).
 pub const CONSUMER_MESSAGES: &str = "orderflow_consumer_messages_total";
 /// Histogram: messages of one partition committed together in one transaction, by `group`

@@ -26,6 +26,8 @@
 //! - a record of a key fails while a later record of the same key is acknowledged: neither is
 //!   marked ([`rows_to_mark`]), so the next pass publishes the key's rows again in id order.
 
+pub mod wal;
+
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -89,6 +91,19 @@ pub struct Config {
     /// connections), in milliseconds (0: never).
     #[arg(long, env = "RELAY_STALL_LIMIT_MS", default_value_t = 30_000)]
     pub stall_limit_ms: u64,
+    /// How the events reach this relay: `table` (poll the outbox table) or `wal-message`
+    /// (stream the database's logical replication slot); the services of the database must
+    /// write with the same `OUTBOX_MODE`.
+    #[arg(long, env = "RELAY_MODE", value_enum, default_value_t = outbox::OutboxMode::Table)]
+    pub mode: outbox::OutboxMode,
+    /// The replication slot of the wal-message mode (default: `<database>_outbox`). Created
+    /// on the first start; never silently re-created once lost.
+    #[arg(long, env = "RELAY_SLOT")]
+    pub slot: Option<String>,
+    /// How often the wal-message mode confirms its position to Postgres, in milliseconds:
+    /// after a crash up to this much is published again.
+    #[arg(long, env = "RELAY_STATUS_INTERVAL_MS", default_value_t = 1_000)]
+    pub status_interval_ms: u64,
     /// Fault injection for tests and the chaos harness: publish every row twice.
     #[arg(long, env = "RELAY_PUBLISH_TWICE", default_value_t = false, action = clap::ArgAction::Set)]
     pub publish_twice: bool,
@@ -342,21 +357,9 @@ impl Relay {
     /// Hands a record to the producer's queue, waiting while the queue is full.
     async fn enqueue(
         &self,
-        mut record: FutureRecord<'_, String, Vec<u8>>,
+        record: FutureRecord<'_, String, Vec<u8>>,
     ) -> Result<rdkafka::producer::DeliveryFuture, String> {
-        loop {
-            match self.producer.send_result(record) {
-                Ok(delivery) => return Ok(delivery),
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    back,
-                )) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err((error, _)) => return Err(error.to_string()),
-            }
-        }
+        enqueue(&self.producer, record).await
     }
 
     /// Publishes batches until `shutdown`, woken by NOTIFY and by a polling fallback.
@@ -496,6 +499,23 @@ impl Relay {
     }
 }
 
+/// Hands a record to the producer's queue, waiting while the queue is full.
+pub(crate) async fn enqueue(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, String, Vec<u8>>,
+) -> Result<rdkafka::producer::DeliveryFuture, String> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err((error, _)) => return Err(error.to_string()),
+        }
+    }
+}
+
 /// Which rows of a batch (given in id order, as their key and whether the broker acknowledged
 /// them) may be marked published: an acknowledged row, unless an earlier row of the same key
 /// in the batch was not acknowledged. Marking it would leave the earlier row to be published
@@ -538,6 +558,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Box::new(move || Ok(kafka::producer_config(&cluster, &client_id, delivery_timeout).create()?))
     };
     let producer = new_producer()?;
+    if config.mode == outbox::OutboxMode::WalMessage {
+        let database = url::Url::parse(config.database_url.expose())?
+            .path()
+            .trim_start_matches('/')
+            .to_owned();
+        let slot = config.slot.clone().unwrap_or_else(|| wal::default_slot_name(&database));
+        tracing::info!(bootstrap_servers = %config.bootstrap_servers, slot, "relay started (wal-message mode)");
+        let replication = wal::replication_config(&config.database_url, &slot)?
+            .with_status_interval(Duration::from_millis(config.status_interval_ms));
+        let relay = wal::WalRelay::new(pool, producer, replication)
+            .with_delivery_timeout(Duration::from_millis(config.delivery_timeout_ms));
+        let relay = if config.publish_twice {
+            relay.publishing_twice()
+        } else {
+            relay
+        };
+        return relay.run(shutdown).await;
+    }
     tracing::info!(bootstrap_servers = %config.bootstrap_servers, batch_size = config.batch_size, "relay started");
     let cleanup =
         orderflow_platform::housekeeping::published_outbox(Duration::from_secs(config.published_retention_secs));

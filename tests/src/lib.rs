@@ -269,6 +269,7 @@ pub async fn start_order_svc_with(
         inbox_retention_hours: 168,
         max_order_total: orderflow::money::TotalLimits::default(),
         consumer: Default::default(),
+        outbox: Default::default(),
         security: orderflow_platform::security::ServerSecurityArgs::insecure(),
     };
     let mut config = config;

@@ -223,6 +223,7 @@ impl Saga {
             inbox_retention_hours: 168,
             max_order_total: Default::default(),
             consumer: Default::default(),
+            outbox: Default::default(),
             kafka_auth: stack().kafka_auth(),
             authorization_deadline_ms: u64::try_from(self.options.authorization_deadline.as_millis())
                 .unwrap_or(u64::MAX),

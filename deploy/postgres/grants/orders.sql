@@ -35,3 +35,7 @@ GRANT SELECT, INSERT, UPDATE ON order_read TO orders_projector;
 GRANT SELECT, INSERT ON inbox TO orders_projector;
 GRANT SELECT (order_id) ON orders TO orders_projector;
 GRANT EXECUTE ON FUNCTION purge_inbox(text, float8, integer) TO orders_projector;
+
+-- The WAL-message outbox (docs/adr/0003): the relay records the slot it created and how far
+-- it confirmed it (the slot itself needs the REPLICATION attribute, given by the deployment).
+GRANT SELECT, INSERT, UPDATE ON outbox_wal_slot TO orders_relay;

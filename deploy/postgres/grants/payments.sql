@@ -18,3 +18,7 @@ GRANT EXECUTE ON FUNCTION purge_inbox(text, float8, integer) TO payment_svc;
 
 GRANT SELECT, UPDATE (published_at, failed_attempts, last_error) ON outbox TO payments_relay;
 GRANT EXECUTE ON FUNCTION purge_published_outbox(float8, integer) TO payments_relay;
+
+-- The WAL-message outbox (docs/adr/0003): the relay records the slot it created and how far
+-- it confirmed it (the slot itself needs the REPLICATION attribute, given by the deployment).
+GRANT SELECT, INSERT, UPDATE ON outbox_wal_slot TO payments_relay;

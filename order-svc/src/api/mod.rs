@@ -14,7 +14,7 @@ use orderflow::orders::v1::{
     GetOrderRequest, GetOrderResponse, OrderStatus as WireStatus, PlaceOrderRequest, PlaceOrderResponse,
 };
 use orderflow_platform::auth::Caller;
-use orderflow_platform::outbox::OutboxMessage;
+use orderflow_platform::outbox::{OutboxMessage, OutboxMode};
 use orderflow_platform::telemetry;
 use prost::Message as _;
 use sqlx::PgPool;
@@ -32,6 +32,7 @@ pub struct OrderApi {
     orders_topic: String,
     idempotency_retention: Duration,
     limits: TotalLimits,
+    outbox: OutboxMode,
     /// The chaos harness's naive mode only: PlaceOrder publishes to Kafka itself after its
     /// commit (a dual write) instead of writing the outbox row.
     dual_write: Option<DualWrite>,
@@ -55,8 +56,15 @@ impl OrderApi {
             orders_topic,
             idempotency_retention,
             limits,
+            outbox: OutboxMode::Table,
             dual_write: None,
         }
+    }
+
+    /// Writes its events the `mode` way (the outbox table by default).
+    pub fn with_outbox_mode(mut self, mode: OutboxMode) -> Self {
+        self.outbox = mode;
+        self
     }
 
     /// The chaos harness's naive mode: publish from the request instead of the outbox.
@@ -132,14 +140,14 @@ impl OrderApi {
                 }),
             ),
         };
-        let write_outbox = self.dual_write.is_none();
+        let outbox = self.dual_write.is_none().then_some(self.outbox);
         match store::place_order(
             &self.pool,
             &order,
             correlation_id,
             key.as_ref(),
             &event,
-            write_outbox,
+            outbox,
             &response,
         )
         .await?
