@@ -4,4 +4,5 @@ pub mod access;
 pub mod bench;
 pub mod dlq;
 pub mod pki;
+pub mod relay_bench;
 pub mod verify;

@@ -97,6 +97,9 @@ enum Command {
     /// Open-model load at a fixed rate, with latencies, backlogs, the invariant checker, a
     /// JSON file and an HTML report; --find-ceiling steps the rate up until the service level breaks.
     Bench(Box<BenchArgs>),
+    /// Every relay mode on the same Postgres and Kafka: drain rate, lag at fixed rates, CPU
+    /// and WAL per event, per-key order on the topic (scripts/relay-bench).
+    RelayBench(Box<ordersctl::relay_bench::RelayBenchArgs>),
     /// Dead letters: list, show, redrive.
     Dlq {
         #[command(subcommand)]
@@ -383,6 +386,17 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Bench(args) => bench(&cli.addr, access()?, *args).await?,
+        Command::RelayBench(args) => {
+            let results = ordersctl::relay_bench::run(*args, &cluster).await?;
+            let out = std::path::Path::new("bench-results");
+            std::fs::create_dir_all(out)?;
+            let file = out.join(format!(
+                "relay-bench-{}.json",
+                chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+            ));
+            std::fs::write(&file, serde_json::to_string_pretty(&results)?)?;
+            println!("\nreport: {}", file.display());
+        }
         Command::Token { customer, operator } => {
             let caller = match (customer, operator) {
                 (Some(id), _) => orderflow_platform::auth::Caller::Customer(id),

@@ -1,0 +1,505 @@
+//! `ordersctl relay-bench`: every relay mode on the same Postgres and Kafka, in one run.
+//!
+//! Per mode, on a database and a topic of its own:
+//! - **write**: `events` events written through the outbox API (transactions of
+//!   `events_per_tx` events, four writers, `keys` orders), with the WAL bytes and Postgres CPU
+//!   they cost per event;
+//! - **drain**: the relay started on the whole backlog; events/s until the last one is on
+//!   the topic, the relay's CPU (this process's, less the writers' idle time) and Postgres's
+//!   per event;
+//! - **order**: the topic read back; every key's events at their first appearance must be
+//!   in commit order (0 violations);
+//! - **lag**: events written at a fixed rate while the relay runs; commit → readable on the
+//!   topic, p50/p99, measured by a consumer.
+//!
+//! The relay runs inside this process (the library the binary runs), as the stack's
+//! superuser (the replication slot needs REPLICATION; a benchmark needs no least privilege).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use orderflow::envelope::{self, EventMeta};
+use orderflow::events::v1::OrderConfirmed;
+use orderflow::events::v1::event_envelope::Payload;
+use orderflow_platform::outbox::{OutboxMessage, OutboxMode};
+use orderflow_platform::{Secret, kafka};
+use rdkafka::Message as _;
+use rdkafka::consumer::Consumer as _;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// The benchmark's settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayBenchArgs {
+    /// Events pre-written for the drain.
+    #[arg(long, default_value_t = 100_000)]
+    pub events: usize,
+    /// Distinct keys (orders) among them.
+    #[arg(long, default_value_t = 2_000)]
+    pub keys: usize,
+    /// Events per writing transaction.
+    #[arg(long, default_value_t = 10)]
+    pub events_per_tx: usize,
+    /// Rates of the lag measurements, events a second (repeatable).
+    #[arg(long = "lag-rate", default_values_t = vec![1_000u32, 2_000, 5_000])]
+    pub lag_rates: Vec<u32>,
+    /// Seconds of each lag measurement.
+    #[arg(long, default_value_t = 10)]
+    pub lag_secs: u64,
+    /// Modes to measure (repeatable; all by default).
+    #[arg(long = "mode", value_enum)]
+    pub modes: Vec<OutboxMode>,
+    /// The polling relay's batch size.
+    #[arg(long, default_value_t = 500)]
+    pub batch_size: i64,
+    /// Partitions of each benchmark topic.
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
+    /// The Postgres superuser's URL (scratch databases, the slot).
+    #[arg(long, env = "ORDERFLOW_PG_ADMIN_URL", hide_env_values = true)]
+    pub admin_db: Secret,
+}
+
+/// One mode's numbers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModeResult {
+    /// The mode.
+    pub mode: String,
+    /// Events drained.
+    pub events: usize,
+    /// Drain rate.
+    pub drain_events_per_sec: f64,
+    /// WAL written per event by the writers (business transaction side).
+    pub write_wal_bytes_per_event: f64,
+    /// Postgres CPU per event while writing, microseconds.
+    pub write_pg_cpu_us_per_event: f64,
+    /// Postgres CPU per event while draining, microseconds.
+    pub drain_pg_cpu_us_per_event: f64,
+    /// WAL written per event while draining (the polling relay's marks; the slot's nothing).
+    pub drain_wal_bytes_per_event: f64,
+    /// This process's CPU per event while draining (the relay, and an idle watcher).
+    pub relay_cpu_us_per_event: f64,
+    /// Keys whose events are out of commit order on the topic (first appearances).
+    pub order_violations: usize,
+    /// Records on the topic beyond one per event.
+    pub duplicates: usize,
+    /// Lag (commit → readable) per offered rate: (rate, p50 ms, p99 ms, achieved rate).
+    pub lag: Vec<(u32, f64, f64, f64)>,
+}
+
+/// Runs the benchmark and prints a table; returns the results.
+pub async fn run(args: RelayBenchArgs, cluster: &kafka::Cluster) -> anyhow::Result<Vec<ModeResult>> {
+    let modes = if args.modes.is_empty() {
+        vec![OutboxMode::Table, OutboxMode::WalMessage]
+    } else {
+        args.modes.clone()
+    };
+    let mut results = Vec::new();
+    for mode in modes {
+        let result = run_mode(&args, cluster, mode).await?;
+        println!("{}", serde_json::to_string(&result)?);
+        results.push(result);
+    }
+    println!();
+    println!(
+        "{:<12} {:>10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>7} {:>6}  lag p50/p99 ms at rate",
+        "mode", "drain ev/s", "write WAL B", "write PG us", "drain PG us", "drain WAL B", "relay us", "order", "dups"
+    );
+    for r in &results {
+        let lag: Vec<String> = r
+            .lag
+            .iter()
+            .map(|(rate, p50, p99, achieved)| format!("{rate}/s ({achieved:.0}): {p50:.1}/{p99:.1}"))
+            .collect();
+        println!(
+            "{:<12} {:>10.0} {:>12.0} {:>12.1} {:>12.1} {:>12.0} {:>12.1} {:>7} {:>6}  {}",
+            r.mode,
+            r.drain_events_per_sec,
+            r.write_wal_bytes_per_event,
+            r.write_pg_cpu_us_per_event,
+            r.drain_pg_cpu_us_per_event,
+            r.drain_wal_bytes_per_event,
+            r.relay_cpu_us_per_event,
+            r.order_violations,
+            r.duplicates,
+            lag.join("; ")
+        );
+    }
+    Ok(results)
+}
+
+fn mode_name(mode: OutboxMode) -> &'static str {
+    match mode {
+        OutboxMode::Table => "table",
+        OutboxMode::WalMessage => "wal-message",
+    }
+}
+
+/// A scratch database migrated like the orders database; returns its URL (as the superuser)
+/// and a pool.
+async fn scratch_database(admin: &Secret, name: &str) -> anyhow::Result<(Secret, PgPool)> {
+    let admin_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin.expose())
+        .await
+        .context("connect with ORDERFLOW_PG_ADMIN_URL")?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin_pool)
+        .await?;
+    let mut url = url::Url::parse(admin.expose())?;
+    url.set_path(&format!("/{name}"));
+    let url = Secret::new(url.to_string());
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(url.expose())
+        .await?;
+    order_svc::MIGRATOR.run(&pool).await?;
+    Ok((url, pool))
+}
+
+async fn wal_lsn(pool: &PgPool) -> anyhow::Result<f64> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Postgres's CPU so far (every backend and background process), in clock ticks.
+fn postgres_ticks() -> u64 {
+    crate::bench::probe::CpuMeter::new(None)
+        .ticks()
+        .get("postgres")
+        .copied()
+        .unwrap_or(0)
+}
+
+/// This process's CPU so far, in clock ticks.
+fn own_ticks() -> u64 {
+    crate::bench::probe::CpuMeter::new(None)
+        .ticks()
+        .get("ordersctl-bench")
+        .copied()
+        .unwrap_or(0)
+}
+
+fn event(topic: &str, order: uuid::Uuid) -> OutboxMessage {
+    let now = orderflow_platform::outbox::now_timestamp();
+    OutboxMessage {
+        topic: topic.to_owned(),
+        envelope: envelope::seal(
+            EventMeta {
+                message_id: uuid::Uuid::now_v7(),
+                aggregate_id: order,
+                correlation_id: order,
+                causation_id: None,
+                traceparent: None,
+                occurred_at: now,
+            },
+            Payload::OrderConfirmed(OrderConfirmed {
+                order_id: order.to_string(),
+                ..Default::default()
+            }),
+        ),
+    }
+}
+
+/// Writes `count` events over `orders` from four writers, `per_tx` per transaction, at most
+/// `rate` a second (None: as fast as they go); returns each key's message ids in commit order.
+async fn write(
+    pool: &PgPool,
+    mode: OutboxMode,
+    topic: &str,
+    orders: &[uuid::Uuid],
+    count: usize,
+    per_tx: usize,
+    rate: Option<u32>,
+) -> anyhow::Result<HashMap<String, Vec<String>>> {
+    const WRITERS: usize = 4;
+    let transactions = count.div_ceil(per_tx);
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let (pool, topic) = (pool.clone(), topic.to_owned());
+        // Each writer owns a disjoint set of keys: one key's events are committed one after
+        // another, as one order's events are in the system.
+        let keys: Vec<uuid::Uuid> = orders.iter().skip(writer).step_by(WRITERS).copied().collect();
+        let mine = transactions / WRITERS + usize::from(writer < transactions % WRITERS);
+        let interval = rate.map(|rate| Duration::from_secs_f64((WRITERS * per_tx) as f64 / f64::from(rate.max(1))));
+        tasks.push(tokio::spawn(async move {
+            let mut written: HashMap<String, Vec<String>> = HashMap::new();
+            let mut ticker = interval.map(tokio::time::interval);
+            let mut next_key = 0usize;
+            for _ in 0..mine {
+                if let Some(ticker) = ticker.as_mut() {
+                    ticker.tick().await;
+                }
+                let mut tx = pool.begin().await?;
+                for _ in 0..per_tx {
+                    let order = keys[next_key % keys.len()];
+                    next_key += 1;
+                    let message = event(&topic, order);
+                    written
+                        .entry(order.to_string())
+                        .or_default()
+                        .push(message.envelope.message_id.clone());
+                    mode.write(&mut tx, &message).await?;
+                }
+                tx.commit().await?;
+            }
+            anyhow::Ok(written)
+        }));
+    }
+    let mut all: HashMap<String, Vec<String>> = HashMap::new();
+    for task in tasks {
+        for (key, ids) in task.await?? {
+            all.entry(key).or_default().extend(ids);
+        }
+    }
+    Ok(all)
+}
+
+/// Records on `topic` so far (the sum of its partitions' high watermarks).
+fn topic_size(consumer: &rdkafka::consumer::BaseConsumer, topic: &str, partitions: i32) -> anyhow::Result<i64> {
+    let mut total = 0;
+    for partition in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(5))?;
+        total += high - low;
+    }
+    Ok(total)
+}
+
+/// Starts the relay of `mode` on `url`'s database; returns its stop token and task.
+fn start_relay(
+    mode: OutboxMode,
+    url: &Secret,
+    pool: &PgPool,
+    cluster: &kafka::Cluster,
+    batch_size: i64,
+    slot: &str,
+) -> anyhow::Result<(CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let producer = kafka::producer_config(cluster, "relay-bench", kafka::DEFAULT_DELIVERY_TIMEOUT).create()?;
+    let token = CancellationToken::new();
+    let task = match mode {
+        OutboxMode::Table => tokio::spawn(
+            relay::Relay::new(pool.clone(), producer, batch_size)
+                .coalescing(Duration::from_millis(5))
+                .run(Duration::from_millis(1_000), token.clone()),
+        ),
+        OutboxMode::WalMessage => {
+            let replication =
+                relay::wal::replication_config(url, slot)?.with_status_interval(Duration::from_millis(1_000));
+            tokio::spawn(relay::wal::WalRelay::new(pool.clone(), producer, replication).run(token.clone()))
+        }
+    };
+    Ok((token, task))
+}
+
+async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, mode: OutboxMode) -> anyhow::Result<ModeResult> {
+    let name = format!(
+        "relaybench_{}_{}",
+        mode_name(mode).replace('-', "_"),
+        uuid::Uuid::now_v7().simple()
+    );
+    eprintln!("[{}] scratch database {name}", mode_name(mode));
+    let (url, pool) = scratch_database(&args.admin_db, &name).await?;
+    let slot = relay::wal::default_slot_name(&name);
+    if mode == OutboxMode::WalMessage {
+        relay::wal::ensure_slot(&pool, &slot).await?;
+    }
+    let topic = format!("relaybench.{}", uuid::Uuid::now_v7().simple());
+    kafka::ensure_topics(cluster, &[&topic], args.partitions).await?;
+    let orders: Vec<uuid::Uuid> = (0..args.keys).map(|_| uuid::Uuid::now_v7()).collect();
+
+    // Write the backlog.
+    let (wal_before, pg_before, started) = (wal_lsn(&pool).await?, postgres_ticks(), Instant::now());
+    let written = write(&pool, mode, &topic, &orders, args.events, args.events_per_tx, None).await?;
+    let events: usize = written.values().map(Vec::len).sum();
+    let (wal_written, pg_written) = (wal_lsn(&pool).await? - wal_before, postgres_ticks() - pg_before);
+    eprintln!(
+        "[{}] wrote {events} events in {:.1} s",
+        mode_name(mode),
+        started.elapsed().as_secs_f64()
+    );
+
+    // Drain it.
+    let watcher: rdkafka::consumer::BaseConsumer = cluster.client_config().create()?;
+    let (wal_before, pg_before, own_before) = (wal_lsn(&pool).await?, postgres_ticks(), own_ticks());
+    let started = Instant::now();
+    let (stop, relay) = start_relay(mode, &url, &pool, cluster, args.batch_size, &slot)?;
+    loop {
+        if topic_size(&watcher, &topic, args.partitions)? >= events as i64 {
+            break;
+        }
+        anyhow::ensure!(!relay.is_finished(), "the relay stopped while draining");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "not drained in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = started.elapsed();
+    let (pg_drain, own_drain) = (postgres_ticks() - pg_before, own_ticks() - own_before);
+    // The polling relay marks what was acknowledged after the last ack: wait for its commit
+    // before reading the WAL written.
+    if mode == OutboxMode::Table {
+        while sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL)")
+            .fetch_one(&pool)
+            .await?
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let wal_drain = wal_lsn(&pool).await? - wal_before;
+    eprintln!("[{}] drained in {:.2} s", mode_name(mode), drained.as_secs_f64());
+
+    // Order on the topic.
+    let (order_violations, duplicates) = check_order(cluster, &topic, &written).await?;
+
+    // Lag at fixed rates, the relay running.
+    let mut lag = Vec::new();
+    for &rate in &args.lag_rates {
+        lag.push(measure_lag(args, cluster, &pool, mode, rate, &orders).await?);
+    }
+    stop.cancel();
+    relay.await??;
+    if mode == OutboxMode::WalMessage {
+        sqlx::query("SELECT pg_drop_replication_slot($1)")
+            .bind(&slot)
+            .execute(&pool)
+            .await?;
+    }
+    pool.close().await;
+    let per_event = |ticks: u64| ticks as f64 * crate::bench::probe::MILLIS_PER_TICK * 1000.0 / events as f64;
+    Ok(ModeResult {
+        mode: mode_name(mode).to_owned(),
+        events,
+        drain_events_per_sec: events as f64 / drained.as_secs_f64(),
+        write_wal_bytes_per_event: wal_written / events as f64,
+        write_pg_cpu_us_per_event: per_event(pg_written),
+        drain_pg_cpu_us_per_event: per_event(pg_drain),
+        drain_wal_bytes_per_event: wal_drain / events as f64,
+        relay_cpu_us_per_event: per_event(own_drain),
+        order_violations,
+        duplicates,
+        lag,
+    })
+}
+
+/// Reads the whole topic; returns the keys out of commit order and the duplicate records.
+async fn check_order(
+    cluster: &kafka::Cluster,
+    topic: &str,
+    written: &HashMap<String, Vec<String>>,
+) -> anyhow::Result<(usize, usize)> {
+    let total: usize = written.values().map(Vec::len).sum();
+    let (cluster, topic) = (cluster.clone(), topic.to_owned());
+    let records = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64, String, String)>> {
+        let (consumer, _) = kafka::reader_from_start(&cluster, &topic)?;
+        let mut records = Vec::with_capacity(total);
+        let mut seen = HashSet::with_capacity(total);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while seen.len() < total && Instant::now() < deadline {
+            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+                let message = message?;
+                let id = message
+                    .headers()
+                    .and_then(|headers| {
+                        use rdkafka::message::Headers as _;
+                        headers
+                            .iter()
+                            .find(|h| h.key == orderflow::envelope::headers::MESSAGE_ID)
+                            .and_then(|h| h.value)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                    })
+                    .unwrap_or_default();
+                seen.insert(id.clone());
+                let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+                records.push((message.partition(), message.offset(), key, id));
+            }
+        }
+        consumer.unsubscribe();
+        Ok(records)
+    })
+    .await??;
+    let mut sorted = records;
+    sorted.sort_by_key(|(partition, offset, ..)| (*partition, *offset));
+    let mut first = HashSet::new();
+    let mut per_key: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut duplicates = 0;
+    for (_, _, key, id) in &sorted {
+        if first.insert(id.as_str()) {
+            per_key.entry(key.as_str()).or_default().push(id.as_str());
+        } else {
+            duplicates += 1;
+        }
+    }
+    let violations = written
+        .iter()
+        .filter(|(key, ids)| {
+            per_key
+                .get(key.as_str())
+                .is_none_or(|seen| seen.iter().copied().ne(ids.iter().map(String::as_str)))
+        })
+        .count();
+    Ok((violations, duplicates))
+}
+
+/// Writes at `rate` for the configured seconds while a consumer measures commit → readable.
+async fn measure_lag(
+    args: &RelayBenchArgs,
+    cluster: &kafka::Cluster,
+    pool: &PgPool,
+    mode: OutboxMode,
+    rate: u32,
+    orders: &[uuid::Uuid],
+) -> anyhow::Result<(u32, f64, f64, f64)> {
+    let topic = format!("relaybench.lag.{}", uuid::Uuid::now_v7().simple());
+    kafka::ensure_topics(cluster, &[&topic], args.partitions).await?;
+    let count = (u64::from(rate) * args.lag_secs) as usize;
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (cluster, topic, done) = (cluster.clone(), topic.clone(), done.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+            let (consumer, _) = kafka::reader_from_start(&cluster, &topic)?;
+            let mut histogram = crate::bench::histogram();
+            let mut seen = 0usize;
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while seen < count && Instant::now() < deadline && !(done.load(Ordering::Relaxed) && seen >= count) {
+                if let Some(message) = consumer.poll(Duration::from_millis(50)) {
+                    let message = message?;
+                    let Ok(opened) = envelope::open(message.payload().unwrap_or_default()) else {
+                        continue;
+                    };
+                    let occurred = opened
+                        .occurred_at
+                        .map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000)
+                        .unwrap_or(0);
+                    let lag_us = chrono::Utc::now().timestamp_micros() - occurred;
+                    histogram.saturating_record(u64::try_from(lag_us).unwrap_or(0));
+                    seen += 1;
+                }
+            }
+            Ok(histogram)
+        })
+    };
+    // Lets the reader join its partitions before the first event.
+    let watcher: rdkafka::consumer::BaseConsumer = cluster.client_config().create()?;
+    let _ = topic_size(&watcher, &topic, args.partitions)?;
+    let started = Instant::now();
+    write(pool, mode, &topic, orders, count, 1, Some(rate)).await?;
+    let achieved = count as f64 / started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let histogram = reader.await??;
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    eprintln!(
+        "[{}] lag at {rate}/s (achieved {achieved:.0}/s): p50 {:.1} ms, p99 {:.1} ms over {} events",
+        mode_name(mode),
+        ms(0.5),
+        ms(0.99),
+        histogram.len()
+    );
+    Ok((rate, ms(0.5), ms(0.99), achieved))
+}
