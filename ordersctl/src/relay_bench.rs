@@ -16,8 +16,6 @@
 //! superuser (the replication slot needs REPLICATION; a benchmark needs no least privilege).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -459,15 +457,14 @@ async fn measure_lag(
     let topic = format!("relaybench.lag.{}", uuid::Uuid::now_v7().simple());
     kafka::ensure_topics(cluster, &[&topic], args.partitions).await?;
     let count = (u64::from(rate) * args.lag_secs) as usize;
-    let done = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (cluster, topic, done) = (cluster.clone(), topic.clone(), done.clone());
+        let (cluster, topic) = (cluster.clone(), topic.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<hdrhistogram::Histogram<u64>> {
             let (consumer, _) = kafka::reader_from_start(&cluster, &topic)?;
             let mut histogram = crate::bench::histogram();
             let mut seen = 0usize;
             let deadline = Instant::now() + Duration::from_secs(300);
-            while seen < count && Instant::now() < deadline && !(done.load(Ordering::Relaxed) && seen >= count) {
+            while seen < count && Instant::now() < deadline {
                 if let Some(message) = consumer.poll(Duration::from_millis(50)) {
                     let message = message?;
                     let Ok(opened) = envelope::open(message.payload().unwrap_or_default()) else {
@@ -491,7 +488,6 @@ async fn measure_lag(
     let started = Instant::now();
     write(pool, mode, &topic, orders, count, 1, Some(rate)).await?;
     let achieved = count as f64 / started.elapsed().as_secs_f64();
-    done.store(true, Ordering::Relaxed);
     let histogram = reader.await??;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     eprintln!(
