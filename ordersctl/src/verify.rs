@@ -97,6 +97,19 @@ async fn sizes(pool: &PgPool, database: &str, tables: &[&str]) -> Result<Vec<Tab
     Ok(out)
 }
 
+/// A relay's replication slot, as the database knows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotLag {
+    /// `database/slot`.
+    pub slot: String,
+    /// Postgres's `wal_status` (`reserved`, `extended`, `unreserved`, `lost`), or `missing`.
+    pub wal_status: String,
+    /// WAL between the current position and the slot's confirmed one.
+    pub lag_bytes: Option<f64>,
+    /// Seconds since its relay last recorded a confirmed position.
+    pub confirmed_secs_ago: Option<f64>,
+}
+
 /// The whole verdict.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
@@ -104,6 +117,8 @@ pub struct Report {
     pub read_model_lag: Option<Latency>,
     /// Rows and total size (with indexes and TOAST) of the tables that grow with traffic.
     pub table_sizes: Vec<TableSize>,
+    /// The relays' replication slots (wal-message mode) and how far behind each is.
+    pub slots: Vec<SlotLag>,
     /// Orders by status.
     pub orders_by_status: HashMap<String, i64>,
     /// Authorizations at the gateway by state.
@@ -205,7 +220,37 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
     .fetch_all(orders)
     .await?;
 
+    // The relays' replication slots (wal-message mode): a slot a database remembers creating
+    // that is missing or invalidated has lost the events its WAL held.
+    let mut slots = Vec::new();
+    let mut lost_slots = Vec::new();
+    for (database, pool) in [("orders", orders), ("payments", &stores.payments)] {
+        let rows: Vec<(String, Option<String>, Option<f64>, Option<f64>)> = sqlx::query_as(
+            "SELECT r.slot_name, s.wal_status,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::float8,
+                    extract(epoch FROM now() - r.confirmed_at)::float8
+             FROM outbox_wal_slot r LEFT JOIN pg_replication_slots s ON s.slot_name = r.slot_name",
+        )
+        .fetch_all(pool)
+        .await?;
+        for (slot, wal_status, lag_bytes, confirmed_secs_ago) in rows {
+            if wal_status.is_none() || wal_status.as_deref() == Some("lost") {
+                lost_slots.push(format!("{database}/{slot}"));
+            }
+            slots.push(SlotLag {
+                slot: format!("{database}/{slot}"),
+                wal_status: wal_status.unwrap_or_else(|| "missing".to_owned()),
+                lag_bytes,
+                confirmed_secs_ago,
+            });
+        }
+    }
+
     let checks = vec![
+        check(
+            "relay replication slots lost (missing or invalidated: the events in their WAL are gone)",
+            lost_slots,
+        ),
         check(
             "orders PENDING past the saga deadline",
             stuck.into_iter().map(|(id,)| id).collect(),
@@ -275,6 +320,7 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
     Ok(Report {
         read_model_lag,
         table_sizes,
+        slots,
         orders_by_status: counts(orders, "SELECT status, count(*) FROM orders GROUP BY status").await?,
         gateway_authorizations_by_state: counts(gateway, "SELECT state, count(*) FROM authorizations GROUP BY state")
             .await?,
@@ -306,7 +352,17 @@ pub fn render(report: &Report) -> String {
     for size in &report.table_sizes {
         out.push_str(&format!(" {} {} rows {} kB;", size.table, size.rows, size.bytes / 1024));
     }
-    out.push_str("\n\n");
+    out.push_str("\n");
+    for slot in &report.slots {
+        out.push_str(&format!(
+            "slot {} {}: {:.0} kB behind, confirmed {:.0} s ago\n",
+            slot.slot,
+            slot.wal_status,
+            slot.lag_bytes.unwrap_or(f64::NAN) / 1024.0,
+            slot.confirmed_secs_ago.unwrap_or(f64::NAN)
+        ));
+    }
+    out.push('\n');
     for check in &report.checks {
         let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
         out.push_str(&format!("{mark} {:>6}  {}", check.violations, check.name));

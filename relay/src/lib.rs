@@ -104,6 +104,11 @@ pub struct Config {
     /// after a crash up to this much is published again.
     #[arg(long, env = "RELAY_STATUS_INTERVAL_MS", default_value_t = 1_000)]
     pub status_interval_ms: u64,
+    /// Prepare and exit: in the wal-message mode, make sure the slot exists (creating it on
+    /// the very first start), so that the services may start writing events; nothing to do
+    /// in the table mode.
+    #[arg(long, env = "RELAY_PREPARE_ONLY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub prepare_only: bool,
     /// Fault injection for tests and the chaos harness: publish every row twice.
     #[arg(long, env = "RELAY_PUBLISH_TWICE", default_value_t = false, action = clap::ArgAction::Set)]
     pub publish_twice: bool,
@@ -549,6 +554,19 @@ pub async fn main_from_env() -> anyhow::Result<()> {
 /// Connects to the database and the broker and runs the relay until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = orderflow_platform::connect_postgres(&config.database_url, 2).await?;
+    let slot = || -> anyhow::Result<String> {
+        let database = url::Url::parse(config.database_url.expose())?
+            .path()
+            .trim_start_matches('/')
+            .to_owned();
+        Ok(config.slot.clone().unwrap_or_else(|| wal::default_slot_name(&database)))
+    };
+    if config.prepare_only {
+        if config.mode == outbox::OutboxMode::WalMessage {
+            wal::ensure_slot(&pool, &slot()?).await?;
+        }
+        return Ok(());
+    }
     let cluster = kafka::Cluster::new(config.bootstrap_servers.clone(), &config.kafka_auth);
     let new_producer: ProducerFactory = {
         let (client_id, delivery_timeout) = (
@@ -559,11 +577,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let producer = new_producer()?;
     if config.mode == outbox::OutboxMode::WalMessage {
-        let database = url::Url::parse(config.database_url.expose())?
-            .path()
-            .trim_start_matches('/')
-            .to_owned();
-        let slot = config.slot.clone().unwrap_or_else(|| wal::default_slot_name(&database));
+        let slot = slot()?;
         tracing::info!(bootstrap_servers = %config.bootstrap_servers, slot, "relay started (wal-message mode)");
         let replication = wal::replication_config(&config.database_url, &slot)?
             .with_status_interval(Duration::from_millis(config.status_interval_ms));
