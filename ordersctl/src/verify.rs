@@ -225,7 +225,9 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
     let mut slots = Vec::new();
     let mut lost_slots = Vec::new();
     for (database, pool) in [("orders", orders), ("payments", &stores.payments)] {
-        let rows: Vec<(String, Option<String>, Option<f64>, Option<f64>)> = sqlx::query_as(
+        // slot, wal_status, lag in bytes, seconds since confirmed.
+        type SlotRow = (String, Option<String>, Option<f64>, Option<f64>);
+        let rows: Vec<SlotRow> = sqlx::query_as(
             "SELECT r.slot_name, s.wal_status,
                     pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::float8,
                     extract(epoch FROM now() - r.confirmed_at)::float8
@@ -352,7 +354,7 @@ pub fn render(report: &Report) -> String {
     for size in &report.table_sizes {
         out.push_str(&format!(" {} {} rows {} kB;", size.table, size.rows, size.bytes / 1024));
     }
-    out.push_str("\n");
+    out.push('\n');
     for slot in &report.slots {
         out.push_str(&format!(
             "slot {} {}: {:.0} kB behind, confirmed {:.0} s ago\n",
