@@ -105,7 +105,13 @@ fn spawn_configured_relay(
 
 /// Starts the relay binary (failpoints compiled in) as its own process.
 fn spawn_relay_process(db: &TestDb, failpoints: Option<&str>) -> Child {
+    spawn_relay_process_with(db, failpoints, &[])
+}
+
+/// [`spawn_relay_process`] with more settings.
+fn spawn_relay_process_with(db: &TestDb, failpoints: Option<&str>, settings: &[(&str, &str)]) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_relay-with-failpoints"));
+    command.envs(settings.iter().copied());
     command
         .env("RELAY_DATABASE_URL", db.url_as("orders_relay"))
         .env("RELAY_BOOTSTRAP_SERVERS", &stack().bootstrap_servers)
@@ -139,11 +145,14 @@ async fn terminate(mut child: Child) {
     assert!(status.success(), "the relay stops cleanly on SIGTERM: {status:?}");
 }
 
-/// True while a relay holds the publisher lock on `db`, i.e. is inside a batch.
+/// True while a relay is inside a batch: its transaction holds the row-share lock of its
+/// `FOR UPDATE` on the outbox (its key-slot leases are held all along; the batch is the
+/// transaction). pg_locks, unlike pg_stat_activity, shows other roles' sessions in full.
 async fn relay_inside_a_batch(db: &TestDb) -> bool {
     sqlx::query_scalar::<_, i64>(
         "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
-         WHERE l.locktype = 'advisory' AND l.granted AND d.datname = $1",
+         WHERE l.locktype = 'relation' AND l.mode = 'RowShareLock' AND l.relation = 'outbox'::regclass
+           AND d.datname = $1",
     )
     .bind(&db.name)
     .fetch_one(&db.pool)
@@ -501,4 +510,65 @@ async fn a_relay_whose_passes_all_fail_replaces_its_producer_and_goes_on() {
     );
     stop.cancel();
     relay.await.unwrap().expect("the relay stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_transactions_hide_a_batch_that_died_before_its_commit_but_not_the_duplicate_after_it() {
+    // What a Kafka transaction buys the relay, and what it does not. The relay is killed twice
+    // with RELAY_KAFKA_TRANSACTIONS on, each time restarted with the same transactional.id.
+    let db = fresh_orders_db().await;
+    let topic = fresh_topic(3).await;
+    let transactional_id = format!("relay-test-{}", uuid::Uuid::now_v7().simple());
+    let settings = [
+        ("RELAY_KAFKA_TRANSACTIONS", "true"),
+        ("RELAY_TRANSACTIONAL_ID", transactional_id.as_str()),
+    ];
+
+    // 1. Killed after the broker acknowledged the records, before the Kafka commit: a
+    //    read_committed reader (librdkafka's default) never sees them; the restarted relay's
+    //    first transaction fences the dead one's, which the broker aborts, and publishes the
+    //    rows once.
+    place_orders(&db, &topic, 3).await;
+    let first = outbox_message_ids(&db).await;
+    let mut relay = spawn_relay_process_with(&db, Some("relay::before_kafka_commit=pause"), &settings);
+    assert!(
+        eventually(WAIT, || relay_inside_a_batch(&db)).await,
+        "the relay claimed a batch"
+    );
+    let uncommitted = read_topic(&stack().kafka, &topic, Duration::from_secs(4), |r| !r.is_empty()).await;
+    assert!(uncommitted.is_empty(), "records of an open transaction are not visible: {}", uncommitted.len());
+    kill_9(&mut relay).await;
+    let mut relay = spawn_relay_process_with(&db, None, &settings);
+    assert!(eventually(WAIT, || async { unpublished(&db).await == 0 }).await);
+    let records = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 3).await;
+    let counts = count_by_message_id(&records);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(
+        first.iter().all(|id| counts.get(id) == Some(&1)),
+        "the aborted attempt left no duplicate: {counts:?}"
+    );
+    kill_9(&mut relay).await;
+
+    // 2. Killed after the Kafka commit, before the outbox is marked: the transaction ended at
+    //    the broker, the mark is in Postgres, outside it. The rows go out again: duplicates on
+    //    the topic, for the consumers' inboxes to absorb, as without transactions.
+    place_orders(&db, &topic, 3).await;
+    let second: Vec<String> = outbox_message_ids(&db)
+        .await
+        .into_iter()
+        .filter(|id| !first.contains(id))
+        .collect();
+    let mut relay = spawn_relay_process_with(&db, Some("relay::after_ack_before_mark=pause"), &settings);
+    let committed = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 6).await;
+    assert_eq!(committed.len(), 6, "the second batch was committed to Kafka");
+    kill_9(&mut relay).await;
+    let relay = spawn_relay_process_with(&db, None, &settings);
+    assert!(eventually(WAIT, || async { unpublished(&db).await == 0 }).await);
+    let records = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 9).await;
+    let counts = count_by_message_id(&records);
+    assert!(
+        second.iter().all(|id| counts.get(id) == Some(&2)),
+        "committed to Kafka, not marked: published twice despite the transaction: {counts:?}"
+    );
+    terminate(relay).await;
 }

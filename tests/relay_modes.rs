@@ -4,7 +4,8 @@
 //! the topic only, and run for both modes: a kill before publishing, a kill after the
 //! broker acknowledged and before the relay marked or confirmed, the broker away and back,
 //! and per-key order across a kill with ten thousand events. Also the WAL mode's own
-//! hazards: a lost slot is refused loudly, and an idle database's slot keeps advancing.
+//! hazards: a lost slot is refused loudly, and an idle database's slot keeps advancing; and
+//! the polling mode's own: several relays sharing the key slots keep each key in order.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -105,6 +106,11 @@ async fn write_events(db: &TestDb, mode: OutboxMode, topic: &str, orders: &[uuid
 
 /// Starts the relay binary (failpoints compiled in) in `mode`.
 fn spawn_relay_process(db: &TestDb, mode: OutboxMode, failpoints: Option<&str>) -> Child {
+    spawn_relay_process_with(db, mode, failpoints, 100)
+}
+
+/// [`spawn_relay_process`] with batches of at most `batch_size` rows.
+fn spawn_relay_process_with(db: &TestDb, mode: OutboxMode, failpoints: Option<&str>, batch_size: u32) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_relay-with-failpoints"));
     command
         .env("RELAY_DATABASE_URL", db.url_as("orders_relay"))
@@ -112,7 +118,7 @@ fn spawn_relay_process(db: &TestDb, mode: OutboxMode, failpoints: Option<&str>) 
         .env("KAFKA_USERNAME", stack().kafka.principal().unwrap_or_default())
         .env("KAFKA_PASSWORD", &stack().vars["ORDERFLOW_KAFKA_PASSWORD"])
         .env("RELAY_POLL_INTERVAL_MS", "200")
-        .env("RELAY_BATCH_SIZE", "100")
+        .env("RELAY_BATCH_SIZE", batch_size.to_string())
         .env(
             "RELAY_MODE",
             match mode {
@@ -120,7 +126,10 @@ fn spawn_relay_process(db: &TestDb, mode: OutboxMode, failpoints: Option<&str>) 
                 OutboxMode::WalMessage => "wal-message",
             },
         )
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("ORDERFLOW_TEST_RELAY_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .env_remove("FAILPOINTS")
         .kill_on_drop(true);
     if let Some(failpoints) = failpoints {
@@ -323,15 +332,17 @@ async fn every_mode_holds_events_while_the_broker_is_away_and_publishes_them_whe
     }
 }
 
-/// Writes `rounds` events for each of `keys` orders, in transactions of one event for each
-/// of a group of keys, from four writers at once; returns each key's message ids in the
-/// order they were committed.
+/// Writes `rounds` events for each of `keys` orders from four writers at once; returns each
+/// key's message ids in the order they were committed. Each transaction holds one event for
+/// each of `keys_per_tx` keys, and a group of keys gets `burst` such transactions in a row
+/// (so one key's events sit next to each other in the outbox).
 async fn write_many(
     pool: &sqlx::PgPool,
     mode: OutboxMode,
     topic: &str,
     keys: usize,
     rounds: usize,
+    (keys_per_tx, burst): (usize, usize),
 ) -> HashMap<String, Vec<String>> {
     let orders: Vec<uuid::Uuid> = (0..keys).map(|_| uuid::Uuid::now_v7()).collect();
     let writers: Vec<_> = orders
@@ -340,18 +351,20 @@ async fn write_many(
             let (pool, topic, group) = (pool.clone(), topic.to_owned(), group.to_vec());
             tokio::spawn(async move {
                 let mut written: HashMap<String, Vec<String>> = HashMap::new();
-                for _ in 0..rounds {
-                    for chunk in group.chunks(5) {
-                        let mut tx = pool.begin().await.unwrap();
-                        for &order in chunk {
-                            let message = event(&topic, order);
-                            written
-                                .entry(order.to_string())
-                                .or_default()
-                                .push(message.envelope.message_id.clone());
-                            mode.write(&mut tx, &message).await.unwrap();
+                for _ in 0..rounds / burst {
+                    for chunk in group.chunks(keys_per_tx) {
+                        for _ in 0..burst {
+                            let mut tx = pool.begin().await.unwrap();
+                            for &order in chunk {
+                                let message = event(&topic, order);
+                                written
+                                    .entry(order.to_string())
+                                    .or_default()
+                                    .push(message.envelope.message_id.clone());
+                                mode.write(&mut tx, &message).await.unwrap();
+                            }
+                            tx.commit().await.unwrap();
                         }
-                        tx.commit().await.unwrap();
                     }
                 }
                 written
@@ -391,7 +404,7 @@ async fn every_mode_keeps_each_keys_events_in_commit_order_across_a_kill() {
         let mut relay = spawn_relay_process(&db, mode, None);
         let writers = {
             let (db_pool, topic) = (db.pool.clone(), topic.clone());
-            tokio::spawn(async move { write_many(&db_pool, mode, &topic, 200, 50).await })
+            tokio::spawn(async move { write_many(&db_pool, mode, &topic, 200, 50, (5, 1)).await })
         };
         let some = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 2_000).await;
         assert!(some.len() >= 2_000, "{mode:?}: the relay was publishing when killed");
@@ -502,4 +515,78 @@ async fn an_idle_databases_slot_advances_with_the_clusters_wal() {
     stop.cancel();
     relay.await.unwrap().expect("the relay stops cleanly");
     drop_slot(&db).await;
+}
+
+/// Relays holding key-slot leases on `db`, and the slots they hold together.
+async fn slot_holders(db: &TestDb) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(DISTINCT l.pid), count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = $2::int4::oid AND d.datname = $1",
+    )
+    .bind(&db.name)
+    .bind(0x4f46_4b53_i32)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_polling_relays_share_the_key_slots_and_keep_each_keys_order_across_a_kill() {
+    // Three relays with small batches publish one database's outbox side by side while four
+    // writers add 10,000 events (200 orders, 50 each); one relay is killed midway. Each key
+    // must still have one publisher at a time: its events on the topic in commit order.
+    let mode = OutboxMode::Table;
+    let db = database_for(mode).await;
+    let topic = fresh_topic(6).await;
+    let mut relays: Vec<Child> = (0..3).map(|_| spawn_relay_process_with(&db, mode, None, 7)).collect();
+    let writers = {
+        let (pool, topic) = (db.pool.clone(), topic.clone());
+        // One event per transaction, ten of a key in a row: a key's events are neighbours
+        // in the outbox, so relays that did not own their keys would publish them in
+        // concurrent batches (measured: without the key-slot leases this test fails).
+        tokio::spawn(async move { write_many(&pool, mode, &topic, 200, 50, (1, 10)).await })
+    };
+    // The slots are shared out: every relay holds some, all 64 are held.
+    let shared = eventually(WAIT, || async { slot_holders(&db).await == (3, 64) }).await;
+    assert!(
+        shared,
+        "three relays share the 64 key slots: {:?}",
+        slot_holders(&db).await
+    );
+    let some = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 2_000).await;
+    assert!(some.len() >= 2_000, "the relays were publishing when one was killed");
+    kill_9(&mut relays[0]).await;
+    let unfinished = !writers.is_finished();
+    // The dead relay's slots are taken over by the two others.
+    let taken_over = eventually(WAIT, || async { slot_holders(&db).await == (2, 64) }).await;
+    assert!(
+        taken_over,
+        "the survivors hold every slot: {:?}",
+        slot_holders(&db).await
+    );
+    let written = writers.await.unwrap();
+    let total: usize = written.values().map(Vec::len).sum();
+    assert_eq!(total, 10_000);
+    assert!(unfinished, "the kill came while events were still being written");
+    let expected: HashSet<String> = written.values().flatten().cloned().collect();
+    let records = read_topic(&stack().kafka, &topic, Duration::from_secs(120), move |r| {
+        distinct_of(r, &expected) == total
+    })
+    .await;
+    let seen = first_appearances(&records);
+    let out_of_order = written.iter().filter(|(key, ids)| seen.get(*key) != Some(ids)).count();
+    println!(
+        "three relays, one killed: {} records for {total} events; {out_of_order} of {} keys out of order",
+        records.len(),
+        written.len()
+    );
+    assert_eq!(
+        seen.values().map(Vec::len).sum::<usize>(),
+        total,
+        "every event on the topic"
+    );
+    assert_eq!(out_of_order, 0, "every key's events in commit order");
+    for relay in &mut relays[1..] {
+        kill_9(relay).await;
+    }
 }

@@ -4,7 +4,15 @@
 --
 -- pgoutput's stream must name a publication; this one publishes no table (the messages are
 -- sent whatever the publication holds), so no row change of this database leaves it.
-CREATE PUBLICATION orderflow_outbox;
+-- Publications belong to the database, not a schema: the benchmark's scratch database holds
+-- every service's schema at once, hence "if not there yet".
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'orderflow_outbox') THEN
+        CREATE PUBLICATION orderflow_outbox;
+    END IF;
+END
+$$;
 
 -- The slot the relay created, remembered here so that a slot that disappears (dropped, or
 -- invalidated past max_slot_wal_keep_size) is noticed and reported, never silently replaced

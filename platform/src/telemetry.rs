@@ -25,6 +25,8 @@ pub const RELAY_PASSES: &str = "orderflow_relay_passes_total";
 pub const RELAY_WAKEUPS_COALESCED: &str = "orderflow_relay_wakeups_coalesced_total";
 /// Counter: producers a relay replaced after every pass failed for its stall limit.
 pub const RELAY_PRODUCERS_REPLACED: &str = "orderflow_relay_producers_replaced_total";
+/// Gauge: outbox key slots this relay holds (of relay::KEY_SLOTS; several relays share them).
+pub const RELAY_KEY_SLOTS_OWNED: &str = "orderflow_relay_key_slots_owned";
 /// Gauge: WAL between the server's current position and what the relay's replication slot
 /// confirmed (RELAY_MODE=wal-message): what the slot holds back from being recycled.
 pub const RELAY_SLOT_LAG_BYTES: &str = "orderflow_relay_slot_lag_bytes";

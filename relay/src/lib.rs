@@ -5,13 +5,18 @@
 //! - Unpublished rows are found by their flag (`published_at IS NULL`), in id order. There
 //!   is no "last published id": a row whose id is lower than one already published but
 //!   whose transaction committed later is simply found on the next pass.
-//! - A batch runs in one transaction that first takes a transaction-scoped advisory lock.
-//!   Only one relay of a database publishes at a time, so two relays can never publish an
-//!   order's second event before its first; a second relay is a hot standby that takes
-//!   over on the next batch when the first dies (its transaction, and so its lock, ends).
-//! - Rows are claimed `FOR UPDATE SKIP LOCKED`, published with an idempotent producer
-//!   (per-partition order kept, no broker-side duplicates from retries) and marked only
-//!   after the broker acknowledged them, in the same transaction.
+//! - Every row belongs to one of [`KEY_SLOTS`] key slots (a hash of its key, a column the
+//!   schema computes). A relay publishes only the slots it holds: session advisory locks
+//!   taken on the one connection it also publishes on ([`Leases`]). So each key has exactly
+//!   one publisher at a time, which publishes its rows in id order, while several relays
+//!   publish different slots side by side. Relays share the slots out between them (each
+//!   takes its fair share, counting the relays by their membership locks) and take over a
+//!   dead relay's slots: its connection closes, Postgres releases its locks, and its batch
+//!   transaction, if any, rolls back with them. Ownership and the batch live and die with one
+//!   connection, so a relay can never publish a slot it lost in the middle of a batch.
+//! - Rows are claimed `FOR UPDATE`, published with an idempotent producer (per-partition
+//!   order kept, no broker-side duplicates from retries) and marked only after the broker
+//!   acknowledged them, in the same transaction.
 //!
 //! Failure windows:
 //! - dies before publishing: the transaction rolls back, the rows stay unpublished and
@@ -37,8 +42,16 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-/// Advisory lock key that makes one relay per database the publisher ("orderflow" in ASCII).
-const PUBLISHER_LOCK: i64 = 0x6f72_6465_7266_6c6f;
+/// Key slots of the outbox: fixed by the schema (`outbox.key_slot`, a hash of the partition
+/// key modulo this), so every relay of a database agrees on them.
+pub const KEY_SLOTS: i32 = 64;
+/// Advisory lock class of a key slot's lease (the slot is the second key): "OFKS".
+const SLOT_LOCK_CLASS: i32 = 0x4f46_4b53;
+/// Advisory lock class of a relay's membership (its random member id is the second key):
+/// the relays count each other by these. "OFRM".
+const MEMBER_LOCK_CLASS: i32 = 0x4f46_524d;
+/// How often a relay rebalances its share of the slots (sooner when it holds none).
+const LEASE_BALANCE_INTERVAL: Duration = Duration::from_secs(1);
 /// The NOTIFY channel the outbox trigger signals on commit.
 const OUTBOX_CHANNEL: &str = "outbox";
 /// How often the backlog gauge is counted.
@@ -104,6 +117,18 @@ pub struct Config {
     /// after a crash up to this much is published again.
     #[arg(long, env = "RELAY_STATUS_INTERVAL_MS", default_value_t = 1_000)]
     pub status_interval_ms: u64,
+    /// Publish each batch in a Kafka transaction (table mode): a batch becomes visible to
+    /// read_committed consumers all at once or not at all. It does not make publishing
+    /// exactly-once: the outbox is marked after the Kafka commit, outside it.
+    #[arg(long, env = "RELAY_KAFKA_TRANSACTIONS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub kafka_transactions: bool,
+    /// The producer's `transactional.id` with RELAY_KAFKA_TRANSACTIONS (default: the client
+    /// id). Stable across restarts, so a restarted relay fences its dead predecessor and
+    /// aborts its open transaction at once (a new id would leave it open, holding back every
+    /// read_committed consumer of its partitions, until the transaction timeout). Each relay
+    /// of a database needs its own.
+    #[arg(long, env = "RELAY_TRANSACTIONAL_ID")]
+    pub transactional_id: Option<String>,
     /// Prepare and exit: in the wal-message mode, make sure the slot exists (creating it on
     /// the very first start), so that the services may start writing events; nothing to do
     /// in the table mode.
@@ -119,7 +144,7 @@ pub struct Config {
 pub enum BatchOutcome {
     /// No unpublished rows.
     Empty,
-    /// Another relay holds the publisher lock.
+    /// This relay holds no key slot (the other relays of the database hold them all).
     Busy,
     /// Rows published and marked, and rows that failed permanently this time.
     Published {
@@ -141,6 +166,145 @@ pub struct Relay {
     stall_limit: Option<Duration>,
     new_producer: Option<ProducerFactory>,
     coalesce: Duration,
+    leases: tokio::sync::Mutex<Leases>,
+    kafka_transactions: bool,
+    transactions_ready: std::sync::atomic::AtomicBool,
+}
+
+/// The key slots a relay holds, and the one connection that holds them and runs its batches.
+struct Leases {
+    connection: Option<sqlx::PgConnection>,
+    member: i32,
+    owned: Vec<i32>,
+    balanced_at: Option<tokio::time::Instant>,
+}
+
+/// A random member id (the low, random bits of a UUIDv7), positive.
+fn new_member_id() -> i32 {
+    (uuid::Uuid::now_v7().as_u128() & 0x7fff_ffff) as i32
+}
+
+impl Leases {
+    fn new() -> Self {
+        Self {
+            connection: None,
+            member: new_member_id(),
+            owned: Vec::new(),
+            balanced_at: None,
+        }
+    }
+
+    /// Forgets the connection: closing it releases every lease (and rolls back a batch).
+    fn reset(&mut self) {
+        self.connection = None;
+        self.owned.clear();
+        self.balanced_at = None;
+        metrics::gauge!(telemetry::RELAY_KEY_SLOTS_OWNED).set(0.0);
+    }
+
+    /// The connection, connected and joined to the database's relays, with this relay's
+    /// share of the slots (rebalanced at most every [`LEASE_BALANCE_INTERVAL`]).
+    async fn ready(&mut self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        use sqlx::Connection as _;
+        let mut connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => {
+                let mut connection = sqlx::PgConnection::connect_with(&pool.connect_options()).await?;
+                // Another relay drew the same id (one chance in 2^31): draw again.
+                while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1, $2)")
+                    .bind(MEMBER_LOCK_CLASS)
+                    .bind(self.member)
+                    .fetch_one(&mut connection)
+                    .await?
+                {
+                    self.member = new_member_id();
+                }
+                self.owned.clear();
+                self.balanced_at = None;
+                connection
+            }
+        };
+        let due = self
+            .balanced_at
+            .is_none_or(|at| at.elapsed() >= LEASE_BALANCE_INTERVAL || self.owned.is_empty());
+        if due {
+            self.balance(&mut connection).await?;
+        }
+        self.connection = Some(connection);
+        Ok(())
+    }
+
+    /// Takes this relay's fair share of the slots (all of them divided among the relays
+    /// present, rounded up), giving back what it holds beyond it. Only between batches: a
+    /// slot is never released while a batch of it is being published.
+    async fn balance(&mut self, connection: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        let relays: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = $1::int4::oid
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .bind(MEMBER_LOCK_CLASS)
+        .fetch_one(&mut *connection)
+        .await?;
+        let fair = usize::try_from(KEY_SLOTS)
+            .unwrap_or(64)
+            .div_ceil(usize::try_from(relays.max(1)).unwrap_or(1));
+        if self.owned.len() > fair {
+            let extra = self.owned.split_off(fair);
+            sqlx::query("SELECT pg_advisory_unlock($1, s) FROM unnest($2::int4[]) s")
+                .bind(SLOT_LOCK_CLASS)
+                .bind(&extra)
+                .execute(&mut *connection)
+                .await?;
+            tracing::info!(
+                released = extra.len(),
+                kept = self.owned.len(),
+                relays,
+                "key slots given back"
+            );
+        } else if self.owned.len() < fair {
+            // The slots nobody holds, in an order of this relay's own (so relays starting
+            // together do not all reach for the same ones first), then locked one at a time
+            // until the share is reached: another relay may take one in between, which the
+            // try-lock tells. (One statement that filtered on pg_try_advisory_lock under a
+            // LIMIT locked every free slot: Postgres evaluated the filter before the limit.)
+            let free: Vec<i32> = sqlx::query_scalar(
+                "SELECT s FROM generate_series(0, $2 - 1) s
+                 WHERE s NOT IN (SELECT l.objid::text::int FROM pg_locks l
+                                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                                   AND l.classid = $1::int4::oid
+                                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+                 ORDER BY (s + $3) % $2",
+            )
+            .bind(SLOT_LOCK_CLASS)
+            .bind(KEY_SLOTS)
+            .bind(self.member % KEY_SLOTS)
+            .fetch_all(&mut *connection)
+            .await?;
+            let mut taken = Vec::new();
+            for slot in free {
+                if self.owned.len() + taken.len() >= fair {
+                    break;
+                }
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                    .bind(SLOT_LOCK_CLASS)
+                    .bind(slot)
+                    .fetch_one(&mut *connection)
+                    .await?;
+                if locked {
+                    taken.push(slot);
+                }
+            }
+            if !taken.is_empty() {
+                tracing::info!(taken = taken.len(), relays, "key slots taken");
+            }
+            self.owned.extend(taken);
+            self.owned.sort_unstable();
+        }
+        metrics::gauge!(telemetry::RELAY_KEY_SLOTS_OWNED).set(self.owned.len() as f64);
+        self.balanced_at = Some(tokio::time::Instant::now());
+        Ok(())
+    }
 }
 
 /// Makes a new producer for a relay whose producer stopped delivering.
@@ -171,6 +335,9 @@ impl Relay {
             stall_limit: Some(DEFAULT_STALL_LIMIT),
             new_producer: None,
             coalesce: Duration::ZERO,
+            leases: tokio::sync::Mutex::new(Leases::new()),
+            kafka_transactions: false,
+            transactions_ready: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -220,6 +387,17 @@ impl Relay {
         }
     }
 
+    /// Publishes each batch in a Kafka transaction: its producer must have a
+    /// `transactional.id` (see [`run`]). A batch's records become visible to read_committed
+    /// consumers (librdkafka's default) all at once, or not at all; the database's mark
+    /// stays outside the transaction (docs/adr/0003).
+    pub fn with_kafka_transactions(self) -> Self {
+        Self {
+            kafka_transactions: true,
+            ..self
+        }
+    }
+
     /// Wakes on the poll interval alone, never on NOTIFY (the tuning comparison).
     pub fn polling_only(self) -> Self {
         Self { listen: false, ..self }
@@ -237,20 +415,40 @@ impl Relay {
         if !any {
             return Ok(BatchOutcome::Empty);
         }
-        let mut tx = self.pool.begin().await?;
-        // Ends with the transaction: a relay that dies releases it at once.
-        let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(PUBLISHER_LOCK)
-            .fetch_one(&mut *tx)
-            .await?;
-        if !leader {
-            return Ok(BatchOutcome::Busy);
+        let mut leases = self.leases.lock().await;
+        let outcome = match leases.ready(&self.pool).await {
+            Ok(()) if leases.owned.is_empty() => Ok(BatchOutcome::Busy),
+            Ok(()) => {
+                let owned = leases.owned.clone();
+                match leases.connection.as_mut() {
+                    Some(connection) => self.publish_owned(connection, &owned).await,
+                    None => Ok(BatchOutcome::Busy),
+                }
+            }
+            Err(error) => Err(error.into()),
+        };
+        if outcome.is_err() {
+            // The connection may be broken: start over with a new one (the old one's
+            // leases, and any batch on it, end with it).
+            leases.reset();
         }
+        outcome
+    }
+
+    /// Publishes the oldest unpublished rows of the `owned` key slots, at most one batch,
+    /// in one transaction on the connection that holds their leases.
+    async fn publish_owned(&self, connection: &mut sqlx::PgConnection, owned: &[i32]) -> anyhow::Result<BatchOutcome> {
+        use sqlx::Connection as _;
+        let mut tx = connection.begin().await?;
+        // FOR UPDATE without SKIP LOCKED: only this relay publishes these slots, so nothing
+        // else should hold their rows; if something does (an operator's transaction), wait
+        // rather than skip a key's row and publish the one after it.
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT id, message_id, topic, partition_key, event_type, schema_version, traceparent, payload, created_at
-             FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+             FROM outbox WHERE published_at IS NULL AND key_slot = ANY($2::int4[]) ORDER BY id LIMIT $1 FOR UPDATE",
         )
         .bind(self.batch_size)
+        .bind(owned)
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
@@ -260,6 +458,9 @@ impl Relay {
         // Dying here (or anywhere before the commit) leaves every row unpublished.
         fail::fail_point!("relay::before_publish");
 
+        if self.kafka_transactions {
+            self.begin_kafka_transaction().await?;
+        }
         // Enqueue the whole batch first, then await the acknowledgements: awaiting each
         // send in turn would cost one broker round trip per row.
         let mut deliveries = Vec::with_capacity(rows.len());
@@ -303,9 +504,23 @@ impl Relay {
             }
         }))
         .await;
+        let results = if self.kafka_transactions {
+            // Dying here: the Kafka transaction is never committed; the broker aborts it (at
+            // once when the restarted relay, with the same transactional.id, fences it) and
+            // read_committed consumers never see its records. The rows are published again.
+            fail::fail_point!("relay::before_kafka_commit");
+            match self.finish_kafka_transaction(results.iter().all(Result::is_ok)).await {
+                Ok(()) => results,
+                // Aborted: none of the batch is visible, none of it is marked.
+                Err(error) => results.iter().map(|_| Err(error.clone())).collect(),
+            }
+        } else {
+            results
+        };
 
         // Dying here: the broker has the records, the rows are still unpublished, so they are
-        // published again. Consumers deduplicate by message_id.
+        // published again. Consumers deduplicate by message_id. With Kafka transactions too:
+        // the transaction ends at the broker; this database's mark is outside it.
         fail::fail_point!("relay::after_ack_before_mark");
 
         // With publish_twice, each row has two deliveries: both must succeed.
@@ -357,6 +572,55 @@ impl Relay {
             published: published.len(),
             failed,
         })
+    }
+
+    /// Starts the batch's Kafka transaction (initialising the producer's transactions first
+    /// if this producer has not: that also aborts whatever a previous relay with the same
+    /// `transactional.id` left open, and fences it).
+    async fn begin_kafka_transaction(&self) -> anyhow::Result<()> {
+        let producer = self.producer.clone();
+        let initialise = !self.transactions_ready.load(std::sync::atomic::Ordering::Relaxed);
+        let timeout = self.delivery_timeout;
+        // librdkafka's transaction calls block until the coordinator answers.
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            if initialise {
+                producer.init_transactions(timeout)?;
+            }
+            producer.begin_transaction()?;
+            Ok(())
+        })
+        .await??;
+        self.transactions_ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Commits the batch's Kafka transaction when every record was acknowledged, aborts it
+    /// otherwise; an error when nothing of it became visible.
+    async fn finish_kafka_transaction(&self, all_acknowledged: bool) -> Result<(), String> {
+        let producer = self.producer.clone();
+        let timeout = self.delivery_timeout;
+        let outcome = tokio::task::spawn_blocking(move || {
+            if all_acknowledged {
+                match producer.commit_transaction(timeout) {
+                    Ok(()) => return Ok(()),
+                    Err(error) => {
+                        let _ = producer.abort_transaction(timeout);
+                        return Err(format!("Kafka transaction not committed: {error}"));
+                    }
+                }
+            }
+            let _ = producer.abort_transaction(timeout);
+            Err("a record was not acknowledged: Kafka transaction aborted".to_owned())
+        })
+        .await
+        .unwrap_or_else(|error| Err(error.to_string()));
+        if outcome.is_err() {
+            // A fatal error leaves the producer unusable: the stall limit replaces it, and
+            // the new one initialises its transactions again.
+            metrics::counter!(telemetry::RELAY_PUBLISH_ERRORS).increment(1);
+        }
+        outcome
     }
 
     /// Hands a record to the producer's queue, waiting while the queue is full.
@@ -413,6 +677,8 @@ impl Relay {
                             "every pass failed for {limit:?}; replacing the producer"
                         );
                         let old = std::mem::replace(&mut self.producer, new_producer()?);
+                        self.transactions_ready
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
                         // Destroying a client waits for its broker threads: not on a runtime
                         // thread, and not for long (its records all failed already).
                         std::thread::spawn(move || drop(old));
@@ -573,8 +839,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             config.client_id.clone(),
             Duration::from_millis(config.delivery_timeout_ms),
         );
-        Box::new(move || Ok(kafka::producer_config(&cluster, &client_id, delivery_timeout).create()?))
+        let transactional_id = config.kafka_transactions.then(|| {
+            config
+                .transactional_id
+                .clone()
+                .unwrap_or_else(|| config.client_id.clone())
+        });
+        Box::new(move || {
+            let mut producer = kafka::producer_config(&cluster, &client_id, delivery_timeout);
+            if let Some(id) = &transactional_id {
+                producer.set("transactional.id", id);
+            }
+            Ok(producer.create()?)
+        })
     };
+    anyhow::ensure!(
+        !(config.kafka_transactions && config.mode == outbox::OutboxMode::WalMessage),
+        "RELAY_KAFKA_TRANSACTIONS is for the table mode (the WAL mode confirms per commit, not per batch)"
+    );
     let producer = new_producer()?;
     if config.mode == outbox::OutboxMode::WalMessage {
         let slot = slot()?;
@@ -606,6 +888,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .coalescing(Duration::from_millis(config.coalesce_ms));
     let relay = if config.publish_twice {
         relay.publishing_twice()
+    } else {
+        relay
+    };
+    let relay = if config.kafka_transactions {
+        relay.with_kafka_transactions()
     } else {
         relay
     };
