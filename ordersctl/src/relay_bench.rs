@@ -35,6 +35,9 @@ pub struct RelayBenchArgs {
     /// Events pre-written for the drain.
     #[arg(long, default_value_t = 100_000)]
     pub events: usize,
+    /// Events drained through the polling relay first, unmeasured (warms the broker up).
+    #[arg(long, default_value_t = 50_000)]
+    pub warmup_events: usize,
     /// Distinct keys (orders) among them.
     #[arg(long, default_value_t = 2_000)]
     pub keys: usize,
@@ -50,6 +53,12 @@ pub struct RelayBenchArgs {
     /// Modes to measure (repeatable; all by default).
     #[arg(long = "mode", value_enum)]
     pub modes: Vec<OutboxMode>,
+    /// Also the table mode with this many relays side by side (key slots shared; 1: not).
+    #[arg(long, default_value_t = 2)]
+    pub table_relays: usize,
+    /// Also the table mode with each batch in a Kafka transaction.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub kafka_transactions: bool,
     /// The polling relay's batch size.
     #[arg(long, default_value_t = 500)]
     pub batch_size: i64,
@@ -90,14 +99,51 @@ pub struct ModeResult {
 
 /// Runs the benchmark and prints a table; returns the results.
 pub async fn run(args: RelayBenchArgs, cluster: &kafka::Cluster) -> anyhow::Result<Vec<ModeResult>> {
-    let modes = if args.modes.is_empty() {
-        vec![OutboxMode::Table, OutboxMode::WalMessage]
-    } else {
-        args.modes.clone()
-    };
+    let variants = [
+        Variant {
+            mode: OutboxMode::Table,
+            relays: 1,
+            kafka_transactions: false,
+        },
+        Variant {
+            mode: OutboxMode::Table,
+            relays: args.table_relays,
+            kafka_transactions: false,
+        },
+        Variant {
+            mode: OutboxMode::Table,
+            relays: 1,
+            kafka_transactions: true,
+        },
+        Variant {
+            mode: OutboxMode::WalMessage,
+            relays: 1,
+            kafka_transactions: false,
+        },
+    ];
+    if args.warmup_events > 0 {
+        // A broker just started runs its JIT compiler for the first minute or so (measured in
+        // docs/performance.md: 10% of all CPU samples): whichever variant came first paid it.
+        eprintln!(
+            "[warm-up] {} events through the polling relay, not measured",
+            args.warmup_events
+        );
+        let warmup = RelayBenchArgs {
+            events: args.warmup_events,
+            lag_rates: Vec::new(),
+            ..args.clone()
+        };
+        run_mode(&warmup, cluster, variants[0]).await?;
+    }
     let mut results = Vec::new();
-    for mode in modes {
-        let result = run_mode(&args, cluster, mode).await?;
+    for variant in variants {
+        let wanted = args.modes.is_empty() || args.modes.contains(&variant.mode);
+        let skipped =
+            (variant.relays > 1 && args.table_relays < 2) || (variant.kafka_transactions && !args.kafka_transactions);
+        if !wanted || skipped {
+            continue;
+        }
+        let result = run_mode(&args, cluster, variant).await?;
         println!("{}", serde_json::to_string(&result)?);
         results.push(result);
     }
@@ -127,13 +173,6 @@ pub async fn run(args: RelayBenchArgs, cluster: &kafka::Cluster) -> anyhow::Resu
         );
     }
     Ok(results)
-}
-
-fn mode_name(mode: OutboxMode) -> &'static str {
-    match mode {
-        OutboxMode::Table => "table",
-        OutboxMode::WalMessage => "wal-message",
-    }
 }
 
 /// A scratch database migrated like the orders database; returns its URL (as the superuser)
@@ -269,39 +308,75 @@ fn topic_size(consumer: &rdkafka::consumer::BaseConsumer, topic: &str, partition
     Ok(total)
 }
 
-/// Starts the relay of `mode` on `url`'s database; returns its stop token and task.
-fn start_relay(
+/// One way of relaying, measured on its own.
+#[derive(Debug, Clone, Copy)]
+struct Variant {
     mode: OutboxMode,
+    /// Polling relays side by side (key slots shared between them).
+    relays: usize,
+    /// Each batch in a Kafka transaction.
+    kafka_transactions: bool,
+}
+
+impl Variant {
+    fn label(self) -> String {
+        match self.mode {
+            OutboxMode::WalMessage => "wal-message".to_owned(),
+            OutboxMode::Table if self.kafka_transactions => "table+ktxn".to_owned(),
+            OutboxMode::Table if self.relays > 1 => format!("table x{}", self.relays),
+            OutboxMode::Table => "table".to_owned(),
+        }
+    }
+}
+
+/// Starts the relay(s) of `variant` on `url`'s database; returns their stop token and tasks.
+fn start_relay(
+    variant: Variant,
     url: &Secret,
     pool: &PgPool,
     cluster: &kafka::Cluster,
     batch_size: i64,
     slot: &str,
-) -> anyhow::Result<(CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let producer = kafka::producer_config(cluster, "relay-bench", kafka::DEFAULT_DELIVERY_TIMEOUT).create()?;
+) -> anyhow::Result<(CancellationToken, Vec<tokio::task::JoinHandle<anyhow::Result<()>>>)> {
     let token = CancellationToken::new();
-    let task = match mode {
-        OutboxMode::Table => tokio::spawn(
-            relay::Relay::new(pool.clone(), producer, batch_size)
-                .coalescing(Duration::from_millis(5))
-                .run(Duration::from_millis(1_000), token.clone()),
-        ),
-        OutboxMode::WalMessage => {
-            let replication =
-                relay::wal::replication_config(url, slot)?.with_status_interval(Duration::from_millis(1_000));
-            tokio::spawn(relay::wal::WalRelay::new(pool.clone(), producer, replication).run(token.clone()))
+    let mut tasks = Vec::new();
+    for n in 0..variant.relays.max(1) {
+        let mut config = kafka::producer_config(cluster, "relay-bench", kafka::DEFAULT_DELIVERY_TIMEOUT);
+        if variant.kafka_transactions {
+            config.set(
+                "transactional.id",
+                format!("relay-bench-{}-{n}", uuid::Uuid::now_v7().simple()),
+            );
         }
-    };
-    Ok((token, task))
+        let producer = config.create()?;
+        tasks.push(match variant.mode {
+            OutboxMode::Table => {
+                let relay = relay::Relay::new(pool.clone(), producer, batch_size).coalescing(Duration::from_millis(5));
+                let relay = if variant.kafka_transactions {
+                    relay.with_kafka_transactions()
+                } else {
+                    relay
+                };
+                tokio::spawn(relay.run(Duration::from_millis(1_000), token.clone()))
+            }
+            OutboxMode::WalMessage => {
+                let replication =
+                    relay::wal::replication_config(url, slot)?.with_status_interval(Duration::from_millis(1_000));
+                tokio::spawn(relay::wal::WalRelay::new(pool.clone(), producer, replication).run(token.clone()))
+            }
+        });
+    }
+    Ok((token, tasks))
 }
 
-async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, mode: OutboxMode) -> anyhow::Result<ModeResult> {
+async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, variant: Variant) -> anyhow::Result<ModeResult> {
+    let mode = variant.mode;
     let name = format!(
         "relaybench_{}_{}",
-        mode_name(mode).replace('-', "_"),
+        variant.label().replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
         uuid::Uuid::now_v7().simple()
     );
-    eprintln!("[{}] scratch database {name}", mode_name(mode));
+    eprintln!("[{}] scratch database {name}", variant.label());
     let (url, pool) = scratch_database(&args.admin_db, &name).await?;
     let slot = relay::wal::default_slot_name(&name);
     if mode == OutboxMode::WalMessage {
@@ -318,7 +393,7 @@ async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, mode: OutboxM
     let (wal_written, pg_written) = (wal_lsn(&pool).await? - wal_before, postgres_ticks() - pg_before);
     eprintln!(
         "[{}] wrote {events} events in {:.1} s",
-        mode_name(mode),
+        variant.label(),
         started.elapsed().as_secs_f64()
     );
 
@@ -326,12 +401,15 @@ async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, mode: OutboxM
     let watcher: rdkafka::consumer::BaseConsumer = cluster.client_config().create()?;
     let (wal_before, pg_before, own_before) = (wal_lsn(&pool).await?, postgres_ticks(), own_ticks());
     let started = Instant::now();
-    let (stop, relay) = start_relay(mode, &url, &pool, cluster, args.batch_size, &slot)?;
+    let (stop, relays) = start_relay(variant, &url, &pool, cluster, args.batch_size, &slot)?;
     loop {
         if topic_size(&watcher, &topic, args.partitions)? >= events as i64 {
             break;
         }
-        anyhow::ensure!(!relay.is_finished(), "the relay stopped while draining");
+        anyhow::ensure!(
+            relays.iter().all(|relay| !relay.is_finished()),
+            "a relay stopped while draining"
+        );
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
             "not drained in 10 minutes"
@@ -351,7 +429,7 @@ async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, mode: OutboxM
         }
     }
     let wal_drain = wal_lsn(&pool).await? - wal_before;
-    eprintln!("[{}] drained in {:.2} s", mode_name(mode), drained.as_secs_f64());
+    eprintln!("[{}] drained in {:.2} s", variant.label(), drained.as_secs_f64());
 
     // Order on the topic.
     let (order_violations, duplicates) = check_order(cluster, &topic, &written).await?;
@@ -359,10 +437,12 @@ async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, mode: OutboxM
     // Lag at fixed rates, the relay running.
     let mut lag = Vec::new();
     for &rate in &args.lag_rates {
-        lag.push(measure_lag(args, cluster, &pool, mode, rate, &orders).await?);
+        lag.push(measure_lag(args, cluster, &pool, variant, rate, &orders).await?);
     }
     stop.cancel();
-    relay.await??;
+    for relay in relays {
+        relay.await??;
+    }
     if mode == OutboxMode::WalMessage {
         sqlx::query("SELECT pg_drop_replication_slot($1)")
             .bind(&slot)
@@ -372,7 +452,7 @@ async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, mode: OutboxM
     pool.close().await;
     let per_event = |ticks: u64| ticks as f64 * crate::bench::probe::MILLIS_PER_TICK * 1000.0 / events as f64;
     Ok(ModeResult {
-        mode: mode_name(mode).to_owned(),
+        mode: variant.label(),
         events,
         drain_events_per_sec: events as f64 / drained.as_secs_f64(),
         write_wal_bytes_per_event: wal_written / events as f64,
@@ -450,10 +530,11 @@ async fn measure_lag(
     args: &RelayBenchArgs,
     cluster: &kafka::Cluster,
     pool: &PgPool,
-    mode: OutboxMode,
+    variant: Variant,
     rate: u32,
     orders: &[uuid::Uuid],
 ) -> anyhow::Result<(u32, f64, f64, f64)> {
+    let mode = variant.mode;
     let topic = format!("relaybench.lag.{}", uuid::Uuid::now_v7().simple());
     kafka::ensure_topics(cluster, &[&topic], args.partitions).await?;
     let count = (u64::from(rate) * args.lag_secs) as usize;
@@ -492,7 +573,7 @@ async fn measure_lag(
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     eprintln!(
         "[{}] lag at {rate}/s (achieved {achieved:.0}/s): p50 {:.1} ms, p99 {:.1} ms over {} events",
-        mode_name(mode),
+        variant.label(),
         ms(0.5),
         ms(0.99),
         histogram.len()
