@@ -536,7 +536,11 @@ async fn kafka_transactions_hide_a_batch_that_died_before_its_commit_but_not_the
         "the relay claimed a batch"
     );
     let uncommitted = read_topic(&stack().kafka, &topic, Duration::from_secs(4), |r| !r.is_empty()).await;
-    assert!(uncommitted.is_empty(), "records of an open transaction are not visible: {}", uncommitted.len());
+    assert!(
+        uncommitted.is_empty(),
+        "records of an open transaction are not visible: {}",
+        uncommitted.len()
+    );
     kill_9(&mut relay).await;
     let mut relay = spawn_relay_process_with(&db, None, &settings);
     assert!(eventually(WAIT, || async { unpublished(&db).await == 0 }).await);
