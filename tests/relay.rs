@@ -12,7 +12,8 @@ use orderflow::events::v1::{OrderCancelled, OrderConfirmed};
 use orderflow_platform::kafka;
 use orderflow_platform::outbox::{self, OutboxMessage};
 use orderflow_tests::{
-    PrivateKafka, Record, TestDb, eventually, fresh_topic, read_topic, stack, start_order_svc, valid_order,
+    PrivateKafka, TestDb, count_by_message_id, eventually, fresh_topic, kill_9, read_topic, stack, start_order_svc,
+    valid_order,
 };
 use rdkafka::producer::FutureProducer;
 use tokio::process::{Child, Command};
@@ -127,13 +128,6 @@ fn spawn_relay_process_with(db: &TestDb, failpoints: Option<&str>, settings: &[(
     command.spawn().expect("start the relay binary")
 }
 
-/// kill -9.
-async fn kill_9(child: &mut Child) {
-    child.start_kill().expect("SIGKILL the relay");
-    let status = child.wait().await.expect("reap the relay");
-    assert!(!status.success(), "the relay was killed, not stopped: {status:?}");
-}
-
 /// Graceful stop (SIGTERM).
 async fn terminate(mut child: Child) {
     let pid = nix::unistd::Pid::from_raw(child.id().expect("running") as i32);
@@ -159,16 +153,6 @@ async fn relay_inside_a_batch(db: &TestDb) -> bool {
     .await
     .unwrap()
         > 0
-}
-
-fn count_by_message_id(records: &[Record]) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for record in records {
-        *counts
-            .entry(record.headers.get("message_id").cloned().unwrap_or_default())
-            .or_default() += 1;
-    }
-    counts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,9 @@ use orderflow::events::v1::OrderConfirmed;
 use orderflow::events::v1::event_envelope::Payload;
 use orderflow_platform::outbox::{OutboxMessage, OutboxMode};
 use orderflow_platform::{Secret, kafka};
-use orderflow_tests::{PrivateKafka, Record, TestDb, eventually, fresh_topic, read_topic, stack};
+use orderflow_tests::{
+    PrivateKafka, Record, TestDb, count_by_message_id, eventually, fresh_topic, kill_9, read_topic, stack,
+};
 use rdkafka::producer::FutureProducer;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -104,6 +106,23 @@ async fn write_events(db: &TestDb, mode: OutboxMode, topic: &str, orders: &[uuid
     ids
 }
 
+/// A database ready for `mode`, a fresh topic, and one event for each of `orders` orders
+/// written in one transaction (their message ids).
+async fn with_events(mode: OutboxMode, orders: usize) -> (TestDb, String, Vec<String>) {
+    let db = database_for(mode).await;
+    let topic = fresh_topic(3).await;
+    let orders: Vec<uuid::Uuid> = (0..orders).map(|_| uuid::Uuid::now_v7()).collect();
+    let ids = write_events(&db, mode, &topic, &orders).await;
+    (db, topic, ids)
+}
+
+/// What a test of `mode` leaves behind, once its relays are stopped: the WAL mode's slot.
+async fn release(db: &TestDb, mode: OutboxMode) {
+    if mode == OutboxMode::WalMessage {
+        drop_slot(db).await;
+    }
+}
+
 /// Starts the relay binary (failpoints compiled in) in `mode`.
 fn spawn_relay_process(db: &TestDb, mode: OutboxMode, failpoints: Option<&str>) -> Child {
     spawn_relay_process_with(db, mode, failpoints, 100)
@@ -169,22 +188,6 @@ fn spawn_relay(
     (token, task)
 }
 
-async fn kill_9(child: &mut Child) {
-    child.start_kill().expect("SIGKILL the relay");
-    let status = child.wait().await.expect("reap the relay");
-    assert!(!status.success(), "the relay was killed, not stopped: {status:?}");
-}
-
-fn message_ids(records: &[Record]) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for record in records {
-        *counts
-            .entry(record.headers.get("message_id").cloned().unwrap_or_default())
-            .or_default() += 1;
-    }
-    counts
-}
-
 /// How many of `expected` are on the topic (each counted once).
 fn distinct_of(records: &[Record], expected: &HashSet<String>) -> usize {
     records
@@ -212,7 +215,7 @@ async fn every_mode_publishes_each_event_keyed_by_its_order_with_mirrored_header
         // One more, after the relay started: it is woken (NOTIFY, or the stream).
         let later = write_events(&db, mode, &topic, &orders[..1]).await;
         let records = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 6).await;
-        let counts = message_ids(&records);
+        let counts = count_by_message_id(&records);
         let expected: HashSet<String> = ids.iter().chain(&later).cloned().collect();
         assert_eq!(
             counts.keys().cloned().collect::<HashSet<_>>(),
@@ -228,19 +231,14 @@ async fn every_mode_publishes_each_event_keyed_by_its_order_with_mirrored_header
         }
         stop.cancel();
         relay.await.unwrap().expect("the relay stops cleanly");
-        if mode == OutboxMode::WalMessage {
-            drop_slot(&db).await;
-        }
+        release(&db, mode).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_mode_killed_before_publishing_loses_nothing() {
     for mode in MODES {
-        let db = database_for(mode).await;
-        let topic = fresh_topic(3).await;
-        let orders: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
-        let ids = write_events(&db, mode, &topic, &orders).await;
+        let (db, topic, ids) = with_events(mode, 3).await;
 
         let mut relay = spawn_relay_process(&db, mode, Some("relay::before_publish=pause"));
         // Paused before its first publish: nothing reaches the topic meanwhile.
@@ -254,26 +252,21 @@ async fn every_mode_killed_before_publishing_loses_nothing() {
 
         let mut restarted = spawn_relay_process(&db, mode, None);
         let records = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 3).await;
-        let counts = message_ids(&records);
+        let counts = count_by_message_id(&records);
         assert_eq!(
             counts.keys().cloned().collect::<HashSet<_>>(),
             ids.iter().cloned().collect(),
             "{mode:?}: every event published after the restart"
         );
         kill_9(&mut restarted).await;
-        if mode == OutboxMode::WalMessage {
-            drop_slot(&db).await;
-        }
+        release(&db, mode).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_mode_killed_after_the_ack_and_before_marking_publishes_again() {
     for mode in MODES {
-        let db = database_for(mode).await;
-        let topic = fresh_topic(3).await;
-        let orders: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
-        let ids = write_events(&db, mode, &topic, &orders).await;
+        let (db, topic, ids) = with_events(mode, 3).await;
 
         let mut relay = spawn_relay_process(&db, mode, Some("relay::after_ack_before_mark=pause"));
         let first = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 3).await;
@@ -282,7 +275,7 @@ async fn every_mode_killed_after_the_ack_and_before_marking_publishes_again() {
 
         let mut restarted = spawn_relay_process(&db, mode, None);
         let all = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 6).await;
-        let counts = message_ids(&all);
+        let counts = count_by_message_id(&all);
         assert_eq!(counts.len(), 3, "{mode:?}: nothing lost, nothing invented: {counts:?}");
         for id in &ids {
             assert_eq!(
@@ -292,9 +285,7 @@ async fn every_mode_killed_after_the_ack_and_before_marking_publishes_again() {
             );
         }
         kill_9(&mut restarted).await;
-        if mode == OutboxMode::WalMessage {
-            drop_slot(&db).await;
-        }
+        release(&db, mode).await;
     }
 }
 
@@ -318,7 +309,7 @@ async fn every_mode_holds_events_while_the_broker_is_away_and_publishes_them_whe
             .expect("create the topic on the new broker");
         let expected: HashSet<String> = ids.iter().cloned().collect();
         let records = read_topic(&broker.cluster, topic, WAIT, move |r| distinct_of(r, &expected) == 3).await;
-        let got: HashSet<String> = message_ids(&records).into_keys().collect();
+        let got: HashSet<String> = count_by_message_id(&records).into_keys().collect();
         assert_eq!(
             got,
             ids.iter().cloned().collect(),
@@ -326,9 +317,7 @@ async fn every_mode_holds_events_while_the_broker_is_away_and_publishes_them_whe
         );
         stop.cancel();
         relay.await.unwrap().expect("the relay stops cleanly");
-        if mode == OutboxMode::WalMessage {
-            drop_slot(&db).await;
-        }
+        release(&db, mode).await;
     }
 }
 
@@ -437,9 +426,7 @@ async fn every_mode_keeps_each_keys_events_in_commit_order_across_a_kill() {
         );
         assert_eq!(out_of_order, 0, "{mode:?}: every key's events in commit order");
         kill_9(&mut restarted).await;
-        if mode == OutboxMode::WalMessage {
-            drop_slot(&db).await;
-        }
+        release(&db, mode).await;
     }
 }
 

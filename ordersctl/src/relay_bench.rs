@@ -59,6 +59,10 @@ pub struct RelayBenchArgs {
     /// Also the table mode with each batch in a Kafka transaction.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub kafka_transactions: bool,
+    /// Also Debezium's Postgres connector (Kafka Connect standalone) with the jars in this
+    /// directory (scripts/relay-bench --debezium fetches them; deploy/debezium/pom.xml).
+    #[arg(long, env = "ORDERFLOW_DEBEZIUM_LIBS")]
+    pub debezium: Option<std::path::PathBuf>,
     /// The polling relay's batch size.
     #[arg(long, default_value_t = 500)]
     pub batch_size: i64,
@@ -77,8 +81,13 @@ pub struct ModeResult {
     pub mode: String,
     /// Events drained.
     pub events: usize,
-    /// Drain rate.
+    /// Drain rate, from the relay's start.
     pub drain_events_per_sec: f64,
+    /// Seconds from the relay's start to the first record on the topic (Kafka Connect's JVM
+    /// start and the connector's setup, for Debezium).
+    pub first_record_secs: f64,
+    /// Drain rate from the first record on.
+    pub drain_after_first_events_per_sec: f64,
     /// WAL written per event by the writers (business transaction side).
     pub write_wal_bytes_per_event: f64,
     /// Postgres CPU per event while writing, microseconds.
@@ -104,21 +113,31 @@ pub async fn run(args: RelayBenchArgs, cluster: &kafka::Cluster) -> anyhow::Resu
             mode: OutboxMode::Table,
             relays: 1,
             kafka_transactions: false,
+            debezium: false,
         },
         Variant {
             mode: OutboxMode::Table,
-            relays: args.table_relays,
+            relays: args.table_relays.max(2),
             kafka_transactions: false,
+            debezium: false,
         },
         Variant {
             mode: OutboxMode::Table,
             relays: 1,
             kafka_transactions: true,
+            debezium: false,
         },
         Variant {
             mode: OutboxMode::WalMessage,
             relays: 1,
             kafka_transactions: false,
+            debezium: false,
+        },
+        Variant {
+            mode: OutboxMode::Table,
+            relays: 1,
+            kafka_transactions: false,
+            debezium: true,
         },
     ];
     if args.warmup_events > 0 {
@@ -138,8 +157,9 @@ pub async fn run(args: RelayBenchArgs, cluster: &kafka::Cluster) -> anyhow::Resu
     let mut results = Vec::new();
     for variant in variants {
         let wanted = args.modes.is_empty() || args.modes.contains(&variant.mode);
-        let skipped =
-            (variant.relays > 1 && args.table_relays < 2) || (variant.kafka_transactions && !args.kafka_transactions);
+        let skipped = (variant.debezium && args.debezium.is_none())
+            || (variant.relays > 1 && args.table_relays < 2)
+            || (variant.kafka_transactions && !args.kafka_transactions);
         if !wanted || skipped {
             continue;
         }
@@ -316,11 +336,15 @@ struct Variant {
     relays: usize,
     /// Each batch in a Kafka transaction.
     kafka_transactions: bool,
+    /// Debezium's Postgres connector on Kafka Connect standalone instead of our relay, on the
+    /// outbox table (its outbox event router), from the jars in `--debezium`.
+    debezium: bool,
 }
 
 impl Variant {
     fn label(self) -> String {
         match self.mode {
+            OutboxMode::Table if self.debezium => "debezium".to_owned(),
             OutboxMode::WalMessage => "wal-message".to_owned(),
             OutboxMode::Table if self.kafka_transactions => "table+ktxn".to_owned(),
             OutboxMode::Table if self.relays > 1 => format!("table x{}", self.relays),
@@ -329,17 +353,42 @@ impl Variant {
     }
 }
 
-/// Starts the relay(s) of `variant` on `url`'s database; returns their stop token and tasks.
+/// Relays started: the token that stops them, their tasks, and the process id of a relay
+/// that runs outside this process (Kafka Connect), for its CPU.
+type Running = (
+    CancellationToken,
+    Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    Option<u32>,
+);
+
+/// Starts the relay(s) of `variant` on `url`'s database.
 fn start_relay(
     variant: Variant,
+    debezium_libs: Option<&std::path::Path>,
     url: &Secret,
     pool: &PgPool,
     cluster: &kafka::Cluster,
     batch_size: i64,
     slot: &str,
-) -> anyhow::Result<(CancellationToken, Vec<tokio::task::JoinHandle<anyhow::Result<()>>>)> {
+) -> anyhow::Result<Running> {
     let token = CancellationToken::new();
     let mut tasks = Vec::new();
+    if variant.debezium {
+        let libs = debezium_libs.ok_or_else(|| anyhow::anyhow!("--debezium names no jars"))?;
+        let mut connect = debezium::start(libs, url, cluster, slot)?;
+        let pid = connect.id();
+        let stop = token.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    debezium::stop(&mut connect).await;
+                    Ok(())
+                }
+                status = connect.wait() => anyhow::bail!("Kafka Connect exited: {:?}", status?),
+            }
+        }));
+        return Ok((token, tasks, pid));
+    }
     for n in 0..variant.relays.max(1) {
         let mut config = kafka::producer_config(cluster, "relay-bench", kafka::DEFAULT_DELIVERY_TIMEOUT);
         if variant.kafka_transactions {
@@ -366,7 +415,7 @@ fn start_relay(
             }
         });
     }
-    Ok((token, tasks))
+    Ok((token, tasks, None))
 }
 
 async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, variant: Variant) -> anyhow::Result<ModeResult> {
@@ -381,6 +430,10 @@ async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, variant: Vari
     let slot = relay::wal::default_slot_name(&name);
     if mode == OutboxMode::WalMessage {
         relay::wal::ensure_slot(&pool, &slot).await?;
+    }
+    if variant.debezium {
+        // Before the first event: the connector streams from the slot's start (no snapshot).
+        debezium::prepare(&pool, &slot).await?;
     }
     let topic = format!("relaybench.{}", uuid::Uuid::now_v7().simple());
     kafka::ensure_topics(cluster, &[&topic], args.partitions).await?;
@@ -401,9 +454,22 @@ async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, variant: Vari
     let watcher: rdkafka::consumer::BaseConsumer = cluster.client_config().create()?;
     let (wal_before, pg_before, own_before) = (wal_lsn(&pool).await?, postgres_ticks(), own_ticks());
     let started = Instant::now();
-    let (stop, relays) = start_relay(variant, &url, &pool, cluster, args.batch_size, &slot)?;
+    let (stop, relays, external_pid) = start_relay(
+        variant,
+        args.debezium.as_deref(),
+        &url,
+        &pool,
+        cluster,
+        args.batch_size,
+        &slot,
+    )?;
+    let mut first_record: Option<Duration> = None;
     loop {
-        if topic_size(&watcher, &topic, args.partitions)? >= events as i64 {
+        let size = topic_size(&watcher, &topic, args.partitions)?;
+        if size > 0 && first_record.is_none() {
+            first_record = Some(started.elapsed());
+        }
+        if size >= events as i64 {
             break;
         }
         anyhow::ensure!(
@@ -417,10 +483,14 @@ async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, variant: Vari
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drained = started.elapsed();
-    let (pg_drain, own_drain) = (postgres_ticks() - pg_before, own_ticks() - own_before);
+    let (pg_drain, mut own_drain) = (postgres_ticks() - pg_before, own_ticks() - own_before);
+    // Kafka Connect is a process of its own: its CPU is the relay's.
+    if let Some(pid) = external_pid {
+        own_drain += crate::bench::probe::process_ticks(&pid.to_string()).unwrap_or(0);
+    }
     // The polling relay marks what was acknowledged after the last ack: wait for its commit
     // before reading the WAL written.
-    if mode == OutboxMode::Table {
+    if mode == OutboxMode::Table && !variant.debezium {
         while sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL)")
             .fetch_one(&pool)
             .await?
@@ -443,7 +513,9 @@ async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, variant: Vari
     for relay in relays {
         relay.await??;
     }
-    if mode == OutboxMode::WalMessage {
+    if mode == OutboxMode::WalMessage || variant.debezium {
+        // Kafka Connect lets go of the slot a moment after it stopped.
+        tokio::time::sleep(Duration::from_secs(2)).await;
         sqlx::query("SELECT pg_drop_replication_slot($1)")
             .bind(&slot)
             .execute(&pool)
@@ -455,6 +527,12 @@ async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, variant: Vari
         mode: variant.label(),
         events,
         drain_events_per_sec: events as f64 / drained.as_secs_f64(),
+        first_record_secs: first_record.unwrap_or(drained).as_secs_f64(),
+        drain_after_first_events_per_sec: events as f64
+            / drained
+                .saturating_sub(first_record.unwrap_or_default())
+                .as_secs_f64()
+                .max(0.001),
         write_wal_bytes_per_event: wal_written / events as f64,
         write_pg_cpu_us_per_event: per_event(pg_written),
         drain_pg_cpu_us_per_event: per_event(pg_drain),
@@ -579,4 +657,131 @@ async fn measure_lag(
         histogram.len()
     );
     Ok((rate, ms(0.5), ms(0.99), achieved))
+}
+
+/// Debezium's Postgres connector on Kafka Connect standalone, set up like our relays: the same
+/// outbox table, topics, keys and headers (its outbox event router routes each row by its
+/// `topic` column, keys it by `partition_key`, sends `payload` as the value and the envelope's
+/// fields as headers). Tuned for latency as ours are: it hands batches to Kafka Connect every
+/// 10 ms (`poll.interval.ms`, 500 by default: measured 434 ms p50 lag at 1,000 events/s with
+/// it) in batches of up to 8,192 (2,048 by default); the producer lingers 5 ms like ours.
+mod debezium {
+    use std::path::Path;
+
+    use orderflow_platform::{Secret, kafka};
+    use sqlx::PgPool;
+
+    /// The publication the connector reads (the outbox table only).
+    const PUBLICATION: &str = "dbz_outbox";
+
+    /// The publication and the slot, before the first event is written.
+    pub async fn prepare(pool: &PgPool, slot: &str) -> anyhow::Result<()> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE PUBLICATION {PUBLICATION} FOR TABLE outbox"
+        )))
+        .execute(pool)
+        .await?;
+        sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+            .bind(slot)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Starts Kafka Connect standalone with the connector, streaming `slot` of `url`'s database.
+    pub fn start(
+        libs: &Path,
+        url: &Secret,
+        cluster: &kafka::Cluster,
+        slot: &str,
+    ) -> anyhow::Result<tokio::process::Child> {
+        let dir = std::env::temp_dir().join(format!("orderflow-debezium-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let database = url::Url::parse(url.expose())?;
+        let decode = |part: &str| {
+            url::form_urlencoded::parse(format!("x={part}").as_bytes())
+                .next()
+                .map(|(_, value)| value.into_owned())
+                .unwrap_or_default()
+        };
+        let client = cluster.client_config();
+        let sasl = match (cluster.principal(), client.get("sasl.password")) {
+            (Some(user), Some(password)) => {
+                let jaas = format!(
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required username=\"{user}\" password=\"{password}\";"
+                );
+                ["", "producer.", "admin."]
+                    .iter()
+                    .map(|prefix| {
+                        format!(
+                            "{prefix}security.protocol=SASL_PLAINTEXT\n{prefix}sasl.mechanism=SCRAM-SHA-512\n{prefix}sasl.jaas.config={jaas}\n"
+                        )
+                    })
+                    .collect::<String>()
+            }
+            _ => String::new(),
+        };
+        let worker = format!(
+            "bootstrap.servers={servers}\n{sasl}\
+             producer.linger.ms=5\nproducer.enable.idempotence=true\nproducer.acks=all\n\
+             key.converter=org.apache.kafka.connect.storage.StringConverter\n\
+             value.converter=org.apache.kafka.connect.converters.ByteArrayConverter\n\
+             offset.storage.file.filename={offsets}\noffset.flush.interval.ms=1000\n\
+             listeners=http://127.0.0.1:0\n",
+            servers = cluster.bootstrap_servers,
+            offsets = dir.join("offsets").display(),
+        );
+        let connector = format!(
+            "name=orderflow-outbox\nconnector.class=io.debezium.connector.postgresql.PostgresConnector\ntasks.max=1\n\
+             plugin.name=pgoutput\ndatabase.hostname={host}\ndatabase.port={port}\ndatabase.user={user}\n\
+             database.password={password}\ndatabase.dbname={dbname}\ntopic.prefix=dbz\nslot.name={slot}\n\
+             publication.name={PUBLICATION}\npublication.autocreate.mode=disabled\ntable.include.list=public.outbox\n\
+             snapshot.mode=no_data\nbinary.handling.mode=bytes\ntombstones.on.delete=false\n\
+             poll.interval.ms=10\nmax.batch.size=8192\nmax.queue.size=32768\n\
+             transforms=outbox\ntransforms.outbox.type=io.debezium.transforms.outbox.EventRouter\n\
+             transforms.outbox.table.field.event.id=message_id\ntransforms.outbox.table.field.event.key=partition_key\n\
+             transforms.outbox.table.field.event.payload=payload\ntransforms.outbox.route.by.field=topic\n\
+             transforms.outbox.route.topic.replacement=${{routedByValue}}\ntransforms.outbox.table.expand.json.payload=false\n\
+             transforms.outbox.table.fields.additional.placement=message_id:header:message_id,event_type:header:event_type,schema_version:header:schema_version\n",
+            host = database.host_str().unwrap_or("127.0.0.1"),
+            port = database.port().unwrap_or(5432),
+            user = decode(database.username()),
+            password = decode(database.password().unwrap_or_default()),
+            dbname = database.path().trim_start_matches('/'),
+        );
+        std::fs::write(dir.join("worker.properties"), worker)?;
+        std::fs::write(dir.join("connector.properties"), connector)?;
+        let log = std::fs::File::create(dir.join("connect.log"))?;
+        eprintln!(
+            "[debezium] Kafka Connect standalone, log in {}",
+            dir.join("connect.log").display()
+        );
+        Ok(tokio::process::Command::new("java")
+            .arg("-cp")
+            .arg(format!("{}/*", libs.display()))
+            .arg("org.apache.kafka.connect.cli.ConnectStandalone")
+            .arg(dir.join("worker.properties"))
+            .arg(dir.join("connector.properties"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()?)
+    }
+
+    /// Stops Kafka Connect (SIGTERM, then SIGKILL after 10 s).
+    pub async fn stop(connect: &mut tokio::process::Child) {
+        // Gracefully first: Connect stores its offsets and lets go of the slot.
+        if let Some(pid) = connect.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+        if tokio::time::timeout(std::time::Duration::from_secs(10), connect.wait())
+            .await
+            .is_err()
+        {
+            let _ = connect.kill().await;
+        }
+    }
 }

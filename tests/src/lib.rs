@@ -377,6 +377,24 @@ pub async fn read_topic(
     .expect("reader task")
 }
 
+/// How many times each message id appears among `records` (a republished event twice).
+pub fn count_by_message_id(records: &[Record]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for record in records {
+        *counts
+            .entry(record.headers.get("message_id").cloned().unwrap_or_default())
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// kill -9 a process the test started, and check that it was killed, not stopped.
+pub async fn kill_9(child: &mut tokio::process::Child) {
+    child.start_kill().expect("SIGKILL the process");
+    let status = child.wait().await.expect("reap the process");
+    assert!(!status.success(), "the process was killed, not stopped: {status:?}");
+}
+
 /// Polls `check` every 50 ms until it returns true or `timeout` passes; returns the last answer.
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where

@@ -81,7 +81,7 @@ fn stat_ticks(pid: &str, first: usize) -> Option<u64> {
 }
 
 /// utime + stime of one process, in clock ticks.
-fn process_ticks(pid: &str) -> Option<u64> {
+pub(crate) fn process_ticks(pid: &str) -> Option<u64> {
     stat_ticks(pid, 11)
 }
 
