@@ -441,12 +441,11 @@ async fn the_payment_deadline_and_a_late_confirmation_never_both_act_on_one_paym
         .unwrap();
 
     // The deadline passes meanwhile: the sweeper's pass waits for that row.
-    let gateway = orderflow::gateway::v1::gateway_service_client::GatewayServiceClient::connect(format!(
-        "http://{}",
-        saga.gateway_addr
-    ))
-    .await
-    .unwrap();
+    let gateway = tonic::transport::Channel::from_shared(format!("http://{}", saga.gateway_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let handler = payment_svc::PaymentHandler::new(
         gateway,
         Duration::from_secs(1),

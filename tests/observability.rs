@@ -103,7 +103,8 @@ async fn metrics_cover_every_hop_and_each_order_is_one_trace_across_services() {
     assert_eq!(trace_ids.len(), 1, "one trace across both services: {chain:?}");
     let span_ids: std::collections::HashSet<&str> = chain.iter().map(|(_, tp)| tp.split('-').nth(2).unwrap()).collect();
     assert_eq!(span_ids.len(), 4, "each event from its own span: {chain:?}");
-    // The Kafka record carries the stored traceparent as a header.
+    // The Kafka record carries the order's trace as a header: the relay's publication span,
+    // a child of the span that wrote the event, so consumers continue from the publication.
     let records = orderflow_tests::read_topic(
         &orderflow_tests::stack().kafka,
         &saga.orders_topic,
@@ -113,9 +114,16 @@ async fn metrics_cover_every_hop_and_each_order_is_one_trace_across_services() {
     .await;
     for record in &records {
         let header = record.headers.get("traceparent").expect("traceparent header");
+        let trace_id = orderflow_platform::telemetry::trace_id_of(header).expect("W3C traceparent");
         assert!(
-            placed.iter().any(|(_, tp)| tp == header),
-            "header {header} is the stored traceparent"
+            placed
+                .iter()
+                .any(|(_, tp)| orderflow_platform::telemetry::trace_id_of(tp) == Some(trace_id)),
+            "header {header} continues the order's trace"
+        );
+        assert!(
+            placed.iter().all(|(_, tp)| tp != header),
+            "header {header} names the relay's span, not the writer's"
         );
     }
 

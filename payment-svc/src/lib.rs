@@ -113,7 +113,7 @@ pub struct Config {
 
 /// Handles the order events.
 pub struct PaymentHandler {
-    gateway: GatewayServiceClient<tonic::transport::Channel>,
+    gateway: GatewayServiceClient<orderflow_platform::grpc::TracedChannel>,
     gateway_timeout: Duration,
     payments_topic: String,
     outbox: outbox::OutboxMode,
@@ -192,15 +192,15 @@ enum Answer {
 type Tx = Transaction<'static, Postgres>;
 
 impl PaymentHandler {
-    /// A handler calling `gateway`.
+    /// A handler calling the gateway over `gateway` (each call in the order's trace).
     pub fn new(
-        gateway: GatewayServiceClient<tonic::transport::Channel>,
+        gateway: tonic::transport::Channel,
         gateway_timeout: Duration,
         payments_topic: String,
         limits: orderflow::money::TotalLimits,
     ) -> Self {
         Self {
-            gateway,
+            gateway: GatewayServiceClient::with_interceptor(gateway, orderflow_platform::grpc::PropagateTrace),
             gateway_timeout,
             payments_topic,
             outbox: outbox::OutboxMode::Table,
@@ -713,7 +713,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let channel = security.endpoint(&config.gateway_addr)?.connect_lazy();
     let handler = PaymentHandler::new(
-        GatewayServiceClient::new(channel),
+        channel,
         Duration::from_millis(config.gateway_timeout_ms),
         config.payments_topic.clone(),
         config.max_order_total.clone(),

@@ -716,16 +716,17 @@ pub async fn run<H: Handler>(
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let consumer = Arc::new(consumer);
+    let dead_letters: FutureProducer = kafka::producer_config(
+        &settings.cluster,
+        &format!("{}-dlq", settings.group_id),
+        kafka::DEFAULT_DELIVERY_TIMEOUT,
+    )
+    .create()?;
     let worker = Arc::new(Worker {
         handler,
         pool,
         consumer: consumer.clone(),
-        dead_letters: kafka::producer_config(
-            &settings.cluster,
-            &format!("{}-dlq", settings.group_id),
-            kafka::DEFAULT_DELIVERY_TIMEOUT,
-        )
-        .create()?,
+        dead_letters: dead_letters.clone(),
         retry_budget: settings.retry_budget,
         max_batch: settings.max_batch.max(1),
         group: settings.group_id.clone(),
@@ -739,6 +740,15 @@ pub async fn run<H: Handler>(
     // Stops the partitions' tasks when the caller shuts down, and also when the poll thread
     // fails: a task retrying a message must not keep a dead consumer's process alive.
     let stop = shutdown.child_token();
+    tokio::spawn(watch_dead_letter_depth(
+        dead_letters,
+        settings
+            .topics
+            .iter()
+            .map(|topic| orderflow::topics::dead_letter(topic))
+            .collect(),
+        stop.clone(),
+    ));
     let poller = {
         let (runtime, tasks, shutdown, slots) = (
             tokio::runtime::Handle::current(),
@@ -808,6 +818,48 @@ pub async fn run<H: Handler>(
         Err(error) => tracing::error!(error = format!("{error:#}"), "consumer failed"),
     }
     result
+}
+
+/// How often a consumer counts the dead letters held in its dead-letter topics.
+const DEAD_LETTER_WATCH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Sets the dead-letter depth gauge of each topic (`orderflow_dead_letter_messages`, what the
+/// DeadLetterTopicFilling alert watches) until `stop`: the sum of its partitions' high minus
+/// low watermarks, asked through the producer that writes the dead letters (its principal may
+/// describe the topic it writes). Every consumer writing to a topic reports the same number.
+async fn watch_dead_letter_depth(producer: FutureProducer, topics: Vec<String>, stop: CancellationToken) {
+    use rdkafka::producer::Producer as _;
+    const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+    let mut tick = tokio::time::interval(DEAD_LETTER_WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for topic in &topics {
+            let (producer, topic) = (producer.clone(), topic.clone());
+            // librdkafka's metadata and offset requests block: off the async workers.
+            let counted = tokio::task::spawn_blocking(move || {
+                let client = producer.client();
+                let metadata = client.fetch_metadata(Some(&topic), ASK_TIMEOUT)?;
+                let mut held = 0;
+                for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                    let (low, high) = client.fetch_watermarks(&topic, partition.id(), ASK_TIMEOUT)?;
+                    held += (high - low).max(0);
+                }
+                Ok::<_, rdkafka::error::KafkaError>((topic, held))
+            })
+            .await;
+            match counted {
+                Ok(Ok((topic, held))) => {
+                    metrics::gauge!(telemetry::DEAD_LETTER_MESSAGES, "topic" => topic).set(held as f64)
+                }
+                Ok(Err(error)) => tracing::debug!(%error, "cannot count the dead letters"),
+                Err(error) => tracing::debug!(%error, "the dead-letter count did not finish"),
+            }
+        }
+    }
 }
 
 /// The poll thread.
@@ -1004,6 +1056,7 @@ fn message_span(group: &str, message: &Incoming) -> tracing::Span {
         offset = message.offset,
         order_id = %String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()),
         message_id = %message.header(orderflow::envelope::headers::MESSAGE_ID).unwrap_or_default(),
+        event_type = %message.header(orderflow::envelope::headers::EVENT_TYPE).unwrap_or_default(),
         correlation_id = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );

@@ -163,3 +163,22 @@ mod tests {
         assert_eq!(method_of("/orderflow.orders.v1.OrderService/PlaceOrder"), "PlaceOrder");
     }
 }
+
+/// A client interceptor that sends the calling span's trace context (W3C `traceparent`) with
+/// each call, so the server's spans join the caller's trace: payment-svc's gateway calls
+/// appear in the order's trace. tonic runs it inside the call's future, so the span is the
+/// one that future is instrumented with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PropagateTrace;
+
+impl tonic::service::Interceptor for PropagateTrace {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = telemetry::current_traceparent().and_then(|traceparent| traceparent.parse().ok()) {
+            request.metadata_mut().insert("traceparent", value);
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the caller's trace context.
+pub type TracedChannel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, PropagateTrace>;

@@ -163,6 +163,12 @@ pub fn consumer_config(cluster: &Cluster, group_id: &str, instance_id: Option<&s
 /// with nothing committed, so reading never moves anyone's offsets (tools and tests).
 /// Returns it with the number of partitions.
 pub fn reader_from_start(cluster: &Cluster, topic: &str) -> anyhow::Result<(BaseConsumer, i32)> {
+    reader(cluster, topic, Offset::Beginning)
+}
+
+/// Like [`reader_from_start`], every partition from `start` (`Offset::End`: only what is
+/// written from now on).
+pub fn reader(cluster: &Cluster, topic: &str, start: Offset) -> anyhow::Result<(BaseConsumer, i32)> {
     let group = format!("reader-{}", uuid::Uuid::now_v7());
     let consumer: BaseConsumer = consumer_config(cluster, &group, None)
         .set("enable.auto.commit", "false")
@@ -171,7 +177,7 @@ pub fn reader_from_start(cluster: &Cluster, topic: &str) -> anyhow::Result<(Base
     let partitions = i32::try_from(metadata.topics().first().map_or(0, |t| t.partitions().len()))?;
     let mut assignment = TopicPartitionList::new();
     for partition in 0..partitions {
-        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+        assignment.add_partition_offset(topic, partition, start)?;
     }
     consumer.assign(&assignment)?;
     Ok((consumer, partitions))

@@ -12,6 +12,11 @@ pub const GRPC_REQUESTS: &str = "orderflow_grpc_requests_total";
 pub const GRPC_DURATION: &str = "orderflow_grpc_request_duration_seconds";
 /// Outbox rows not yet published.
 pub const OUTBOX_PENDING: &str = "orderflow_outbox_pending_rows";
+/// Gauge: seconds since the oldest unpublished outbox row was committed (0 when none waits).
+pub const OUTBOX_OLDEST_PENDING: &str = "orderflow_outbox_oldest_pending_seconds";
+/// Gauge: dead letters held in a dead-letter topic, by `topic` (its partitions' high minus
+/// low watermarks: what retention keeps, redriven or not).
+pub const DEAD_LETTER_MESSAGES: &str = "orderflow_dead_letter_messages";
 /// Outbox commit → broker acknowledgement.
 pub const RELAY_LAG: &str = "orderflow_relay_lag_seconds";
 /// Rows published.
@@ -160,8 +165,13 @@ fn propagator_inject(cx: &opentelemetry::Context) -> Option<String> {
 
 /// The W3C traceparent of the current span, if it has a valid trace context.
 pub fn current_traceparent() -> Option<String> {
+    traceparent_of(&tracing::Span::current())
+}
+
+/// The W3C traceparent of `span` (for a message or a call that continues from it).
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    propagator_inject(&tracing::Span::current().context())
+    propagator_inject(&span.context())
 }
 
 /// The OpenTelemetry context a W3C traceparent describes.

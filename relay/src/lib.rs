@@ -41,6 +41,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 /// Key slots of the outbox: fixed by the schema (`outbox.key_slot`, a hash of the partition
 /// key modulo this), so every relay of a database agrees on them.
@@ -476,33 +477,27 @@ impl Relay {
             }
             let message_id = message_id.to_string();
             let version = version.to_string();
-            let headers = outbox::record_headers(&message_id, event_type, &version, traceparent.as_deref());
+            let (span, headers) = publication(&message_id, event_type, &version, key, traceparent.as_deref());
             if self.publish_twice {
                 let again = FutureRecord::to(topic)
                     .key(key)
                     .payload(payload)
                     .headers(headers.clone());
-                deliveries.push(self.enqueue(again).await);
+                deliveries.push((self.enqueue(again).await, span.clone()));
             }
             let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
-            deliveries.push(self.enqueue(record).await);
+            deliveries.push((self.enqueue(record).await, span));
         }
         let _entered = batch_span.enter();
         // A record not acknowledged by the deadline counts as failed: its row stays
         // unpublished (the broker may still store it later: a duplicate, which the inboxes
         // absorb, never a loss). The transaction ends within the delivery timeout.
         let deadline = tokio::time::Instant::now() + self.delivery_timeout;
-        let results = join_all(deliveries.into_iter().map(|delivery| async move {
-            match delivery {
-                Ok(future) => match tokio::time::timeout_at(deadline, future).await {
-                    Ok(Ok(Ok(_))) => Ok(()),
-                    Ok(Ok(Err((error, _)))) => Err(error.to_string()),
-                    Ok(Err(_)) => Err("producer dropped the message".to_owned()),
-                    Err(_) => Err("not acknowledged within the delivery timeout".to_owned()),
-                },
-                Err(error) => Err(error),
-            }
-        }))
+        let results = join_all(
+            deliveries
+                .into_iter()
+                .map(|(delivery, span)| acknowledged(delivery, deadline).instrument(span)),
+        )
         .await;
         let results = if self.kafka_transactions {
             // Dying here: the Kafka transaction is never committed; the broker aborts it (at
@@ -742,12 +737,19 @@ impl Relay {
         Ok(())
     }
 
-    /// Sets the backlog gauge. The partial index makes this count cheap: it only covers
-    /// unpublished rows.
+    /// Sets the backlog gauges: rows waiting, and how long the oldest has waited (what an
+    /// alert on a relay that stopped publishing watches: a count can stay low while nothing
+    /// moves). The partial index makes both cheap: it only covers unpublished rows.
     async fn count_backlog(&self) {
-        let pending = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE published_at IS NULL");
+        let pending = sqlx::query_as::<_, (i64, f64)>(
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at))::float8, 0)
+             FROM outbox WHERE published_at IS NULL",
+        );
         match pending.fetch_one(&self.pool).await {
-            Ok(pending) => metrics::gauge!(telemetry::OUTBOX_PENDING).set(pending as f64),
+            Ok((pending, oldest_seconds)) => {
+                metrics::gauge!(telemetry::OUTBOX_PENDING).set(pending as f64);
+                metrics::gauge!(telemetry::OUTBOX_OLDEST_PENDING).set(oldest_seconds);
+            }
             Err(error) => tracing::debug!(%error, "cannot count the outbox backlog"),
         }
     }
@@ -767,6 +769,39 @@ impl Relay {
             }
         }
         Ok(())
+    }
+}
+
+/// The span of one event's publication and the headers of its record. The span is in the
+/// event's own trace, a child of the span that wrote the event, so an order's trace shows when
+/// each of its events left (it lasts until the broker answers); the record carries the span's
+/// traceparent, so the consumers' spans follow from it.
+pub(crate) fn publication(
+    message_id: &str,
+    event_type: &str,
+    version: &str,
+    key: &str,
+    traceparent: Option<&str>,
+) -> (tracing::Span, rdkafka::message::OwnedHeaders) {
+    let span = tracing::info_span!(parent: None, "relay_publish", order_id = %key, event_type, message_id);
+    let traceparent = traceparent.map(|written_by| {
+        telemetry::continue_trace(&span, written_by);
+        telemetry::traceparent_of(&span).unwrap_or_else(|| written_by.to_owned())
+    });
+    let headers = outbox::record_headers(message_id, event_type, version, traceparent.as_deref());
+    (span, headers)
+}
+
+/// Waits for the broker's acknowledgement of one record, at most until `deadline`.
+pub(crate) async fn acknowledged(
+    delivery: Result<rdkafka::producer::DeliveryFuture, String>,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
+    match tokio::time::timeout_at(deadline, delivery?).await {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err((error, _)))) => Err(error.to_string()),
+        Ok(Err(_)) => Err("producer dropped the message".to_owned()),
+        Err(_) => Err("not acknowledged within the delivery timeout".to_owned()),
     }
 }
 

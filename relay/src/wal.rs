@@ -40,6 +40,7 @@ use prost::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 /// The publication every pgoutput stream of the relay names (migrations: it publishes no
 /// table; logical decoding messages are sent whatever it holds).
@@ -403,13 +404,8 @@ impl WalRelay {
                             let deadline = tokio::time::Instant::now() + self.delivery_timeout;
                             let published = messages.len();
                             in_flight.push_back(async move {
-                                for delivery in deliveries {
-                                    match tokio::time::timeout_at(deadline, delivery?).await {
-                                        Ok(Ok(Ok(_))) => {}
-                                        Ok(Ok(Err((error, _)))) => return Err(error.to_string()),
-                                        Ok(Err(_)) => return Err("producer dropped the message".to_owned()),
-                                        Err(_) => return Err("not acknowledged within the delivery timeout".to_owned()),
-                                    }
+                                for (delivery, span) in deliveries {
+                                    crate::acknowledged(delivery, deadline).instrument(span).await?;
                                 }
                                 Ok(Committed { end_lsn, commit_unix_micros, published })
                             });
@@ -437,19 +433,25 @@ impl WalRelay {
     async fn enqueue_all(
         &self,
         messages: &[(String, EventEnvelope, Vec<u8>)],
-    ) -> Vec<Result<rdkafka::producer::DeliveryFuture, String>> {
+    ) -> Vec<(Result<rdkafka::producer::DeliveryFuture, String>, tracing::Span)> {
         let mut deliveries = Vec::with_capacity(messages.len() * if self.publish_twice { 2 } else { 1 });
         for (topic, envelope, payload) in messages {
             let version = envelope.schema_version.to_string();
             let traceparent = (!envelope.traceparent.is_empty()).then_some(envelope.traceparent.as_str());
-            let headers = outbox::record_headers(&envelope.message_id, &envelope.event_type, &version, traceparent);
+            let (span, headers) = crate::publication(
+                &envelope.message_id,
+                &envelope.event_type,
+                &version,
+                &envelope.aggregate_id,
+                traceparent,
+            );
             let copies = if self.publish_twice { 2 } else { 1 };
             for _ in 0..copies {
                 let record = FutureRecord::to(topic)
                     .key(&envelope.aggregate_id)
                     .payload(payload)
                     .headers(headers.clone());
-                deliveries.push(crate::enqueue(&self.producer, record).await);
+                deliveries.push((crate::enqueue(&self.producer, record).await, span.clone()));
             }
         }
         deliveries
