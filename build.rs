@@ -20,6 +20,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // with their services removed (the gateway's API imports Money from the orders API, not
     // the OrderService).
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    // The events' descriptors, whole: tools print events in the proto3 JSON mapping from them
+    // (`ordersctl events --json`).
+    std::fs::write(
+        out_dir.join("events_descriptor.bin"),
+        protox::compile(["proto/orderflow/events/v1/events.proto"], ["proto"])?.encode_to_vec(),
+    )?;
     for (name, served) in [
         ("orders_descriptor.bin", "orderflow/orders/v1/orders.proto"),
         ("gateway_descriptor.bin", "orderflow/gateway/v1/gateway.proto"),

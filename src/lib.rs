@@ -35,6 +35,10 @@ pub const ORDERS_FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_D
 /// What the gateway's reflection describes: the gateway API (its imports without services).
 pub const GATEWAY_FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gateway_descriptor.bin"));
 
+/// The events' schema (events.proto and its imports), for tools that print events in the
+/// proto3 JSON mapping.
+pub const EVENTS_FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/events_descriptor.bin"));
+
 /// Kafka topic names. Every record on them is an encoded [`events::v1::EventEnvelope`]
 /// keyed by the order id.
 pub mod topics {

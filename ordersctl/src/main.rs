@@ -142,6 +142,41 @@ enum Command {
         #[command(flatten)]
         stores: StoreArgs,
     },
+    /// One order's trace from Jaeger (`scripts/stack up --telemetry`): a waterfall with one
+    /// line per span (service, hop, operation, start offset, duration); --html FILE writes it
+    /// as a page.
+    Trace {
+        /// The order id.
+        order_id: uuid::Uuid,
+        /// Jaeger's query API.
+        #[arg(long, env = "ORDERFLOW_JAEGER_URL", default_value = "http://127.0.0.1:16686")]
+        jaeger_url: String,
+        /// Wait up to this long for the spans to arrive (the services export them in batches):
+        /// until the trace stops growing for 2 s.
+        #[arg(long, default_value_t = 10)]
+        wait_secs: u64,
+        /// Also write the waterfall as a self-contained HTML page.
+        #[arg(long)]
+        html: Option<std::path::PathBuf>,
+        /// Print the spans as JSON instead.
+        #[arg(long)]
+        json: bool,
+        /// The orders database (where the order's trace id is kept).
+        #[arg(long, env = "ORDERFLOW_ORDERS_DATABASE_URL", hide_env_values = true)]
+        orders_db: String,
+    },
+    /// Everything every store and topic knows about one order (state, events with offsets,
+    /// inboxes, consumer groups, dead letters, payment, ledger, shipment, read model) and a
+    /// one-line diagnosis of where a stuck order is stuck.
+    Explain {
+        /// The order id.
+        order_id: uuid::Uuid,
+        #[command(flatten)]
+        stores: StoreArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the events on a topic, decoded, from the beginning.
     Events {
         /// The topic.
@@ -156,6 +191,18 @@ enum Command {
         /// Stop after this many seconds without a new event.
         #[arg(long, default_value_t = 5)]
         idle_secs: u64,
+        /// Tail the topic: start at its end and print events as they arrive, until interrupted
+        /// (with --from-start, the events already there first).
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: start at the beginning of the topic.
+        #[arg(long, requires = "follow")]
+        from_start: bool,
+        /// One JSON object per event: the envelope in the proto3 JSON mapping (the names grpcurl
+        /// shows), payment tokens redacted, the record's topic, partition, offset and key under
+        /// `kafka`.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -453,15 +500,64 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::Trace {
+            order_id,
+            jaeger_url,
+            wait_secs,
+            html,
+            json,
+            orders_db,
+        } => {
+            let orders = sqlx::PgPool::connect(&orders_db).await?;
+            let trace_id = ordersctl::trace::trace_id_of_order(&orders, order_id)
+                .await?
+                .context("the order has no trace context (placed without one)")?;
+            let trace = tokio::task::spawn_blocking(move || {
+                ordersctl::trace::fetch_settled(&jaeger_url, &trace_id, Duration::from_secs(wait_secs))
+            })
+            .await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&trace)?);
+            } else {
+                print!("{}", trace.render_text());
+            }
+            if let Some(path) = html {
+                std::fs::write(&path, trace.render_html(&format!("order {order_id}")))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+        Command::Explain { order_id, stores, json } => {
+            let stores = stores.connect(2).await?;
+            let explanation = ordersctl::explain::explain(&stores, &cluster, order_id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&explanation)?);
+            } else {
+                print!("{}", ordersctl::explain::render(&explanation));
+            }
+        }
         Command::Events {
             topic,
             order,
             count,
             idle_secs,
+            follow,
+            from_start,
+            json,
         } => {
             let cluster = cluster.clone();
-            tokio::task::spawn_blocking(move || print_events(&cluster, &topic, order.as_deref(), count, idle_secs))
-                .await??;
+            let options = EventsOptions {
+                order,
+                count,
+                idle: (!follow).then_some(Duration::from_secs(idle_secs)),
+                start: if follow && !from_start {
+                    rdkafka::Offset::End
+                } else {
+                    rdkafka::Offset::Beginning
+                },
+                json,
+            };
+            tokio::task::spawn_blocking(move || print_events(&cluster, &topic, &options)).await??;
         }
     }
     Ok(())
@@ -757,44 +853,65 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
+/// What `ordersctl events` prints, from where, and until when.
+struct EventsOptions {
+    order: Option<String>,
+    count: Option<usize>,
+    /// Stop after this long without a new event; None: never (--follow).
+    idle: Option<Duration>,
+    start: rdkafka::Offset,
+    json: bool,
+}
+
 fn print_events(
     cluster: &orderflow_platform::kafka::Cluster,
     topic: &str,
-    order: Option<&str>,
-    count: Option<usize>,
-    idle_secs: u64,
+    options: &EventsOptions,
 ) -> anyhow::Result<()> {
-    let (consumer, _) = orderflow_platform::kafka::reader_from_start(cluster, topic)?;
+    use std::io::Write as _;
+    let (consumer, _) = orderflow_platform::kafka::reader(cluster, topic, options.start)?;
     let mut printed = 0;
     let mut last_seen = Instant::now();
-    while count.is_none_or(|n| printed < n) && last_seen.elapsed() < Duration::from_secs(idle_secs) {
+    let mut out = std::io::stdout().lock();
+    while options.count.is_none_or(|n| printed < n) && options.idle.is_none_or(|idle| last_seen.elapsed() < idle) {
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
         let message = message?;
         last_seen = Instant::now();
         let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
-        if order.is_some_and(|o| o != key) {
+        if options.order.as_ref().is_some_and(|o| *o != key) {
             continue;
         }
-        let line = match envelope::open(message.payload().unwrap_or_default()) {
-            Ok(event) => serde_json::json!({
-                "partition": message.partition(),
-                "offset": message.offset(),
-                "key": key,
-                "event_type": envelope::event_type_of(&event.payload),
-                "message_id": event.message_id.to_string(),
-                "correlation_id": event.correlation_id.to_string(),
-                "payload": describe_payload(&event.payload),
-            }),
-            Err(error) => serde_json::json!({
-                "partition": message.partition(),
-                "offset": message.offset(),
-                "key": key,
-                "error": error.to_string(),
-            }),
-        };
-        println!("{line}");
+        let payload = message.payload().unwrap_or_default();
+        if options.json {
+            let coordinates = ordersctl::events::Coordinates {
+                topic: topic.to_owned(),
+                partition: message.partition(),
+                offset: message.offset(),
+                key,
+                timestamp_ms: message.timestamp().to_millis(),
+            };
+            writeln!(out, "{}", ordersctl::events::json_line(&coordinates, payload))?;
+        } else {
+            let described = match envelope::open(payload) {
+                Ok(event) => format!(
+                    "{:<34} message {}  {}",
+                    envelope::event_type_of(&event.payload).trim_start_matches("orderflow.events.v1."),
+                    event.message_id,
+                    ordersctl::events::describe_payload(&event.payload)
+                ),
+                Err(error) => format!("(does not open: {error})"),
+            };
+            writeln!(
+                out,
+                "{:>2}/{:<8} {key}  {described}",
+                message.partition(),
+                message.offset()
+            )?;
+        }
+        // A follower's reader (a pipe, `jq`) sees each event as it arrives.
+        out.flush()?;
         printed += 1;
     }
     Ok(())
@@ -839,7 +956,7 @@ async fn dlq(cluster: &orderflow_platform::kafka::Cluster, command: DlqCommand) 
                 println!("{name}: {}", String::from_utf8_lossy(value));
             }
             match envelope::open(&letter.payload) {
-                Ok(event) => println!("payload: {}", describe_payload(&event.payload)),
+                Ok(event) => println!("payload: {}", ordersctl::events::describe_payload(&event.payload)),
                 Err(error) => println!("payload ({} bytes) does not open: {error}", letter.payload.len()),
             }
         }
@@ -861,36 +978,4 @@ async fn dlq(cluster: &orderflow_platform::kafka::Cluster, command: DlqCommand) 
         }
     }
     Ok(())
-}
-
-/// An event's payload for a terminal or a log: everything but the payment token, which
-/// would let whoever reads the output charge the card.
-fn describe_payload(payload: &orderflow::events::v1::event_envelope::Payload) -> String {
-    use orderflow::events::v1::event_envelope::Payload;
-    let mut shown = payload.clone();
-    if let Payload::OrderPlaced(placed) = &mut shown
-        && !placed.payment_token.is_empty()
-    {
-        placed.payment_token = "[redacted]".into();
-    }
-    format!("{shown:?}")
-}
-
-#[cfg(test)]
-mod payload_tests {
-    use super::describe_payload;
-    use orderflow::events::v1::OrderPlaced;
-    use orderflow::events::v1::event_envelope::Payload;
-
-    #[test]
-    fn payment_tokens_are_never_printed() {
-        let placed = Payload::OrderPlaced(OrderPlaced {
-            order_id: "o-1".into(),
-            payment_token: "tok_live_secret".into(),
-            ..OrderPlaced::default()
-        });
-        let shown = describe_payload(&placed);
-        assert!(!shown.contains("tok_live_secret"), "{shown}");
-        assert!(shown.contains("[redacted]") && shown.contains("o-1"), "{shown}");
-    }
 }
