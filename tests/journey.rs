@@ -23,7 +23,11 @@ fn root() -> PathBuf {
 /// output, or a panic with its error.
 fn ordersctl(args: &[&str]) -> String {
     let binary = root().join("target/debug/ordersctl");
-    assert!(binary.exists(), "{} is not built (cargo build -p ordersctl)", binary.display());
+    assert!(
+        binary.exists(),
+        "{} is not built (cargo build -p ordersctl)",
+        binary.display()
+    );
     let output = Command::new(&binary)
         .args(args)
         .envs(&stack().vars)
@@ -119,7 +123,14 @@ async fn an_orders_trace_holds_every_hop_and_explain_names_the_stuck_one() {
         .collect();
     assert!(complete, "a hop has no span in the order's trace: {hops:?}");
     let services: std::collections::BTreeSet<&str> = hops.iter().map(|(service, _, _)| *service).collect();
-    for service in ["order-svc", "relay", "payment-svc", "gateway-sim", "fulfilment", "order-projector"] {
+    for service in [
+        "order-svc",
+        "relay",
+        "payment-svc",
+        "gateway-sim",
+        "fulfilment",
+        "order-projector",
+    ] {
         assert!(services.contains(service), "no span of {service}: {services:?}");
     }
     // gateway-sim's span continues payment-svc's call (the trace context crossed in the
@@ -130,12 +141,19 @@ async fn an_orders_trace_holds_every_hop_and_explain_names_the_stuck_one() {
         .iter()
         .find(|s| s["service"] == "gateway-sim" && s["hop"] == "gateway authorize")
         .expect("gateway-sim's Authorize span");
-    let caller = authorize["parent_id"].as_str().and_then(|id| by_id.get(id)).expect("its parent is in the trace");
+    let caller = authorize["parent_id"]
+        .as_str()
+        .and_then(|id| by_id.get(id))
+        .expect("its parent is in the trace");
     assert_eq!(caller["service"], "payment-svc", "{caller:#}");
     let page = std::env::temp_dir().join(format!("trace-{order_id}.html"));
     ordersctl(&["trace", &order_id, "--html", page.to_str().unwrap(), "--wait-secs", "0"]);
     let html = std::fs::read_to_string(&page).unwrap();
-    assert_eq!(html.matches("<rect class=\"span\"").count(), spans.len(), "one bar per span");
+    assert_eq!(
+        html.matches("<rect class=\"span\"").count(),
+        spans.len(),
+        "one bar per span"
+    );
     std::fs::remove_file(&page).ok();
 
     // A stuck order: payment-svc is stopped, so OrderPlaced is published and nobody pays.

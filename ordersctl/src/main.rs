@@ -281,6 +281,10 @@ struct BenchArgs {
     /// The stack directory (pid files, for CPU per process).
     #[arg(long, env = "ORDERFLOW_STACK_DIR")]
     stack_dir: Option<std::path::PathBuf>,
+    /// Jaeger's query API (`scripts/stack up --telemetry`): the report shows the slowest
+    /// order's trace as a waterfall.
+    #[arg(long, env = "ORDERFLOW_JAEGER_URL")]
+    jaeger_url: Option<String>,
     /// The Postgres admin URL (pgbench's scratch database).
     #[arg(long, env = "ORDERFLOW_PG_ADMIN_URL", hide_env_values = true)]
     admin_db: Option<String>,
@@ -805,6 +809,7 @@ async fn bench(addr: &str, access: ordersctl::access::Access, args: BenchArgs) -
             consumer_metrics: args.consumer_metrics.clone(),
         },
         stack_dir: args.stack_dir.clone(),
+        jaeger_url: args.jaeger_url.clone(),
         progress: !args.json,
     };
     let plan = bench::Plan {

@@ -33,6 +33,12 @@ pub const SERVICE_ROLES: [&str; 7] = [
 /// The process the benchmark runs in: its CPU is reported apart, never in the total.
 pub const LOAD_GENERATOR: &str = "ordersctl-bench";
 
+/// Processes that watch the system rather than run it (the load generator, and the stack's
+/// Jaeger and Prometheus under --telemetry): their CPU is reported apart, never in the total.
+pub fn is_apart(process: &str) -> bool {
+    matches!(process, LOAD_GENERATOR | "jaeger" | "prometheus")
+}
+
 /// Where the counters are read.
 #[derive(Debug, Clone)]
 pub struct Sources {
@@ -170,7 +176,7 @@ impl Counters {
         }
         let cpu_ms_total = cpu_ms
             .iter()
-            .filter(|(name, _)| name.as_str() != LOAD_GENERATOR)
+            .filter(|(name, _)| !is_apart(name))
             .map(|(_, ms)| ms)
             .sum();
         let delta = |now: &BTreeMap<String, i64>, before: &BTreeMap<String, i64>| -> BTreeMap<String, f64> {

@@ -61,6 +61,8 @@ pub struct Options {
     pub cost: cost::Sources,
     /// The stack directory (pid files), for CPU per process.
     pub stack_dir: Option<PathBuf>,
+    /// Jaeger's query API, for the slowest order's trace (None: the stack exports no spans).
+    pub jaeger_url: Option<String>,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -176,12 +178,15 @@ async fn load(
                 tick.tick().await;
                 let t = start.elapsed().as_secs_f64();
                 let accepted = shared.accepted.load(Ordering::Relaxed);
-                let p99 = {
+                let (p50, p99) = {
                     let mut second = shared.second.lock().await;
                     let p = if second.is_empty() {
-                        0.0
+                        (0.0, 0.0)
                     } else {
-                        second.value_at_quantile(0.99) as f64 / 1000.0
+                        (
+                            second.value_at_quantile(0.5) as f64 / 1000.0,
+                            second.value_at_quantile(0.99) as f64 / 1000.0,
+                        )
                     };
                     second.reset();
                     p
@@ -197,6 +202,7 @@ async fn load(
                 let sample = Sample {
                     t,
                     accepted_per_sec: (accepted - last_accepted) as f64,
+                    place_p50_ms: p50,
                     place_p99_ms: p99,
                     outbox_backlog: backlog,
                     pending_sagas: pending,
@@ -465,6 +471,8 @@ pub async fn step(
     let (relay, saga, saga_approved, read_model) =
         server_latencies(stores, outcome.window_start, outcome.window_end).await?;
     let hops = hops::decompose(stores, outcome.window_start, outcome.window_end).await?;
+    let saga_over_time = saga_per_second(stores, outcome.started_at, outcome.window_end).await?;
+    let slowest = slowest_order(options, stores, outcome.window_start, outcome.window_end).await?;
     let measured: Vec<&Sample> = outcome
         .timeline
         .iter()
@@ -504,7 +512,89 @@ pub async fn step(
         cost: outcome.cost,
         hops,
         timeline: outcome.timeline,
+        saga_over_time,
+        slowest,
     })
+}
+
+/// Saga completion p50 and p99 of the orders placed in each second since the step began (the
+/// timeline's clock), warm-up included like the timeline.
+async fn saga_per_second(
+    stores: &Stores,
+    started_at: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> anyhow::Result<Vec<report::SecondLatency>> {
+    let rows: Vec<(f64, f64, f64, i64)> = sqlx::query_as(
+        "SELECT floor(extract(epoch FROM created_at - $1))::float8 + 1,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM settled_at - created_at)) * 1000,
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM settled_at - created_at)) * 1000,
+                count(*)
+         FROM orders WHERE created_at >= $1 AND created_at < $2 AND settled_at IS NOT NULL
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(started_at)
+    .bind(to)
+    .fetch_all(&stores.orders)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(t, p50_ms, p99_ms, orders)| report::SecondLatency {
+            t,
+            p50_ms,
+            p99_ms,
+            orders,
+        })
+        .collect())
+}
+
+/// The measured window's slowest settled order, with its trace when the stack runs Jaeger.
+async fn slowest_order(
+    options: &Options,
+    stores: &Stores,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> anyhow::Result<Option<report::SlowestOrder>> {
+    let row: Option<(uuid::Uuid, f64)> = sqlx::query_as(
+        "SELECT order_id, extract(epoch FROM settled_at - created_at)::float8 * 1000 FROM orders
+         WHERE created_at >= $1 AND created_at < $2 AND settled_at IS NOT NULL
+         ORDER BY settled_at - created_at DESC LIMIT 1",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_optional(&stores.orders)
+    .await?;
+    let Some((order_id, saga_ms)) = row else {
+        return Ok(None);
+    };
+    let (trace, note) = match &options.jaeger_url {
+        None => (
+            None,
+            "no trace: the stack exports no spans (scripts/stack up --telemetry)".to_owned(),
+        ),
+        Some(url) => match crate::trace::trace_id_of_order(&stores.orders, order_id).await? {
+            None => (
+                None,
+                "no trace: the order was placed without a trace context".to_owned(),
+            ),
+            Some(trace_id) => {
+                let url = url.clone();
+                let fetched = tokio::task::spawn_blocking(move || {
+                    crate::trace::fetch_settled(&url, &trace_id, Duration::from_secs(10))
+                })
+                .await?;
+                match fetched {
+                    Ok(trace) => (Some(trace), String::new()),
+                    Err(error) => (None, format!("no trace: {error:#}")),
+                }
+            }
+        },
+    };
+    Ok(Some(report::SlowestOrder {
+        order_id,
+        saga_ms,
+        trace,
+        note,
+    }))
 }
 
 /// Whether a step held its service level: saga p99 within `saga_p99_limit_ms`, a backlog that
@@ -805,6 +895,8 @@ mod tests {
             cost: cost::CostPerOrder::default(),
             hops: Vec::new(),
             timeline: Vec::new(),
+            saga_over_time: Vec::new(),
+            slowest: None,
         }
     }
 

@@ -28,6 +28,8 @@ pub struct Sample {
     pub t: f64,
     /// Orders accepted in that second.
     pub accepted_per_sec: f64,
+    /// PlaceOrder p50 of the calls answered in that second.
+    pub place_p50_ms: f64,
     /// PlaceOrder p99 of the calls answered in that second.
     pub place_p99_ms: f64,
     /// Unpublished outbox rows (both databases).
@@ -40,6 +42,29 @@ pub struct Sample {
     pub machine_cpu: f64,
     /// Share of one core per process (100 = one core).
     pub cpu: BTreeMap<String, f64>,
+}
+
+/// Saga completion of the orders placed in one second.
+#[derive(Debug, Clone, Serialize)]
+pub struct SecondLatency {
+    /// Seconds since the step began (the end of the second, as the timeline counts).
+    pub t: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Orders placed in that second that settled.
+    pub orders: i64,
+}
+
+/// The measured window's slowest settled order.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowestOrder {
+    pub order_id: uuid::Uuid,
+    /// Placed to settled.
+    pub saga_ms: f64,
+    /// Its trace, when the stack exports spans to Jaeger.
+    pub trace: Option<crate::trace::Trace>,
+    /// Why there is no trace.
+    pub note: String,
 }
 
 /// One load step.
@@ -89,6 +114,10 @@ pub struct StepReport {
     pub hops: Vec<super::hops::Hop>,
     /// Second by second.
     pub timeline: Vec<Sample>,
+    /// Saga completion of the orders placed in each second.
+    pub saga_over_time: Vec<SecondLatency>,
+    /// The slowest order of the measured window, with its trace when there is one.
+    pub slowest: Option<SlowestOrder>,
 }
 
 /// A target from the issue, and whether the run met it.
@@ -219,17 +248,13 @@ pub fn bottleneck(step: &StepReport, cores: usize) -> Vec<String> {
 /// The cost of one order as (what, per order) lines, shared by the text and HTML reports.
 pub fn cost_lines(cost: &super::cost::CostPerOrder) -> Vec<(String, String)> {
     let mut lines = vec![(
-        "CPU, every process but the load generator".to_owned(),
+        "CPU, every process but the load generator (and Jaeger and Prometheus)".to_owned(),
         format!("{:.2} ms", cost.cpu_ms_total),
     )];
     let mut by_cpu: Vec<(&String, &f64)> = cost.cpu_ms.iter().collect();
     by_cpu.sort_by(|a, b| b.1.total_cmp(a.1));
     for (name, ms) in by_cpu {
-        let apart = if name == super::cost::LOAD_GENERATOR {
-            " (apart)"
-        } else {
-            ""
-        };
+        let apart = if super::cost::is_apart(name) { " (apart)" } else { "" };
         lines.push((format!("  CPU {name}{apart}"), format!("{ms:.2} ms")));
     }
     lines.push((
@@ -655,9 +680,23 @@ pub fn render_html(report: &BenchReport) -> String {
             ],
         ));
         body.push_str(&chart(
-            "PlaceOrder p99 per second",
+            "PlaceOrder latency per second (calls answered in that second)",
             "ms",
-            &[("PlaceOrder p99", COLORS[1], series(&|s| s.place_p99_ms))],
+            &[
+                ("PlaceOrder p50", COLORS[0], series(&|s| s.place_p50_ms)),
+                ("PlaceOrder p99", COLORS[1], series(&|s| s.place_p99_ms)),
+            ],
+        ));
+        let saga = |f: &dyn Fn(&SecondLatency) -> f64| -> Vec<(f64, f64)> {
+            step.saga_over_time.iter().map(|s| (s.t, f(s))).collect()
+        };
+        body.push_str(&chart(
+            "Saga completion per second (orders placed in that second)",
+            "ms",
+            &[
+                ("saga p50", COLORS[2], saga(&|s| s.p50_ms)),
+                ("saga p99", COLORS[3], saga(&|s| s.p99_ms)),
+            ],
         ));
         body.push_str(&chart(
             "Backlog",
@@ -681,6 +720,19 @@ pub fn render_html(report: &BenchReport) -> String {
             })
             .collect();
         body.push_str(&chart("CPU per process (100 = one core)", "%", &cpu_series));
+        if let Some(slowest) = &step.slowest {
+            let _ = write!(
+                body,
+                "<h3>The slowest order: {} ({:.0} ms placed to settled)</h3>",
+                slowest.order_id, slowest.saga_ms
+            );
+            match &slowest.trace {
+                Some(trace) => body.push_str(&trace.render_svg()),
+                None => {
+                    let _ = write!(body, "<p>{}</p>", html_escape(&slowest.note));
+                }
+            }
+        }
     }
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>orderflow benchmark</title><style>\
@@ -700,6 +752,7 @@ mod tests {
         Sample {
             t,
             accepted_per_sec: 100.0,
+            place_p50_ms: 8.0,
             place_p99_ms: 20.0,
             outbox_backlog: outbox,
             pending_sagas: pending,
