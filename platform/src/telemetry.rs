@@ -118,14 +118,15 @@ impl Drop for TelemetryGuard {
 /// They are exported over OTLP only when the standard variables say where
 /// (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); without a
 /// collector nothing is sent and nothing waits. A second call is a no-op.
-pub fn init(service: &'static str) -> TelemetryGuard {
+pub fn init(service: impl Into<String>) -> TelemetryGuard {
     use opentelemetry::trace::TracerProvider as _;
+    let service: String = service.into();
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
 
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(service)
+        .with_service_name(service.clone())
         .build();
     let mut builder = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_resource(resource);
     let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]

@@ -844,12 +844,15 @@ pub fn rows_to_mark<'a>(rows: impl IntoIterator<Item = (&'a str, bool)>) -> Vec<
 /// `relay-with-failpoints`, which differ only in the `failpoints` feature.
 pub async fn main_from_env() -> anyhow::Result<()> {
     use clap::Parser as _;
-    let _telemetry = orderflow_platform::telemetry::init("relay");
+    let config = Config::parse();
+    // A relay's spans carry its client id as their service (relay-orders, relay-payments):
+    // an order's trace tells which database's relay published each event.
+    let _telemetry = orderflow_platform::telemetry::init(config.client_id.clone());
     orderflow_platform::telemetry::install_metrics_from_env()?;
     // Reads FAILPOINTS (e.g. `relay::after_ack_before_mark=pause`) when built with the
     // `failpoints` feature; does nothing otherwise.
     let _failpoints = fail::FailScenario::setup();
-    run(Config::parse(), orderflow_platform::shutdown_on_signals()).await
+    run(config, orderflow_platform::shutdown_on_signals()).await
 }
 
 /// Connects to the database and the broker and runs the relay until `shutdown`.
