@@ -125,9 +125,10 @@ async fn an_orders_trace_holds_every_hop_and_explain_names_the_stuck_one() {
     let services: std::collections::BTreeSet<&str> = hops.iter().map(|(service, _, _)| *service).collect();
     for service in [
         "order-svc",
-        "relay",
+        "relay-orders",
         "payment-svc",
         "gateway-sim",
+        "relay-payments",
         "fulfilment",
         "order-projector",
     ] {
