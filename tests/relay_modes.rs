@@ -511,7 +511,7 @@ async fn slot_holders(db: &TestDb) -> (i64, i64) {
          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = $2::int4::oid AND d.datname = $1",
     )
     .bind(&db.name)
-    .bind(0x4f46_4b53_i32)
+    .bind(relay::SLOT_LOCK_CLASS)
     .fetch_one(&db.pool)
     .await
     .unwrap()

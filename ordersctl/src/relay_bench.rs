@@ -697,13 +697,8 @@ mod debezium {
     ) -> anyhow::Result<tokio::process::Child> {
         let dir = std::env::temp_dir().join(format!("orderflow-debezium-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&dir)?;
-        let database = url::Url::parse(url.expose())?;
-        let decode = |part: &str| {
-            url::form_urlencoded::parse(format!("x={part}").as_bytes())
-                .next()
-                .map(|(_, value)| value.into_owned())
-                .unwrap_or_default()
-        };
+        // The same coordinates the WAL relay connects with (decoded from the URL in one place).
+        let database = relay::wal::replication_config(url, slot)?;
         let client = cluster.client_config();
         let sasl = match (cluster.principal(), client.get("sasl.password")) {
             (Some(user), Some(password)) => {
@@ -743,11 +738,11 @@ mod debezium {
              transforms.outbox.table.field.event.payload=payload\ntransforms.outbox.route.by.field=topic\n\
              transforms.outbox.route.topic.replacement=${{routedByValue}}\ntransforms.outbox.table.expand.json.payload=false\n\
              transforms.outbox.table.fields.additional.placement=message_id:header:message_id,event_type:header:event_type,schema_version:header:schema_version\n",
-            host = database.host_str().unwrap_or("127.0.0.1"),
-            port = database.port().unwrap_or(5432),
-            user = decode(database.username()),
-            password = decode(database.password().unwrap_or_default()),
-            dbname = database.path().trim_start_matches('/'),
+            host = database.host,
+            port = database.port,
+            user = database.user,
+            password = database.password,
+            dbname = database.database,
         );
         std::fs::write(dir.join("worker.properties"), worker)?;
         std::fs::write(dir.join("connector.properties"), connector)?;

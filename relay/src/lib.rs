@@ -46,8 +46,9 @@ use tracing::Instrument as _;
 /// Key slots of the outbox: fixed by the schema (`outbox.key_slot`, a hash of the partition
 /// key modulo this), so every relay of a database agrees on them.
 pub const KEY_SLOTS: i32 = 64;
-/// Advisory lock class of a key slot's lease (the slot is the second key): "OFKS".
-const SLOT_LOCK_CLASS: i32 = 0x4f46_4b53;
+/// Advisory lock class of a key slot's lease (the slot is the second key): "OFKS". Public for
+/// whoever looks for the holders in `pg_locks` (operators, the tests).
+pub const SLOT_LOCK_CLASS: i32 = 0x4f46_4b53;
 /// Advisory lock class of a relay's membership (its random member id is the second key):
 /// the relays count each other by these. "OFRM".
 const MEMBER_LOCK_CLASS: i32 = 0x4f46_524d;

@@ -455,7 +455,7 @@ fn chart(title: &str, unit: &str, series: &[Series<'_>]) -> String {
             top + 16.0 * i as f64,
             w - right + 24.0,
             top + 9.0 + 16.0 * i as f64,
-            html_escape(name)
+            crate::trace::escape(name)
         );
     }
     svg.push_str("</svg>\n");
@@ -480,7 +480,7 @@ fn hop_bars(hops: &[super::hops::Hop]) -> String {
             r##"<text x="{tx}" y="{ty}" text-anchor="end">{name}</text><rect x="{left}" y="{y}" width="{p99}" height="16" fill="none" stroke="{c}"/><rect x="{left}" y="{y}" width="{p50}" height="16" fill="{c}"/><text x="{lx}" y="{ty}">{p50v:.1} / {p99v:.1}</text>"##,
             tx = left - 6.0,
             ty = y + 12.0,
-            name = html_escape(&hop.name),
+            name = crate::trace::escape(&hop.name),
             p99 = scale(hop.latency.p99_ms).max(1.0),
             p50 = scale(hop.latency.p50_ms).max(1.0),
             c = COLORS[i % COLORS.len()],
@@ -491,10 +491,6 @@ fn hop_bars(hops: &[super::hops::Hop]) -> String {
     }
     svg.push_str("</svg>");
     svg
-}
-
-fn html_escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 const COLORS: &[&str] = &[
@@ -514,9 +510,9 @@ pub fn render_html(report: &BenchReport) -> String {
     let _ = write!(
         body,
         "<h1>orderflow benchmark</h1><p>{} &middot; {}</p><pre>{}</pre>",
-        html_escape(&report.started_at),
-        html_escape(&report.machine),
-        html_escape(&report.command)
+        crate::trace::escape(&report.started_at),
+        crate::trace::escape(&report.machine),
+        crate::trace::escape(&report.command)
     );
     let _ = write!(
         body,
@@ -526,9 +522,9 @@ pub fn render_html(report: &BenchReport) -> String {
         let _ = write!(
             body,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
-            html_escape(&t.name),
-            html_escape(&t.goal),
-            html_escape(&t.measured),
+            crate::trace::escape(&t.name),
+            crate::trace::escape(&t.goal),
+            crate::trace::escape(&t.measured),
             if t.met { "ok" } else { "bad" },
             if t.met { "met" } else { "missed" }
         );
@@ -545,7 +541,7 @@ pub fn render_html(report: &BenchReport) -> String {
             "<h2>Ceiling</h2><p>Highest sustainable rate: <b>{ceiling:.0} orders/s</b>."
         );
         if let Some(why) = &report.ceiling_broken_by {
-            let _ = write!(body, " The next step broke: {}.", html_escape(why));
+            let _ = write!(body, " The next step broke: {}.", crate::trace::escape(why));
         }
         body.push_str("</p>");
         let offered: Vec<(f64, f64)> = report.steps.iter().map(|s| (s.offered_rate, s.offered_rate)).collect();
@@ -581,7 +577,7 @@ pub fn render_html(report: &BenchReport) -> String {
     if !report.bottleneck.is_empty() {
         body.push_str("<h2>Bottleneck</h2><ul>");
         for line in &report.bottleneck {
-            let _ = write!(body, "<li>{}</li>", html_escape(line));
+            let _ = write!(body, "<li>{}</li>", crate::trace::escape(line));
         }
         body.push_str("</ul>");
     }
@@ -613,8 +609,8 @@ pub fn render_html(report: &BenchReport) -> String {
             let _ = write!(
                 body,
                 "<details><summary>{name}: command and script</summary><pre>{}</pre><pre>{}</pre></details>",
-                html_escape(&run.command),
-                html_escape(&run.script)
+                crate::trace::escape(&run.command),
+                crate::trace::escape(&run.script)
             );
         }
     }
@@ -654,8 +650,8 @@ pub fn render_html(report: &BenchReport) -> String {
             let _ = write!(
                 body,
                 "<tr><td>{}</td><td>{}</td></tr>",
-                html_escape(&what),
-                html_escape(&value)
+                crate::trace::escape(&what),
+                crate::trace::escape(&value)
             );
         }
         body.push_str("</table>");
@@ -729,7 +725,7 @@ pub fn render_html(report: &BenchReport) -> String {
             match &slowest.trace {
                 Some(trace) => body.push_str(&trace.render_svg()),
                 None => {
-                    let _ = write!(body, "<p>{}</p>", html_escape(&slowest.note));
+                    let _ = write!(body, "<p>{}</p>", crate::trace::escape(&slowest.note));
                 }
             }
         }
