@@ -58,6 +58,9 @@ async fn metrics_cover_every_hop_and_each_order_is_one_trace_across_services() {
         "orderflow_relay_lag_seconds_bucket",
         "orderflow_relay_published_total",
         "orderflow_outbox_pending_rows",
+        "orderflow_outbox_oldest_pending_seconds",
+        // Each consumer counts its dead-letter topics at start, then every 30 s.
+        "orderflow_dead_letter_messages{topic=",
         r#"outcome="processed""#,
         "orderflow_saga_completion_seconds_bucket{status=\"CONFIRMED\"",
         r#"orderflow_gateway_call_duration_seconds_bucket{operation="authorize",outcome="ok""#,
