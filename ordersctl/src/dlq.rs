@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::Message as _;
 use rdkafka::consumer::Consumer as _;
-use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// One dead letter.
@@ -33,10 +33,7 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// A header as text.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        orderflow_platform::kafka::header_text(&self.headers, name)
     }
 
     /// The original record's coordinates: (topic, partition, offset).
@@ -76,14 +73,7 @@ pub fn read_all(cluster: &orderflow_platform::kafka::Cluster, topic: &str) -> an
             offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().unwrap_or_default().to_vec(),
-            headers: message
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            headers: orderflow_platform::kafka::headers_of(&message),
         });
         remaining.retain(|(p, high)| *p != partition || message.offset() + 1 < *high);
     }

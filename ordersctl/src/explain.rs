@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use orderflow::topics;
+use orderflow_platform::kafka;
 use rdkafka::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
@@ -226,7 +227,8 @@ pub async fn explain(
         tokio::task::spawn_blocking(move || read_topics(&reading, order_id, since)).await??;
     // The inbox keeps message ids only: the order's are those on its topics, in its outbox
     // rows still there, and in the read model's history.
-    let mut ids = message_ids_of(order_id, &stores.orders, &stores.payments).await?;
+    let mut ids = projected_message_ids(order_id, &stores.orders).await?;
+    ids.extend(outbox.iter().map(|row| row.message_id));
     ids.extend(records.iter().filter_map(|r| r.message_id.parse::<uuid::Uuid>().ok()));
     ids.sort_unstable();
     ids.dedup();
@@ -342,20 +344,9 @@ async fn inbox_rows(pool: &PgPool, groups: &[&str], ids: &[uuid::Uuid]) -> anyho
         .collect())
 }
 
-/// Every message id of the order that a store still knows: its outbox rows (both services)
-/// and the read model's history (which keeps the ids of the events it projected).
-async fn message_ids_of(order_id: uuid::Uuid, orders: &PgPool, payments: &PgPool) -> anyhow::Result<Vec<uuid::Uuid>> {
-    let outbox = "SELECT message_id FROM outbox WHERE partition_key = $1";
-    let mut ids: Vec<uuid::Uuid> = sqlx::query_scalar(outbox)
-        .bind(order_id.to_string())
-        .fetch_all(orders)
-        .await?;
-    ids.extend(
-        sqlx::query_scalar::<_, uuid::Uuid>(outbox)
-            .bind(order_id.to_string())
-            .fetch_all(payments)
-            .await?,
-    );
+/// The ids of the order's events the read model projected (its history keeps them): the
+/// outbox rows of older events may be gone, and their records past the topic's retention.
+async fn projected_message_ids(order_id: uuid::Uuid, orders: &PgPool) -> anyhow::Result<Vec<uuid::Uuid>> {
     let history: Vec<String> = sqlx::query_scalar(
         "SELECT h->>'message_id' FROM order_read, jsonb_array_elements(history) AS h
          WHERE order_id = $1 AND h ? 'message_id'",
@@ -363,8 +354,7 @@ async fn message_ids_of(order_id: uuid::Uuid, orders: &PgPool, payments: &PgPool
     .bind(order_id)
     .fetch_all(orders)
     .await?;
-    ids.extend(history.iter().filter_map(|id| id.parse::<uuid::Uuid>().ok()));
-    Ok(ids)
+    Ok(history.iter().filter_map(|id| id.parse::<uuid::Uuid>().ok()).collect())
 }
 
 async fn payment_row(payments: &PgPool, order_id: uuid::Uuid) -> anyhow::Result<Option<PaymentRow>> {
@@ -436,9 +426,10 @@ fn read_topics(
     let mut positions = Vec::new();
     let mut dead_letters = Vec::new();
     for topic in [topics::ORDERS_EVENTS, topics::PAYMENTS_EVENTS] {
-        let partition = partition_of(&key, partition_count(&reader, topic)?);
+        let partition = partition_of(&key, kafka::partition_count(&reader, topic)?);
         for (message, offset) in scan(&reader, topic, partition, &key, since)? {
-            let header = |name: &str| header_of(&message, name);
+            let headers = kafka::headers_of(&message);
+            let header = |name: &str| kafka::header_text(&headers, name);
             records.push(Record {
                 topic: topic.to_owned(),
                 partition,
@@ -458,9 +449,10 @@ fn read_topics(
             positions.push(position(cluster, &reader, group, topic, partition, high)?);
         }
         let dlq = topics::dead_letter(topic);
-        let dlq_partition = partition_of(&key, partition_count(&reader, &dlq)?);
+        let dlq_partition = partition_of(&key, kafka::partition_count(&reader, &dlq)?);
         for (message, offset) in scan(&reader, &dlq, dlq_partition, &key, since)? {
-            let header = |name: &str| header_of(&message, name).unwrap_or_default();
+            let headers = kafka::headers_of(&message);
+            let header = |name: &str| kafka::header_text(&headers, name).unwrap_or_default();
             dead_letters.push(DeadLetter {
                 topic: dlq.clone(),
                 partition: dlq_partition,
@@ -473,23 +465,6 @@ fn read_topics(
         }
     }
     Ok((records, positions, dead_letters))
-}
-
-fn header_of(message: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
-    use rdkafka::message::Headers as _;
-    message
-        .headers()?
-        .iter()
-        .find(|header| header.key == name)
-        .and_then(|header| header.value)
-        .map(|value| String::from_utf8_lossy(value).into_owned())
-}
-
-fn partition_count(reader: &BaseConsumer, topic: &str) -> anyhow::Result<i32> {
-    let metadata = reader.fetch_metadata(Some(topic), ASK)?;
-    Ok(i32::try_from(
-        metadata.topics().first().map_or(0, |t| t.partitions().len()),
-    )?)
 }
 
 /// The records of `key` on one partition, from the first written at or after `since` to the

@@ -560,16 +560,7 @@ async fn check_order(
         while seen.len() < total && Instant::now() < deadline {
             if let Some(message) = consumer.poll(Duration::from_millis(100)) {
                 let message = message?;
-                let id = message
-                    .headers()
-                    .and_then(|headers| {
-                        use rdkafka::message::Headers as _;
-                        headers
-                            .iter()
-                            .find(|h| h.key == orderflow::envelope::headers::MESSAGE_ID)
-                            .and_then(|h| h.value)
-                            .map(|v| String::from_utf8_lossy(v).into_owned())
-                    })
+                let id = kafka::header_text(&kafka::headers_of(&message), orderflow::envelope::headers::MESSAGE_ID)
                     .unwrap_or_default();
                 seen.insert(id.clone());
                 let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -173,14 +173,45 @@ pub fn reader(cluster: &Cluster, topic: &str, start: Offset) -> anyhow::Result<(
     let consumer: BaseConsumer = consumer_config(cluster, &group, None)
         .set("enable.auto.commit", "false")
         .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions = i32::try_from(metadata.topics().first().map_or(0, |t| t.partitions().len()))?;
+    let partitions = partition_count(&consumer, topic)?;
     let mut assignment = TopicPartitionList::new();
     for partition in 0..partitions {
         assignment.add_partition_offset(topic, partition, start)?;
     }
     consumer.assign(&assignment)?;
     Ok((consumer, partitions))
+}
+
+/// How many partitions `topic` has, from the cluster's metadata (0 for a topic that does not
+/// exist).
+pub fn partition_count(client: &impl Consumer, topic: &str) -> anyhow::Result<i32> {
+    let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(i32::try_from(
+        metadata.topics().first().map_or(0, |t| t.partitions().len()),
+    )?)
+}
+
+/// A record's headers as (name, value) pairs, for a copy of the record that outlives the
+/// client's buffer (a header without a value is kept with an empty one).
+pub fn headers_of(message: &impl rdkafka::Message) -> Vec<(String, Vec<u8>)> {
+    use rdkafka::message::Headers as _;
+    message
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|header| (header.key.to_owned(), header.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The value of the header `name` among `headers` (from [`headers_of`]) as text.
+pub fn header_text(headers: &[(String, Vec<u8>)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
 }
 
 /// A replication factor of -1 asks the broker for its `default.replication.factor`.

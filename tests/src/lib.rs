@@ -15,7 +15,7 @@ use orderflow::orders::v1::order_service_client::OrderServiceClient;
 use orderflow_platform::{Secret, kafka};
 
 pub mod saga;
-use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::message::Message as _;
 use tokio_util::sync::CancellationToken;
 
 /// Where the local stack is.
@@ -367,20 +367,10 @@ pub async fn read_topic(
                     partition: message.partition(),
                     offset: message.offset(),
                     key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-                    headers: message
-                        .headers()
-                        .map(|headers| {
-                            headers
-                                .iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_owned(),
-                                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                    headers: orderflow_platform::kafka::headers_of(&message)
+                        .into_iter()
+                        .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
+                        .collect(),
                     payload: message.payload().unwrap_or_default().to_vec(),
                 }),
                 Some(Err(error)) => eprintln!("consumer error (retrying): {error}"),
