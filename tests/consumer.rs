@@ -41,22 +41,95 @@ impl Handler for Flaky {
         message: &Incoming,
         event: &OpenedEvent,
     ) -> Result<Outcome, HandlerError> {
-        let key = String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()).into_owned();
-        if key == self.stuck_key && !self.healed.load(Ordering::SeqCst) {
+        if key_of(message) == self.stuck_key && !self.healed.load(Ordering::SeqCst) {
             return Err(HandlerError::Transient(anyhow::anyhow!("the dependency is away")));
         }
-        let Payload::OrderConfirmed(confirmed) = &event.payload else {
-            return Ok(Outcome::Ignored);
-        };
-        sqlx::query(
-            "INSERT INTO handled (key, seq, partition, handled_at) VALUES ($1, $2::int, $3, clock_timestamp())",
-        )
-        .bind(&key)
+        insert_handled(tx, message, event).await
+    }
+}
+
+/// Records `message` in the `handled` table: its key, its sequence number and its partition.
+async fn insert_handled(
+    tx: &mut Transaction<'static, Postgres>,
+    message: &Incoming,
+    event: &OpenedEvent,
+) -> Result<Outcome, HandlerError> {
+    let Payload::OrderConfirmed(confirmed) = &event.payload else {
+        return Ok(Outcome::Ignored);
+    };
+    sqlx::query("INSERT INTO handled (key, seq, partition, handled_at) VALUES ($1, $2::int, $3, clock_timestamp())")
+        .bind(key_of(message))
         .bind(&confirmed.payment_id)
         .bind(message.partition)
         .execute(&mut **tx)
         .await?;
-        Ok(Outcome::Processed)
+    Ok(Outcome::Processed)
+}
+
+fn key_of(message: &Incoming) -> String {
+    String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()).into_owned()
+}
+
+/// Handles everything; inside a batch it defers every message of `slow_key` (as payment-svc
+/// defers an order whose gateway call failed), and counts how often each message of the
+/// other keys was handled, so that a neighbour redone after a rollback shows.
+struct Deferring {
+    slow_key: String,
+    attempts: std::sync::Mutex<HashMap<(String, String), u32>>,
+}
+
+impl Deferring {
+    fn count_attempt(&self, key: String, event: &OpenedEvent) {
+        if key != self.slow_key {
+            *self
+                .attempts
+                .lock()
+                .unwrap()
+                .entry((key, event.message_id.to_string()))
+                .or_default() += 1;
+        }
+    }
+}
+
+impl Handler for Deferring {
+    fn inbox(&self) -> &'static str {
+        "deferring"
+    }
+
+    fn wants(&self, _event: &OpenedEvent) -> bool {
+        true
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        message: &Incoming,
+        event: &OpenedEvent,
+    ) -> Result<Outcome, HandlerError> {
+        self.count_attempt(key_of(message), event);
+        insert_handled(tx, message, event).await
+    }
+
+    async fn handle_batch(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: &[consumer::Fresh<'_>],
+    ) -> Result<Vec<Outcome>, (usize, HandlerError)> {
+        let mut outcomes = Vec::new();
+        for (index, fresh) in batch.iter().enumerate() {
+            let key = key_of(fresh.message);
+            if key == self.slow_key {
+                outcomes.push(Outcome::Deferred);
+                continue;
+            }
+            self.count_attempt(key, fresh.event);
+            outcomes.push(
+                insert_handled(tx, fresh.message, fresh.event)
+                    .await
+                    .map_err(|error| (index, error))?,
+            );
+        }
+        Ok(outcomes)
     }
 }
 
@@ -572,6 +645,110 @@ async fn queued_messages_share_a_transaction_and_a_bad_one_never_fails_its_neigh
             .unwrap()
     };
     assert_eq!(letters.len(), 1, "the bad record alone was dead-lettered");
+    shutdown.cancel();
+    consumer.await.unwrap().expect("the consumer stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_message_is_handled_alone_after_its_batch_commits_without_redoing_its_neighbours() {
+    let db = fresh_orders_db().await;
+    sqlx::query(
+        "CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, partition int NOT NULL,
+                               handled_at timestamptz NOT NULL, txid bigint NOT NULL DEFAULT txid_current())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let topic = fresh_topic(1).await;
+    let bootstrap = stack().kafka.clone();
+    let producer: FutureProducer = kafka::producer_config(&bootstrap, "defer-test", kafka::DEFAULT_DELIVERY_TIMEOUT)
+        .create()
+        .unwrap();
+    // On the topic before the consumer starts, so batches form: three keys interleaved, the
+    // slow one's messages deferred by every batch they are in.
+    let keys: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+    let slow = keys[1];
+    let sent_keys: Vec<uuid::Uuid> = (0..45).map(|n| keys[n % 3]).collect();
+    send(&producer, &topic, &sent_keys, &mut HashMap::new()).await;
+    let group = format!("defer-{topic}");
+    let settings = ConsumerSettings::new(bootstrap.clone(), group.clone(), vec![topic.clone()]);
+    let handler = Arc::new(Deferring {
+        slow_key: slow.to_string(),
+        attempts: std::sync::Mutex::new(HashMap::new()),
+    });
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn(consumer::run(
+        settings,
+        db.pool.clone(),
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM handled")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    // Without the deferred messages' inbox rows taken out of their batch's transaction, the
+    // slow key's messages are duplicates when handled alone, and never handled.
+    assert!(
+        eventually(Duration::from_secs(60), || async { count().await == 45 }).await,
+        "every message was handled, the deferred ones too: {} of 45",
+        count().await
+    );
+    let per_key: Vec<(String, Vec<i32>)> =
+        sqlx::query_as("SELECT key, array_agg(seq ORDER BY handled_at, seq) FROM handled GROUP BY key ORDER BY key")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    for (key, seqs) in per_key {
+        assert_eq!(seqs, (0..15).collect::<Vec<i32>>(), "key {key}: in order, each once");
+    }
+    // The slow key's messages each in a transaction of its own (handled alone), the others
+    // committed together, each handled by one batch only.
+    let shared_by_slow: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM handled h WHERE key = $1 AND (SELECT count(*) FROM handled o WHERE o.txid = h.txid) > 1",
+    )
+    .bind(slow.to_string())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(shared_by_slow, 0, "a deferred message is committed alone");
+    let largest_batch: i64 =
+        sqlx::query_scalar("SELECT max(n) FROM (SELECT count(*) AS n FROM handled GROUP BY txid) b")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        largest_batch > 1,
+        "queued messages were committed together: {largest_batch}"
+    );
+    let attempts = handler.attempts.lock().unwrap().clone();
+    let redone: Vec<_> = attempts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        redone.is_empty(),
+        "no neighbour of a deferred message was handled twice: {redone:?}"
+    );
+    assert_eq!(attempts.len(), 30, "every message of the other keys was handled");
+    // And the group's committed offset reaches the end: a deferred message's offset is stored
+    // once it is handled, and the offsets after it with it.
+    let committed = || {
+        let (bootstrap, group, topic) = (bootstrap.clone(), group.clone(), topic.clone());
+        async move {
+            tokio::task::spawn_blocking(move || orderflow_tests::committed_and_end(&bootstrap, &group, &topic))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            committed().await == vec![(45, 45)]
+        })
+        .await,
+        "every offset was committed: {:?}",
+        committed().await
+    );
     shutdown.cancel();
     consumer.await.unwrap().expect("the consumer stops cleanly");
 }

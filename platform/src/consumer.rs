@@ -8,7 +8,8 @@
 //!   so its messages stay at the broker; the poll thread never waits on a handler, every other
 //!   partition keeps flowing, and `max.poll.interval.ms` is never exceeded because one
 //!   partition is slow. Messages of one partition are handled one after another, in order;
-//!   those already queued when one starts join it in a batch. A service may split each
+//!   those already queued when one starts join it in a batch (a handler may defer one of
+//!   them, [`Outcome::Deferred`], to be handled alone after the batch commits). A service may split each
 //!   partition into **key lanes** (`key_lanes`): one key's messages stay in one lane, in
 //!   order, while a message waiting on a slow dependency holds up only its own lane; offsets
 //!   are still stored in partition order, up to the first message not done.
@@ -52,7 +53,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
-use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, TopicPartitionList};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -89,15 +90,7 @@ impl Incoming {
             offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().unwrap_or_default().to_vec(),
-            headers: message
-                .headers()
-                .map(|headers| {
-                    headers
-                        .iter()
-                        .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            headers: kafka::headers_of(message),
         }
     }
 
@@ -112,10 +105,7 @@ impl Incoming {
 
     /// A header's value as text.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+        kafka::header_text(&self.headers, name)
     }
 }
 
@@ -129,6 +119,14 @@ pub enum Outcome {
     /// Nothing to do for this consumer (an event type it does not act on, or a late event
     /// for a settled order): its transaction is rolled back.
     Ignored,
+    /// Only from [`Handler::handle_batch`]: not handled in this batch, which commits without
+    /// it (its inbox row is taken out again before the commit); the runtime then handles it
+    /// alone, with the retries, budget and dead letter of a single message. For a failure
+    /// that left the transaction usable (a remote call that failed or timed out), so that one
+    /// slow call does not roll back, and redo, the work of its neighbours. The handler must
+    /// have written nothing for it, and must defer every later message of the batch with its
+    /// key too (they are decided on its effect, which is not there yet).
+    Deferred,
 }
 
 impl Outcome {
@@ -137,6 +135,7 @@ impl Outcome {
             Self::Processed => "processed",
             Self::Duplicate => "duplicate",
             Self::Ignored => "ignored",
+            Self::Deferred => "deferred",
         }
     }
 }
@@ -1119,33 +1118,37 @@ async fn partition_task<H: Handler>(
             let together = if rest.len() > 1 {
                 commit_together(&worker, rest).await
             } else {
-                0
+                Together {
+                    count: 0,
+                    deferred: Vec::new(),
+                }
             };
-            if together > 0 {
+            if together.count > 0 {
                 fail::fail_point!("consumer::after_commit_before_store", |_| crate::chaos::crash());
                 // Committed: now, and only now, the offsets. Dying here redelivers them all,
-                // and the inbox absorbs every one.
-                for message in &rest[..together] {
-                    worker.done(&offsets, message);
+                // and the inbox absorbs every one. A deferred message's offset waits for its
+                // own handling (and holds back the stored offset of those after it).
+                for (index, message) in rest[..together.count].iter().enumerate() {
+                    if !together.deferred.contains(&index) {
+                        worker.done(&offsets, message);
+                    }
                 }
-                next += together;
+                for &index in &together.deferred {
+                    done = handle_alone(&worker, &offsets, &control, &rest[index]).await;
+                    if !done {
+                        break;
+                    }
+                }
+                if !done {
+                    break;
+                }
+                next += together.count;
                 continue;
             }
-            let message = &rest[0];
-            if crate::chaos::naive() {
-                // The textbook mistake: the offset first, then the work. Dying during the work
-                // loses the message (its offset is committed already).
-                worker.store_offset(message);
-            }
-            let span = message_span(&worker.group, message);
-            done = process(&worker, message, &control.abandon).instrument(span).await;
+            done = handle_alone(&worker, &offsets, &control, &rest[0]).await;
             if !done {
                 break;
             }
-            fail::fail_point!("consumer::after_commit_before_store", |_| crate::chaos::crash());
-            // The effect is committed (or dead-lettered): now, and only now, the offset.
-            // Dying here redelivers the message, and the inbox absorbs it.
-            worker.done(&offsets, message);
             next += 1;
         }
         control.set_busy(false);
@@ -1163,36 +1166,79 @@ async fn partition_task<H: Handler>(
     }
 }
 
-/// Commits a leading run of `messages` in one transaction and returns how many it
-/// committed (0: none, so the first is to be handled alone). When a message fails (it cannot
+/// What [`commit_together`] committed.
+struct Together {
+    /// How many leading messages its transaction covered (0: none, so the first is to be
+    /// handled alone).
+    count: usize,
+    /// The positions of those among them that the handler deferred ([`Outcome::Deferred`]),
+    /// in order: each is to be handled alone now.
+    deferred: Vec<usize>,
+}
+
+/// Handles `message` alone until it is processed or dead-lettered, then stores its offset
+/// (true); false when its partition was revoked or the consumer stops first.
+async fn handle_alone<H: Handler>(
+    worker: &Worker<H>,
+    offsets: &Offsets,
+    control: &PartitionControl,
+    message: &Incoming,
+) -> bool {
+    if crate::chaos::naive() {
+        // The textbook mistake: the offset first, then the work. Dying during the work
+        // loses the message (its offset is committed already).
+        worker.store_offset(message);
+    }
+    let span = message_span(&worker.group, message);
+    if !process(worker, message, &control.abandon).instrument(span).await {
+        return false;
+    }
+    fail::fail_point!("consumer::after_commit_before_store", |_| crate::chaos::crash());
+    // The effect is committed (or dead-lettered): now, and only now, the offset. Dying here
+    // redelivers the message, and the inbox absorbs it.
+    worker.done(offsets, message);
+    true
+}
+
+/// Commits a leading run of `messages` in one transaction. When a message fails (it cannot
 /// be opened, its handler errs), the transaction is rolled back and the messages before it
 /// are committed together again without it: the failing one is then handled alone, with the
-/// retries, budget and dead letter of a single message, and never fails its neighbours.
-async fn commit_together<H: Handler>(worker: &Worker<H>, messages: &[Incoming]) -> usize {
+/// retries, budget and dead letter of a single message, and never fails its neighbours. A
+/// message the handler defers is left out without a rollback.
+async fn commit_together<H: Handler>(worker: &Worker<H>, messages: &[Incoming]) -> Together {
     let mut run = messages.len();
     while run > 1 {
         match worker.attempt_batch(&messages[..run]).await {
             Ok(outcomes) => {
                 metrics::histogram!(telemetry::CONSUMER_BATCH_SIZE, "group" => worker.group.clone()).record(run as f64);
-                for (message, outcome) in messages.iter().zip(outcomes) {
+                let mut deferred = Vec::new();
+                for (index, (message, outcome)) in messages.iter().zip(outcomes).enumerate() {
+                    if outcome == Outcome::Deferred {
+                        // Counted when it is handled alone.
+                        deferred.push(index);
+                        continue;
+                    }
                     metrics::counter!(telemetry::CONSUMER_MESSAGES, "group" => worker.group.clone(),
                         "topic" => message.topic.clone(), "outcome" => outcome.label())
                     .increment(1);
                 }
-                return run;
+                return Together { count: run, deferred };
             }
             Err((failed_at, error)) => {
                 tracing::debug!(%error, failed_at, messages = run, "batch rolled back");
                 // Failing at the commit (failed_at == run) or at the first message: nothing
                 // is known good; the first goes alone.
                 if failed_at == 0 || failed_at >= run {
-                    return 0;
+                    break;
                 }
                 run = failed_at;
             }
         }
     }
-    0
+    Together {
+        count: 0,
+        deferred: Vec::new(),
+    }
 }
 
 impl<H: Handler> Worker<H> {
@@ -1266,6 +1312,20 @@ impl<H: Handler> Worker<H> {
                 .handle_batch(&mut tx, &fresh)
                 .await
                 .map_err(|(at, error)| (fresh_at.get(at).copied().unwrap_or(batch.len()), error))?;
+            let deferred: Vec<uuid::Uuid> = fresh
+                .iter()
+                .zip(&handled)
+                .filter(|(_, outcome)| **outcome == Outcome::Deferred)
+                .map(|(deferred, _)| deferred.event.message_id)
+                .collect();
+            if !deferred.is_empty() {
+                // Their effects are not in this transaction, so neither may their inbox rows
+                // be: committed, they would make the message's own handling alone a duplicate
+                // of nothing (a lost event).
+                inbox::forget_all(&mut tx, self.handler.inbox(), &deferred)
+                    .await
+                    .map_err(|error| (batch.len(), error.into()))?;
+            }
             for (index, outcome) in fresh_at.into_iter().zip(handled) {
                 outcomes[index] = outcome;
             }
@@ -1291,6 +1351,12 @@ impl<H: Handler> Worker<H> {
             return Ok(Outcome::Duplicate);
         }
         let outcome = self.handler.handle(&mut tx, message, &event).await?;
+        if outcome == Outcome::Deferred {
+            // Only a batch can leave a message for later; alone, it is a failure to retry.
+            return Err(HandlerError::Transient(anyhow::anyhow!(
+                "the handler deferred a message handled alone"
+            )));
+        }
         if outcome == Outcome::Processed {
             // Dying before this commit: nothing of the effect exists, the message is
             // redelivered. Dying after it, before the offset is stored: redelivered, and the

@@ -40,3 +40,19 @@ pub async fn record_all(
     .await?;
     Ok(recorded.into_iter().collect())
 }
+
+/// Takes back, inside the caller's transaction, the ids [`record_all`] recorded in it for
+/// messages whose effects the transaction leaves out (a batch's deferred messages): they are
+/// handled later, and must not find themselves processed.
+pub async fn forget_all(
+    tx: &mut sqlx::PgConnection,
+    consumer: &str,
+    message_ids: &[uuid::Uuid],
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM inbox WHERE consumer = $1 AND message_id = ANY($2)")
+        .bind(consumer)
+        .bind(message_ids)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
