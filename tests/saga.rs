@@ -386,3 +386,74 @@ async fn an_order_placed_while_the_payment_service_is_down_is_paid_when_it_retur
     assert_no_violations(&saga).await;
     saga.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_gateway_reply_in_a_batch_makes_none_of_its_neighbours_call_again() {
+    // payment-svc is away while 160 orders are placed on one partition, one in twenty paid
+    // with a token whose first gateway reply comes after payment-svc's timeout. When it
+    // returns, its key lanes hold queues and batches form: a batch commits its orders
+    // without the late one (cut off once the others answered, or failed at the timeout),
+    // which is handled alone with its own retries. Rolling the whole batch back for it
+    // called the gateway a second time for every neighbour (about a hundred of them here).
+    let mut saga = Saga::start(SagaOptions {
+        partitions: 1,
+        ..SagaOptions::default()
+    })
+    .await;
+    saga.stop_payment_svc().await;
+    let (mut late, mut others) = (Vec::new(), Vec::new());
+    for n in 0..160 {
+        if n % 20 == 7 {
+            late.push(place(&saga, gateway_sim::faults::tokens::TIMEOUT).await);
+        } else {
+            others.push(place(&saga, "tok_visa").await);
+        }
+    }
+    saga.start_payment_svc().await;
+    assert!(saga.settled(Duration::from_secs(120)).await, "every order settles");
+    let attempts = |orders: Vec<String>| {
+        let pool = saga.gateway.pool.clone();
+        async move {
+            let keys: Vec<String> = orders.iter().map(|id| format!("authorize:{id}")).collect();
+            sqlx::query_as::<_, (String, i32)>(
+                "SELECT idempotency_key, attempts FROM idempotency_keys WHERE idempotency_key = ANY($1)",
+            )
+            .bind(&keys)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let late_attempts = attempts(late.clone()).await;
+    assert!(
+        late_attempts.len() == late.len() && late_attempts.iter().all(|(_, n)| *n > 1),
+        "the late replies' authorizations were asked for again: {late_attempts:?}"
+    );
+    let called_again: Vec<(String, i32)> = attempts(others.clone())
+        .await
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    // A neighbour that answers slower than the stragglers' grace on a stalled machine is cut
+    // off too and asked again; that is one in many, not the whole batch.
+    println!(
+        "late replies in batches: {} of {} other orders' authorizations asked for twice",
+        called_again.len(),
+        others.len()
+    );
+    assert!(
+        called_again.len() * 20 <= others.len(),
+        "the other orders' authorizations were asked for once (a few stragglers aside): {} were asked twice (e.g. {:?})",
+        called_again.len(),
+        &called_again[..called_again.len().min(3)]
+    );
+    // Batches did form: inbox rows (never updated) recorded in one transaction share its xmin.
+    let largest_batch: i64 =
+        sqlx::query_scalar("SELECT max(n) FROM (SELECT count(*) AS n FROM inbox GROUP BY xmin::text) b")
+            .fetch_one(&saga.payments.pool)
+            .await
+            .unwrap();
+    assert!(largest_batch > 1, "payments were recorded in batches: {largest_batch}");
+    assert_no_violations(&saga).await;
+    saga.stop().await;
+}

@@ -6,7 +6,7 @@
 
 pub mod domain;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,6 +73,12 @@ pub struct Config {
     /// How long to wait for one gateway reply before retrying (with the same key).
     #[arg(long, env = "PAYMENT_SVC_GATEWAY_TIMEOUT_MS", default_value_t = 1_000)]
     pub gateway_timeout_ms: u64,
+    /// The least time a batch's slowest gateway calls get once half of its calls have
+    /// answered (they get as long again as the calls took so far, at least this); those still
+    /// out then are made again alone, with the same key, after the batch commits. Above the
+    /// gateway's usual latency, well below its timeout.
+    #[arg(long, env = "PAYMENT_SVC_STRAGGLER_GRACE_MS", default_value_t = 100)]
+    pub straggler_grace_ms: u64,
     /// This instance's static membership id in the consumer group (unique per instance;
     /// a restart with the same id gets its partitions back without a rebalance).
     #[arg(long, env = "PAYMENT_SVC_INSTANCE_ID")]
@@ -115,6 +121,7 @@ pub struct Config {
 pub struct PaymentHandler {
     gateway: GatewayServiceClient<orderflow_platform::grpc::TracedChannel>,
     gateway_timeout: Duration,
+    straggler_grace: Duration,
     payments_topic: String,
     outbox: outbox::OutboxMode,
     limits: orderflow::money::TotalLimits,
@@ -202,9 +209,19 @@ impl PaymentHandler {
         Self {
             gateway: GatewayServiceClient::with_interceptor(gateway, orderflow_platform::grpc::PropagateTrace),
             gateway_timeout,
+            straggler_grace: STRAGGLER_GRACE,
             payments_topic,
             outbox: outbox::OutboxMode::Table,
             limits,
+        }
+    }
+
+    /// Gives a batch's slowest gateway calls at least `grace` once half have answered (100 ms
+    /// by default).
+    pub fn with_straggler_grace(self, grace: Duration) -> Self {
+        Self {
+            straggler_grace: grace,
+            ..self
         }
     }
 
@@ -652,40 +669,116 @@ impl consumer::Handler for PaymentHandler {
 
     /// A batch in runs of messages of different orders: per run, one statement loads (and
     /// locks) their payments, the gateway calls are made side by side, then the effects are
-    /// recorded in order. The transaction is held for the slowest call of a run (bounded by
-    /// the gateway timeout), not for one call after another. A second message of an order
-    /// starts the next run, so it is decided on the first one's effect.
+    /// recorded in order. The transaction is held for the run's calls side by side, not for
+    /// one call after another, and not for a straggler's whole timeout ([`side_by_side`]). A
+    /// second message of an order starts the next run, so it is decided on the first one's
+    /// effect.
+    ///
+    /// A gateway call that fails, times out or is cut off writes nothing: its message is
+    /// deferred (the batch commits without it and the runtime handles it alone, with its own
+    /// retries), as is every later message of its order here. Its neighbours' calls are not
+    /// made twice and they do not wait behind its retries: rolling the batch back for it
+    /// redid every other order of the batch after the timeout.
     async fn handle_batch(&self, tx: &mut Tx, batch: &[Fresh<'_>]) -> Result<Vec<Outcome>, (usize, HandlerError)> {
         let mut outcomes = Vec::with_capacity(batch.len());
+        // Orders with a deferred message: their later messages wait for it.
+        let mut deferred_orders = HashSet::new();
         for (start, run) in consumer::runs_of_distinct_keys(batch, |fresh| fresh.event.aggregate_id) {
-            let order_ids: Vec<uuid::Uuid> = run.iter().map(|fresh| fresh.event.aggregate_id).collect();
+            let mut run_outcomes = vec![Outcome::Deferred; run.len()];
+            let active: Vec<usize> = (0..run.len())
+                .filter(|&at| !deferred_orders.contains(&run[at].event.aggregate_id))
+                .collect();
+            let order_ids: Vec<uuid::Uuid> = active.iter().map(|&at| run[at].event.aggregate_id).collect();
             let mut payments = Self::load_all(tx, &order_ids).await.map_err(|error| (start, error))?;
-            let plans = run
+            let plans = active
                 .iter()
-                .enumerate()
-                .map(|(at, fresh)| {
+                .map(|&at| {
+                    let fresh = &run[at];
                     let _entered = fresh.span.enter();
                     self.plan(fresh.event, payments.remove(&fresh.event.aggregate_id))
                         .map_err(|error| (start + at, error))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let answers = futures::future::join_all(run.iter().zip(&plans).map(|(fresh, plan)| {
-                self.call_gateway(fresh.event.aggregate_id, plan)
-                    .instrument(fresh.span.clone())
-            }))
+            let answers = side_by_side(
+                active
+                    .iter()
+                    .zip(&plans)
+                    .map(|(&at, plan)| {
+                        self.call_gateway(run[at].event.aggregate_id, plan)
+                            .instrument(run[at].span.clone())
+                    })
+                    .collect(),
+                self.straggler_grace,
+            )
             .await;
-            for (at, ((fresh, plan), answer)) in run.iter().zip(plans).zip(answers).enumerate() {
-                let answer = answer.map_err(|error| (start + at, error))?;
-                let outcome = self
-                    .record(tx, Cause::Event(fresh.event), fresh.event.aggregate_id, plan, answer)
-                    .instrument(fresh.span.clone())
-                    .await
-                    .map_err(|error| (start + at, error))?;
-                outcomes.push(outcome);
+            for ((&at, plan), answer) in active.iter().zip(plans).zip(answers) {
+                let fresh = &run[at];
+                match answer {
+                    Some(Ok(answer)) => {
+                        run_outcomes[at] = self
+                            .record(tx, Cause::Event(fresh.event), fresh.event.aggregate_id, plan, answer)
+                            .instrument(fresh.span.clone())
+                            .await
+                            .map_err(|error| (start + at, error))?;
+                    }
+                    Some(Err(error)) => {
+                        tracing::info!(parent: &fresh.span, %error, "gateway call failed; handled alone after its batch");
+                        deferred_orders.insert(fresh.event.aggregate_id);
+                    }
+                    None => {
+                        tracing::info!(parent: &fresh.span, "gateway call outlasted its batch; handled alone after it");
+                        deferred_orders.insert(fresh.event.aggregate_id);
+                    }
+                }
             }
+            outcomes.extend(run_outcomes);
         }
         Ok(outcomes)
     }
+}
+
+/// The least time a batch's stragglers get once half of its gateway calls have answered,
+/// unless configured (`PAYMENT_SVC_STRAGGLER_GRACE_MS`).
+const STRAGGLER_GRACE: Duration = Duration::from_millis(100);
+
+/// Runs `calls` side by side and returns their answers in order, `None` for a straggler: once
+/// at least half of them have answered, the rest get as long again as the calls have taken so
+/// far (at least `grace`), and those still out then are dropped (cancelled).
+///
+/// A batch commits its orders together, so without a cut-off every order of a batch waited
+/// for its slowest call: one late gateway reply (up to the gateway timeout, 1 s) held up all
+/// of its neighbours. A dropped call is safe to make again: it is deferred and made alone
+/// with the same idempotency key, and the gateway replays whatever the first one did. A
+/// single call is never cut off (nothing else waits for it).
+async fn side_by_side<F: std::future::Future>(calls: Vec<F>, grace: Duration) -> Vec<Option<F::Output>> {
+    use futures::StreamExt as _;
+    let total = calls.len();
+    let started = tokio::time::Instant::now();
+    let mut answers: Vec<Option<F::Output>> = std::iter::repeat_with(|| None).take(total).collect();
+    let mut pending: futures::stream::FuturesUnordered<_> = calls
+        .into_iter()
+        .enumerate()
+        .map(|(index, call)| async move { (index, call.await) })
+        .collect();
+    let mut answered = 0;
+    let mut cut_off_at: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match cut_off_at {
+            None => pending.next().await,
+            Some(at) => match tokio::time::timeout_at(at, pending.next()).await {
+                Ok(next) => next,
+                // Dropping `pending` below cancels the stragglers.
+                Err(_) => break,
+            },
+        };
+        let Some((index, answer)) = next else { break };
+        answers[index] = Some(answer);
+        answered += 1;
+        if cut_off_at.is_none() && total > 1 && answered * 2 >= total {
+            cut_off_at = Some(tokio::time::Instant::now() + started.elapsed().max(grace));
+        }
+    }
+    answers
 }
 
 /// Connects and consumes until `shutdown`.
@@ -718,6 +811,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.payments_topic.clone(),
         config.max_order_total.clone(),
     )
+    .with_straggler_grace(Duration::from_millis(config.straggler_grace_ms))
     .with_outbox_mode(config.outbox.mode);
     orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
     let settings = config.consumer.apply(ConsumerSettings {
@@ -746,4 +840,51 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     consumed?;
     pool.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::side_by_side;
+
+    async fn answer_after(ms: u64, answer: u32) -> u32 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        answer
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_straggler_is_cut_off_once_half_have_answered_and_as_long_again_has_passed() {
+        let started = tokio::time::Instant::now();
+        let answers = side_by_side(
+            vec![
+                answer_after(30, 1),
+                answer_after(1_000, 2),
+                answer_after(40, 3),
+                answer_after(150, 4),
+            ],
+            Duration::from_millis(100),
+        )
+        .await;
+        // Half answered at 40 ms: the rest get until 40 + max(40, 100) = 140 ms.
+        assert_eq!(answers, vec![Some(1), None, Some(3), None]);
+        assert_eq!(started.elapsed(), Duration::from_millis(140));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_that_answer_within_the_grace_are_all_waited_for() {
+        let answers = side_by_side(
+            vec![answer_after(200, 1), answer_after(300, 2), answer_after(500, 3)],
+            Duration::from_millis(100),
+        )
+        .await;
+        // Two of three answered at 300 ms: the third gets until 600 ms, as long again.
+        assert_eq!(answers, vec![Some(1), Some(2), Some(3)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_call_is_never_cut_off() {
+        let answers = side_by_side(vec![answer_after(5_000, 1)], Duration::from_millis(100)).await;
+        assert_eq!(answers, vec![Some(1)]);
+    }
 }

@@ -217,6 +217,7 @@ impl Saga {
             gateway_client_key: None,
             gateway_plaintext: true,
             gateway_timeout_ms: u64::try_from(self.options.gateway_timeout.as_millis()).unwrap_or(u64::MAX),
+            straggler_grace_ms: 100,
             instance_id: None,
             db_max_connections: 8,
             migrate: false,
