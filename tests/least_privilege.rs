@@ -251,3 +251,39 @@ async fn no_service_role_can_connect_to_another_services_database() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_role_takes_back_only_the_inbox_rows_its_own_transaction_recorded() {
+    // A batch's deferred messages: their inbox rows, recorded by the batch's transaction, go
+    // before its commit. Through the service role that is the one delete on the inbox it has,
+    // and it never reaches a committed row (a processed message).
+    let db = fresh_db(&order_svc::MIGRATOR).await;
+    db.grant("orders").await;
+    let processed: uuid::Uuid = MESSAGE.trim_matches('\'').parse().unwrap();
+    sqlx::query("INSERT INTO inbox (consumer, message_id) VALUES ('order', $1)")
+        .bind(processed)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let order_svc = as_role("order_svc", &db).await;
+    let deferred = uuid::Uuid::now_v7();
+    let mut tx = order_svc.begin().await.unwrap();
+    orderflow_platform::inbox::record_all(&mut tx, "order", &[deferred])
+        .await
+        .unwrap();
+    let forgotten: i64 = sqlx::query_scalar("SELECT forget_own_inbox_rows('order', $1)")
+        .bind(vec![processed, deferred])
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(forgotten, 1, "only the row this transaction recorded is taken back");
+    // Asked for a committed row, the runtime's step refuses to let the batch commit.
+    let refused = orderflow_platform::inbox::forget_all(&mut tx, "order", &[processed]).await;
+    assert!(refused.is_err(), "a committed inbox row cannot be forgotten: {refused:?}");
+    tx.commit().await.unwrap();
+    let left: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT message_id FROM inbox ORDER BY message_id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec![processed], "the processed message's row stays, the deferred one's is gone");
+}

@@ -43,16 +43,28 @@ pub async fn record_all(
 
 /// Takes back, inside the caller's transaction, the ids [`record_all`] recorded in it for
 /// messages whose effects the transaction leaves out (a batch's deferred messages): they are
-/// handled later, and must not find themselves processed.
+/// handled later, and must not find themselves processed. Through the migrations'
+/// `forget_own_inbox_rows`, which deletes only rows this very transaction inserted (the
+/// service roles hold no DELETE on the inbox); fewer rows than ids means an id was not
+/// recorded here, and the batch must not commit.
 pub async fn forget_all(
     tx: &mut sqlx::PgConnection,
     consumer: &str,
     message_ids: &[uuid::Uuid],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM inbox WHERE consumer = $1 AND message_id = ANY($2)")
+    let mut distinct = message_ids.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let forgotten: i64 = sqlx::query_scalar("SELECT forget_own_inbox_rows($1, $2)")
         .bind(consumer)
-        .bind(message_ids)
-        .execute(&mut *tx)
+        .bind(&distinct)
+        .fetch_one(&mut *tx)
         .await?;
+    if usize::try_from(forgotten).ok() != Some(distinct.len()) {
+        return Err(sqlx::Error::Protocol(format!(
+            "{forgotten} of {} deferred messages' inbox rows taken back: some were not recorded by this transaction",
+            distinct.len()
+        )));
+    }
     Ok(())
 }
