@@ -1214,7 +1214,8 @@ async fn commit_together<H: Handler>(worker: &Worker<H>, messages: &[Incoming]) 
                 let mut deferred = Vec::new();
                 for (index, (message, outcome)) in messages.iter().zip(outcomes).enumerate() {
                     if outcome == Outcome::Deferred {
-                        // Counted when it is handled alone.
+                        // Counted among the messages when it is handled alone.
+                        metrics::counter!(telemetry::CONSUMER_DEFERRED, "group" => worker.group.clone()).increment(1);
                         deferred.push(index);
                         continue;
                     }

@@ -46,6 +46,9 @@ pub const CONSUMER_MESSAGES: &str = "orderflow_consumer_messages_total";
 /// Histogram: messages of one partition committed together in one transaction, by `group`
 /// (batches of one are not recorded).
 pub const CONSUMER_BATCH_SIZE: &str = "orderflow_consumer_batch_size";
+/// Messages a handler left out of their batch to be handled alone after it (a gateway call
+/// that failed, timed out or outlasted its batch), by `group`.
+pub const CONSUMER_DEFERRED: &str = "orderflow_consumer_deferred_total";
 /// Transient failures retried, by `group`.
 pub const CONSUMER_RETRIES: &str = "orderflow_consumer_retries_total";
 /// Messages of a consumer failing transiently right now (each holds up its partition), by
