@@ -279,11 +279,18 @@ async fn a_service_role_takes_back_only_the_inbox_rows_its_own_transaction_recor
     assert_eq!(forgotten, 1, "only the row this transaction recorded is taken back");
     // Asked for a committed row, the runtime's step refuses to let the batch commit.
     let refused = orderflow_platform::inbox::forget_all(&mut tx, "order", &[processed]).await;
-    assert!(refused.is_err(), "a committed inbox row cannot be forgotten: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a committed inbox row cannot be forgotten: {refused:?}"
+    );
     tx.commit().await.unwrap();
     let left: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT message_id FROM inbox ORDER BY message_id")
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    assert_eq!(left, vec![processed], "the processed message's row stays, the deferred one's is gone");
+    assert_eq!(
+        left,
+        vec![processed],
+        "the processed message's row stays, the deferred one's is gone"
+    );
 }
