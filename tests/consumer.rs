@@ -12,7 +12,7 @@ use std::time::Duration;
 use orderflow::envelope::{self, EventMeta, OpenedEvent};
 use orderflow::events::v1::OrderConfirmed;
 use orderflow::events::v1::event_envelope::Payload;
-use orderflow_platform::consumer::{self, ConsumerSettings, Handler, HandlerError, Incoming, Outcome};
+use orderflow_platform::consumer::{self, ConsumerSettings, Fresh, Handler, HandlerError, Incoming};
 use orderflow_platform::{kafka, outbox};
 use orderflow_tests::{PrivateKafka, eventually, fresh_orders_db, fresh_topic, stack};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -38,13 +38,17 @@ impl Handler for Flaky {
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        message: &Incoming,
-        event: &OpenedEvent,
-    ) -> Result<Outcome, HandlerError> {
-        if key_of(message) == self.stuck_key && !self.healed.load(Ordering::SeqCst) {
-            return Err(HandlerError::Transient(anyhow::anyhow!("the dependency is away")));
+        batch: &[Fresh<'_>],
+    ) -> Result<(), (usize, HandlerError)> {
+        for (at, fresh) in batch.iter().enumerate() {
+            if key_of(fresh.message) == self.stuck_key && !self.healed.load(Ordering::SeqCst) {
+                return Err((at, HandlerError::Transient(anyhow::anyhow!("the dependency is away"))));
+            }
+            insert_handled(tx, fresh.message, fresh.event)
+                .await
+                .map_err(|error| (at, error))?;
         }
-        insert_handled(tx, message, event).await
+        Ok(())
     }
 }
 
@@ -53,9 +57,9 @@ async fn insert_handled(
     tx: &mut Transaction<'static, Postgres>,
     message: &Incoming,
     event: &OpenedEvent,
-) -> Result<Outcome, HandlerError> {
+) -> Result<(), HandlerError> {
     let Payload::OrderConfirmed(confirmed) = &event.payload else {
-        return Ok(Outcome::Ignored);
+        return Ok(());
     };
     sqlx::query("INSERT INTO handled (key, seq, partition, handled_at) VALUES ($1, $2::int, $3, clock_timestamp())")
         .bind(key_of(message))
@@ -63,74 +67,11 @@ async fn insert_handled(
         .bind(message.partition)
         .execute(&mut **tx)
         .await?;
-    Ok(Outcome::Processed)
+    Ok(())
 }
 
 fn key_of(message: &Incoming) -> String {
     String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()).into_owned()
-}
-
-/// Handles everything; inside a batch it defers every message of `slow_key` (as payment-svc
-/// defers an order whose gateway call failed), and counts how often each message of the
-/// other keys was handled, so that a neighbour redone after a rollback shows.
-struct Deferring {
-    slow_key: String,
-    attempts: std::sync::Mutex<HashMap<(String, String), u32>>,
-}
-
-impl Deferring {
-    fn count_attempt(&self, key: String, event: &OpenedEvent) {
-        if key != self.slow_key {
-            *self
-                .attempts
-                .lock()
-                .unwrap()
-                .entry((key, event.message_id.to_string()))
-                .or_default() += 1;
-        }
-    }
-}
-
-impl Handler for Deferring {
-    fn inbox(&self) -> &'static str {
-        "deferring"
-    }
-
-    fn wants(&self, _event: &OpenedEvent) -> bool {
-        true
-    }
-
-    async fn handle(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        message: &Incoming,
-        event: &OpenedEvent,
-    ) -> Result<Outcome, HandlerError> {
-        self.count_attempt(key_of(message), event);
-        insert_handled(tx, message, event).await
-    }
-
-    async fn handle_batch(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        batch: &[consumer::Fresh<'_>],
-    ) -> Result<Vec<Outcome>, (usize, HandlerError)> {
-        let mut outcomes = Vec::new();
-        for (index, fresh) in batch.iter().enumerate() {
-            let key = key_of(fresh.message);
-            if key == self.slow_key {
-                outcomes.push(Outcome::Deferred);
-                continue;
-            }
-            self.count_attempt(key, fresh.event);
-            outcomes.push(
-                insert_handled(tx, fresh.message, fresh.event)
-                    .await
-                    .map_err(|error| (index, error))?,
-            );
-        }
-        Ok(outcomes)
-    }
 }
 
 impl Flaky {
@@ -206,7 +147,7 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
     let bootstrap = stack().kafka.clone();
 
     // Keys spread over the 4 partitions; the stuck key has far more messages than its
-    // partition's queue holds (64), so its queue fills and its partition must be paused.
+    // partition's queue holds (64 here), so its queue fills and its partition must be paused.
     let keys: Vec<uuid::Uuid> = (0..40).map(|_| uuid::Uuid::now_v7()).collect();
     let stuck = keys[0];
     let producer: FutureProducer = kafka::producer_config(&bootstrap, "stall-test", kafka::DEFAULT_DELIVERY_TIMEOUT)
@@ -235,6 +176,7 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
     // No retry budget: this test is about a partition that waits for its dependency.
     let settings = ConsumerSettings {
         retry_budget: None,
+        partition_queue: 64,
         ..ConsumerSettings::new(
             bootstrap,
             format!("stall-{}", uuid::Uuid::now_v7().simple()),
@@ -465,9 +407,8 @@ impl Handler for Hanging {
     async fn handle(
         &self,
         _tx: &mut Transaction<'static, Postgres>,
-        _message: &Incoming,
-        _event: &OpenedEvent,
-    ) -> Result<Outcome, HandlerError> {
+        _batch: &[Fresh<'_>],
+    ) -> Result<(), (usize, HandlerError)> {
         std::future::pending().await
     }
 }
@@ -575,7 +516,7 @@ async fn a_reconnecting_consumer_starts_a_new_client_instead_of_giving_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_messages_share_a_transaction_and_a_bad_one_never_fails_its_neighbours() {
+async fn queued_messages_of_every_partition_share_a_transaction_and_a_bad_one_never_fails_its_neighbours() {
     let db = fresh_orders_db().await;
     // txid: rows written in one transaction share it, so the batches can be seen.
     sqlx::query(
@@ -585,17 +526,17 @@ async fn queued_messages_share_a_transaction_and_a_bad_one_never_fails_its_neigh
     .execute(&db.pool)
     .await
     .unwrap();
-    let topic = fresh_topic(1).await;
+    let topic = fresh_topic(3).await;
     let bootstrap = stack().kafka.clone();
     let producer: FutureProducer = kafka::producer_config(&bootstrap, "batch-test", Duration::from_secs(10))
         .create()
         .unwrap();
-    // Everything is on the topic before the consumer starts, so its partition's queue fills
-    // and batches form: 40 messages of two keys, one of them sent twice (a redelivery), and
-    // one record that is not an envelope at all, in the middle.
-    let keys = [uuid::Uuid::now_v7(), uuid::Uuid::now_v7()];
-    let mut records: Vec<(String, Vec<u8>)> = (0..40)
-        .map(|n| (keys[n % 2].to_string(), record(keys[n % 2], n / 2)))
+    // Everything is on the topic before the consumer starts, so units of work form across
+    // the partitions: 120 messages of six keys, one of them sent twice (a redelivery), and one
+    // record that is not an envelope at all, in the middle.
+    let keys: Vec<uuid::Uuid> = (0..6).map(|_| uuid::Uuid::now_v7()).collect();
+    let mut records: Vec<(String, Vec<u8>)> = (0..120)
+        .map(|n| (keys[n % 6].to_string(), record(keys[n % 6], n / 6)))
         .collect();
     records.insert(7, records[6].clone());
     records.insert(20, (keys[0].to_string(), b"not an envelope".to_vec()));
@@ -620,7 +561,7 @@ async fn queued_messages_share_a_transaction_and_a_bad_one_never_fails_its_neigh
             .unwrap()
     };
     assert!(
-        eventually(Duration::from_secs(60), || async { count().await == 40 }).await,
+        eventually(Duration::from_secs(60), || async { count().await == 120 }).await,
         "every good message was handled once (the repeated one is a duplicate)"
     );
     let per_key: Vec<(String, Vec<i32>)> =
@@ -631,12 +572,14 @@ async fn queued_messages_share_a_transaction_and_a_bad_one_never_fails_its_neigh
     for (key, seqs) in per_key {
         assert_eq!(seqs, (0..20).collect::<Vec<i32>>(), "key {key}: in order, each once");
     }
-    let largest_batch: i64 =
-        sqlx::query_scalar("SELECT max(n) FROM (SELECT count(*) AS n FROM handled GROUP BY txid) b")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert!(largest_batch > 1, "queued messages were committed together");
+    let (largest_unit, most_partitions): (i64, i64) = sqlx::query_as(
+        "SELECT max(n), max(p) FROM (SELECT count(*) AS n, count(DISTINCT partition) AS p FROM handled GROUP BY txid) u",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(largest_unit > 1, "queued messages were committed together");
+    assert!(most_partitions > 1, "a unit of work spans partitions");
     let letters = {
         let dlq = orderflow::topics::dead_letter(&topic);
         tokio::task::spawn_blocking(move || ordersctl::dlq::read_all(&bootstrap, &dlq))
@@ -645,227 +588,6 @@ async fn queued_messages_share_a_transaction_and_a_bad_one_never_fails_its_neigh
             .unwrap()
     };
     assert_eq!(letters.len(), 1, "the bad record alone was dead-lettered");
-    shutdown.cancel();
-    consumer.await.unwrap().expect("the consumer stops cleanly");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deferred_message_is_handled_alone_after_its_batch_commits_without_redoing_its_neighbours() {
-    let db = fresh_orders_db().await;
-    sqlx::query(
-        "CREATE TABLE handled (key text NOT NULL, seq int NOT NULL, partition int NOT NULL,
-                               handled_at timestamptz NOT NULL, txid bigint NOT NULL DEFAULT txid_current())",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let topic = fresh_topic(1).await;
-    let bootstrap = stack().kafka.clone();
-    let producer: FutureProducer = kafka::producer_config(&bootstrap, "defer-test", kafka::DEFAULT_DELIVERY_TIMEOUT)
-        .create()
-        .unwrap();
-    // On the topic before the consumer starts, so batches form: three keys interleaved, the
-    // slow one's messages deferred by every batch they are in.
-    let keys: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
-    let slow = keys[1];
-    let sent_keys: Vec<uuid::Uuid> = (0..45).map(|n| keys[n % 3]).collect();
-    send(&producer, &topic, &sent_keys, &mut HashMap::new()).await;
-    let group = format!("defer-{topic}");
-    let settings = ConsumerSettings::new(bootstrap.clone(), group.clone(), vec![topic.clone()]);
-    let handler = Arc::new(Deferring {
-        slow_key: slow.to_string(),
-        attempts: std::sync::Mutex::new(HashMap::new()),
-    });
-    let shutdown = CancellationToken::new();
-    let consumer = tokio::spawn(consumer::run(
-        settings,
-        db.pool.clone(),
-        handler.clone(),
-        shutdown.clone(),
-    ));
-    let count = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM handled")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap()
-    };
-    // Without the deferred messages' inbox rows taken out of their batch's transaction, the
-    // slow key's messages are duplicates when handled alone, and never handled.
-    assert!(
-        eventually(Duration::from_secs(60), || async { count().await == 45 }).await,
-        "every message was handled, the deferred ones too: {} of 45",
-        count().await
-    );
-    let per_key: Vec<(String, Vec<i32>)> =
-        sqlx::query_as("SELECT key, array_agg(seq ORDER BY handled_at, seq) FROM handled GROUP BY key ORDER BY key")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    for (key, seqs) in per_key {
-        assert_eq!(seqs, (0..15).collect::<Vec<i32>>(), "key {key}: in order, each once");
-    }
-    // The slow key's messages each in a transaction of its own (handled alone), the others
-    // committed together, each handled by one batch only.
-    let shared_by_slow: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM handled h WHERE key = $1 AND (SELECT count(*) FROM handled o WHERE o.txid = h.txid) > 1",
-    )
-    .bind(slow.to_string())
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(shared_by_slow, 0, "a deferred message is committed alone");
-    let largest_batch: i64 =
-        sqlx::query_scalar("SELECT max(n) FROM (SELECT count(*) AS n FROM handled GROUP BY txid) b")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert!(
-        largest_batch > 1,
-        "queued messages were committed together: {largest_batch}"
-    );
-    let attempts = handler.attempts.lock().unwrap().clone();
-    let redone: Vec<_> = attempts.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(
-        redone.is_empty(),
-        "no neighbour of a deferred message was handled twice: {redone:?}"
-    );
-    assert_eq!(attempts.len(), 30, "every message of the other keys was handled");
-    // And the group's committed offset reaches the end: a deferred message's offset is stored
-    // once it is handled, and the offsets after it with it.
-    let committed = || {
-        let (bootstrap, group, topic) = (bootstrap.clone(), group.clone(), topic.clone());
-        async move {
-            tokio::task::spawn_blocking(move || orderflow_tests::committed_and_end(&bootstrap, &group, &topic))
-                .await
-                .unwrap()
-                .unwrap()
-        }
-    };
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            committed().await == vec![(45, 45)]
-        })
-        .await,
-        "every offset was committed: {:?}",
-        committed().await
-    );
-    shutdown.cancel();
-    consumer.await.unwrap().expect("the consumer stops cleanly");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_waiting_on_its_dependency_holds_up_only_its_key_lane() {
-    // One partition, one key whose dependency is away. With key lanes, the other keys'
-    // messages are handled meanwhile (those that share the stuck key's lane wait); the
-    // offset committed never passes the stuck key's first message, and after a restart with
-    // the dependency healed every message is handled exactly once, the stuck key's in order.
-    let db = db_with_handled_table().await;
-    let topic = fresh_topic(1).await;
-    let bootstrap = stack().kafka.clone();
-    let producer: FutureProducer = kafka::producer_config(&bootstrap, "lanes-test", kafka::DEFAULT_DELIVERY_TIMEOUT)
-        .create()
-        .unwrap();
-    let keys: Vec<uuid::Uuid> = (0..40).map(|_| uuid::Uuid::now_v7()).collect();
-    let stuck = keys[0];
-    // Three other messages first, then the stuck key's first, then the rest interleaved.
-    let mut sent_keys: Vec<uuid::Uuid> = keys[1..4].to_vec();
-    sent_keys.push(stuck);
-    for i in 0..78 {
-        sent_keys.push(if i % 13 == 0 { stuck } else { keys[1 + i % 39] });
-    }
-    let mut sent: HashMap<uuid::Uuid, usize> = HashMap::new();
-    send(&producer, &topic, &sent_keys, &mut sent).await;
-    let stuck_count = sent[&stuck];
-    let others = sent_keys.len() - stuck_count;
-    let first_stuck_offset = i64::try_from(sent_keys.iter().position(|key| *key == stuck).unwrap()).unwrap();
-
-    let group = format!("lanes-{}", uuid::Uuid::now_v7().simple());
-    let settings = ConsumerSettings {
-        retry_budget: None,
-        key_lanes: 8,
-        ..ConsumerSettings::new(bootstrap.clone(), group.clone(), vec![topic.clone()])
-    };
-    let healed = Arc::new(AtomicBool::new(false));
-    let handler = Arc::new(Flaky {
-        stuck_key: stuck.to_string(),
-        healed: healed.clone(),
-    });
-    let shutdown = CancellationToken::new();
-    let consumer = tokio::spawn(consumer::run(
-        settings.clone(),
-        db.pool.clone(),
-        handler,
-        shutdown.clone(),
-    ));
-    let handled_others = |pool: sqlx::PgPool| async move {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM handled WHERE key <> $1")
-            .bind(stuck.to_string())
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        usize::try_from(count).unwrap()
-    };
-    // One lane in eight is the stuck key's: most of the other messages get through.
-    assert!(
-        eventually(Duration::from_secs(60), || {
-            let pool = db.pool.clone();
-            async move { handled_others(pool).await * 2 > others }
-        })
-        .await,
-        "the other keys wait behind the stuck one: {} of {others} handled",
-        handled_others(db.pool.clone()).await
-    );
-    shutdown.cancel();
-    consumer.await.unwrap().expect("the consumer stops cleanly");
-    let committed = orderflow_tests::committed_and_end(&bootstrap, &group, &topic).unwrap();
-    assert_eq!(
-        committed[0].0, first_stuck_offset,
-        "the committed offset is exactly the stuck key's first message (everything before it is done)"
-    );
-
-    healed.store(true, Ordering::SeqCst);
-    let shutdown = CancellationToken::new();
-    let handler = Arc::new(Flaky {
-        stuck_key: stuck.to_string(),
-        healed,
-    });
-    let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
-    let handled_all = |pool: sqlx::PgPool| async move {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM handled")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        usize::try_from(count).unwrap()
-    };
-    assert!(
-        eventually(Duration::from_secs(60), || handled_all(db.pool.clone())
-            .map_eq(sent_keys.len()))
-        .await,
-        "after the restart: {} of {} handled",
-        handled_all(db.pool.clone()).await,
-        sent_keys.len()
-    );
-    let order: Vec<i32> = sqlx::query_scalar("SELECT seq FROM handled WHERE key = $1 ORDER BY handled_at")
-        .bind(stuck.to_string())
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(order, (0..i32::try_from(stuck_count).unwrap()).collect::<Vec<i32>>());
-    let twice: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT key, seq FROM handled GROUP BY key, seq HAVING count(*) > 1) d",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(twice, 0, "a redelivered message was handled twice");
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            orderflow_tests::committed_and_end(&bootstrap, &group, &topic).unwrap()[0].0
-                == i64::try_from(sent_keys.len()).unwrap()
-        })
-        .await,
-        "everything committed in the end"
-    );
     shutdown.cancel();
     consumer.await.unwrap().expect("the consumer stops cleanly");
 }

@@ -194,20 +194,27 @@ async fn every_arrival_order_in_bulk_or_alone_ends_in_the_same_row() {
                 .zip(&orders_of)
                 .map(|(id, order)| message(*id, lifecycle(*id, confirmed)[order[wave]].clone(), wave as i64))
                 .collect();
-            let fresh = fresh(&messages);
+            let wave_fresh = fresh(&messages);
             let mut tx = db.pool.begin().await.unwrap();
-            let outcomes = Projector
-                .handle_batch(&mut tx, &fresh)
+            Projector
+                .handle(&mut tx, &wave_fresh)
                 .await
                 .map_err(|(at, e)| format!("{at}: {e}"))
                 .unwrap();
-            assert_eq!(outcomes.len(), 24);
             tx.commit().await.unwrap();
 
             for (id, order) in alone.iter().zip(&orders_of) {
-                let (message, event) = message(*id, lifecycle(*id, confirmed)[order[wave]].clone(), wave as i64);
+                let one = [message(
+                    *id,
+                    lifecycle(*id, confirmed)[order[wave]].clone(),
+                    wave as i64,
+                )];
                 let mut tx = db.pool.begin().await.unwrap();
-                Projector.handle(&mut tx, &message, &event).await.unwrap();
+                Projector
+                    .handle(&mut tx, &fresh(&one))
+                    .await
+                    .map_err(|(at, e)| format!("{at}: {e}"))
+                    .unwrap();
                 tx.commit().await.unwrap();
             }
         }
@@ -219,28 +226,6 @@ async fn every_arrival_order_in_bulk_or_alone_ends_in_the_same_row() {
             );
         }
     }
-
-    // One batch holding all four events of one order (and of another, interleaved): each
-    // event of an order in a statement of its own, in their order.
-    let (one, two) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
-    place(&db.pool, one).await;
-    place(&db.pool, two).await;
-    let messages: Vec<(Incoming, OpenedEvent)> = lifecycle(one, true)
-        .into_iter()
-        .zip(lifecycle(two, false))
-        .enumerate()
-        .flat_map(|(i, (a, b))| [message(one, a, 2 * i as i64), message(two, b, 2 * i as i64 + 1)])
-        .collect();
-    let fresh = fresh(&messages);
-    let mut tx = db.pool.begin().await.unwrap();
-    Projector
-        .handle_batch(&mut tx, &fresh)
-        .await
-        .map_err(|(at, e)| format!("{at}: {e}"))
-        .unwrap();
-    tx.commit().await.unwrap();
-    assert_eq!(row(&db.pool, one).await, expected(true));
-    assert_eq!(row(&db.pool, two).await, expected(false));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,10 +241,7 @@ async fn a_batch_with_an_order_never_placed_names_that_message() {
     ];
     let fresh = fresh(&messages);
     let mut tx = db.pool.begin().await.unwrap();
-    let (at, error) = Projector
-        .handle_batch(&mut tx, &fresh)
-        .await
-        .expect_err("a forged order");
+    let (at, error) = Projector.handle(&mut tx, &fresh).await.expect_err("a forged order");
     assert_eq!(at, 1, "{error}");
     assert!(error.to_string().contains("never placed"), "{error}");
 }

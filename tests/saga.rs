@@ -388,13 +388,14 @@ async fn an_order_placed_while_the_payment_service_is_down_is_paid_when_it_retur
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_late_gateway_reply_in_a_batch_makes_none_of_its_neighbours_call_again() {
+async fn a_late_gateway_reply_makes_none_of_its_neighbours_call_again() {
     // payment-svc is away while 160 orders are placed on one partition, one in twenty paid
     // with a token whose first gateway reply comes after payment-svc's timeout. When it
-    // returns, its key lanes hold queues and batches form: a batch commits its orders
-    // without the late one (cut off once the others answered, or failed at the timeout),
-    // which is handled alone with its own retries. Rolling the whole batch back for it
-    // called the gateway a second time for every neighbour (about a hundred of them here).
+    // returns, units of work record their intents together; the calls are made outside any
+    // transaction, side by side, and each answer is recorded for its own order: the late
+    // ones are asked again later (same key), their neighbours once. (Calling the gateway
+    // inside a batch's transaction and rolling the batch back for a late one called it a
+    // second time for every neighbour: 98 of 152 here.)
     let mut saga = Saga::start(SagaOptions {
         partitions: 1,
         ..SagaOptions::default()
@@ -434,20 +435,23 @@ async fn a_late_gateway_reply_in_a_batch_makes_none_of_its_neighbours_call_again
         .into_iter()
         .filter(|(_, n)| *n > 1)
         .collect();
-    // A neighbour that answers slower than the stragglers' grace on a stalled machine is cut
-    // off too and asked again; that is one in many, not the whole batch.
+    // A neighbour is asked again only when its own call outlasted the timeout: the gateway (a
+    // debug build on the test's two cores) serves the burst of 150 calls at once, and a few of
+    // them answer later than 500 ms (0 to 2 of 152 seen, each its own DeadlineExceeded).
+    // Never because of a late neighbour: that was about two in three.
     println!(
-        "late replies in batches: {} of {} other orders' authorizations asked for twice",
+        "late replies among their neighbours: {} of {} other orders' authorizations asked for twice",
         called_again.len(),
         others.len()
     );
     assert!(
         called_again.len() * 20 <= others.len(),
-        "the other orders' authorizations were asked for once (a few stragglers aside): {} were asked twice (e.g. {:?})",
+        "the other orders' authorizations were asked for once (a few slow calls aside): {} were asked twice (e.g. {:?})",
         called_again.len(),
         &called_again[..called_again.len().min(3)]
     );
-    // Batches did form: inbox rows (never updated) recorded in one transaction share its xmin.
+    // Units of work did form: inbox rows (never updated) recorded in one transaction share
+    // its xmin.
     let largest_batch: i64 =
         sqlx::query_scalar("SELECT max(n) FROM (SELECT count(*) AS n FROM inbox GROUP BY xmin::text) b")
             .fetch_one(&saga.payments.pool)

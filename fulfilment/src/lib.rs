@@ -8,7 +8,7 @@ use std::sync::Arc;
 use orderflow::envelope::OpenedEvent;
 use orderflow::events::v1::event_envelope::Payload;
 use orderflow_platform::Secret;
-use orderflow_platform::consumer::{self, ConsumerSettings, Handler, HandlerError, Incoming, Outcome};
+use orderflow_platform::consumer::{self, ConsumerSettings, Fresh, Handler, HandlerError};
 use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
@@ -62,24 +62,27 @@ impl Handler for Fulfilment {
         matches!(event.payload, Payload::OrderConfirmed(_))
     }
 
+    /// One insert for every confirmed order of the batch; a confirmation of an order already
+    /// shipped (a replay, a redrive) inserts nothing.
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        _message: &Incoming,
-        event: &OpenedEvent,
-    ) -> Result<Outcome, HandlerError> {
+        batch: &[Fresh<'_>],
+    ) -> Result<(), (usize, HandlerError)> {
+        let order_ids: Vec<uuid::Uuid> = batch.iter().map(|fresh| fresh.event.aggregate_id).collect();
+        let shipment_ids: Vec<uuid::Uuid> = batch.iter().map(|_| uuid::Uuid::now_v7()).collect();
         let created = sqlx::query(
-            "INSERT INTO shipments (shipment_id, order_id) VALUES ($1, $2) ON CONFLICT (order_id) DO NOTHING",
+            "INSERT INTO shipments (shipment_id, order_id) SELECT * FROM unnest($1::uuid[], $2::uuid[])
+             ORDER BY 2 ON CONFLICT (order_id) DO NOTHING",
         )
-        .bind(uuid::Uuid::now_v7())
-        .bind(event.aggregate_id)
+        .bind(&shipment_ids)
+        .bind(&order_ids)
         .execute(&mut **tx)
-        .await?
+        .await
+        .map_err(|error| (batch.len(), error.into()))?
         .rows_affected();
-        if created == 1 {
-            tracing::info!("shipment requested");
-        }
-        Ok(Outcome::Processed)
+        tracing::info!(created, confirmations = batch.len(), "shipments requested");
+        Ok(())
     }
 }
 

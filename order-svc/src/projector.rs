@@ -13,7 +13,7 @@ use orderflow::envelope::{OpenedEvent, event_type_of};
 use orderflow::events::v1::event_envelope::Payload;
 use orderflow::orders::v1::CancellationReason;
 use orderflow_platform::Secret;
-use orderflow_platform::consumer::{self, ConsumerSettings, Fresh, Handler, HandlerError, Incoming, Outcome};
+use orderflow_platform::consumer::{self, ConsumerSettings, Fresh, Handler, HandlerError};
 use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
@@ -239,9 +239,9 @@ impl Rows {
 }
 
 impl Projector {
-    /// Projects `events` in order: one check that every OrderPlaced's order exists, then one
-    /// upsert per run of events of different orders. On failure, the index of the event that
-    /// failed (the first of its run for a failed upsert).
+    /// Projects `events` (of different orders): one check that every OrderPlaced's order
+    /// exists, then one upsert. On failure, the index of the event that failed (`events.len()`
+    /// when a statement for all of them failed).
     async fn project(
         tx: &mut Transaction<'static, Postgres>,
         events: &[&OpenedEvent],
@@ -260,7 +260,7 @@ impl Projector {
                 .bind(&placed)
                 .fetch_all(&mut **tx)
                 .await
-                .map_err(|error| (0, error.into()))?
+                .map_err(|error| (events.len(), error.into()))?
                 .into_iter()
                 .collect();
             if let Some(at) = events.iter().position(|event| {
@@ -275,14 +275,11 @@ impl Projector {
                 ));
             }
         }
-        for (start, run) in consumer::runs_of_distinct_keys(events, |event| event.aggregate_id) {
-            let mut rows = Rows::default();
-            for event in run {
-                rows.push(event);
-            }
-            rows.upsert(tx).await.map_err(|error| (start, error))?;
+        let mut rows = Rows::default();
+        for event in events {
+            rows.push(event);
         }
-        Ok(())
+        rows.upsert(tx).await.map_err(|error| (events.len(), error))
     }
 }
 
@@ -295,24 +292,15 @@ impl Handler for Projector {
         true
     }
 
+    /// A round of events of different orders (the runtime's rounds keep each order's events
+    /// in their order): one check, one upsert.
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        _message: &Incoming,
-        event: &OpenedEvent,
-    ) -> Result<Outcome, HandlerError> {
-        Self::project(tx, &[event]).await.map_err(|(_, error)| error)?;
-        Ok(Outcome::Processed)
-    }
-
-    async fn handle_batch(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
         batch: &[Fresh<'_>],
-    ) -> Result<Vec<Outcome>, (usize, HandlerError)> {
+    ) -> Result<(), (usize, HandlerError)> {
         let events: Vec<&OpenedEvent> = batch.iter().map(|fresh| fresh.event).collect();
-        Self::project(tx, &events).await?;
-        Ok(vec![Outcome::Processed; batch.len()])
+        Self::project(tx, &events).await
     }
 }
 

@@ -9,11 +9,12 @@ use orderflow::envelope::{self, EventMeta, OpenedEvent};
 use orderflow::events::v1::event_envelope::Payload;
 use orderflow::events::v1::{OrderCancelled, OrderConfirmed};
 use orderflow::orders::v1::CancellationReason as WireReason;
-use orderflow_platform::consumer::{Handler, HandlerError, Incoming, Outcome};
+use orderflow_platform::consumer::{Fresh, Handler, HandlerError};
 use orderflow_platform::outbox::{self, OutboxMessage, OutboxMode};
 use orderflow_platform::telemetry;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::domain::{self, CancellationReason, Command, Event, Order, OrderId};
 use crate::store::{self, StoreError, TransitionOutcome};
@@ -112,7 +113,7 @@ impl PaymentEventsHandler {
         tx: &mut Transaction<'static, Postgres>,
         event: &OpenedEvent,
         command: Command,
-    ) -> Result<Outcome, HandlerError> {
+    ) -> Result<(), HandlerError> {
         let id = OrderId::from(event.aggregate_id);
         let record = store::get_order_in(tx, id).await.map_err(store_error)?;
         let Some(record) = record else {
@@ -122,12 +123,12 @@ impl PaymentEventsHandler {
         let before = record.order;
         let Some(Settlement { after, payload, reason }) = settle(&before, command).map_err(HandlerError::Permanent)?
         else {
-            // Late, duplicate or out of order: never applied (and nothing to commit).
+            // Late, duplicate or out of order: never applied (only its inbox row commits).
             tracing::info!(
                 status = before.status.as_str(),
                 "payment event ignored: the order is already settled"
             );
-            return Ok(Outcome::Ignored);
+            return Ok(());
         };
         let message = outbox::caused_by(&self.orders_topic, event, payload);
         match store::transition_in(tx, &before, &after, reason, &message, self.outbox)
@@ -137,7 +138,7 @@ impl PaymentEventsHandler {
             TransitionOutcome::Applied => {
                 tracing::info!(status = after.status.as_str(), "order settled");
                 record_completion(placed_at, after.status.as_str());
-                Ok(Outcome::Processed)
+                Ok(())
             }
             // The sweeper (or a redelivery) won the race: decide again on the new state.
             TransitionOutcome::Conflict => Err(HandlerError::Transient(anyhow::anyhow!("order changed concurrently"))),
@@ -154,22 +155,30 @@ impl Handler for PaymentEventsHandler {
         matches!(event.payload, Payload::PaymentAuthorized(_) | Payload::PaymentFailed(_))
     }
 
+    /// One message of each order at a time (the runtime's rounds), each decided on the order
+    /// as it stands in this transaction.
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        _message: &Incoming,
-        event: &OpenedEvent,
-    ) -> Result<Outcome, HandlerError> {
-        let command = match &event.payload {
-            Payload::PaymentAuthorized(authorized) => Command::RecordPaymentAuthorized {
-                payment_id: authorized.payment_id.clone(),
-            },
-            Payload::PaymentFailed(failed) => Command::RecordPaymentFailed {
-                detail: failed.detail.clone(),
-            },
-            _ => return Ok(Outcome::Ignored),
-        };
-        self.apply(tx, event, command).await
+        batch: &[Fresh<'_>],
+    ) -> Result<(), (usize, HandlerError)> {
+        for (at, fresh) in batch.iter().enumerate() {
+            let command = match &fresh.event.payload {
+                Payload::PaymentAuthorized(authorized) => Command::RecordPaymentAuthorized {
+                    payment_id: authorized.payment_id.clone(),
+                },
+                Payload::PaymentFailed(failed) => Command::RecordPaymentFailed {
+                    detail: failed.detail.clone(),
+                },
+                // `wants` lets no other event through.
+                _ => continue,
+            };
+            self.apply(tx, fresh.event, command)
+                .instrument(fresh.span.clone())
+                .await
+                .map_err(|error| (at, error))?;
+        }
+        Ok(())
     }
 }
 

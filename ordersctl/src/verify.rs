@@ -207,6 +207,16 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
         "SELECT order_id::text FROM shipments GROUP BY order_id HAVING count(*) > 1",
     )
     .await?;
+    // A payment owing a gateway call (AUTHORIZING, CAPTURING, VOIDING: docs/adr/0005) since
+    // longer than the saga deadline: its executor died and no other finished it, or the
+    // gateway refuses the call and an operator must act.
+    let owed_too_long = ids_bound(
+        &stores.payments,
+        "SELECT order_id::text FROM payments
+         WHERE state IN ('AUTHORIZING', 'CAPTURING', 'VOIDING') AND updated_at < now() - make_interval(secs => $1)",
+        (deadline + grace).as_secs_f64(),
+    )
+    .await?;
     let payments_twice = ids(
         &stores.payments,
         "SELECT order_id::text FROM payments GROUP BY order_id HAVING count(*) > 1",
@@ -276,6 +286,10 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
         check(
             "orders authorized or captured more than once at the gateway",
             charged_twice.into_iter().collect(),
+        ),
+        check(
+            "payments owing a gateway call for longer than the saga deadline",
+            owed_too_long.into_iter().collect(),
         ),
         check(
             "orders with more than one payment row",

@@ -59,28 +59,51 @@ pub fn parse_order_placed(placed: &OrderPlaced, order_id: uuid::Uuid, limits: &T
     })
 }
 
-/// A payment's state, as stored.
+/// A payment's state, as stored. Three are *pending*: a call to the gateway is owed
+/// (recorded before it is made, finished by the executor); the others are settled for now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PaymentState {
+    /// An authorization is owed (the intent, committed before the call).
+    Authorizing,
     /// Money reserved.
     Authorized,
-    /// The gateway declined.
+    /// The gateway declined (or refused the request).
     Failed,
+    /// A capture is owed.
+    Capturing,
     /// Money taken.
     Captured,
+    /// A void is owed: of the authorization on record, or (none on record) of whatever the
+    /// order's authorize key made.
+    Voiding,
     /// Reservation released.
     Voided,
-    /// The order was cancelled before any payment was attempted: never charge it.
+    /// The order was cancelled before any payment was made: never charge it.
     CancelledBeforeAuthorization,
 }
 
 impl PaymentState {
-    /// The stored name.
+    const ALL: [Self; 8] = [
+        Self::Authorizing,
+        Self::Authorized,
+        Self::Failed,
+        Self::Capturing,
+        Self::Captured,
+        Self::Voiding,
+        Self::Voided,
+        Self::CancelledBeforeAuthorization,
+    ];
+
+    /// The stored name: the only place a state is spelled (the migration's CHECK and the
+    /// pending index list the same names; a unit test holds them together).
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Authorizing => "AUTHORIZING",
             Self::Authorized => "AUTHORIZED",
             Self::Failed => "FAILED",
+            Self::Capturing => "CAPTURING",
             Self::Captured => "CAPTURED",
+            Self::Voiding => "VOIDING",
             Self::Voided => "VOIDED",
             Self::CancelledBeforeAuthorization => "CANCELLED_BEFORE_AUTHORIZATION",
         }
@@ -88,30 +111,38 @@ impl PaymentState {
 
     /// Parses a stored name.
     pub fn parse(name: &str) -> Option<Self> {
-        [
-            Self::Authorized,
-            Self::Failed,
-            Self::Captured,
-            Self::Voided,
-            Self::CancelledBeforeAuthorization,
-        ]
-        .into_iter()
-        .find(|state| state.as_str() == name)
+        Self::ALL.into_iter().find(|state| state.as_str() == name)
+    }
+
+    /// Whether a gateway call is owed in this state.
+    pub fn is_pending(self) -> bool {
+        matches!(self, Self::Authorizing | Self::Capturing | Self::Voiding)
+    }
+
+    /// The names of the pending states (for the executor's claim).
+    pub fn pending_names() -> Vec<&'static str> {
+        Self::ALL
+            .into_iter()
+            .filter(|state| state.is_pending())
+            .map(Self::as_str)
+            .collect()
     }
 }
 
-/// What to do.
+/// What an order event asks of the payment on record. Each is recorded in the message's
+/// transaction; the gateway is called afterwards, outside any transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Call the gateway to authorize.
+    /// Record a new payment, AUTHORIZING: an authorization is owed.
     Authorize,
-    /// Call the gateway to capture.
+    /// AUTHORIZED → CAPTURING.
     Capture,
-    /// Call the gateway to void.
+    /// AUTHORIZED or AUTHORIZING → VOIDING: release what is (or may be) reserved.
     Void,
-    /// Record that the order was cancelled before payment, so it is never charged.
-    RecordCancellation,
-    /// Nothing to do (already done, or nothing to undo); record the message as processed.
+    /// No payment on record for a cancelled order: record one, VOIDING, that releases whatever
+    /// the authorize key made (nothing, usually) and closes the key.
+    VoidUnrecorded,
+    /// Nothing to do (already done, or nothing to undo).
     Nothing,
     /// The event cannot be honoured in this state (dead-letter it for an operator).
     Refuse(&'static str),
@@ -125,29 +156,94 @@ pub fn on_order_placed(payment: Option<PaymentState>) -> Action {
     }
 }
 
-/// OrderConfirmed: capture the authorization.
+/// OrderConfirmed: capture the authorization. (The order service confirms only after
+/// PaymentAuthorized, which is written with AUTHORIZED: a confirmation finding the payment
+/// still AUTHORIZING did not come from it.)
 pub fn on_order_confirmed(payment: Option<PaymentState>) -> Action {
     match payment {
         Some(PaymentState::Authorized) => Action::Capture,
-        Some(PaymentState::Captured) => Action::Nothing,
-        None => Action::Refuse("order confirmed without a payment on record"),
+        Some(PaymentState::Capturing | PaymentState::Captured) => Action::Nothing,
+        None | Some(PaymentState::Authorizing) => Action::Refuse("order confirmed without an authorization on record"),
         Some(PaymentState::Failed | PaymentState::CancelledBeforeAuthorization) => {
             Action::Refuse("order confirmed but its payment failed or was cancelled")
         }
-        Some(PaymentState::Voided) => Action::Refuse("order confirmed after its authorization was voided"),
+        Some(PaymentState::Voiding | PaymentState::Voided) => {
+            Action::Refuse("order confirmed after its authorization was voided")
+        }
     }
 }
 
-/// OrderCancelled: release the money if any is reserved; remember the cancellation if no
-/// payment exists yet.
+/// OrderCancelled: release the money if any is (or may be) reserved; remember the
+/// cancellation if no payment exists yet.
 pub fn on_order_cancelled(payment: Option<PaymentState>) -> Action {
     match payment {
-        None => Action::RecordCancellation,
-        Some(PaymentState::Authorized) => Action::Void,
-        Some(PaymentState::Failed | PaymentState::Voided | PaymentState::CancelledBeforeAuthorization) => {
-            Action::Nothing
+        None => Action::VoidUnrecorded,
+        Some(PaymentState::Authorized | PaymentState::Authorizing) => Action::Void,
+        Some(
+            PaymentState::Failed
+            | PaymentState::Voiding
+            | PaymentState::Voided
+            | PaymentState::CancelledBeforeAuthorization,
+        ) => Action::Nothing,
+        Some(PaymentState::Capturing | PaymentState::Captured) => {
+            Action::Refuse("order cancelled after capture: a refund is needed")
         }
-        Some(PaymentState::Captured) => Action::Refuse("order cancelled after capture: a refund is needed"),
+    }
+}
+
+/// What the gateway answered to a pending payment's call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Authorize: the money is reserved.
+    Approved {
+        /// The gateway's id of the authorization.
+        authorization_id: String,
+    },
+    /// Authorize: the issuer declined.
+    Declined {
+        /// Why.
+        reason: String,
+    },
+    /// Capture or void: done.
+    Done,
+    /// The gateway refused the request itself (invalid, or impossible in its state).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The event a settled payment tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Told {
+    /// PaymentAuthorized.
+    Authorized,
+    /// PaymentFailed, declined.
+    Declined,
+    /// PaymentFailed, the gateway refused the request.
+    Refused,
+    /// PaymentCaptured.
+    Captured,
+    /// PaymentVoided.
+    Voided,
+}
+
+/// Where an answer takes a pending payment: its new state and the event that tells it, if
+/// any. None: the answer settles nothing (a capture or void the gateway refuses needs an
+/// operator; the payment stays pending, parked). `charged` says whether the payment was an
+/// order's charge (false for the placeholder of a cancellation that came first).
+pub fn settle(from: PaymentState, answer: &Answer, charged: bool) -> Option<(PaymentState, Option<Told>)> {
+    use PaymentState::{
+        Authorized, Authorizing, CancelledBeforeAuthorization, Captured, Capturing, Failed, Voided, Voiding,
+    };
+    match (from, answer) {
+        (Authorizing, Answer::Approved { .. }) => Some((Authorized, Some(Told::Authorized))),
+        (Authorizing, Answer::Declined { .. }) => Some((Failed, Some(Told::Declined))),
+        (Authorizing, Answer::Refused { .. }) => Some((Failed, Some(Told::Refused))),
+        (Capturing, Answer::Done) => Some((Captured, Some(Told::Captured))),
+        (Voiding, Answer::Done) if charged => Some((Voided, Some(Told::Voided))),
+        (Voiding, Answer::Done) => Some((CancelledBeforeAuthorization, None)),
+        _ => None,
     }
 }
 
@@ -198,22 +294,23 @@ mod tests {
     #[test]
     fn an_order_is_authorized_once_and_never_after_a_cancellation() {
         assert_eq!(on_order_placed(None), Action::Authorize);
-        for state in [
-            PaymentState::Authorized,
-            PaymentState::Failed,
-            PaymentState::Captured,
-            PaymentState::Voided,
-            PaymentState::CancelledBeforeAuthorization,
-        ] {
+        for state in PaymentState::ALL {
             assert_eq!(on_order_placed(Some(state)), Action::Nothing, "{state:?}");
         }
     }
 
     #[test]
     fn a_cancellation_voids_reserved_money_and_remembers_itself() {
-        assert_eq!(on_order_cancelled(None), Action::RecordCancellation);
+        assert_eq!(on_order_cancelled(None), Action::VoidUnrecorded);
         assert_eq!(on_order_cancelled(Some(PaymentState::Authorized)), Action::Void);
+        // An authorization still owed may be made by a call in flight: voided by its key.
+        assert_eq!(on_order_cancelled(Some(PaymentState::Authorizing)), Action::Void);
         assert_eq!(on_order_cancelled(Some(PaymentState::Voided)), Action::Nothing);
+        assert_eq!(on_order_cancelled(Some(PaymentState::Voiding)), Action::Nothing);
+        assert!(matches!(
+            on_order_cancelled(Some(PaymentState::Capturing)),
+            Action::Refuse(_)
+        ));
         assert!(matches!(
             on_order_cancelled(Some(PaymentState::Captured)),
             Action::Refuse(_)
@@ -224,11 +321,63 @@ mod tests {
     fn a_confirmation_captures_only_an_authorization() {
         assert_eq!(on_order_confirmed(Some(PaymentState::Authorized)), Action::Capture);
         assert_eq!(on_order_confirmed(Some(PaymentState::Captured)), Action::Nothing);
+        assert_eq!(on_order_confirmed(Some(PaymentState::Capturing)), Action::Nothing);
         assert!(matches!(on_order_confirmed(None), Action::Refuse(_)));
+        assert!(matches!(
+            on_order_confirmed(Some(PaymentState::Authorizing)),
+            Action::Refuse(_)
+        ));
         assert!(matches!(
             on_order_confirmed(Some(PaymentState::Voided)),
             Action::Refuse(_)
         ));
+    }
+
+    #[test]
+    fn an_answer_settles_only_the_call_it_answers() {
+        let approved = Answer::Approved {
+            authorization_id: "a".into(),
+        };
+        assert_eq!(
+            settle(PaymentState::Authorizing, &approved, true),
+            Some((PaymentState::Authorized, Some(Told::Authorized)))
+        );
+        assert_eq!(
+            settle(PaymentState::Capturing, &Answer::Done, true),
+            Some((PaymentState::Captured, Some(Told::Captured)))
+        );
+        assert_eq!(
+            settle(PaymentState::Voiding, &Answer::Done, true),
+            Some((PaymentState::Voided, Some(Told::Voided)))
+        );
+        // The placeholder of a cancellation that came before any OrderPlaced tells nothing.
+        assert_eq!(
+            settle(PaymentState::Voiding, &Answer::Done, false),
+            Some((PaymentState::CancelledBeforeAuthorization, None))
+        );
+        let refused = Answer::Refused { reason: "no".into() };
+        assert_eq!(
+            settle(PaymentState::Authorizing, &refused, true),
+            Some((PaymentState::Failed, Some(Told::Refused)))
+        );
+        // A capture or void the gateway refuses is left for an operator.
+        assert_eq!(settle(PaymentState::Capturing, &refused, true), None);
+        assert_eq!(settle(PaymentState::Voiding, &refused, true), None);
+        // An answer for a payment that is not pending any more changes nothing.
+        assert_eq!(settle(PaymentState::Authorized, &approved, true), None);
+    }
+
+    #[test]
+    fn the_stored_names_are_the_migrations_names() {
+        let check = include_str!("../../migrations/payments/0008_payment_intents.sql");
+        for state in PaymentState::ALL {
+            assert!(
+                check.contains(&format!("'{}'", state.as_str())),
+                "{state:?} missing from the migration"
+            );
+            assert_eq!(PaymentState::parse(state.as_str()), Some(state));
+        }
+        assert_eq!(PaymentState::pending_names(), ["AUTHORIZING", "CAPTURING", "VOIDING"]);
     }
 
     proptest::proptest! {

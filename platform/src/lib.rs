@@ -11,6 +11,7 @@ pub mod housekeeping;
 pub mod inbox;
 pub mod kafka;
 pub mod outbox;
+pub mod retry;
 pub mod secret;
 pub mod security;
 pub mod telemetry;

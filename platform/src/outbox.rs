@@ -52,6 +52,19 @@ impl OutboxMode {
     }
 }
 
+impl OutboxMode {
+    /// Writes `messages` the chosen way in one statement, inside the caller's transaction.
+    pub async fn write_all(self, tx: &mut sqlx::PgConnection, messages: &[OutboxMessage]) -> Result<(), sqlx::Error> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Self::Table => insert_all(tx, messages).await,
+            Self::WalMessage => emit_all(tx, messages).await,
+        }
+    }
+}
+
 /// The services' choice of [`OutboxMode`] (`OUTBOX_MODE`); the relay of the database must
 /// be started with the same one (`RELAY_MODE`).
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
@@ -93,6 +106,65 @@ pub async fn insert(tx: &mut sqlx::PgConnection, message: &OutboxMessage) -> Res
     .bind(i32::try_from(envelope.schema_version).unwrap_or(i32::MAX))
     .bind(&envelope.traceparent)
     .bind(envelope.encode_to_vec())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// [`insert`] for many messages, in one statement (their ids in the given order).
+#[tracing::instrument(name = "outbox_write", skip_all, fields(events = messages.len()))]
+pub async fn insert_all(tx: &mut sqlx::PgConnection, messages: &[OutboxMessage]) -> Result<(), sqlx::Error> {
+    let mut message_ids = Vec::with_capacity(messages.len());
+    let mut topics = Vec::with_capacity(messages.len());
+    let mut keys = Vec::with_capacity(messages.len());
+    let mut event_types = Vec::with_capacity(messages.len());
+    let mut versions = Vec::with_capacity(messages.len());
+    let mut traceparents = Vec::with_capacity(messages.len());
+    let mut payloads = Vec::with_capacity(messages.len());
+    for message in messages {
+        let envelope = &message.envelope;
+        message_ids
+            .push(uuid::Uuid::parse_str(&envelope.message_id).map_err(|error| sqlx::Error::Encode(Box::new(error)))?);
+        topics.push(message.topic.as_str());
+        keys.push(envelope.aggregate_id.as_str());
+        event_types.push(envelope.event_type.as_str());
+        versions.push(i32::try_from(envelope.schema_version).unwrap_or(i32::MAX));
+        traceparents.push(envelope.traceparent.as_str());
+        payloads.push(envelope.encode_to_vec());
+    }
+    sqlx::query(
+        "INSERT INTO outbox (message_id, topic, partition_key, event_type, schema_version, traceparent, payload)
+         SELECT m, t, k, e, v, NULLIF(tp, ''), p
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::bytea[])
+              WITH ORDINALITY AS u(m, t, k, e, v, tp, p, n)
+         ORDER BY n",
+    )
+    .bind(&message_ids)
+    .bind(&topics)
+    .bind(&keys)
+    .bind(&event_types)
+    .bind(&versions)
+    .bind(&traceparents)
+    .bind(&payloads)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// [`emit`] for many messages, in one statement, in the given order.
+#[tracing::instrument(name = "outbox_write", skip_all, fields(events = messages.len(), mode = "wal-message"))]
+pub async fn emit_all(tx: &mut sqlx::PgConnection, messages: &[OutboxMessage]) -> Result<(), sqlx::Error> {
+    let prefixes: Vec<String> = messages
+        .iter()
+        .map(|message| format!("{WAL_MESSAGE_PREFIX}{}", message.topic))
+        .collect();
+    let contents: Vec<Vec<u8>> = messages.iter().map(|m| m.envelope.encode_to_vec()).collect();
+    sqlx::query(
+        "SELECT pg_logical_emit_message(true, p, c)::text
+         FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(p, c, n) ORDER BY n",
+    )
+    .bind(&prefixes)
+    .bind(&contents)
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -41,15 +41,12 @@ pub const RELAY_SLOT_LAG_SECONDS: &str = "orderflow_relay_slot_lag_seconds";
 /// Gauge: the WAL the slot may still fall behind before Postgres invalidates it
 /// (`safe_wal_size`, from max_slot_wal_keep_size).
 pub const RELAY_SLOT_SAFE_BYTES: &str = "orderflow_relay_slot_safe_wal_bytes";
-/// Messages handled, by `group`, `topic` and `outcome` (processed, duplicate, ignored, dead_lettered).
+/// Messages handled, by `group`, `topic` and `outcome` (processed, duplicate, skipped, dead_lettered).
 pub const CONSUMER_MESSAGES: &str = "orderflow_consumer_messages_total";
-/// Histogram: messages of one partition committed together in one transaction, by `group`
-/// (batches of one are not recorded).
+/// Histogram: messages in one committed unit of work (one transaction, across partitions),
+/// by `group`.
 pub const CONSUMER_BATCH_SIZE: &str = "orderflow_consumer_batch_size";
-/// Messages a handler left out of their batch to be handled alone after it (a gateway call
-/// that failed, timed out or outlasted its batch), by `group`.
-pub const CONSUMER_DEFERRED: &str = "orderflow_consumer_deferred_total";
-/// Transient failures retried, by `group`.
+/// Transient failures retried (a message alone, or a unit of work as a whole), by `group`.
 pub const CONSUMER_RETRIES: &str = "orderflow_consumer_retries_total";
 /// Messages of a consumer failing transiently right now (each holds up its partition), by
 /// `group`. Above 0 for long: a dependency is away, or one message fails over and over.
@@ -72,6 +69,9 @@ pub const SAGA_COMPLETION: &str = "orderflow_saga_completion_seconds";
 pub const SWEEPER_CANCELLATIONS: &str = "orderflow_sweeper_cancellations_total";
 /// Authorizations payment-svc voided because their order never settled in time.
 pub const OVERDUE_AUTHORIZATIONS_VOIDED: &str = "orderflow_payment_overdue_authorizations_voided_total";
+/// Pending payments whose call the gateway refuses for good (a capture or void only an
+/// operator can sort out): parked, never claimed again by themselves.
+pub const PAYMENTS_PARKED: &str = "orderflow_payments_parked_total";
 /// Gateway calls, by `operation` and `outcome`.
 pub const GATEWAY_CALL_DURATION: &str = "orderflow_gateway_call_duration_seconds";
 /// Event occurred → visible in the read model.

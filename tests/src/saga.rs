@@ -28,6 +28,8 @@ pub struct SagaOptions {
     pub partitions: i32,
     /// payment-svc voids authorizations whose order has not settled after this.
     pub authorization_deadline: Duration,
+    /// How long payment-svc's consumer retries a message failing transiently.
+    pub payment_retry_budget: Duration,
 }
 
 impl Default for SagaOptions {
@@ -44,6 +46,7 @@ impl Default for SagaOptions {
             gateway_timeout: Duration::from_millis(500),
             partitions: 4,
             authorization_deadline: Duration::from_secs(900),
+            payment_retry_budget: orderflow_platform::consumer::DEFAULT_RETRY_BUDGET,
         }
     }
 }
@@ -217,13 +220,16 @@ impl Saga {
             gateway_client_key: None,
             gateway_plaintext: true,
             gateway_timeout_ms: u64::try_from(self.options.gateway_timeout.as_millis()).unwrap_or(u64::MAX),
-            straggler_grace_ms: 100,
+            gateway_concurrency: 64,
             instance_id: None,
             db_max_connections: 8,
             migrate: false,
             inbox_retention_hours: 168,
             max_order_total: Default::default(),
-            consumer: Default::default(),
+            consumer: orderflow_platform::consumer::ConsumerArgs {
+                retry_budget_ms: u64::try_from(self.options.payment_retry_budget.as_millis()).unwrap_or(u64::MAX),
+                ..Default::default()
+            },
             outbox: Default::default(),
             kafka_auth: stack().kafka_auth(),
             authorization_deadline_ms: u64::try_from(self.options.authorization_deadline.as_millis())
@@ -233,6 +239,36 @@ impl Saga {
         let token = CancellationToken::new();
         let task = spawn_logged("payment-svc", payment_svc::run(config, token.clone()));
         self.payment = Some((token, task));
+    }
+
+    /// The environment of a payment-svc process of this saga (the crash tests run the binary
+    /// with failpoints, so that it can die at a chosen line).
+    pub fn payment_svc_env(&self) -> Vec<(&'static str, String)> {
+        let auth = stack().kafka_auth();
+        let mut env = vec![
+            ("PAYMENT_SVC_DATABASE_URL", self.payments.url.clone()),
+            ("PAYMENT_SVC_BOOTSTRAP_SERVERS", stack().bootstrap_servers.clone()),
+            ("PAYMENT_SVC_GROUP_ID", self.payment_group()),
+            ("PAYMENT_SVC_ORDERS_TOPIC", self.orders_topic.clone()),
+            ("PAYMENT_SVC_PAYMENTS_TOPIC", self.payments_topic.clone()),
+            ("PAYMENT_SVC_GATEWAY_ADDR", self.gateway_addr.to_string()),
+            ("PAYMENT_SVC_GATEWAY_PLAINTEXT", "true".into()),
+            (
+                "PAYMENT_SVC_GATEWAY_TIMEOUT_MS",
+                self.options.gateway_timeout.as_millis().to_string(),
+            ),
+            ("PAYMENT_SVC_MIGRATE", "false".into()),
+            ("PAYMENT_SVC_SWEEP_INTERVAL_MS", "200".into()),
+            (
+                "PAYMENT_SVC_AUTHORIZATION_DEADLINE_MS",
+                self.options.authorization_deadline.as_millis().to_string(),
+            ),
+        ];
+        if let (Some(user), Some(password)) = (auth.kafka_username, auth.kafka_password) {
+            env.push(("KAFKA_USERNAME", user));
+            env.push(("KAFKA_PASSWORD", password.expose().to_owned()));
+        }
+        env
     }
 
     /// Stops payment-svc gracefully (it leaves its consumer group).

@@ -9,4 +9,3 @@ GRANT USAGE ON SCHEMA public TO fulfilment_svc;
 GRANT SELECT, INSERT ON shipments, inbox TO fulfilment_svc;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO fulfilment_svc;
 GRANT EXECUTE ON FUNCTION purge_inbox(text, float8, integer) TO fulfilment_svc;
-GRANT EXECUTE ON FUNCTION forget_own_inbox_rows(text, uuid[]) TO fulfilment_svc;

@@ -24,7 +24,6 @@ GRANT INSERT ON outbox TO order_svc;
 GRANT SELECT ON order_read TO order_svc;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO order_svc;
 GRANT EXECUTE ON FUNCTION purge_inbox(text, float8, integer), purge_expired_request_ids(float8, integer) TO order_svc;
-GRANT EXECUTE ON FUNCTION forget_own_inbox_rows(text, uuid[]) TO order_svc;
 
 -- The relay locks the unpublished rows it publishes (FOR UPDATE needs UPDATE), sets their
 -- published_at, and records a failed delivery on the row (failed_attempts, last_error); it
@@ -36,7 +35,6 @@ GRANT SELECT, INSERT, UPDATE ON order_read TO orders_projector;
 GRANT SELECT, INSERT ON inbox TO orders_projector;
 GRANT SELECT (order_id) ON orders TO orders_projector;
 GRANT EXECUTE ON FUNCTION purge_inbox(text, float8, integer) TO orders_projector;
-GRANT EXECUTE ON FUNCTION forget_own_inbox_rows(text, uuid[]) TO orders_projector;
 
 -- The WAL-message outbox (docs/adr/0003): the relay records the slot it created and how far
 -- it confirmed it (the slot itself needs the REPLICATION attribute, given by the deployment).

@@ -15,7 +15,6 @@ GRANT SELECT, INSERT ON inbox TO payment_svc;
 GRANT INSERT ON outbox TO payment_svc;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO payment_svc;
 GRANT EXECUTE ON FUNCTION purge_inbox(text, float8, integer) TO payment_svc;
-GRANT EXECUTE ON FUNCTION forget_own_inbox_rows(text, uuid[]) TO payment_svc;
 
 GRANT SELECT, UPDATE (published_at, failed_attempts, last_error) ON outbox TO payments_relay;
 GRANT EXECUTE ON FUNCTION purge_published_outbox(float8, integer) TO payments_relay;
