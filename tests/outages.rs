@@ -154,16 +154,25 @@ async fn a_broker_paused_for_60_seconds_under_load_delays_but_loses_nothing() {
     // than the producers' delivery timeout: nothing pins row locks or the xmin horizon for
     // the length of the outage.
     let mut oldest = Duration::ZERO;
+    let mut oldest_query = String::new();
     while paused.elapsed() < Duration::from_secs(55) {
         for pool in [&saga.orders.pool, &saga.payments.pool] {
-            let age: Option<f64> = sqlx::query_scalar(
-                "SELECT extract(epoch FROM max(clock_timestamp() - xact_start))::float8 FROM pg_stat_activity
-                 WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL",
+            // The oldest open transaction, and what it last ran (said in the failure).
+            let row: Option<(f64, String, String)> = sqlx::query_as(
+                "SELECT extract(epoch FROM clock_timestamp() - xact_start)::float8, coalesce(state, ''), query
+                 FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
+                 ORDER BY xact_start LIMIT 1",
             )
-            .fetch_one(pool)
+            .fetch_optional(pool)
             .await
             .unwrap();
-            oldest = oldest.max(Duration::from_secs_f64(age.unwrap_or(0.0)));
+            if let Some((age, state, query)) = row
+                && Duration::from_secs_f64(age) > oldest
+            {
+                oldest = Duration::from_secs_f64(age);
+                oldest_query = format!("{state}: {query}");
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -180,7 +189,7 @@ async fn a_broker_paused_for_60_seconds_under_load_delays_but_loses_nothing() {
     println!("broker pause: the oldest transaction seen during the outage was {oldest:?} old");
     assert!(
         oldest < limit,
-        "a transaction stayed open {oldest:?} during the outage (delivery timeout {:?})",
+        "a transaction stayed open {oldest:?} during the outage (delivery timeout {:?}); it last ran {oldest_query}",
         orderflow_platform::kafka::DEFAULT_DELIVERY_TIMEOUT
     );
     let (accepted, refused) = load.await.unwrap();

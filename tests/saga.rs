@@ -461,3 +461,70 @@ async fn a_late_gateway_reply_makes_none_of_its_neighbours_call_again() {
     assert_no_violations(&saga).await;
     saga.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn beyond_what_the_saga_can_finish_orders_are_refused_at_once_and_the_accepted_settle() {
+    // Every gateway call takes a second and payment-svc makes at most 64 at once: the saga
+    // completes at most about 60 orders a second (fewer on the test's two cores). Orders are
+    // offered at 150 a second for 6 s, in an open loop.
+    let saga = Saga::start(SagaOptions {
+        faults: Faults {
+            latency_ms: 1_000,
+            seed: 3,
+            ..Faults::default()
+        },
+        gateway_timeout: Duration::from_secs(3),
+        admission: (Duration::from_millis(500), 20),
+        ..SagaOptions::default()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut calls = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(saga.client().await);
+    }
+    for n in 0..900_u64 {
+        let due = started + Duration::from_micros(n * 1_000_000 / 150);
+        tokio::time::sleep_until(due.into()).await;
+        let mut client = clients[(n % 8) as usize].clone();
+        let request = api::PlaceOrderRequest {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            ..valid_order(1 + n as i64)
+        };
+        calls.push(tokio::spawn(async move { client.place_order(request).await }));
+    }
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(response) => accepted.push(response.into_inner().order_id),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                let hint = tonic_types::StatusExt::get_details_retry_info(&status).and_then(|r| r.retry_delay);
+                assert!(
+                    hint.is_some_and(|d| d >= Duration::from_millis(100)),
+                    "a retry hint: {status:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    println!("offered 900, accepted {}, refused {refused}", accepted.len());
+    assert!(refused > 0, "the excess was refused");
+    assert!(accepted.len() >= 20, "the floor at least was admitted");
+    assert!(
+        saga.settled(Duration::from_secs(120)).await,
+        "every accepted order settles"
+    );
+    let confirmed: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'CONFIRMED'")
+        .fetch_one(&saga.orders.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        confirmed as usize,
+        accepted.len(),
+        "nothing accepted is lost or timed out"
+    );
+    assert_no_violations(&saga).await;
+    saga.stop().await;
+}

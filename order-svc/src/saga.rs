@@ -28,6 +28,7 @@ fn store_error(error: StoreError) -> HandlerError {
         StoreError::Corrupt(what) => HandlerError::Permanent(what),
         StoreError::Unavailable(error) | StoreError::Conflict(error) | StoreError::Other(error) => error.into(),
         StoreError::IdempotencyKeyReused => HandlerError::Permanent(error.to_string()),
+        StoreError::Busy => HandlerError::Transient(anyhow::anyhow!("{error}")),
     }
 }
 

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use orderflow::orders::v1::PlaceOrderResponse;
 use orderflow_platform::outbox::{OutboxMessage, OutboxMode};
-use prost::Message as _;
 use sqlx::PgPool;
 
 use crate::domain::{
@@ -22,6 +21,9 @@ pub enum StoreError {
     /// A serialization failure or deadlock: the transaction can be retried.
     #[error("transaction aborted by a concurrent one")]
     Conflict(#[source] sqlx::Error),
+    /// Every writer is busy with a full batch already: retry shortly.
+    #[error("the order writers are busy")]
+    Busy,
     /// An idempotency key reused with a different request.
     #[error("request_id was already used with a different request")]
     IdempotencyKeyReused,
@@ -69,100 +71,6 @@ pub enum PlaceOutcome {
     Created(PlaceOrderResponse),
     /// The key was seen before with the same request: the original response, nothing written.
     Replayed(PlaceOrderResponse),
-}
-
-/// Writes a new order, its items and its `OrderPlaced` outbox row in one transaction,
-/// guarded by the idempotency key when there is one.
-pub async fn place_order(
-    pool: &PgPool,
-    order: &Order,
-    correlation_id: uuid::Uuid,
-    key: Option<&IdempotencyKey>,
-    event: &OutboxMessage,
-    outbox: Option<OutboxMode>,
-    response: &PlaceOrderResponse,
-) -> Result<PlaceOutcome, StoreError> {
-    let mut tx = pool.begin().await?;
-    if let Some(key) = key {
-        // Claim the key first. A concurrent call with the same key blocks on the unique
-        // index here until this transaction ends, then sees the committed row: N racing
-        // retries create exactly one order. An expired key (not yet cleaned up) is reclaimed.
-        let claimed: Option<(String,)> = sqlx::query_as(
-            "INSERT INTO idempotency_keys (request_id, request_fingerprint, order_id, response, expires_at)
-             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
-             ON CONFLICT (request_id) DO UPDATE
-                SET request_fingerprint = EXCLUDED.request_fingerprint, order_id = EXCLUDED.order_id,
-                    response = EXCLUDED.response, created_at = now(), expires_at = EXCLUDED.expires_at
-                WHERE idempotency_keys.expires_at < now()
-             RETURNING request_id",
-        )
-        .bind(key.request_id.to_string())
-        .bind(&key.fingerprint)
-        .bind(order.id.as_uuid())
-        .bind(response.encode_to_vec())
-        .bind(key.retention.as_secs_f64())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if claimed.is_none() {
-            let (fingerprint, original): (Vec<u8>, Vec<u8>) =
-                sqlx::query_as("SELECT request_fingerprint, response FROM idempotency_keys WHERE request_id = $1")
-                    .bind(key.request_id.to_string())
-                    .fetch_one(&mut *tx)
-                    .await?;
-            // Nothing was written in this transaction; dropping it rolls back.
-            drop(tx);
-            if fingerprint != key.fingerprint {
-                return Err(StoreError::IdempotencyKeyReused);
-            }
-            let original = PlaceOrderResponse::decode(original.as_slice())
-                .map_err(|error| StoreError::Corrupt(format!("stored response: {error}")))?;
-            return Ok(PlaceOutcome::Replayed(original));
-        }
-    }
-
-    sqlx::query(
-        "INSERT INTO orders (order_id, customer_id, currency_code, total_minor, payment_token, status, saga_state,
-                             version, correlation_id, traceparent)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULLIF($10, ''))",
-    )
-    .bind(order.id.as_uuid())
-    .bind(order.customer_id.get())
-    .bind(order.total.currency().code())
-    .bind(order.total.amount_minor())
-    .bind(order.payment_token.as_str())
-    .bind(order.status.as_str())
-    .bind(order.saga_state.as_str())
-    .bind(order.version)
-    .bind(correlation_id)
-    .bind(&event.envelope.traceparent)
-    .execute(&mut *tx)
-    .await?;
-
-    let line_numbers: Vec<i32> = (0..).take(order.items.len()).collect();
-    let skus: Vec<&str> = order.items.iter().map(|item| item.sku.as_str()).collect();
-    let quantities: Vec<i32> = order.items.iter().map(|item| item.quantity.get()).collect();
-    let prices: Vec<i64> = order.items.iter().map(|item| item.unit_price.amount_minor()).collect();
-    sqlx::query(
-        "INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price_minor)
-         SELECT $1, * FROM UNNEST($2::int[], $3::text[], $4::int[], $5::bigint[])",
-    )
-    .bind(order.id.as_uuid())
-    .bind(&line_numbers)
-    .bind(&skus)
-    .bind(&quantities)
-    .bind(&prices)
-    .execute(&mut *tx)
-    .await?;
-
-    // None only in the chaos harness's naive mode (a dual write after the commit instead).
-    if let Some(outbox) = outbox {
-        outbox.write(&mut tx, event).await?;
-    }
-
-    // If the process dies before this commit, nothing above exists: the client sees an
-    // error (or a dropped connection) and retries with the same request_id.
-    tx.commit().await?;
-    Ok(PlaceOutcome::Created(response.clone()))
 }
 
 /// An order as stored, with what the API shows besides the aggregate.

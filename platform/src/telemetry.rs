@@ -69,6 +69,12 @@ pub const SAGA_COMPLETION: &str = "orderflow_saga_completion_seconds";
 pub const SWEEPER_CANCELLATIONS: &str = "orderflow_sweeper_cancellations_total";
 /// Authorizations payment-svc voided because their order never settled in time.
 pub const OVERDUE_AUTHORIZATIONS_VOIDED: &str = "orderflow_payment_overdue_authorizations_voided_total";
+/// Histogram: orders written in one PlaceOrder transaction (group commit).
+pub const PLACE_ORDER_BATCH_SIZE: &str = "orderflow_place_order_batch_size";
+/// Gauge: orders in flight in the saga (PENDING), as admission last read them.
+pub const ADMISSION_IN_FLIGHT: &str = "orderflow_admission_orders_in_flight";
+/// Gauge: orders completing per second, as admission last measured them.
+pub const ADMISSION_COMPLETING: &str = "orderflow_admission_completing_per_second";
 /// Pending payments whose call the gateway refuses for good (a capture or void only an
 /// operator can sort out): parked, never claimed again by themselves.
 pub const PAYMENTS_PARKED: &str = "orderflow_payments_parked_total";

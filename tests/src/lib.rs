@@ -271,6 +271,7 @@ pub async fn start_order_svc_with(
         consumer: Default::default(),
         outbox: Default::default(),
         security: orderflow_platform::security::ServerSecurityArgs::insecure(),
+        placing: Default::default(),
     };
     let mut config = config;
     adjust(&mut config);

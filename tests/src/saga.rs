@@ -30,6 +30,9 @@ pub struct SagaOptions {
     pub authorization_deadline: Duration,
     /// How long payment-svc's consumer retries a message failing transiently.
     pub payment_retry_budget: Duration,
+    /// PlaceOrder's admission target (zero: off, as in every test that floods the saga on
+    /// purpose to check it stays correct) and floor.
+    pub admission: (Duration, u64),
 }
 
 impl Default for SagaOptions {
@@ -47,6 +50,7 @@ impl Default for SagaOptions {
             partitions: 4,
             authorization_deadline: Duration::from_secs(900),
             payment_retry_budget: orderflow_platform::consumer::DEFAULT_RETRY_BUDGET,
+            admission: (Duration::ZERO, order_svc::admission::DEFAULT_FLOOR),
         }
     }
 }
@@ -117,6 +121,7 @@ impl Saga {
         ));
 
         let deadline = options.deadline;
+        let (admission_target, admission_floor) = options.admission;
         let (topic_o, topic_p, boot, sfx) = (
             orders_topic.clone(),
             payments_topic.clone(),
@@ -130,6 +135,8 @@ impl Saga {
             config.group_id = format!("order-{sfx}");
             config.saga_deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
             config.sweep_interval_ms = 200;
+            config.placing.admission_target_ms = u64::try_from(admission_target.as_millis()).unwrap_or(u64::MAX);
+            config.placing.admission_floor = admission_floor;
         })
         .await;
 

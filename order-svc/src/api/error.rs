@@ -87,6 +87,14 @@ pub enum ApiError {
     /// A dependency is unavailable; retrying later is safe.
     #[error("{0}")]
     Unavailable(String),
+    /// More work than the system can finish in time: refused at once, retry after the hint.
+    #[error("{message}")]
+    Overloaded {
+        /// Why, in numbers.
+        message: String,
+        /// When a retry may find room.
+        retry_after: std::time::Duration,
+    },
     /// A bug. The cause is logged with the request's correlation id, never sent.
     #[error("internal error")]
     Internal,
@@ -97,6 +105,10 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::Unavailable(_) => Self::Unavailable("the order database is unavailable; retry later".into()),
             StoreError::Conflict(_) => Self::Aborted("a concurrent change won; retry".into()),
+            StoreError::Busy => Self::Overloaded {
+                message: "every order writer is busy with a full batch; retry shortly".into(),
+                retry_after: std::time::Duration::from_millis(100),
+            },
             StoreError::IdempotencyKeyReused => {
                 Self::FailedPrecondition("request_id was already used with a different request".into())
             }
@@ -128,7 +140,31 @@ impl From<ApiError> for tonic::Status {
             ApiError::PermissionDenied(message) => Status::permission_denied(message),
             ApiError::Aborted(message) => Status::aborted(message),
             ApiError::Unavailable(message) => Status::unavailable(message),
+            ApiError::Overloaded { message, retry_after } => {
+                let mut status = Status::with_error_details(
+                    Code::ResourceExhausted,
+                    message,
+                    ErrorDetails::with_retry_info(Some(retry_after)),
+                );
+                // gRPC's own retry pushback (honoured by clients with a retry policy).
+                if let Ok(value) = retry_after.as_millis().to_string().parse() {
+                    status.metadata_mut().insert("grpc-retry-pushback-ms", value);
+                }
+                status
+            }
             ApiError::Internal => Status::internal("internal error"),
+        }
+    }
+}
+
+impl From<crate::admission::Refusal> for ApiError {
+    fn from(refusal: crate::admission::Refusal) -> Self {
+        Self::Overloaded {
+            message: format!(
+                "the saga is at capacity: {} orders in flight, {:.0} completing a second; retry later",
+                refusal.in_flight, refusal.completing_per_sec
+            ),
+            retry_after: refusal.retry_after,
         }
     }
 }
@@ -136,6 +172,24 @@ impl From<ApiError> for tonic::Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_overloaded_answer_says_when_to_retry() {
+        let status = tonic::Status::from(ApiError::Overloaded {
+            message: "busy".into(),
+            retry_after: std::time::Duration::from_millis(250),
+        });
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            status
+                .metadata()
+                .get("grpc-retry-pushback-ms")
+                .and_then(|v| v.to_str().ok()),
+            Some("250")
+        );
+        let retry = tonic_types::StatusExt::get_details_retry_info(&status).and_then(|r| r.retry_delay);
+        assert_eq!(retry, Some(std::time::Duration::from_millis(250)));
+    }
 
     #[test]
     fn a_hundred_violations_fit_in_the_metadata_a_client_accepts() {

@@ -14,7 +14,7 @@ use orderflow::orders::v1::{
     GetOrderRequest, GetOrderResponse, OrderStatus as WireStatus, PlaceOrderRequest, PlaceOrderResponse,
 };
 use orderflow_platform::auth::Caller;
-use orderflow_platform::outbox::{OutboxMessage, OutboxMode};
+use orderflow_platform::outbox::OutboxMessage;
 use orderflow_platform::telemetry;
 use prost::Message as _;
 use sqlx::PgPool;
@@ -22,7 +22,9 @@ use tracing::Instrument as _;
 
 pub use error::{ApiError, FieldViolation};
 
+use crate::admission::Admission;
 use crate::domain::{self, Command, Event, OrderId};
+use crate::placing::{Placement, Placer};
 use crate::store::{self, IdempotencyKey, PlaceOutcome};
 
 /// The `OrderService` implementation.
@@ -32,7 +34,10 @@ pub struct OrderApi {
     orders_topic: String,
     idempotency_retention: Duration,
     limits: TotalLimits,
-    outbox: OutboxMode,
+    /// Writes the orders, many calls to a transaction.
+    placer: Placer,
+    /// Refuses what the saga cannot finish in time.
+    admission: Admission,
     /// The chaos harness's naive mode only: PlaceOrder publishes to Kafka itself after its
     /// commit (a dual write) instead of writing the outbox row.
     dual_write: Option<DualWrite>,
@@ -49,22 +54,25 @@ impl std::fmt::Debug for DualWrite {
 }
 
 impl OrderApi {
-    /// An API writing to `pool` and publishing order events to `orders_topic`.
-    pub fn new(pool: PgPool, orders_topic: String, idempotency_retention: Duration, limits: TotalLimits) -> Self {
+    /// An API reading from `pool`, writing orders through `placer` and publishing their events
+    /// to `orders_topic`, admitting what `admission` admits.
+    pub fn new(
+        pool: PgPool,
+        orders_topic: String,
+        idempotency_retention: Duration,
+        limits: TotalLimits,
+        placer: Placer,
+        admission: Admission,
+    ) -> Self {
         Self {
             pool,
             orders_topic,
             idempotency_retention,
             limits,
-            outbox: OutboxMode::Table,
+            placer,
+            admission,
             dual_write: None,
         }
-    }
-
-    /// Writes its events the `mode` way (the outbox table by default).
-    pub fn with_outbox_mode(mut self, mode: OutboxMode) -> Self {
-        self.outbox = mode;
-        self
     }
 
     /// The chaos harness's naive mode: publish from the request instead of the outbox.
@@ -94,6 +102,8 @@ impl OrderApi {
                 return Err(ApiError::PermissionDenied("operators do not place orders".into()));
             }
         }
+        // Refused before anything is written: the saga cannot finish more in time.
+        self.admission.admit()?;
         let events = domain::decide(None, Command::Place(command)).map_err(convert::domain_error)?;
         let Some(Event::Placed { order }) = events.into_iter().next() else {
             tracing::error!("decide(Place) returned no Placed event");
@@ -140,18 +150,14 @@ impl OrderApi {
                 }),
             ),
         };
-        let outbox = self.dual_write.is_none().then_some(self.outbox);
-        match store::place_order(
-            &self.pool,
-            &order,
+        let placement = Placement {
+            order,
             correlation_id,
-            key.as_ref(),
-            &event,
-            outbox,
-            &response,
-        )
-        .await?
-        {
+            key,
+            event: event.clone(),
+            response,
+        };
+        match self.placer.place(placement).await? {
             PlaceOutcome::Created(response) => {
                 if let Some(DualWrite(producer)) = &self.dual_write {
                     // The textbook mistake: the order is committed; if this publish fails or

@@ -1,0 +1,268 @@
+//! Admission: beyond what the saga can finish in time, PlaceOrder refuses at once (with a
+//! retry hint) instead of accepting orders that then wait behind each other for seconds.
+//!
+//! The bound comes from what the system does, measured, not from a fixed guess. Little's law:
+//! orders in flight = completion rate × time in flight. Every `refresh` it reads, from the
+//! orders database (so several order-svc instances see the same numbers), the orders in
+//! flight (PENDING) and the orders placed in the last `window`; the orders completed in that
+//! window are those placed minus the growth of the in-flight count. An order is admitted
+//! while the orders in flight (plus those admitted since the last reading) stay below
+//! `completion rate × target`: a new order then waits about `target` behind the others.
+//!
+//! When nothing completes at all (Kafka or a consumer away, or no saga running), the system
+//! is stalled, not overloaded: refusing would protect no one, and the outbox exists so that
+//! orders are taken while the rest is away. Orders are then admitted; they complete after
+//! the outage, within the saga deadline.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// The admission target unless configured (`ORDER_SVC_ADMISSION_TARGET_MS`).
+pub const DEFAULT_TARGET_MS: u64 = 1_000;
+
+/// The always-admitted orders in flight unless configured (`ORDER_SVC_ADMISSION_FLOOR`).
+pub const DEFAULT_FLOOR: u64 = 100;
+
+/// How admission decides.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// How long a newly admitted order may expect to wait behind those in flight (zero:
+    /// admission off, every order admitted).
+    pub target: Duration,
+    /// Orders in flight that are always admitted, whatever the rate (a burst on an idle
+    /// system).
+    pub floor: u64,
+    /// Over how long completions are counted.
+    pub window: Duration,
+    /// How often the numbers are read.
+    pub refresh: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            target: Duration::from_millis(DEFAULT_TARGET_MS),
+            floor: DEFAULT_FLOOR,
+            window: Duration::from_secs(2),
+            refresh: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Completions per second below which the saga counts as stalled rather than busy.
+const STALLED_BELOW: f64 = 1.0;
+
+/// Why an order is not admitted now, and when to try again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Refusal {
+    /// Orders in flight.
+    pub in_flight: u64,
+    /// Orders completing per second.
+    pub completing_per_sec: f64,
+    /// When a retry may find room.
+    pub retry_after: Duration,
+}
+
+/// What the last reading said.
+#[derive(Debug, Clone, Copy, Default)]
+struct Reading {
+    in_flight: u64,
+    /// None until a whole window has been read.
+    completing_per_sec: Option<f64>,
+    /// Orders admitted by this process since the reading.
+    admitted_since: u64,
+}
+
+/// The decision: admit, or refuse with a retry hint. Pure.
+fn decide(reading: &Reading, settings: &Settings) -> Result<(), Refusal> {
+    let Some(rate) = reading.completing_per_sec else {
+        return Ok(());
+    };
+    if settings.target.is_zero() || rate < STALLED_BELOW {
+        return Ok(());
+    }
+    let in_flight = reading.in_flight + reading.admitted_since;
+    let room = (rate * settings.target.as_secs_f64()).max(settings.floor as f64);
+    if (in_flight as f64) < room {
+        return Ok(());
+    }
+    // By then the excess has completed, at the measured rate.
+    let excess = in_flight as f64 - room + 1.0;
+    let retry_after = Duration::from_secs_f64((excess / rate).clamp(0.1, 5.0));
+    Err(Refusal {
+        in_flight,
+        completing_per_sec: rate,
+        retry_after,
+    })
+}
+
+/// Admission control for PlaceOrder (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Admission {
+    settings: Settings,
+    reading: Arc<Mutex<Reading>>,
+}
+
+impl Admission {
+    /// Admission that admits everything.
+    pub fn off() -> Self {
+        Self {
+            settings: Settings {
+                target: Duration::ZERO,
+                ..Settings::default()
+            },
+            reading: Arc::default(),
+        }
+    }
+
+    /// Starts reading `pool` every `settings.refresh` until `shutdown`.
+    pub fn start(pool: PgPool, settings: Settings, shutdown: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
+        let admission = Self {
+            settings,
+            reading: Arc::default(),
+        };
+        let task = tokio::spawn(admission.clone().read_until(pool, shutdown));
+        (admission, task)
+    }
+
+    /// Admits one order, or says why not.
+    pub fn admit(&self) -> Result<(), Refusal> {
+        let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
+        decide(&reading, &self.settings)?;
+        reading.admitted_since += 1;
+        Ok(())
+    }
+
+    async fn read_until(self, pool: PgPool, shutdown: CancellationToken) {
+        if self.settings.target.is_zero() {
+            return;
+        }
+        let mut history: VecDeque<(Instant, u64)> = VecDeque::new();
+        let mut tick = tokio::time::interval(self.settings.refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match read(&pool, self.settings.window).await {
+                Ok((in_flight, placed)) => {
+                    let now = Instant::now();
+                    history.push_back((now, in_flight));
+                    while history
+                        .front()
+                        .is_some_and(|(at, _)| now.duration_since(*at) > self.settings.window)
+                    {
+                        history.pop_front();
+                    }
+                    // Completed in the window: placed, less the growth of the in-flight count.
+                    let completing_per_sec = history.front().and_then(|(at, then)| {
+                        let span = now.duration_since(*at).as_secs_f64();
+                        (span >= self.settings.window.as_secs_f64() * 0.8).then(|| {
+                            let completed = placed as f64 - (in_flight as f64 - *then as f64);
+                            (completed / self.settings.window.as_secs_f64()).max(0.0)
+                        })
+                    });
+                    *self.reading.lock().unwrap_or_else(PoisonError::into_inner) = Reading {
+                        in_flight,
+                        completing_per_sec,
+                        admitted_since: 0,
+                    };
+                    metrics::gauge!(orderflow_platform::telemetry::ADMISSION_IN_FLIGHT).set(in_flight as f64);
+                    if let Some(rate) = completing_per_sec {
+                        metrics::gauge!(orderflow_platform::telemetry::ADMISSION_COMPLETING).set(rate);
+                    }
+                }
+                // Unknown numbers refuse nothing new: the last reading stands, and the calls
+                // themselves will find the database away.
+                Err(error) => tracing::debug!(%error, "cannot read the saga's load"),
+            }
+        }
+    }
+}
+
+/// Orders in flight now, and orders placed in the last `window` (order ids are UUIDv7, so
+/// "placed since" is a range of the primary key).
+async fn read(pool: &PgPool, window: Duration) -> Result<(u64, u64), sqlx::Error> {
+    let since = std::time::SystemTime::now()
+        .checked_sub(window)
+        .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    let bound =
+        uuid::Builder::from_unix_timestamp_millis(u64::try_from(since.as_millis()).unwrap_or(0), &[0; 10]).into_uuid();
+    let (in_flight, placed): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders WHERE status = 'PENDING'),
+                (SELECT count(*) FROM orders WHERE order_id >= $1)",
+    )
+    .bind(bound)
+    .fetch_one(pool)
+    .await?;
+    Ok((
+        u64::try_from(in_flight).unwrap_or(0),
+        u64::try_from(placed).unwrap_or(0),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(in_flight: u64, rate: Option<f64>) -> Reading {
+        Reading {
+            in_flight,
+            completing_per_sec: rate,
+            admitted_since: 0,
+        }
+    }
+
+    #[test]
+    fn orders_are_admitted_while_they_can_complete_within_the_target() {
+        let settings = Settings::default();
+        // 500 completing a second, 1 s target: room for 500 in flight.
+        assert!(decide(&reading(499, Some(500.0)), &settings).is_ok());
+        let refusal = decide(&reading(1_000, Some(500.0)), &settings).unwrap_err();
+        assert_eq!(refusal.in_flight, 1_000);
+        // 501 over the room, at 500 a second: about a second.
+        assert!((refusal.retry_after.as_secs_f64() - 1.002).abs() < 0.01, "{refusal:?}");
+    }
+
+    #[test]
+    fn a_stalled_or_unmeasured_saga_refuses_nothing() {
+        let settings = Settings::default();
+        assert!(
+            decide(&reading(50_000, Some(0.0)), &settings).is_ok(),
+            "an outage is not overload"
+        );
+        assert!(
+            decide(&reading(50_000, None), &settings).is_ok(),
+            "nothing measured yet"
+        );
+        let off = Settings {
+            target: Duration::ZERO,
+            ..settings
+        };
+        assert!(decide(&reading(50_000, Some(500.0)), &off).is_ok());
+    }
+
+    #[test]
+    fn the_floor_admits_a_burst_on_a_slow_system() {
+        let settings = Settings::default();
+        // 2 a second completing: room for 2, but the floor holds 100.
+        assert!(decide(&reading(99, Some(2.0)), &settings).is_ok());
+        assert!(decide(&reading(100, Some(2.0)), &settings).is_err());
+    }
+
+    #[test]
+    fn orders_admitted_since_the_reading_count_against_the_room() {
+        let admission = Admission {
+            settings: Settings::default(),
+            reading: Arc::new(Mutex::new(reading(495, Some(500.0)))),
+        };
+        let admitted = (0..10).filter(|_| admission.admit().is_ok()).count();
+        assert_eq!(admitted, 5);
+    }
+}
