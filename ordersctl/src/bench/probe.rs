@@ -30,14 +30,10 @@ pub async fn pending_sagas(orders: &PgPool) -> Result<i64, sqlx::Error> {
 /// Sum of `metric` over the series of the Prometheus text served at `addr` whose labels
 /// contain `label` ("" for every series); None when the endpoint does not answer.
 pub fn scrape_sum(addr: &str, metric: &str, label: &str) -> Option<f64> {
-    let mut stream = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(300)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
+    let body = scrape(addr)?;
     let total = body
         .lines()
-        .filter(|line| line.starts_with(metric) && line[metric.len()..].starts_with(['{', ' ']))
+        .filter(|line| is_series_of(line, metric))
         .filter(|line| line.contains(label))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
@@ -52,6 +48,58 @@ pub fn consumer_lag(endpoints: &[String]) -> f64 {
 /// Sum of `metric` over every series of every endpoint that answers.
 pub fn scrape_total(endpoints: &[String], metric: &str) -> f64 {
     endpoints.iter().filter_map(|addr| scrape_sum(addr, metric, "")).sum()
+}
+
+/// The gateway simulator's database: the payment provider's, not the system's.
+pub const GATEWAY_DATABASE: &str = "gateway";
+
+/// The CPU of the Postgres backends serving the gateway's database.
+pub const POSTGRES_GATEWAY: &str = "postgres-gateway";
+
+/// Whether a Postgres backend's process title (`postgres: USER DATABASE HOST STATE`, its
+/// `/proc/PID/cmdline`, with a cluster name before the user when one is set) names `database`.
+fn serves_database(title: &str, database: &str) -> bool {
+    let Some(rest) = title.trim_end_matches('\0').strip_prefix("postgres: ") else {
+        return false;
+    };
+    let mut words = rest.split(' ').peekable();
+    if words.peek().is_some_and(|first| first.ends_with(':')) {
+        words.next();
+    }
+    // The user, then the database.
+    words.nth(1) == Some(database)
+}
+
+/// Per `group` label, the sum of `metric` over every endpoint that answers.
+pub fn scrape_by_group(endpoints: &[String], metric: &str) -> BTreeMap<String, f64> {
+    let mut by_group = BTreeMap::new();
+    for addr in endpoints {
+        let Some(body) = scrape(addr) else { continue };
+        for line in body.lines().filter(|line| is_series_of(line, metric)) {
+            let Some(group) = line.split("group=\"").nth(1).and_then(|rest| rest.split('"').next()) else {
+                continue;
+            };
+            if let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                *by_group.entry(group.to_owned()).or_default() += value;
+            }
+        }
+    }
+    by_group
+}
+
+/// The Prometheus text served at `addr`; None when it does not answer.
+fn scrape(addr: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(300)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// Whether `line` is a sample of `metric` (not of a longer name that starts with it).
+fn is_series_of(line: &str, metric: &str) -> bool {
+    line.starts_with(metric) && line[metric.len()..].starts_with(['{', ' '])
 }
 
 /// CPU time of a set of processes, sampled twice to give a share of one core.
@@ -131,7 +179,7 @@ impl CpuMeter {
                 }
             }
         }
-        let mut postgres = 0;
+        let (mut postgres, mut gateway) = (0, 0);
         if let Ok(entries) = std::fs::read_dir("/proc") {
             for entry in entries.flatten() {
                 let pid = entry.file_name().to_string_lossy().into_owned();
@@ -139,11 +187,20 @@ impl CpuMeter {
                     continue;
                 }
                 if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres") {
-                    postgres += process_ticks(&pid).unwrap_or(0);
+                    let used = process_ticks(&pid).unwrap_or(0);
+                    // A backend's title names its database: the gateway's are the payment
+                    // provider's machines, counted apart.
+                    let title = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    if serves_database(&title, GATEWAY_DATABASE) {
+                        gateway += used;
+                    } else {
+                        postgres += used;
+                    }
                 }
             }
         }
         ticks.insert("postgres".into(), postgres);
+        ticks.insert(POSTGRES_GATEWAY.into(), gateway);
         if let Some(t) = process_ticks("self") {
             ticks.insert("ordersctl-bench".into(), t);
         }
@@ -165,10 +222,12 @@ impl CpuMeter {
             );
         }
         // Postgres backends come and go; their sum can shrink when one exits.
-        if let (Some(now_pg), Some(before_pg)) = (now.get("postgres"), self.last.get("postgres"))
-            && now_pg < before_pg
-        {
-            shares.insert("postgres".into(), 0.0);
+        for name in ["postgres", POSTGRES_GATEWAY] {
+            if let (Some(now_pg), Some(before_pg)) = (now.get(name), self.last.get(name))
+                && now_pg < before_pg
+            {
+                shares.insert(name.into(), 0.0);
+            }
         }
         let machine = machine_ticks();
         let busy = machine.0.saturating_sub(self.last_machine.0) as f64;
@@ -177,5 +236,32 @@ impl CpuMeter {
         self.last_machine = machine;
         self.last_at = Instant::now();
         (shares, busy / total * 100.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_is_counted_with_the_database_its_title_names() {
+        assert!(serves_database(
+            "postgres: gateway_sim gateway 127.0.0.1(5432) idle\0",
+            "gateway"
+        ));
+        assert!(serves_database(
+            "postgres: main: gateway_sim gateway 127.0.0.1(5432) SELECT",
+            "gateway"
+        ));
+        assert!(!serves_database(
+            "postgres: payment_svc payments 127.0.0.1(5432) idle",
+            "gateway"
+        ));
+        // A role named like the database is not the database.
+        assert!(!serves_database(
+            "postgres: gateway orders 127.0.0.1(5432) idle",
+            "gateway"
+        ));
+        assert!(!serves_database("postgres: walwriter", "gateway"));
     }
 }

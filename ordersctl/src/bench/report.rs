@@ -140,8 +140,13 @@ pub struct PgbenchResult {
     pub command: String,
     /// The script.
     pub script: String,
-    /// Database transactions in one run of the script.
-    pub transactions_per_order: u32,
+    /// Orders one run of the script writes.
+    pub orders_per_run: u32,
+    /// Database transactions per order (the gateway's apart).
+    pub transactions_per_order: f64,
+    /// Statements per order, BEGIN and COMMIT included (compare the services' own count in
+    /// the step's cost).
+    pub statements_per_order: f64,
     /// Runs of the script a second (one run = one order's database work).
     pub orders_per_sec: f64,
     /// Average latency of one order's work.
@@ -154,8 +159,10 @@ pub struct PgbenchResult {
 /// The pgbench side-by-side: Postgres's own ceiling for this workload.
 #[derive(Debug, Clone, Serialize)]
 pub struct PgbenchCeiling {
-    /// Every write transaction of one order: the honest ceiling.
+    /// Every transaction of one order, one order at a time (the system at low load).
     pub full: PgbenchResult,
+    /// The same transactions for 32 orders at a time (the system under load).
+    pub batched: PgbenchResult,
     /// The three critical-path transactions only (overstates the headroom).
     pub critical_path: PgbenchResult,
 }
@@ -248,7 +255,7 @@ pub fn bottleneck(step: &StepReport, cores: usize) -> Vec<String> {
 /// The cost of one order as (what, per order) lines, shared by the text and HTML reports.
 pub fn cost_lines(cost: &super::cost::CostPerOrder) -> Vec<(String, String)> {
     let mut lines = vec![(
-        "CPU, every process but the load generator (and Jaeger and Prometheus)".to_owned(),
+        "CPU of the system (apart: the load generator, the gateway simulator and its database's backends, Jaeger, Prometheus)".to_owned(),
         format!("{:.2} ms", cost.cpu_ms_total),
     )];
     let mut by_cpu: Vec<(&String, &f64)> = cost.cpu_ms.iter().collect();
@@ -258,18 +265,33 @@ pub fn cost_lines(cost: &super::cost::CostPerOrder) -> Vec<(String, String)> {
         lines.push((format!("  CPU {name}{apart}"), format!("{ms:.2} ms")));
     }
     lines.push((
-        "Postgres transactions".to_owned(),
+        "Postgres transactions (the gateway's apart)".to_owned(),
         format!("{:.1}", cost.transactions_total),
     ));
     for (db, n) in &cost.transactions {
         lines.push((format!("  transactions in {db}"), format!("{n:.1}")));
     }
     lines.push((
-        "Postgres statements (round trips, pings apart)".to_owned(),
+        "Postgres statements (round trips, pings apart; the gateway's apart)".to_owned(),
         format!("{:.1}", cost.statements_total),
     ));
     for (db, n) in &cost.statements {
         lines.push((format!("  statements in {db}"), format!("{n:.1}")));
+    }
+    lines.push((
+        "Postgres rows written (the gateway's apart)".to_owned(),
+        format!("{:.1}", cost.rows_total),
+    ));
+    for (db, n) in &cost.rows {
+        lines.push((format!("  rows written in {db}"), format!("{n:.1}")));
+    }
+    for (group, size) in &cost.unit_size {
+        let what = if group == "place_order" {
+            "orders per PlaceOrder transaction".to_owned()
+        } else {
+            format!("messages per unit of work, group {group}")
+        };
+        lines.push((format!("  {what}"), format!("{size:.1}")));
     }
     lines.push((
         "Kafka records published".to_owned(),
@@ -347,13 +369,18 @@ pub fn render_text(report: &BenchReport) -> String {
             "\npgbench on the same Postgres (one run of the script = one order):"
         );
         for (name, run) in [
-            ("every write transaction", &pg.full),
+            ("every transaction", &pg.full),
+            ("every transaction, 32 orders each", &pg.batched),
             ("critical path only", &pg.critical_path),
         ] {
             let _ = writeln!(
                 out,
-                "  {name:<24} ({:>2} transactions): {:.0} orders/s, {:.2} ms per order, Postgres CPU {:.2} ms per order",
-                run.transactions_per_order, run.orders_per_sec, run.latency_avg_ms, run.postgres_cpu_ms_per_order
+                "  {name:<34} ({:.2} transactions, {:.1} statements per order): {:.0} orders/s, {:.2} ms per order, Postgres CPU {:.2} ms per order",
+                run.transactions_per_order,
+                run.statements_per_order,
+                run.orders_per_sec,
+                run.latency_avg_ms,
+                run.postgres_cpu_ms_per_order
             );
         }
         if let Some(ratio) = report.ratio_to_pgbench {
@@ -586,24 +613,30 @@ pub fn render_html(report: &BenchReport) -> String {
             body,
             "<h2>Postgres's own ceiling</h2><p>pgbench replaying one order's transactions on the same Postgres. \
              The system sustained <b>{}</b> of the full-order rate.</p>\
-             <table><tr><th>script</th><th>transactions</th><th>orders/s</th><th>ms per order</th><th>Postgres CPU ms per order</th></tr>",
+             <table><tr><th>script</th><th>transactions per order</th><th>statements per order</th><th>orders/s</th><th>ms per order</th><th>Postgres CPU ms per order</th></tr>",
             report
                 .ratio_to_pgbench
                 .map_or("n/a".to_owned(), |r| format!("{:.0}%", r * 100.0)),
         );
         for (name, run) in [
-            ("every write transaction", &pg.full),
+            ("every transaction", &pg.full),
+            ("every transaction, 32 orders each", &pg.batched),
             ("critical path only", &pg.critical_path),
         ] {
             let _ = write!(
                 body,
-                "<tr><td>{name}</td><td>{}</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td></tr>",
-                run.transactions_per_order, run.orders_per_sec, run.latency_avg_ms, run.postgres_cpu_ms_per_order
+                "<tr><td>{name}</td><td>{:.2}</td><td>{:.1}</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td></tr>",
+                run.transactions_per_order,
+                run.statements_per_order,
+                run.orders_per_sec,
+                run.latency_avg_ms,
+                run.postgres_cpu_ms_per_order
             );
         }
         body.push_str("</table>");
         for (name, run) in [
-            ("every write transaction", &pg.full),
+            ("every transaction", &pg.full),
+            ("every transaction, 32 orders each", &pg.batched),
             ("critical path only", &pg.critical_path),
         ] {
             let _ = write!(
