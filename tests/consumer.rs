@@ -27,6 +27,8 @@ struct Flaky {
 }
 
 impl Handler for Flaky {
+    type Committed = ();
+
     fn inbox(&self) -> &'static str {
         "flaky"
     }
@@ -39,7 +41,7 @@ impl Handler for Flaky {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         batch: &[Fresh<'_>],
-    ) -> Result<(), (usize, HandlerError)> {
+    ) -> Result<Vec<()>, (usize, HandlerError)> {
         for (at, fresh) in batch.iter().enumerate() {
             if key_of(fresh.message) == self.stuck_key && !self.healed.load(Ordering::SeqCst) {
                 return Err((at, HandlerError::Transient(anyhow::anyhow!("the dependency is away"))));
@@ -48,7 +50,7 @@ impl Handler for Flaky {
                 .await
                 .map_err(|error| (at, error))?;
         }
-        Ok(())
+        Ok(Vec::new())
     }
 }
 
@@ -396,6 +398,8 @@ async fn a_consumer_that_holds_no_partition_for_too_long_gives_up() {
 struct Hanging;
 
 impl Handler for Hanging {
+    type Committed = ();
+
     fn inbox(&self) -> &'static str {
         "hanging"
     }
@@ -408,7 +412,7 @@ impl Handler for Hanging {
         &self,
         _tx: &mut Transaction<'static, Postgres>,
         _batch: &[Fresh<'_>],
-    ) -> Result<(), (usize, HandlerError)> {
+    ) -> Result<Vec<()>, (usize, HandlerError)> {
         std::future::pending().await
     }
 }

@@ -177,7 +177,10 @@ async fn dying_after_the_unit_commits_and_before_its_offsets_are_stored_is_a_dup
     let since = Instant::now();
     saga.start_payment_svc().await;
     settled_once(&saga, &order_id, since).await;
-    assert_eq!(authorize_calls(&saga, &order_id).await, 1);
+    // The dying process's executor may have called the gateway between the commit and the
+    // failpoint (it got the call right after the commit): then its successor asked again with
+    // the same key. Either way one authorization (settled_once counts the ledger).
+    assert!((1..=2).contains(&authorize_calls(&saga, &order_id).await));
     let (payments, inbox_rows): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM payments WHERE order_id = $1::uuid), (SELECT count(*) FROM inbox)",
     )

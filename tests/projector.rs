@@ -229,6 +229,40 @@ async fn every_arrival_order_in_bulk_or_alone_ends_in_the_same_row() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_with_every_event_of_two_orders_writes_each_order_once() {
+    // All four events of two orders, interleaved, in one unit: each order's events folded
+    // into one row write, in their order.
+    let db = fresh_orders_db().await;
+    let (one, two) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    place(&db.pool, one).await;
+    place(&db.pool, two).await;
+    let messages: Vec<(Incoming, OpenedEvent)> = lifecycle(one, true)
+        .into_iter()
+        .zip(lifecycle(two, false))
+        .enumerate()
+        .flat_map(|(i, (a, b))| [message(one, a, 2 * i as i64), message(two, b, 2 * i as i64 + 1)])
+        .collect();
+    let fresh = fresh(&messages);
+    let mut tx = db.pool.begin().await.unwrap();
+    Projector
+        .handle(&mut tx, &fresh)
+        .await
+        .map_err(|(at, e)| format!("{at}: {e}"))
+        .unwrap();
+    // Each row written once in this transaction: two inserts, no update (eight writes, one
+    // per event, before the fold).
+    let (inserted, updated): (i64, i64) =
+        sqlx::query_as("SELECT n_tup_ins, n_tup_upd FROM pg_stat_xact_user_tables WHERE relname = 'order_read'")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!((inserted, updated), (2, 0));
+    tx.commit().await.unwrap();
+    assert_eq!(row(&db.pool, one).await, expected(true));
+    assert_eq!(row(&db.pool, two).await, expected(false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_with_an_order_never_placed_names_that_message() {
     // A forged OrderPlaced inside a batch fails at its own index, so the runtime commits its
     // neighbours and dead-letters it alone.

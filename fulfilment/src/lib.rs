@@ -54,6 +54,8 @@ pub struct Config {
 pub struct Fulfilment;
 
 impl Handler for Fulfilment {
+    type Committed = ();
+
     fn inbox(&self) -> &'static str {
         INBOX
     }
@@ -68,7 +70,7 @@ impl Handler for Fulfilment {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         batch: &[Fresh<'_>],
-    ) -> Result<(), (usize, HandlerError)> {
+    ) -> Result<Vec<()>, (usize, HandlerError)> {
         let order_ids: Vec<uuid::Uuid> = batch.iter().map(|fresh| fresh.event.aggregate_id).collect();
         let shipment_ids: Vec<uuid::Uuid> = batch.iter().map(|_| uuid::Uuid::now_v7()).collect();
         let created = sqlx::query(
@@ -82,7 +84,7 @@ impl Handler for Fulfilment {
         .map_err(|error| (batch.len(), error.into()))?
         .rows_affected();
         tracing::info!(created, confirmations = batch.len(), "shipments requested");
-        Ok(())
+        Ok(Vec::new())
     }
 }
 

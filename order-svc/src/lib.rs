@@ -158,6 +158,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         admission::Settings {
             target: Duration::from_millis(config.placing.admission_target_ms),
             floor: config.placing.admission_floor,
+            saga_deadline: Duration::from_millis(config.saga_deadline_ms),
             ..admission::Settings::default()
         },
         stop.clone(),

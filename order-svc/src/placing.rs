@@ -12,9 +12,9 @@
 //! against it; across batches, the key's unique index makes the later insert wait for the
 //! earlier transaction and then see its row).
 //!
-//! One bad request never fails its neighbours: a batch whose transaction fails is written
-//! again in halves, each in its own transaction, down to the call at fault, which alone gets
-//! the error.
+//! One bad request never fails its neighbours: a batch whose transaction the database refuses
+//! is written again in halves, each in its own transaction, down to the call at fault, which
+//! alone gets the error. A batch that fails because the database is away fails at once.
 //!
 //! Failure windows: dying before the commit, nothing of the batch exists and every caller sees
 //! an error (or a dropped connection) and retries with its request id; dying after it and
@@ -97,7 +97,11 @@ impl Placer {
     pub async fn place(&self, placement: Placement) -> Result<PlaceOutcome, StoreError> {
         let (answer, answered) = oneshot::channel();
         self.jobs.try_send((placement, answer)).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => StoreError::Busy,
+            mpsc::error::TrySendError::Full(_) => {
+                metrics::counter!(orderflow_platform::telemetry::PLACE_ORDER_REFUSED, "reason" => "writers_busy")
+                    .increment(1);
+                StoreError::Busy
+            }
             mpsc::error::TrySendError::Closed(_) => StoreError::Unavailable(sqlx::Error::PoolClosed),
         })?;
         answered
@@ -136,21 +140,29 @@ async fn commit_loop(
     }
 }
 
-/// Commits `batch` in one transaction and answers each caller; if that transaction fails, its
-/// halves each in one of their own, down to the placement at fault, which alone gets the error.
+/// Commits `batch` in one transaction and answers each caller. If that transaction fails for
+/// a reason one order can cause (data the database refuses), its halves are written apart,
+/// down to the placement at fault, which alone gets the error; if it fails for a reason every
+/// order shares (the database away), every caller gets it at once.
 async fn commit(pool: &PgPool, outbox: Option<OutboxMode>, batch: Vec<Job>) {
     metrics::histogram!(orderflow_platform::telemetry::PLACE_ORDER_BATCH_SIZE).record(batch.len() as f64);
     let mut parts = vec![batch];
     while let Some(mut part) = parts.pop() {
+        // A caller that gave up (its deadline passed, its connection dropped) saw an error: its
+        // order is not written (a retry with its request id places it; one without places a
+        // new one, which must then be the only one).
+        part.retain(|(_, answer)| !answer.is_closed());
+        if part.is_empty() {
+            continue;
+        }
         let placements: Vec<Placement> = part.iter().map(|(placement, _)| placement.clone()).collect();
         match write(pool, outbox, &placements).await {
             Ok(outcomes) => {
                 for ((_, answer), outcome) in part.into_iter().zip(outcomes) {
-                    // A caller that gave up (its deadline passed) finds its order by request id.
                     let _ = answer.send(outcome);
                 }
             }
-            Err(error) if part.len() > 1 => {
+            Err(error) if part.len() > 1 && error.may_be_one_orders() => {
                 tracing::debug!(%error, orders = part.len(), "a batch of orders failed; writing its halves apart");
                 let second = part.split_off(part.len() / 2);
                 // The first half next, then the second: callers are answered in arrival order.
@@ -158,8 +170,8 @@ async fn commit(pool: &PgPool, outbox: Option<OutboxMode>, batch: Vec<Job>) {
                 parts.push(part);
             }
             Err(error) => {
-                if let Some((_, answer)) = part.pop() {
-                    let _ = answer.send(Err(error));
+                for (_, answer) in part {
+                    let _ = answer.send(Err(error.same_kind()));
                 }
             }
         }

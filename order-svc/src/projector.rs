@@ -54,7 +54,7 @@ pub struct Config {
 pub struct Projector;
 
 /// The columns one event sets (None: leave as is).
-#[derive(Default)]
+#[derive(Debug, Default, Clone, PartialEq)]
 struct Change {
     customer_id: Option<i64>,
     currency_code: Option<String>,
@@ -65,6 +65,30 @@ struct Change {
     cancellation_reason: Option<&'static str>,
     payment_state: Option<&'static str>,
     placed: bool,
+}
+
+impl Change {
+    /// The change of `self` then `later` (events of one order, in their order), by the rules
+    /// the upsert applies between the stored row and a change: fields fill in (a later value
+    /// replaces an earlier one), a terminal status is final, AUTHORIZED may be followed by a
+    /// settled payment state and never the other way round, placement is kept.
+    fn then(self, later: Change) -> Change {
+        let settled = self.status.is_some();
+        Change {
+            customer_id: later.customer_id.or(self.customer_id),
+            currency_code: later.currency_code.or(self.currency_code),
+            total_minor: later.total_minor.or(self.total_minor),
+            items: later.items.or(self.items),
+            status: if settled { self.status } else { later.status },
+            saga_state: if settled { self.saga_state } else { later.saga_state },
+            cancellation_reason: self.cancellation_reason.or(later.cancellation_reason),
+            payment_state: match (self.payment_state, later.payment_state) {
+                (None | Some("AUTHORIZED"), Some(next)) => Some(next),
+                (current, _) => current,
+            },
+            placed: self.placed || later.placed,
+        }
+    }
 }
 
 fn change_of(payload: &Payload) -> Change {
@@ -131,11 +155,11 @@ const UPSERT: &str = "
         correlation_id, status, saga_state, cancellation_reason, payment_state, last_event_type, history)
     SELECT order_id, customer_id, currency_code, total_minor, items, CASE WHEN placed THEN now() END,
         correlation_id, COALESCE(status, 'PENDING'), COALESCE(saga_state, 'AWAITING_PAYMENT'),
-        cancellation_reason, payment_state, last_event_type, jsonb_build_array(entry)
+        cancellation_reason, payment_state, last_event_type, entries
     FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::jsonb[], $6::bool[], $7::uuid[],
                 $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::jsonb[])
         AS u(order_id, customer_id, currency_code, total_minor, items, placed, correlation_id,
-             status, saga_state, cancellation_reason, payment_state, last_event_type, entry)
+             status, saga_state, cancellation_reason, payment_state, last_event_type, entries)
     ORDER BY order_id
     ON CONFLICT (order_id) DO UPDATE SET
         customer_id = COALESCE(EXCLUDED.customer_id, r.customer_id),
@@ -159,7 +183,7 @@ const UPSERT: &str = "
         updated_at = now(),
         projected_at = now()";
 
-/// The columns of [`UPSERT`], one element per event.
+/// The columns of [`UPSERT`], one element per order (its events of the unit folded).
 #[derive(Default)]
 struct Rows {
     order_id: Vec<uuid::Uuid>,
@@ -174,41 +198,51 @@ struct Rows {
     cancellation_reason: Vec<Option<&'static str>>,
     payment_state: Vec<Option<&'static str>>,
     last_event_type: Vec<&'static str>,
-    entry: Vec<serde_json::Value>,
+    /// The history entries of the order's events, a JSON array each.
+    entries: Vec<serde_json::Value>,
     /// When each event happened, for the lag histogram.
     occurred_at: Vec<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Rows {
-    fn push(&mut self, event: &OpenedEvent) {
-        let change = change_of(&event.payload);
+    /// One row for the events of one order, in their order.
+    fn push(&mut self, events: &[&OpenedEvent]) {
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return;
+        };
         let projected_at = chrono::Utc::now();
-        let occurred_at = event
-            .occurred_at
-            .as_ref()
-            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
-            .unwrap_or(projected_at);
-        // Both times are kept: projected_at - occurred_at is the read model's lag for this
-        // event (`ordersctl verify` reports its percentiles).
-        self.entry.push(serde_json::json!({
-            "event_type": event_type_of(&event.payload),
-            "message_id": event.message_id.to_string(),
-            "occurred_at": occurred_at.to_rfc3339(),
-            "projected_at": projected_at.to_rfc3339(),
-        }));
-        self.order_id.push(event.aggregate_id);
+        let mut change = Change::default();
+        let mut entries = Vec::with_capacity(events.len());
+        for event in events {
+            change = change.then(change_of(&event.payload));
+            let occurred_at = event
+                .occurred_at
+                .as_ref()
+                .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+                .unwrap_or(projected_at);
+            // Both times are kept: projected_at - occurred_at is the read model's lag for this
+            // event (`ordersctl verify` reports its percentiles).
+            entries.push(serde_json::json!({
+                "event_type": event_type_of(&event.payload),
+                "message_id": event.message_id.to_string(),
+                "occurred_at": occurred_at.to_rfc3339(),
+                "projected_at": projected_at.to_rfc3339(),
+            }));
+            self.occurred_at.push(occurred_at);
+        }
+        self.entries.push(serde_json::Value::Array(entries));
+        self.order_id.push(first.aggregate_id);
         self.customer_id.push(change.customer_id);
         self.currency_code.push(change.currency_code);
         self.total_minor.push(change.total_minor);
         self.items.push(change.items);
         self.placed.push(change.placed);
-        self.correlation_id.push(event.correlation_id);
+        self.correlation_id.push(first.correlation_id);
         self.status.push(change.status);
         self.saga_state.push(change.saga_state);
         self.cancellation_reason.push(change.cancellation_reason);
         self.payment_state.push(change.payment_state);
-        self.last_event_type.push(event_type_of(&event.payload));
-        self.occurred_at.push(occurred_at);
+        self.last_event_type.push(event_type_of(&last.payload));
     }
 
     async fn upsert(self, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
@@ -225,7 +259,7 @@ impl Rows {
             .bind(&self.cancellation_reason)
             .bind(&self.payment_state)
             .bind(&self.last_event_type)
-            .bind(&self.entry)
+            .bind(&self.entries)
             .execute(&mut **tx)
             .await?;
         // Measured before the runtime's commit: the lag up to the write, not its visibility.
@@ -239,9 +273,10 @@ impl Rows {
 }
 
 impl Projector {
-    /// Projects `events` (of different orders): one check that every OrderPlaced's order
-    /// exists, then one upsert. On failure, the index of the event that failed (`events.len()`
-    /// when a statement for all of them failed).
+    /// Projects `events` (a unit's, each order's in their order): one check that every
+    /// OrderPlaced's order exists, then one upsert writing each order once, its events folded.
+    /// On failure, the index of the event that failed (`events.len()` when a statement for all
+    /// of them failed).
     async fn project(
         tx: &mut Transaction<'static, Postgres>,
         events: &[&OpenedEvent],
@@ -275,15 +310,30 @@ impl Projector {
                 ));
             }
         }
-        let mut rows = Rows::default();
+        // Each order's events, in their order; the orders in the order of their first event.
+        let mut by_order: Vec<(uuid::Uuid, Vec<&OpenedEvent>)> = Vec::new();
+        let mut slot: std::collections::HashMap<uuid::Uuid, usize> = std::collections::HashMap::new();
         for event in events {
-            rows.push(event);
+            let at = *slot.entry(event.aggregate_id).or_insert_with(|| {
+                by_order.push((event.aggregate_id, Vec::new()));
+                by_order.len() - 1
+            });
+            by_order[at].1.push(event);
+        }
+        let mut rows = Rows::default();
+        for (_, order_events) in &by_order {
+            rows.push(order_events);
         }
         rows.upsert(tx).await.map_err(|error| (events.len(), error))
     }
 }
 
 impl Handler for Projector {
+    type Committed = ();
+
+    /// The projector folds an order's events of a unit into one write itself.
+    const ONE_PER_KEY: bool = false;
+
     fn inbox(&self) -> &'static str {
         INBOX
     }
@@ -292,15 +342,15 @@ impl Handler for Projector {
         true
     }
 
-    /// A round of events of different orders (the runtime's rounds keep each order's events
-    /// in their order): one check, one upsert.
+    /// The unit's events (each order's in their order): one check, one upsert.
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         batch: &[Fresh<'_>],
-    ) -> Result<(), (usize, HandlerError)> {
+    ) -> Result<Vec<()>, (usize, HandlerError)> {
         let events: Vec<&OpenedEvent> = batch.iter().map(|fresh| fresh.event).collect();
-        Self::project(tx, &events).await
+        Self::project(tx, &events).await?;
+        Ok(Vec::new())
     }
 }
 
@@ -319,4 +369,53 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     consumer::run_reconnecting(settings, pool.clone(), Arc::new(Projector), shutdown).await?;
     pool.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placed() -> Change {
+        Change {
+            customer_id: Some(7),
+            total_minor: Some(2500),
+            placed: true,
+            ..Change::default()
+        }
+    }
+
+    fn paid(state: &'static str) -> Change {
+        Change {
+            payment_state: Some(state),
+            ..Change::default()
+        }
+    }
+
+    fn settled(status: &'static str) -> Change {
+        Change {
+            status: Some(status),
+            saga_state: Some("DONE"),
+            ..Change::default()
+        }
+    }
+
+    #[test]
+    fn events_folded_in_their_order_make_the_row_the_upsert_would() {
+        let folded = placed()
+            .then(paid("AUTHORIZED"))
+            .then(settled("CONFIRMED"))
+            .then(paid("CAPTURED"));
+        assert_eq!(folded.customer_id, Some(7));
+        assert!(folded.placed);
+        assert_eq!(folded.status, Some("CONFIRMED"));
+        assert_eq!(folded.payment_state, Some("CAPTURED"));
+    }
+
+    #[test]
+    fn a_terminal_status_and_a_settled_payment_are_final_within_a_fold_too() {
+        let folded = settled("CANCELLED").then(settled("CONFIRMED"));
+        assert_eq!(folded.status, Some("CANCELLED"));
+        let folded = paid("VOIDED").then(paid("AUTHORIZED"));
+        assert_eq!(folded.payment_state, Some("VOIDED"));
+    }
 }

@@ -14,7 +14,6 @@ use orderflow_platform::outbox::{self, OutboxMessage, OutboxMode};
 use orderflow_platform::telemetry;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use crate::domain::{self, CancellationReason, Command, Event, Order, OrderId};
 use crate::store::{self, StoreError, TransitionOutcome};
@@ -109,45 +108,92 @@ impl PaymentEventsHandler {
         Self { outbox: mode, ..self }
     }
 
-    async fn apply(
+    /// Applies one command per order (a round of distinct orders, each with its index in the
+    /// batch of `whole` messages): the orders read in one statement (and their items in
+    /// another), each decided on its state, every change written by one compare-and-set
+    /// update and one outbox insert. On failure, the index of the command that failed
+    /// (`whole`: a statement for all of them).
+    async fn apply_all(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        event: &OpenedEvent,
-        command: Command,
-    ) -> Result<(), HandlerError> {
-        let id = OrderId::from(event.aggregate_id);
-        let record = store::get_order_in(tx, id).await.map_err(store_error)?;
-        let Some(record) = record else {
-            return Err(HandlerError::Permanent(format!("unknown order {id}")));
-        };
-        let placed_at = record.created_at;
-        let before = record.order;
-        let Some(Settlement { after, payload, reason }) = settle(&before, command).map_err(HandlerError::Permanent)?
-        else {
-            // Late, duplicate or out of order: never applied (only its inbox row commits).
-            tracing::info!(
-                status = before.status.as_str(),
-                "payment event ignored: the order is already settled"
-            );
-            return Ok(());
-        };
-        let message = outbox::caused_by(&self.orders_topic, event, payload);
-        match store::transition_in(tx, &before, &after, reason, &message, self.outbox)
+        whole: usize,
+        commands: Vec<(usize, &Fresh<'_>, Command)>,
+    ) -> Result<Vec<Settled>, (usize, HandlerError)> {
+        let ids: Vec<OrderId> = commands
+            .iter()
+            .map(|(_, fresh, _)| OrderId::from(fresh.event.aggregate_id))
+            .collect();
+        let mut records = store::get_orders_in(tx, &ids)
             .await
-            .map_err(store_error)?
-        {
-            TransitionOutcome::Applied => {
-                tracing::info!(status = after.status.as_str(), "order settled");
-                record_completion(placed_at, after.status.as_str());
-                Ok(())
-            }
-            // The sweeper (or a redelivery) won the race: decide again on the new state.
-            TransitionOutcome::Conflict => Err(HandlerError::Transient(anyhow::anyhow!("order changed concurrently"))),
+            .map_err(|error| (whole, store_error(error)))?;
+        let mut decided = Vec::with_capacity(commands.len());
+        for ((at, fresh, command), id) in commands.into_iter().zip(&ids) {
+            let _entered = fresh.span.enter();
+            let Some(record) = records.remove(id) else {
+                return Err((at, HandlerError::Permanent(format!("unknown order {id}"))));
+            };
+            let before = record.order;
+            let Some(Settlement { after, payload, reason }) =
+                settle(&before, command).map_err(|why| (at, HandlerError::Permanent(why)))?
+            else {
+                // Late, duplicate or out of order: never applied (only its inbox row commits).
+                tracing::info!(
+                    status = before.status.as_str(),
+                    "payment event ignored: the order is already settled"
+                );
+                continue;
+            };
+            let message = outbox::caused_by(&self.orders_topic, fresh.event, payload);
+            decided.push((at, fresh, record.created_at, before, after, reason, message));
         }
+        let changes: Vec<store::Transition<'_>> = decided
+            .iter()
+            .map(|(_, _, _, before, after, reason, message)| store::Transition {
+                before,
+                after,
+                cancellation_reason: *reason,
+                event: message,
+            })
+            .collect();
+        let outcomes = store::transition_all_in(tx, &changes, self.outbox)
+            .await
+            .map_err(|error| (whole, store_error(error)))?;
+        let mut settled = Vec::with_capacity(decided.len());
+        for ((at, fresh, placed_at, _, after, _, _), outcome) in decided.iter().zip(outcomes) {
+            match outcome {
+                TransitionOutcome::Applied => {
+                    fresh
+                        .span
+                        .in_scope(|| tracing::info!(status = after.status.as_str(), "order settled"));
+                    settled.push(Settled {
+                        placed_at: *placed_at,
+                        status: after.status.as_str(),
+                    });
+                }
+                // The sweeper (or a redelivery) won the race: decide again on the new state
+                // (the runtime rolls this unit back and tries the order alone).
+                TransitionOutcome::Conflict => {
+                    return Err((
+                        *at,
+                        HandlerError::Transient(anyhow::anyhow!("order changed concurrently")),
+                    ));
+                }
+            }
+        }
+        Ok(settled)
     }
 }
 
+/// An order the unit settled: counted in the saga completion histogram once it commits (a
+/// unit rolled back and redone must not count it twice).
+pub struct Settled {
+    placed_at: chrono::DateTime<chrono::Utc>,
+    status: &'static str,
+}
+
 impl Handler for PaymentEventsHandler {
+    type Committed = Settled;
+
     fn inbox(&self) -> &'static str {
         INBOX
     }
@@ -156,30 +202,37 @@ impl Handler for PaymentEventsHandler {
         matches!(event.payload, Payload::PaymentAuthorized(_) | Payload::PaymentFailed(_))
     }
 
-    /// One message of each order at a time (the runtime's rounds), each decided on the order
-    /// as it stands in this transaction.
+    /// One message of each order at a time (the runtime's rounds), all decided and written
+    /// together.
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         batch: &[Fresh<'_>],
-    ) -> Result<(), (usize, HandlerError)> {
-        for (at, fresh) in batch.iter().enumerate() {
-            let command = match &fresh.event.payload {
-                Payload::PaymentAuthorized(authorized) => Command::RecordPaymentAuthorized {
-                    payment_id: authorized.payment_id.clone(),
-                },
-                Payload::PaymentFailed(failed) => Command::RecordPaymentFailed {
-                    detail: failed.detail.clone(),
-                },
-                // `wants` lets no other event through.
-                _ => continue,
-            };
-            self.apply(tx, fresh.event, command)
-                .instrument(fresh.span.clone())
-                .await
-                .map_err(|error| (at, error))?;
+    ) -> Result<Vec<Settled>, (usize, HandlerError)> {
+        let commands = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(at, fresh)| {
+                let command = match &fresh.event.payload {
+                    Payload::PaymentAuthorized(authorized) => Command::RecordPaymentAuthorized {
+                        payment_id: authorized.payment_id.clone(),
+                    },
+                    Payload::PaymentFailed(failed) => Command::RecordPaymentFailed {
+                        detail: failed.detail.clone(),
+                    },
+                    // `wants` lets no other event through.
+                    _ => return None,
+                };
+                Some((at, fresh, command))
+            })
+            .collect();
+        self.apply_all(tx, batch.len(), commands).await
+    }
+
+    fn committed(&self, settled: Vec<Settled>) {
+        for order in settled {
+            record_completion(order.placed_at, order.status);
         }
-        Ok(())
     }
 }
 

@@ -53,6 +53,29 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether one write of several may alone have caused it (data the database refuses, or
+    /// a bug), rather than something every write shares (the database away, busy, a
+    /// concurrent change).
+    pub fn may_be_one_orders(&self) -> bool {
+        matches!(self, Self::Other(_) | Self::Corrupt(_))
+    }
+
+    /// An error of the same kind, for each of the callers one failure answers (the cause is
+    /// kept as text).
+    pub fn same_kind(&self) -> Self {
+        let cause = |error: &sqlx::Error| sqlx::Error::Protocol(error.to_string());
+        match self {
+            Self::Unavailable(error) => Self::Unavailable(cause(error)),
+            Self::Conflict(error) => Self::Conflict(cause(error)),
+            Self::Busy => Self::Busy,
+            Self::IdempotencyKeyReused => Self::IdempotencyKeyReused,
+            Self::Corrupt(what) => Self::Corrupt(what.clone()),
+            Self::Other(error) => Self::Other(cause(error)),
+        }
+    }
+}
+
 /// The idempotency key of a PlaceOrder call.
 #[derive(Debug, Clone)]
 pub struct IdempotencyKey {
@@ -112,15 +135,73 @@ pub async fn get_order(pool: &PgPool, id: OrderId) -> Result<Option<OrderRecord>
 
 /// [`get_order`] on a connection (inside a caller's transaction).
 pub async fn get_order_in(conn: &mut sqlx::PgConnection, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
-    let row: Option<OrderRow> = sqlx::query_as(
-        "SELECT customer_id, currency_code, total_minor, payment_token, status, saga_state, cancellation_reason,
-                version, correlation_id, created_at, updated_at, traceparent
-         FROM orders WHERE order_id = $1",
+    Ok(get_orders_in(conn, &[id]).await?.remove(&id))
+}
+
+/// Reads the orders `ids` and their items, in two statements whatever their number (a
+/// consumer's round); an order that does not exist is missing from the answer.
+pub async fn get_orders_in(
+    conn: &mut sqlx::PgConnection,
+    ids: &[OrderId],
+) -> Result<std::collections::HashMap<OrderId, OrderRecord>, StoreError> {
+    let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+    let rows: Vec<(uuid::Uuid, OrderRow)> = sqlx::query_as(
+        "SELECT order_id, customer_id, currency_code, total_minor, payment_token, status, saga_state,
+                cancellation_reason, version, correlation_id, created_at, updated_at, traceparent
+         FROM orders WHERE order_id = ANY($1)",
     )
-    .bind(id.as_uuid())
-    .fetch_optional(&mut *conn)
+    .bind(&uuids)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|row: OrderRowWithId| {
+        (
+            row.0,
+            (
+                row.1, row.2, row.3, row.4, row.5, row.6, row.7, row.8, row.9, row.10, row.11, row.12,
+            ),
+        )
+    })
+    .collect();
+    let mut items: std::collections::HashMap<uuid::Uuid, Vec<(String, i32, i64)>> = std::collections::HashMap::new();
+    let item_rows: Vec<(uuid::Uuid, String, i32, i64)> = sqlx::query_as(
+        "SELECT order_id, sku, quantity, unit_price_minor FROM order_items WHERE order_id = ANY($1)
+         ORDER BY order_id, line_no",
+    )
+    .bind(&uuids)
+    .fetch_all(&mut *conn)
     .await?;
-    let Some((
+    for (order_id, sku, quantity, price) in item_rows {
+        items.entry(order_id).or_default().push((sku, quantity, price));
+    }
+    rows.into_iter()
+        .map(|(order_id, row)| {
+            let id = OrderId::from(order_id);
+            let record = parse_order(id, row, items.remove(&order_id).unwrap_or_default())?;
+            Ok((id, record))
+        })
+        .collect()
+}
+
+type OrderRowWithId = (
+    uuid::Uuid,
+    i64,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    uuid::Uuid,
+    chrono::DateTime<chrono::Utc>,
+    chrono::DateTime<chrono::Utc>,
+    Option<String>,
+);
+
+/// An order's stored row and items as the domain's values.
+fn parse_order(id: OrderId, row: OrderRow, items: Vec<(String, i32, i64)>) -> Result<OrderRecord, StoreError> {
+    let (
         customer,
         currency,
         total,
@@ -133,16 +214,7 @@ pub async fn get_order_in(conn: &mut sqlx::PgConnection, id: OrderId) -> Result<
         created,
         updated,
         traceparent,
-    )) = row
-    else {
-        return Ok(None);
-    };
-    let items: Vec<(String, i32, i64)> =
-        sqlx::query_as("SELECT sku, quantity, unit_price_minor FROM order_items WHERE order_id = $1 ORDER BY line_no")
-            .bind(id.as_uuid())
-            .fetch_all(&mut *conn)
-            .await?;
-
+    ) = row;
     let corrupt = |what: &str| StoreError::Corrupt(format!("order {id}: {what}"));
     let currency = Currency::from_code(currency.trim()).ok_or_else(|| corrupt("currency"))?;
     let money = |amount| Money::new(amount, currency).map_err(|_| corrupt("amount"));
@@ -166,14 +238,14 @@ pub async fn get_order_in(conn: &mut sqlx::PgConnection, id: OrderId) -> Result<
         saga_state: SagaState::parse(&saga).ok_or_else(|| corrupt("saga_state"))?,
         version,
     };
-    Ok(Some(OrderRecord {
+    Ok(OrderRecord {
         order,
         cancellation_reason: reason,
         correlation_id,
         created_at: created,
         updated_at: updated,
         traceparent,
-    }))
+    })
 }
 
 /// What a compare-and-set transition did.
@@ -203,9 +275,7 @@ pub async fn transition(
     Ok(outcome)
 }
 
-/// [`transition`] inside the caller's transaction (a consumer's, which commits it with the
-/// message's inbox row).
-#[tracing::instrument(name = "order_transition", skip_all, fields(from = before.status.as_str(), to = after.status.as_str()))]
+/// [`transition`] inside the caller's transaction.
 pub async fn transition_in(
     tx: &mut sqlx::PgConnection,
     before: &Order,
@@ -214,26 +284,78 @@ pub async fn transition_in(
     event: &OutboxMessage,
     outbox: OutboxMode,
 ) -> Result<TransitionOutcome, StoreError> {
-    let changed = sqlx::query(
-        "UPDATE orders SET status = $3, saga_state = $4, cancellation_reason = $5, version = $6,
-                           updated_at = now(), settled_at = clock_timestamp()
-         WHERE order_id = $1 AND version = $2",
-    )
-    .bind(before.id.as_uuid())
-    .bind(before.version)
-    .bind(after.status.as_str())
-    .bind(after.saga_state.as_str())
-    .bind(cancellation_reason)
-    .bind(after.version)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if changed == 0 {
-        // Someone else (a payment event, another sweeper) changed the order first.
-        return Ok(TransitionOutcome::Conflict);
+    let change = Transition {
+        before,
+        after,
+        cancellation_reason,
+        event,
+    };
+    Ok(transition_all_in(tx, &[change], outbox).await?.remove(0))
+}
+
+/// One compare-and-set change of an order, with the event that tells it.
+#[derive(Debug, Clone, Copy)]
+pub struct Transition<'a> {
+    /// The order as read.
+    pub before: &'a Order,
+    /// The order as it becomes.
+    pub after: &'a Order,
+    /// Why it was cancelled (stored name), if it is.
+    pub cancellation_reason: Option<&'a str>,
+    /// The event.
+    pub event: &'a OutboxMessage,
+}
+
+/// Applies `changes` (of different orders) inside the caller's transaction (a consumer's,
+/// which commits them with the messages' inbox rows): one compare-and-set update on the
+/// orders' versions for all of them, one insert of the events of those applied. Each change's
+/// outcome, in order.
+#[tracing::instrument(name = "order_transition", skip_all, fields(orders = changes.len()))]
+pub async fn transition_all_in(
+    tx: &mut sqlx::PgConnection,
+    changes: &[Transition<'_>],
+    outbox: OutboxMode,
+) -> Result<Vec<TransitionOutcome>, StoreError> {
+    if changes.is_empty() {
+        return Ok(Vec::new());
     }
-    outbox.write(tx, event).await?;
-    Ok(TransitionOutcome::Applied)
+    let ids: Vec<uuid::Uuid> = changes.iter().map(|c| c.before.id.as_uuid()).collect();
+    let applied: std::collections::HashSet<uuid::Uuid> = sqlx::query_scalar(
+        "UPDATE orders o SET status = u.status, saga_state = u.saga_state, cancellation_reason = u.reason,
+                             version = u.new_version, updated_at = now(), settled_at = clock_timestamp()
+         FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::int8[])
+              AS u(order_id, version, status, saga_state, reason, new_version)
+         WHERE o.order_id = u.order_id AND o.version = u.version
+         RETURNING o.order_id",
+    )
+    .bind(&ids)
+    .bind(changes.iter().map(|c| c.before.version).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.after.status.as_str()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.after.saga_state.as_str()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.cancellation_reason).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.after.version).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let events: Vec<OutboxMessage> = changes
+        .iter()
+        .filter(|c| applied.contains(&c.before.id.as_uuid()))
+        .map(|c| c.event.clone())
+        .collect();
+    outbox.write_all(tx, &events).await?;
+    // A change not applied: someone else (a payment event, another sweeper) changed the order
+    // first; nothing of it was written.
+    Ok(ids
+        .iter()
+        .map(|id| {
+            if applied.contains(id) {
+                TransitionOutcome::Applied
+            } else {
+                TransitionOutcome::Conflict
+            }
+        })
+        .collect())
 }
 
 /// Orders still PENDING `deadline` after they were placed, by the database's clock,

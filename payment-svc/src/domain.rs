@@ -61,7 +61,7 @@ pub fn parse_order_placed(placed: &OrderPlaced, order_id: uuid::Uuid, limits: &T
 
 /// A payment's state, as stored. Three are *pending*: a call to the gateway is owed
 /// (recorded before it is made, finished by the executor); the others are settled for now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PaymentState {
     /// An authorization is owed (the intent, committed before the call).
     Authorizing,

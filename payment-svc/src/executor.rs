@@ -2,14 +2,18 @@
 //! transaction open and no connection held, and records each answer in a short transaction
 //! of its own with the event that tells it.
 //!
-//! 1. **Claim** (one statement): pending payments whose claim is free (new ones, lapsed ones,
-//!    those whose retry is due) are leased to this executor for [`Executor::lease`].
+//! 1. **Hand-off or claim.** A payment the consumer made pending is written already leased to
+//!    this process (for [`Executor::lease`]) and handed over in memory once its unit of work
+//!    committed: no statement. Every 500 ms (and when woken) one statement claims the others:
+//!    pending payments whose lease lapsed (their executor died, or their retry is due) or that
+//!    have none (the overdue sweeper's voids).
 //! 2. **Call** (no transaction, no connection): each with the order's idempotency key, side by
 //!    side, at most `concurrency` at once. A late reply holds up only its own order.
-//! 3. **Record** (one transaction for every answer ready): each payment is locked; an answer
-//!    for a payment that is still in the state the call was made for moves it on and writes
-//!    its event to the outbox; any other answer is stale (a cancellation came meanwhile) and
-//!    is dropped. A call that failed transiently is due again after a backoff.
+//! 3. **Record** (one transaction for every answer ready): one compare-and-set update moves on
+//!    each payment still in the state its call was made for (any other answer is stale: a
+//!    cancellation came meanwhile, or another executor recorded the same call), then one
+//!    insert writes the events of those that moved. A call that failed transiently is due
+//!    again after a backoff.
 //!
 //! Failure windows, each covered by `tests/payment_intents.rs`:
 //! - dying after the claim, before the call: the lease lapses and any executor (this one
@@ -56,7 +60,68 @@ const SCAN_INTERVAL: Duration = Duration::from_millis(500);
 /// sort out) stays unclaimed: in effect, until an operator releases it.
 const PARKED: Duration = Duration::from_secs(1_000_000_000);
 
-/// A pending payment as claimed.
+/// Payments parked now ([`PARKED`]: a lease decades long), from the payments table: the
+/// `orderflow_payments_parked` gauge, which stays up until an operator releases them.
+pub async fn parked(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM payments WHERE state = ANY($1) AND lease_until > now() + interval '1 year'",
+    )
+    .bind(PaymentState::pending_names())
+    .fetch_one(pool)
+    .await
+}
+
+/// A payment owing a call, as the consumer wrote it (or a claim read it): everything the call
+/// and the event telling its answer need.
+#[derive(Debug, Clone)]
+pub struct Owed {
+    /// The order.
+    pub order_id: uuid::Uuid,
+    /// The payment.
+    pub payment_id: uuid::Uuid,
+    /// The pending state: which call is owed.
+    pub state: PaymentState,
+    /// The authorization to capture or void (None: void by the authorize key).
+    pub authorization_id: Option<String>,
+    /// The amount (0 for the placeholder of a cancellation that came first).
+    pub amount_minor: i64,
+    /// Its currency.
+    pub currency_code: String,
+    /// The card token, while an authorization is owed.
+    pub payment_token: Option<String>,
+    /// The correlation id of the event that asked for the call.
+    pub correlation_id: uuid::Uuid,
+    /// That event's message id (None: a deadline asked).
+    pub causation_id: Option<uuid::Uuid>,
+    /// The trace the call continues.
+    pub traceparent: Option<String>,
+    /// Calls made for this pending state, this one included.
+    pub attempts: i32,
+}
+
+/// Hands the payments a committed unit of work made pending to the executor of this process.
+#[derive(Debug, Clone)]
+pub struct Handoff(mpsc::UnboundedSender<Owed>);
+
+impl Handoff {
+    /// Gives `owed` to the executor; if it has stopped, their leases lapse and whoever runs
+    /// next claims them.
+    pub fn give(&self, owed: Vec<Owed>) {
+        for payment in owed {
+            if self.0.send(payment).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// What a consumer hands over and what the executor takes from.
+pub fn handoff() -> (Handoff, mpsc::UnboundedReceiver<Owed>) {
+    let (give, take) = mpsc::unbounded_channel();
+    (Handoff(give), take)
+}
+
+/// A pending payment this executor holds the lease of.
 struct Claimed {
     order_id: uuid::Uuid,
     payment_id: uuid::Uuid,
@@ -86,6 +151,32 @@ type ClaimedRow = (
     i32,
 );
 
+impl From<Owed> for Claimed {
+    fn from(owed: Owed) -> Self {
+        let span = tracing::info_span!("payment_call", order_id = %owed.order_id, state = owed.state.as_str(),
+            attempts = owed.attempts, trace_id = tracing::field::Empty);
+        if let Some(traceparent) = &owed.traceparent {
+            telemetry::continue_trace(&span, traceparent);
+            if let Some(trace_id) = telemetry::trace_id_of(traceparent) {
+                span.record("trace_id", trace_id);
+            }
+        }
+        Self {
+            order_id: owed.order_id,
+            payment_id: owed.payment_id,
+            state: owed.state,
+            authorization_id: owed.authorization_id,
+            amount_minor: owed.amount_minor,
+            currency_code: owed.currency_code.trim().to_owned(),
+            payment_token: owed.payment_token,
+            correlation_id: owed.correlation_id,
+            causation_id: owed.causation_id,
+            attempts: owed.attempts,
+            span,
+        }
+    }
+}
+
 impl Claimed {
     fn from_row(row: ClaimedRow) -> Option<Self> {
         let (
@@ -101,27 +192,19 @@ impl Claimed {
             traceparent,
             attempts,
         ) = row;
-        let state = PaymentState::parse(&state)?;
-        let span = tracing::info_span!("payment_call", %order_id, state = state.as_str(), attempts, trace_id = tracing::field::Empty);
-        if let Some(traceparent) = &traceparent {
-            telemetry::continue_trace(&span, traceparent);
-            if let Some(trace_id) = telemetry::trace_id_of(traceparent) {
-                span.record("trace_id", trace_id);
-            }
-        }
-        Some(Self {
+        Some(Self::from(Owed {
             order_id,
             payment_id,
-            state,
+            state: PaymentState::parse(&state)?,
             authorization_id,
             amount_minor,
-            currency_code: currency_code.trim().to_owned(),
+            currency_code,
             payment_token,
             correlation_id: correlation_id.unwrap_or(order_id),
             causation_id,
+            traceparent,
             attempts,
-            span,
-        })
+        }))
     }
 
     /// Whether this payment is an order's charge (not the placeholder of a cancellation that
@@ -155,13 +238,17 @@ pub struct Executor {
     outbox: OutboxMode,
     concurrency: usize,
     wake: Arc<Notify>,
+    /// Payments handed over by this process's consumer, already leased to it.
+    handed: tokio::sync::Mutex<mpsc::UnboundedReceiver<Owed>>,
     /// Set when a claim stopped for want of room: a finished call then claims again.
     backlogged: AtomicBool,
 }
 
 impl Executor {
     /// An executor calling the gateway over `gateway`, at most `concurrency` calls at once,
-    /// woken by `wake` (the consumer's commits, the overdue sweeper).
+    /// taking what this process's consumer hands over (`handed`) and claiming the rest when
+    /// woken (`wake`: the overdue sweeper) and every half second.
+    #[allow(clippy::too_many_arguments)] // Each is a setting of its own; a struct would only rename them.
     pub fn new(
         pool: PgPool,
         gateway: tonic::transport::Channel,
@@ -169,6 +256,7 @@ impl Executor {
         payments_topic: String,
         outbox: OutboxMode,
         concurrency: usize,
+        handed: mpsc::UnboundedReceiver<Owed>,
         wake: Arc<Notify>,
     ) -> Self {
         Self {
@@ -179,6 +267,7 @@ impl Executor {
             outbox,
             concurrency: concurrency.max(1),
             wake,
+            handed: tokio::sync::Mutex::new(handed),
             backlogged: AtomicBool::new(false),
         }
     }
@@ -186,7 +275,7 @@ impl Executor {
     /// How long a claim lasts: three gateway timeouts, so a call (bounded by one) and the
     /// recording of its answer fit in it; a claim that lapses is taken again.
     pub fn lease(&self) -> Duration {
-        self.gateway_timeout * 3
+        lease_for(self.gateway_timeout)
     }
 
     /// Claims, calls and records until `shutdown`. Calls in flight at shutdown are left to
@@ -197,16 +286,54 @@ impl Executor {
         let room = Arc::new(Semaphore::new(self.concurrency));
         let mut scan = tokio::time::interval(SCAN_INTERVAL);
         scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut handed = self.handed.lock().await;
+        // Until no consumer hands over any more (it stopped): then claims alone.
+        let mut handing = true;
         loop {
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
-                _ = self.wake.notified() => {}
-                _ = scan.tick() => {}
+                owed = handed.recv(), if handing => match owed {
+                    Some(owed) => {
+                        let mut ready = vec![Claimed::from(owed)];
+                        while let Ok(more) = handed.try_recv() {
+                            ready.push(Claimed::from(more));
+                        }
+                        self.call_all(ready, &room, &answers).await;
+                    }
+                    None => handing = false,
+                },
+                _ = self.wake.notified() => self.claim_and_call(&room, &answers).await,
+                _ = scan.tick() => self.claim_and_call(&room, &answers).await,
             }
-            self.claim_and_call(&room, &answers).await;
         }
         drop(answers);
         let _ = recorder.await;
+    }
+
+    /// Starts the calls of `payments`, each as soon as there is room.
+    async fn call_all(
+        self: &Arc<Self>,
+        payments: Vec<Claimed>,
+        room: &Arc<Semaphore>,
+        answers: &mpsc::Sender<(Claimed, Called)>,
+    ) {
+        for payment in payments {
+            let Ok(permit) = room.clone().acquire_owned().await else {
+                return;
+            };
+            let (executor, answers) = (self.clone(), answers.clone());
+            tokio::spawn(async move {
+                fail::fail_point!("payment::before_gateway", |_| orderflow_platform::chaos::crash());
+                let called = executor.call(&payment).instrument(payment.span.clone()).await;
+                drop(permit);
+                if executor.backlogged.swap(false, Ordering::Relaxed) {
+                    executor.wake.notify_one();
+                }
+                // A recorder gone (shutdown) leaves the claim to lapse.
+                let _ = answers.send((payment, called)).await;
+            });
+        }
     }
 
     /// Claims as many pending payments as there is room for calls, and starts their calls.
@@ -225,22 +352,7 @@ impl Executor {
                 }
             };
             let full = claimed.len() == free;
-            for payment in claimed {
-                let Ok(permit) = room.clone().acquire_owned().await else {
-                    return;
-                };
-                let (executor, answers) = (self.clone(), answers.clone());
-                tokio::spawn(async move {
-                    fail::fail_point!("payment::before_gateway", |_| orderflow_platform::chaos::crash());
-                    let called = executor.call(&payment).instrument(payment.span.clone()).await;
-                    drop(permit);
-                    if executor.backlogged.swap(false, Ordering::Relaxed) {
-                        executor.wake.notify_one();
-                    }
-                    // A recorder gone (shutdown) leaves the claim to lapse.
-                    let _ = answers.send((payment, called)).await;
-                });
-            }
+            self.call_all(claimed, room, answers).await;
             if !full {
                 return;
             }
@@ -290,10 +402,10 @@ impl Executor {
                     "authorize",
                     reply.map(|reply| match reply.status() {
                         AuthorizationStatus::Approved => Answer::Approved {
-                            authorization_id: reply.authorization_id,
+                            authorization_id: from_gateway(&reply.authorization_id),
                         },
                         _ => Answer::Declined {
-                            reason: reply.decline_reason,
+                            reason: from_gateway(&reply.decline_reason),
                         },
                     }),
                 )
@@ -332,9 +444,17 @@ impl Executor {
         match reply {
             Ok(answer) => Called::Answer(answer),
             Err(status) if is_refusal(&status) => Called::Answer(Answer::Refused {
-                reason: format!("{operation} refused: {:?} {}", status.code(), status.message()),
+                reason: format!(
+                    "{operation} refused: {:?} {}",
+                    status.code(),
+                    from_gateway(status.message())
+                ),
             }),
-            Err(status) => Called::Retry(format!("{operation}: {:?} {}", status.code(), status.message())),
+            Err(status) => Called::Retry(format!(
+                "{operation}: {:?} {}",
+                status.code(),
+                from_gateway(status.message())
+            )),
         }
     }
 
@@ -397,6 +517,13 @@ impl Executor {
                     batch.clear();
                     backoff = None;
                 }
+                // Data the database refuses (one answer it cannot store): the others are
+                // recorded without it, and it is parked; retrying would refuse it for ever.
+                Err(error) if refused(&error) => {
+                    self.record_apart(&batch).await;
+                    batch.clear();
+                    backoff = None;
+                }
                 Err(error) => {
                     // Nothing of it committed: try the same answers again (until their claims
                     // lapse, after which another call answers the same way anyway).
@@ -414,28 +541,48 @@ impl Executor {
         }
     }
 
-    /// One transaction: locks the payments, moves on those still in the state their call was
-    /// made for, writes their events, and sets the retries' next claim.
-    async fn record(&self, batch: &[(Claimed, Called)]) -> Result<(), sqlx::Error> {
-        let order_ids: Vec<uuid::Uuid> = batch.iter().map(|(payment, _)| payment.order_id).collect();
-        let mut tx = self.pool.begin().await?;
-        let mut current: std::collections::HashMap<uuid::Uuid, String> = sqlx::query_as(
-            "SELECT order_id, state FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
-        )
-        .bind(&order_ids)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
-        let mut changes = Changes::default();
-        let mut events = Vec::new();
-        for (payment, called) in batch {
-            if current.get(&payment.order_id).map(String::as_str) != Some(payment.state.as_str()) {
-                // Stale: the payment moved on meanwhile (a cancellation voided it, another
-                // executor recorded the same call). The answer changes nothing.
-                tracing::info!(parent: &payment.span, "a gateway answer for a payment that moved on meanwhile; dropped");
-                continue;
+    /// Records `batch` in halves, down to the answer the database refuses, which is parked.
+    async fn record_apart(&self, batch: &[(Claimed, Called)]) {
+        let mut parts = vec![batch];
+        while let Some(part) = parts.pop() {
+            let error = match self.record(part).await {
+                Ok(()) => continue,
+                Err(error) => error,
+            };
+            let reason = error.to_string();
+            match part {
+                [(payment, _)] if refused(&error) => {
+                    tracing::error!(parent: &payment.span, %reason, "a gateway answer the database refuses; the payment is parked");
+                    let mut changes = Changes::default();
+                    changes.stay(payment, PARKED, "the gateway's answer could not be recorded".to_owned());
+                    let parked = async {
+                        let mut tx = self.pool.begin().await?;
+                        changes.write(&mut tx).await?;
+                        tx.commit().await
+                    };
+                    if let Err(error) = parked.await {
+                        tracing::warn!(%error, "cannot park the payment; its lease lapses and it is called again");
+                    }
+                }
+                [_, ..] if refused(&error) => {
+                    let (first, second) = part.split_at(part.len() / 2);
+                    parts.push(second);
+                    parts.push(first);
+                }
+                // Transient: nothing of this part committed; its leases lapse and the calls
+                // are made again with the same keys.
+                _ => tracing::warn!(%reason, answers = part.len(), "cannot record gateway answers now"),
             }
+        }
+    }
+
+    /// One transaction: a compare-and-set update moves on the payments still in the state
+    /// their call was made for (and sets the retries' next claim), then one insert writes the
+    /// events of those that moved.
+    async fn record(&self, batch: &[(Claimed, Called)]) -> Result<(), sqlx::Error> {
+        let mut changes = Changes::default();
+        let mut events = std::collections::HashMap::new();
+        for (payment, called) in one_answer_each(batch) {
             match called {
                 Called::Retry(error) => {
                     let pause = retry_backoff()
@@ -448,23 +595,23 @@ impl Executor {
                     Some((to, told)) => {
                         let span = tracing::info_span!(parent: &payment.span, "payment_transition", from = payment.state.as_str(), to = to.as_str());
                         if let Some(told) = told {
-                            events.push(span.in_scope(|| self.event(payment, told, answer)));
+                            events.insert(payment.order_id, span.in_scope(|| self.event(payment, told, answer)));
                         }
                         span.in_scope(|| tracing::info!("payment transition"));
                         changes.settle(payment, to, answer);
-                        // A second answer for it in this batch (claimed twice) is stale.
-                        current.insert(payment.order_id, to.as_str().to_owned());
                     }
                     None => {
                         let reason = format!("{answer:?}");
                         tracing::error!(parent: &payment.span, %reason, state = payment.state.as_str(), "the gateway refuses a call only an operator can sort out; the payment is parked");
-                        metrics::counter!(telemetry::PAYMENTS_PARKED).increment(1);
                         changes.stay(payment, PARKED, reason);
                     }
                 },
             }
         }
-        changes.write(&mut tx).await?;
+        let mut tx = self.pool.begin().await?;
+        let moved = changes.write(&mut tx).await?;
+        // An answer for a payment that moved on meanwhile changed nothing and tells nothing.
+        let events: Vec<OutboxMessage> = moved.iter().filter_map(|order_id| events.remove(order_id)).collect();
         self.outbox.write_all(&mut tx, &events).await?;
         // Dying here, before the commit: nothing of this is recorded; the claims lapse and the
         // calls are made again with the same keys (the gateway replays them).
@@ -511,19 +658,47 @@ impl Executor {
                 amount: Some(payment.amount()),
             }),
         };
-        let meta = orderflow::envelope::EventMeta {
-            message_id: uuid::Uuid::now_v7(),
-            aggregate_id: payment.order_id,
-            correlation_id: payment.correlation_id,
-            causation_id: payment.causation_id,
-            traceparent: telemetry::current_traceparent(),
-            occurred_at: outbox::now_timestamp(),
-        };
-        OutboxMessage {
-            topic: self.payments_topic.clone(),
-            envelope: orderflow::envelope::seal(meta, payload),
+        // A deadline's void (no causation) begins a conversation of its own: its correlation
+        // id was made when the void was decided.
+        outbox::continuing(
+            &self.payments_topic,
+            payment.order_id,
+            payment.correlation_id,
+            payment.causation_id,
+            None,
+            payload,
+        )
+    }
+}
+
+/// One answer per payment and pending state (a payment claimed twice answers twice; one
+/// update may change a row once): the answer if there is one, else a retry. Answers for
+/// different states of one payment all stay: the compare-and-set applies the one for the state
+/// the payment is in and drops the stale ones. In order of the payments.
+fn one_answer_each(batch: &[(Claimed, Called)]) -> Vec<&(Claimed, Called)> {
+    let mut chosen: Vec<&(Claimed, Called)> = Vec::with_capacity(batch.len());
+    let mut seen = std::collections::HashSet::new();
+    for answered in [true, false] {
+        for item in batch {
+            if matches!(item.1, Called::Answer(_)) == answered && seen.insert((item.0.order_id, item.0.state)) {
+                chosen.push(item);
+            }
         }
     }
+    chosen.sort_by_key(|(payment, _)| payment.order_id);
+    chosen
+}
+
+/// Whether the database refused the data itself (the consumer runtime's one classifier): the
+/// same statement would be refused again.
+fn refused(error: &sqlx::Error) -> bool {
+    orderflow_platform::consumer::refused_by_database(error).is_some()
+}
+
+/// Text the gateway sent, as stored and told: printable, bounded (a reply is not trusted to
+/// be either).
+fn from_gateway(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(200).collect()
 }
 
 /// A refusal of the request itself: the same call would be refused again.
@@ -533,6 +708,11 @@ fn is_refusal(status: &tonic::Status) -> bool {
         status.code(),
         Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound | Code::OutOfRange
     )
+}
+
+/// How long a claim lasts for a gateway timeout of `gateway_timeout` (see [`Executor::lease`]).
+pub fn lease_for(gateway_timeout: Duration) -> Duration {
+    gateway_timeout * 3
 }
 
 /// The pauses before a failed call is made again: from 50 ms, doubling, up to 5 s, jittered.
@@ -549,6 +729,8 @@ fn retry_backoff() -> impl Iterator<Item = Duration> {
 #[derive(Default)]
 struct Changes {
     order_id: Vec<uuid::Uuid>,
+    /// The state each call was made for: a payment no longer in it is left alone.
+    from: Vec<&'static str>,
     state: Vec<&'static str>,
     authorization_id: Vec<Option<String>>,
     failure_reason: Vec<Option<String>>,
@@ -562,6 +744,7 @@ impl Changes {
     /// `payment` moves to `to` on `answer`: its claim, token and error are cleared.
     fn settle(&mut self, payment: &Claimed, to: PaymentState, answer: &Answer) {
         self.order_id.push(payment.order_id);
+        self.from.push(payment.state.as_str());
         self.state.push(to.as_str());
         self.authorization_id.push(match answer {
             Answer::Approved { authorization_id } => Some(authorization_id.clone()),
@@ -579,6 +762,7 @@ impl Changes {
     /// `payment` stays pending, claimable again in `pause`.
     fn stay(&mut self, payment: &Claimed, pause: Duration, error: String) {
         self.order_id.push(payment.order_id);
+        self.from.push(payment.state.as_str());
         self.state.push(payment.state.as_str());
         self.authorization_id.push(None);
         self.failure_reason.push(None);
@@ -587,12 +771,17 @@ impl Changes {
         self.settled.push(false);
     }
 
-    async fn write(self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    /// The payments that moved (or stayed, for a retry): those still in their `from` state.
+    async fn write(self, tx: &mut sqlx::PgConnection) -> Result<Vec<uuid::Uuid>, sqlx::Error> {
         if self.order_id.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        sqlx::query(
-            "UPDATE payments p SET state = u.state,
+        // The rows are locked in the order of their ids first (as the consumer's units lock
+        // them), so a recording and a unit never wait on each other in a cycle.
+        sqlx::query_scalar(
+            "WITH locked AS MATERIALIZED (
+                 SELECT order_id FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE)
+             UPDATE payments p SET state = u.state,
                     authorization_id = COALESCE(u.authorization_id, p.authorization_id),
                     failure_reason = COALESCE(u.failure_reason, p.failure_reason),
                     payment_token = CASE WHEN u.settled THEN NULL ELSE p.payment_token END,
@@ -602,9 +791,12 @@ impl Changes {
                     version = p.version + CASE WHEN u.settled THEN 1 ELSE 0 END,
                     -- Since when the call is owed, for an owed call: a retry leaves it.
                     updated_at = CASE WHEN u.settled THEN now() ELSE p.updated_at END
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[], $7::bool[])
-                  AS u(order_id, state, authorization_id, failure_reason, due_in, last_error, settled)
-             WHERE p.order_id = u.order_id",
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[], $7::bool[],
+                         $8::text[])
+                  AS u(order_id, state, authorization_id, failure_reason, due_in, last_error, settled, from_state),
+                  locked
+             WHERE p.order_id = u.order_id AND p.state = u.from_state AND locked.order_id = u.order_id
+             RETURNING p.order_id",
         )
         .bind(&self.order_id)
         .bind(&self.state)
@@ -613,8 +805,86 @@ impl Changes {
         .bind(&self.due_in)
         .bind(&self.last_error)
         .bind(&self.settled)
-        .execute(&mut *tx)
-        .await?;
-        Ok(())
+        .bind(&self.from)
+        .fetch_all(&mut *tx)
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owed(order_id: uuid::Uuid) -> Claimed {
+        Claimed::from(Owed {
+            order_id,
+            payment_id: uuid::Uuid::now_v7(),
+            state: PaymentState::Authorizing,
+            authorization_id: None,
+            amount_minor: 100,
+            currency_code: "EUR ".into(),
+            payment_token: Some("tok".into()),
+            correlation_id: order_id,
+            causation_id: None,
+            traceparent: None,
+            attempts: 1,
+        })
+    }
+
+    #[test]
+    fn a_payment_answered_twice_is_recorded_once_with_its_answer_in_order_of_the_payments() {
+        let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let batch = vec![
+            (owed(b), Called::Retry("timeout".into())),
+            (owed(a), Called::Retry("timeout".into())),
+            (owed(b), Called::Answer(Answer::Done)),
+        ];
+        let chosen = one_answer_each(&batch);
+        assert_eq!(chosen.len(), 2);
+        assert_eq!(chosen[0].0.order_id, a.min(b));
+        let of_b = chosen
+            .iter()
+            .find(|(payment, _)| payment.order_id == b)
+            .map(|(_, called)| called);
+        assert!(matches!(of_b, Some(Called::Answer(_))), "the answer, not the retry");
+        assert_eq!(chosen[0].0.currency_code, "EUR", "a stored char(3) is trimmed");
+    }
+
+    #[test]
+    fn only_a_refusal_of_the_request_settles_an_authorization_as_failed() {
+        assert!(is_refusal(&tonic::Status::invalid_argument("bad")));
+        assert!(is_refusal(&tonic::Status::failed_precondition("key reused")));
+        assert!(!is_refusal(&tonic::Status::unavailable("away")));
+        assert!(!is_refusal(&tonic::Status::deadline_exceeded("late")));
+        assert_eq!(lease_for(Duration::from_secs(1)), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn text_from_the_gateway_is_stored_printable_and_bounded() {
+        assert_eq!(from_gateway("insufficient\0_funds\n"), "insufficient_funds");
+        assert_eq!(from_gateway(&"x".repeat(1_000)).len(), 200);
+    }
+
+    #[test]
+    fn answers_for_two_states_of_one_payment_both_reach_the_compare_and_set() {
+        let order = uuid::Uuid::now_v7();
+        let voiding = Claimed {
+            state: PaymentState::Voiding,
+            ..owed(order)
+        };
+        let batch = vec![
+            (
+                owed(order),
+                Called::Answer(Answer::Approved {
+                    authorization_id: "a".into(),
+                }),
+            ),
+            (voiding, Called::Answer(Answer::Done)),
+        ];
+        assert_eq!(
+            one_answer_each(&batch).len(),
+            2,
+            "the stale one fails its compare-and-set alone"
+        );
     }
 }

@@ -140,7 +140,7 @@ pub async fn void_overdue(pool: &sqlx::PgPool, deadline: Duration) -> Result<u64
 }
 
 /// Looks for overdue authorizations every `interval` until `shutdown`, waking the executor
-/// when it found some.
+/// when it found some, and counts the parked payments.
 async fn sweep_overdue(
     pool: sqlx::PgPool,
     deadline: Duration,
@@ -153,6 +153,10 @@ async fn sweep_overdue(
             Ok(0) => {}
             Ok(_) => executor.notify_one(),
             Err(error) => tracing::warn!(%error, "overdue authorizations not looked for; trying again next round"),
+        }
+        match executor::parked(&pool).await {
+            Ok(parked) => metrics::gauge!(telemetry::PAYMENTS_PARKED).set(parked as f64),
+            Err(error) => tracing::debug!(%error, "cannot count the parked payments"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -200,16 +204,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let channel = security.endpoint(&config.gateway_addr)?.connect_lazy();
     let wake = Arc::new(Notify::new());
+    let gateway_timeout = Duration::from_millis(config.gateway_timeout_ms);
+    let (handoff, handed) = executor::handoff();
     let executor = Arc::new(Executor::new(
         pool.clone(),
         channel,
-        Duration::from_millis(config.gateway_timeout_ms),
+        gateway_timeout,
         config.payments_topic.clone(),
         config.outbox.mode,
         config.gateway_concurrency,
+        handed,
         wake.clone(),
     ));
-    let handler = Arc::new(PaymentHandler::new(config.max_order_total.clone(), wake.clone()));
+    let handler = Arc::new(PaymentHandler::new(
+        config.max_order_total.clone(),
+        executor::lease_for(gateway_timeout),
+        handoff,
+    ));
     orderflow_platform::housekeeping::spawn_inbox_cleanup(&pool, INBOX, config.inbox_retention_hours, &shutdown);
     let settings = config.consumer.apply(ConsumerSettings {
         instance_id: config.instance_id,

@@ -211,13 +211,34 @@ pub fn now_timestamp() -> prost_types::Timestamp {
 /// An event caused by `cause`: same order, same correlation id and trace, `cause` as its
 /// causation, a new message id.
 pub fn caused_by(topic: &str, cause: &orderflow::envelope::OpenedEvent, payload: Payload) -> OutboxMessage {
+    continuing(
+        topic,
+        cause.aggregate_id,
+        cause.correlation_id,
+        Some(cause.message_id),
+        cause.traceparent.as_deref(),
+        payload,
+    )
+}
+
+/// An event of `aggregate_id` that continues a conversation: its correlation id, the message
+/// that caused it (None: a timer's decision), and the current span's trace (else
+/// `traceparent`, the trace it continues). A new message id.
+pub fn continuing(
+    topic: &str,
+    aggregate_id: uuid::Uuid,
+    correlation_id: uuid::Uuid,
+    causation_id: Option<uuid::Uuid>,
+    traceparent: Option<&str>,
+    payload: Payload,
+) -> OutboxMessage {
     let meta = EventMeta {
         message_id: uuid::Uuid::now_v7(),
-        aggregate_id: cause.aggregate_id,
-        correlation_id: cause.correlation_id,
-        causation_id: Some(cause.message_id),
+        aggregate_id,
+        correlation_id,
+        causation_id,
         // The current span (the consumer's, a child of the producer's) continues the trace.
-        traceparent: crate::telemetry::current_traceparent().or_else(|| cause.traceparent.clone()),
+        traceparent: crate::telemetry::current_traceparent().or_else(|| traceparent.map(str::to_owned)),
         occurred_at: now_timestamp(),
     };
     OutboxMessage {

@@ -71,13 +71,16 @@ pub const SWEEPER_CANCELLATIONS: &str = "orderflow_sweeper_cancellations_total";
 pub const OVERDUE_AUTHORIZATIONS_VOIDED: &str = "orderflow_payment_overdue_authorizations_voided_total";
 /// Histogram: orders written in one PlaceOrder transaction (group commit).
 pub const PLACE_ORDER_BATCH_SIZE: &str = "orderflow_place_order_batch_size";
+/// PlaceOrder calls refused as overload (RESOURCE_EXHAUSTED), by `reason`: `saga_at_capacity`
+/// (admission) or `writers_busy` (every group-commit writer has a full batch waiting).
+pub const PLACE_ORDER_REFUSED: &str = "orderflow_place_order_refused_total";
 /// Gauge: orders in flight in the saga (PENDING), as admission last read them.
 pub const ADMISSION_IN_FLIGHT: &str = "orderflow_admission_orders_in_flight";
 /// Gauge: orders completing per second, as admission last measured them.
 pub const ADMISSION_COMPLETING: &str = "orderflow_admission_completing_per_second";
-/// Pending payments whose call the gateway refuses for good (a capture or void only an
-/// operator can sort out): parked, never claimed again by themselves.
-pub const PAYMENTS_PARKED: &str = "orderflow_payments_parked_total";
+/// Gauge: pending payments parked now (the gateway refuses their capture or void, or their
+/// answer could not be recorded): never claimed again until an operator releases them.
+pub const PAYMENTS_PARKED: &str = "orderflow_payments_parked";
 /// Gateway calls, by `operation` and `outcome`.
 pub const GATEWAY_CALL_DURATION: &str = "orderflow_gateway_call_duration_seconds";
 /// Event occurred → visible in the read model.

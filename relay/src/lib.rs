@@ -100,7 +100,7 @@ pub struct Config {
     pub delivery_timeout_ms: u64,
     /// After a NOTIFY, wait this long before the pass, so that a burst of commits shares one
     /// pass, in milliseconds.
-    #[arg(long, env = "RELAY_COALESCE_MS", default_value_t = 5)]
+    #[arg(long, env = "RELAY_COALESCE_MS", default_value_t = 20)]
     pub coalesce_ms: u64,
     /// Every pass failing for this long makes the relay replace its producer (new broker
     /// connections), in milliseconds (0: never).

@@ -114,30 +114,22 @@ pub enum HandlerError {
 
 impl From<sqlx::Error> for HandlerError {
     fn from(error: sqlx::Error) -> Self {
-        if let sqlx::Error::Database(db) = &error {
-            // Class 22 (data exception) and 23 (integrity violation) do not heal by retrying.
-            if db
-                .code()
-                .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
-            {
-                return Self::Permanent(format!("database refused the effect: {}", db.message()));
-            }
+        if let Some(refusal) = refused_by_database(&error) {
+            return Self::Permanent(refusal);
         }
         Self::Transient(error.into())
     }
 }
 
-impl From<tonic::Status> for HandlerError {
-    /// A remote service's refusal of the request itself is permanent; anything else (no
-    /// answer, overloaded, a deadline) may heal.
-    fn from(status: tonic::Status) -> Self {
-        use tonic::Code;
-        match status.code() {
-            Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound | Code::OutOfRange => {
-                Self::Permanent(format!("refused: {:?} {}", status.code(), status.message()))
-            }
-            _ => Self::Transient(anyhow::anyhow!("{:?} {}", status.code(), status.message())),
+/// Why the database refused the data itself, if it did: class 22 (data exception) and 23
+/// (integrity violation) do not heal by retrying. The one classifier of database errors, for
+/// whatever writes what it consumed (the runtime's handlers, payment-svc's executor).
+pub fn refused_by_database(error: &sqlx::Error) -> Option<String> {
+    match error {
+        sqlx::Error::Database(db) if db.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23")) => {
+            Some(format!("database refused the effect: {}", db.message()))
         }
+        _ => None,
     }
 }
 
@@ -145,6 +137,10 @@ impl From<tonic::Status> for HandlerError {
 /// are idempotent in their own right too (compare-and-set updates, unique keys): the inbox is
 /// the first guard, not the only one.
 pub trait Handler: Send + Sync + 'static {
+    /// Work a handler hands on once its unit of work committed (work it starts outside the
+    /// transaction: payment-svc's owed gateway calls); `()` for a handler that has none.
+    type Committed: Send + 'static;
+
     /// Whether [`Handler::handle`] gets at most one message of each key (order id) per call
     /// (the default): the runtime then calls it in rounds, a key's next message in the next
     /// round, all in one transaction. A handler that folds several messages of one key
@@ -159,7 +155,8 @@ pub trait Handler: Send + Sync + 'static {
     fn wants(&self, event: &orderflow::envelope::OpenedEvent) -> bool;
 
     /// Writes the effects of `batch` (messages the inbox did not know, their inbox rows
-    /// already recorded in `tx`) in their order. No remote call: `tx` is open. On failure,
+    /// already recorded in `tx`) in their order, and returns the work to hand on if (and only
+    /// if) the unit commits ([`Handler::committed`]). No remote call: `tx` is open. On failure,
     /// the index in `batch` of the message whose effect failed: the runtime rolls back,
     /// commits the others without it (and its partition's later messages), and handles it
     /// alone; or `batch.len()` when no one message is to blame (a statement for all of them
@@ -170,11 +167,12 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         batch: &[Fresh<'_>],
-    ) -> impl Future<Output = Result<(), (usize, HandlerError)>> + Send;
+    ) -> impl Future<Output = Result<Vec<Self::Committed>, (usize, HandlerError)>> + Send;
 
-    /// Called after every unit of work in which this handler wrote committed: a handler whose
-    /// effects start work outside the transaction (payment-svc's gateway calls) wakes it here.
-    fn committed(&self) {}
+    /// Receives, right after a unit of work committed, the work its calls of
+    /// [`Handler::handle`] returned. Dying before it runs loses nothing that was committed: a
+    /// handler that hands work on here must find it again from its tables after a restart.
+    fn committed(&self, _work: Vec<Self::Committed>) {}
 }
 
 /// A message of a unit that the inbox did not know, opened, with the span its work belongs
@@ -246,7 +244,7 @@ pub const DEFAULT_MAX_BATCH: usize = 256;
 pub const MAX_UNIT_BYTES: usize = 4 << 20;
 
 /// How long a small unit may wait for more messages unless configured, in milliseconds.
-pub const DEFAULT_LINGER_MS: u64 = 5;
+pub const DEFAULT_LINGER_MS: u64 = 20;
 
 /// The consumer settings every service exposes in its own configuration.
 #[derive(Debug, Clone, clap::Args)]
@@ -400,10 +398,6 @@ impl<H: Handler> worker::Effects for Live<H> {
         if let Err(error) = self.consumer.store_offset(topic, partition, offset) {
             tracing::warn!(%error, "cannot store the offset; the message will be redelivered");
         }
-    }
-
-    fn committed(&self) {
-        self.handler.committed();
     }
 }
 
@@ -587,4 +581,40 @@ pub(crate) fn message_span(group: &str, message: &Incoming) -> tracing::Span {
         }
     }
     span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_away_is_transient() {
+        assert!(matches!(
+            HandlerError::from(sqlx::Error::PoolTimedOut),
+            HandlerError::Transient(_)
+        ));
+        assert!(matches!(
+            HandlerError::from(sqlx::Error::Protocol("closed".into())),
+            HandlerError::Transient(_)
+        ));
+    }
+
+    #[test]
+    fn the_settings_apply_on_top_of_the_services_and_zero_means_never() {
+        let base = ConsumerSettings::new(kafka::Cluster::anonymous("127.0.0.1:9"), "g".into(), vec!["t".into()]);
+        let applied = ConsumerArgs {
+            retry_budget_ms: 0,
+            stall_limit_ms: 1_500,
+            max_batch: 0,
+            linger_ms: 7,
+        }
+        .apply(base);
+        assert_eq!(applied.retry_budget, None, "0: retried forever");
+        assert_eq!(applied.stall_limit, Some(Duration::from_millis(1_500)));
+        assert_eq!(applied.max_batch, 1, "at least one message a unit");
+        assert_eq!(applied.linger, Duration::from_millis(7));
+        let defaults = ConsumerArgs::default();
+        assert_eq!(defaults.max_batch, DEFAULT_MAX_BATCH);
+        assert_eq!(defaults.linger_ms, DEFAULT_LINGER_MS);
+    }
 }

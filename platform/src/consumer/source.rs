@@ -150,11 +150,17 @@ impl ConsumerContext for RuntimeContext {
 /// (Under Kafka transactions a trailing commit marker would count as one record for ever;
 /// this system's producers are idempotent, not transactional.)
 fn records_unhandled(stats: &rdkafka::statistics::Partition) -> i64 {
-    let position = [stats.stored_offset, stats.committed_offset, stats.lo_offset]
-        .into_iter()
-        .find(|offset| *offset >= 0);
-    match position {
-        Some(position) if stats.hi_offset >= 0 => (stats.hi_offset - position).max(0),
+    unhandled_between(
+        [stats.stored_offset, stats.committed_offset, stats.lo_offset],
+        stats.hi_offset,
+    )
+}
+
+/// Records from the first known of `positions` (stored, committed, log start: -1 when unknown)
+/// to the high watermark `high`.
+fn unhandled_between(positions: [i64; 3], high: i64) -> i64 {
+    match positions.into_iter().find(|offset| *offset >= 0) {
+        Some(position) if high >= 0 => (high - position).max(0),
         _ => 0,
     }
 }
@@ -273,5 +279,29 @@ impl Poller {
                 Err(error) => tracing::warn!(%error, "cannot resume a partition"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_unhandled_count_from_the_stored_offset_else_the_committed_else_the_log_start() {
+        assert_eq!(unhandled_between([40, 30, 0], 50), 10);
+        assert_eq!(unhandled_between([-1, 30, 0], 50), 20);
+        assert_eq!(unhandled_between([-1, -1, 5], 50), 45);
+        assert_eq!(unhandled_between([-1, -1, -1], 50), 0, "nothing known");
+        assert_eq!(unhandled_between([40, 30, 0], -1), 0, "no watermark yet");
+        assert_eq!(unhandled_between([60, 30, 0], 50), 0, "never negative");
+    }
+
+    #[test]
+    fn progress_is_silent_until_marked() {
+        let progress = Progress::new();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(progress.silent_for() >= Duration::from_millis(30));
+        progress.mark();
+        assert!(progress.silent_for() < Duration::from_millis(30));
     }
 }

@@ -47,9 +47,30 @@ pub enum Failure {
     /// One message's own handling failed (it cannot be opened, or its effect failed): its
     /// index in the unit.
     At(usize, HandlerError),
-    /// The transaction failed as a whole (begin, the inbox insert, the commit): no message is
-    /// to blame.
+    /// The transaction failed as a whole (the inbox insert, the commit, a statement for all
+    /// of its messages): no one message is known to be to blame.
     Whole(HandlerError),
+    /// The database is away (no connection, or it closed): no message is to blame, and none
+    /// should be tried apart.
+    Unavailable(HandlerError),
+}
+
+/// A failure of the transaction itself: [`Failure::Unavailable`] when the database is away,
+/// else [`Failure::Whole`].
+fn whole(error: sqlx::Error) -> Failure {
+    let away = match &error {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+        // admin_shutdown, crash_shutdown, cannot_connect_now; connection exceptions.
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("57P") || code.starts_with("08")),
+        _ => false,
+    };
+    if away {
+        Failure::Unavailable(error.into())
+    } else {
+        Failure::Whole(error.into())
+    }
 }
 
 /// The rounds of `keys` (each message's key, in unit order): the indices of the first
@@ -123,15 +144,13 @@ pub async fn attempt<H: Handler>(
     if wanted.is_empty() {
         return Ok(outcomes);
     }
-    let mut tx = pool.begin().await.map_err(|error| Failure::Whole(error.into()))?;
+    let mut tx = pool.begin().await.map_err(whole)?;
     let ids: Vec<uuid::Uuid> = wanted.iter().map(|(_, event, _)| event.message_id).collect();
     // The naive build has no inbox: every redelivery takes effect again.
     let mut first_time: HashSet<uuid::Uuid> = if crate::chaos::naive() {
         ids.iter().copied().collect()
     } else {
-        inbox::record_all(&mut tx, handler.inbox(), &ids)
-            .await
-            .map_err(|error| Failure::Whole(error.into()))?
+        inbox::record_all(&mut tx, handler.inbox(), &ids).await.map_err(whole)?
     };
     let mut fresh = Vec::with_capacity(wanted.len());
     let mut fresh_at = Vec::with_capacity(wanted.len());
@@ -150,20 +169,23 @@ pub async fn attempt<H: Handler>(
             outcomes[*index] = Outcome::Duplicate;
         }
     }
+    let mut work = Vec::new();
     if H::ONE_PER_KEY {
         let keys: Vec<uuid::Uuid> = fresh.iter().map(|f| f.event.aggregate_id).collect();
         for round in rounds(&keys) {
             let batch: Vec<Fresh<'_>> = round.iter().map(|&at| fresh[at].clone()).collect();
-            handler
-                .handle(&mut tx, &batch)
-                .await
-                .map_err(|(at, error)| match round.get(at) {
-                    Some(&index) => Failure::At(fresh_at[index], error),
-                    None => Failure::Whole(error),
-                })?;
+            work.extend(
+                handler
+                    .handle(&mut tx, &batch)
+                    .await
+                    .map_err(|(at, error)| match round.get(at) {
+                        Some(&index) => Failure::At(fresh_at[index], error),
+                        None => Failure::Whole(error),
+                    })?,
+            );
         }
     } else if !fresh.is_empty() {
-        handler
+        work = handler
             .handle(&mut tx, &fresh)
             .await
             .map_err(|(at, error)| match fresh_at.get(at) {
@@ -172,7 +194,10 @@ pub async fn attempt<H: Handler>(
             })?;
     }
     // Dying before this commit: nothing of the unit exists, every message is redelivered.
-    tx.commit().await.map_err(|error| Failure::Whole(error.into()))?;
+    tx.commit().await.map_err(whole)?;
+    if !work.is_empty() {
+        handler.committed(work);
+    }
     Ok(outcomes)
 }
 

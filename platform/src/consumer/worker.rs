@@ -10,12 +10,14 @@
 //! - **A message fails alone**: permanently, it is dead-lettered; transiently, its partition
 //!   is *parked* and a task of its own retries it with backoff for at most the retry budget,
 //!   then dead-letters it. Every other partition flows meanwhile.
-//! - **The unit fails as a whole** (Postgres away, the commit refused, a statement for all of
-//!   its messages failing): transiently, the same unit is tried again with backoff, a few
-//!   times (a blip: nothing is dead-lettered); past that, and at once for a permanent
-//!   failure, it is split in halves until, if one message is to blame, it is alone (and then
-//!   retried alone within its budget, or dead-lettered): a message whose effect keeps failing
-//!   the whole statement never holds up the consumer for good.
+//! - **The database is away** (no connection): the same unit is tried again with backoff for
+//!   as long as it takes. No message is to blame, none is dead-lettered.
+//! - **The unit fails as a whole** otherwise (the commit refused, a statement for all of its
+//!   messages failing): transiently, the same unit is tried again with backoff, a few times;
+//!   past that, and at once for a permanent failure, it is split in halves until, if one
+//!   message is to blame, it is alone (and then retried alone within its budget, or
+//!   dead-lettered): a message whose effect keeps failing the whole statement never holds up
+//!   the consumer for good.
 //! - **Offsets after the effect.** A partition's offset is stored only once the unit (or the
 //!   message alone) committed or the message was dead-lettered. Dying anywhere before that
 //!   means a redelivery, which the inbox makes a no-op.
@@ -52,8 +54,6 @@ pub trait Effects: Send + Sync + 'static {
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
     /// Stores `offset` as done for its partition.
     fn store(&self, topic: &str, partition: i32, offset: i64);
-    /// A unit with effects committed.
-    fn committed(&self);
 }
 
 /// Attempts of a unit failing as a whole, transiently, before it is halved to find out
@@ -197,9 +197,12 @@ impl<E: Effects> Worker<E> {
                     pending = kept;
                     continue;
                 }
-                Err(Failure::Whole(error)) => error,
+                Err(Failure::Whole(error)) => {
+                    whole_failures += 1;
+                    error
+                }
+                Err(Failure::Unavailable(error)) => error,
             };
-            whole_failures += 1;
             match error {
                 HandlerError::Transient(error) if whole_failures <= WHOLE_RETRIES => {
                     metrics::counter!(telemetry::CONSUMER_RETRIES, "group" => self.group.clone()).increment(1);
@@ -270,7 +273,7 @@ impl<E: Effects> Worker<E> {
                 self.release(&key, epoch);
                 return;
             }
-            Err(Failure::At(_, error) | Failure::Whole(error)) => error,
+            Err(Failure::At(_, error) | Failure::Whole(error) | Failure::Unavailable(error)) => error,
         };
         self.buffer().park(&key, epoch);
         let worker = self.clone();
@@ -360,7 +363,7 @@ impl<E: Effects> Worker<E> {
                     self.finish(taken, std::slice::from_ref(message), &outcomes);
                     return true;
                 }
-                Err(Failure::At(_, next) | Failure::Whole(next)) => error = next,
+                Err(Failure::At(_, next) | Failure::Whole(next) | Failure::Unavailable(next)) => error = next,
             }
         }
     }
@@ -387,9 +390,6 @@ impl<E: Effects> Worker<E> {
             .record(messages.len() as f64);
         // Dying here redelivers the unit, and the inbox absorbs every message of it.
         self.store_offsets(taken, messages);
-        if outcomes.contains(&Outcome::Processed) {
-            self.effects.committed();
-        }
     }
 
     fn store_offsets(&self, taken: &Taken, messages: &[Incoming]) {
@@ -432,6 +432,8 @@ mod tests {
         stored: Mutex<HashMap<i32, i64>>,
         /// Whole-unit transient failures still to answer.
         whole_failures: Mutex<u32>,
+        /// Attempts still to find the database away.
+        away: Mutex<u32>,
         /// Any attempt holding this message fails as a whole, transiently (a statement for
         /// all of a unit's messages that one of them breaks).
         whole_poison: Option<(i32, i64)>,
@@ -441,6 +443,15 @@ mod tests {
         async fn attempt(&self, messages: &[Incoming]) -> Result<Vec<Outcome>, Failure> {
             let ids: Vec<(i32, i64)> = messages.iter().map(|m| (m.partition, m.offset)).collect();
             self.attempts.lock().unwrap().push(ids.clone());
+            {
+                let mut away = self.away.lock().unwrap();
+                if *away > 0 {
+                    *away -= 1;
+                    return Err(Failure::Unavailable(HandlerError::Transient(anyhow::anyhow!(
+                        "no connection"
+                    ))));
+                }
+            }
             if self.whole_poison.is_some_and(|poison| ids.contains(&poison)) {
                 return Err(Failure::Whole(HandlerError::Transient(anyhow::anyhow!(
                     "a trigger refuses it"
@@ -484,8 +495,6 @@ mod tests {
             let previous = stored.insert(partition, offset);
             assert!(previous.is_none_or(|p| p < offset), "offsets only move forward");
         }
-
-        fn committed(&self) {}
     }
 
     fn message(partition: i32, offset: i64) -> Incoming {
@@ -647,6 +656,18 @@ mod tests {
             attempts.iter().all(|a| a.len() == 2),
             "always the whole unit: {attempts:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_database_away_for_minutes_is_waited_for_whole_and_nothing_is_dead_lettered() {
+        let script = Arc::new(Script::default());
+        // 40 attempts, backing off to 5 s and more: minutes, past the 60 s retry budget.
+        *script.away.lock().unwrap() = 40;
+        let worker = worker(script.clone(), &[(0, 0), (1, 0)]);
+        run_until_stored(&worker, &script, &[(0, 0), (1, 0)]).await;
+        assert!(script.dead_letters.lock().unwrap().is_empty());
+        let attempts = script.attempts.lock().unwrap().clone();
+        assert!(attempts.iter().all(|a| a.len() == 2), "never halved: {attempts:?}");
     }
 
     #[tokio::test(start_paused = true)]
