@@ -20,6 +20,12 @@
 //! everything). A reading older than a few refreshes (the database not answering) is no
 //! reading: orders are admitted, and find the database away themselves.
 //!
+//! **PlaceOrder's own latency.** On a machine the services share, the work an admitted order
+//! brings (consumers, relays, Postgres) slows PlaceOrder itself before the saga falls behind.
+//! So the room also shrinks while more than 1% of PlaceOrder calls take longer than
+//! `latency_target` (a fifth off per reading), and grows back slowly while they do not: fewer
+//! orders admitted, less work competing with the calls.
+//!
 //! The rate is measured only over a window the saga was busy throughout (at least half the
 //! floor in flight at its start): a load that has just begun has completed little yet, and
 //! that is the pipeline filling, not the system's capacity (measured: 100 of the first 400
@@ -38,6 +44,10 @@ pub const DEFAULT_TARGET_MS: u64 = 1_000;
 /// The always-admitted orders in flight unless configured (`ORDER_SVC_ADMISSION_FLOOR`).
 pub const DEFAULT_FLOOR: u64 = 100;
 
+/// PlaceOrder's latency target unless configured (`ORDER_SVC_ADMISSION_LATENCY_MS`): under
+/// the seeds' 50 ms p99, with room for what the client and the network add.
+pub const DEFAULT_LATENCY_TARGET_MS: u64 = 35;
+
 /// How admission decides.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -53,6 +63,9 @@ pub struct Settings {
     pub refresh: Duration,
     /// The saga deadline: orders cancelled by it are not completions.
     pub saga_deadline: Duration,
+    /// PlaceOrder's own latency (the call's work in this process) that at most 1% of calls
+    /// may exceed before the room shrinks (zero: not watched).
+    pub latency_target: Duration,
 }
 
 impl Default for Settings {
@@ -63,6 +76,7 @@ impl Default for Settings {
             window: Duration::from_secs(2),
             refresh: Duration::from_millis(200),
             saga_deadline: Duration::from_secs(90),
+            latency_target: Duration::from_millis(DEFAULT_LATENCY_TARGET_MS),
         }
     }
 }
@@ -84,8 +98,8 @@ pub struct Refusal {
 /// A reading older than this many refreshes is no reading.
 const STALE_AFTER_REFRESHES: u32 = 5;
 
-/// What the last reading said.
-#[derive(Debug, Clone, Copy, Default)]
+/// What the last reading said, and PlaceOrder's latency since.
+#[derive(Debug, Clone, Copy)]
 struct Reading {
     /// When it was read (None: never).
     at: Option<Instant>,
@@ -94,6 +108,42 @@ struct Reading {
     completing_per_sec: Option<f64>,
     /// Orders admitted by this process since the reading.
     admitted_since: u64,
+    /// The share of the room open to new orders, 0.05 to 1: shrunk while PlaceOrder is slow.
+    open: f64,
+    /// PlaceOrder calls since the reading, and those slower than the latency target.
+    calls: u64,
+    slow: u64,
+}
+
+impl Default for Reading {
+    fn default() -> Self {
+        Self {
+            at: None,
+            in_flight: 0,
+            completing_per_sec: None,
+            admitted_since: 0,
+            open: 1.0,
+            calls: 0,
+            slow: 0,
+        }
+    }
+}
+
+/// The share of the room open after a reading period in which `slow` of `calls` PlaceOrder
+/// calls were slower than the target: a fifth less while more than 1% were, a twentieth more
+/// (back to all of it) while at most 0.2% were. Pure.
+fn reopen(open: f64, calls: u64, slow: u64) -> f64 {
+    if calls < 20 {
+        return open;
+    }
+    let share = slow as f64 / calls as f64;
+    if share > 0.01 {
+        (open * 0.8).max(0.05)
+    } else if share <= 0.002 {
+        (open + 0.05).min(1.0)
+    } else {
+        open
+    }
 }
 
 /// The decision at `now`: admit, or refuse with a retry hint. Pure.
@@ -108,7 +158,7 @@ fn decide(reading: &Reading, settings: &Settings, now: Instant) -> Result<(), Re
         return Ok(());
     }
     let in_flight = reading.in_flight + reading.admitted_since;
-    let room = (rate * settings.target.as_secs_f64()).max(settings.floor as f64);
+    let room = (rate * settings.target.as_secs_f64()).max(settings.floor as f64) * reading.open;
     if (in_flight as f64) < room {
         return Ok(());
     }
@@ -149,6 +199,18 @@ impl Admission {
         };
         let task = tokio::spawn(admission.clone().read_until(pool, shutdown));
         (admission, task)
+    }
+
+    /// Counts one PlaceOrder call's own latency.
+    pub fn observe(&self, latency: Duration) {
+        if self.settings.latency_target.is_zero() {
+            return;
+        }
+        let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
+        reading.calls += 1;
+        if latency > self.settings.latency_target {
+            reading.slow += 1;
+        }
     }
 
     /// Admits one order, or says why not.
@@ -195,12 +257,17 @@ impl Admission {
                             ((left - timed_out as f64) / self.settings.window.as_secs_f64()).max(0.0)
                         })
                     });
-                    *self.reading.lock().unwrap_or_else(PoisonError::into_inner) = Reading {
+                    let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
+                    let open = reopen(reading.open, reading.calls, reading.slow);
+                    *reading = Reading {
                         at: Some(now),
                         in_flight,
                         completing_per_sec,
-                        admitted_since: 0,
+                        open,
+                        ..Reading::default()
                     };
+                    drop(reading);
+                    metrics::gauge!(orderflow_platform::telemetry::ADMISSION_OPEN).set(open);
                     metrics::gauge!(orderflow_platform::telemetry::ADMISSION_IN_FLIGHT).set(in_flight as f64);
                     if let Some(rate) = completing_per_sec {
                         metrics::gauge!(orderflow_platform::telemetry::ADMISSION_COMPLETING).set(rate);
@@ -252,8 +319,25 @@ mod tests {
             at: Some(Instant::now()),
             in_flight,
             completing_per_sec: rate,
-            admitted_since: 0,
+            ..Reading::default()
         }
+    }
+
+    #[test]
+    fn a_slow_place_order_closes_part_of_the_room_and_a_fast_one_reopens_it() {
+        // 2% of 100 calls slow: a fifth off; none slow: a twentieth back.
+        assert!((reopen(1.0, 100, 2) - 0.8).abs() < 1e-9);
+        assert!((reopen(0.8, 100, 0) - 0.85).abs() < 1e-9);
+        assert!((reopen(1.0, 100, 0) - 1.0).abs() < 1e-9, "never more than all of it");
+        assert!((reopen(0.05, 100, 50) - 0.05).abs() < 1e-9, "never closed entirely");
+        assert!((reopen(0.5, 10, 10) - 0.5).abs() < 1e-9, "too few calls to say");
+        let settings = Settings::default();
+        let half_open = Reading {
+            open: 0.5,
+            ..reading(300, Some(500.0))
+        };
+        assert!(decide(&reading(300, Some(500.0)), &settings, Instant::now()).is_ok());
+        assert!(decide(&half_open, &settings, Instant::now()).is_err(), "room 250");
     }
 
     #[test]

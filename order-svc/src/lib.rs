@@ -114,6 +114,10 @@ pub struct PlacingArgs {
     /// Orders in flight that are always admitted, whatever the completion rate.
     #[arg(long, env = "ORDER_SVC_ADMISSION_FLOOR", default_value_t = admission::DEFAULT_FLOOR)]
     pub admission_floor: u64,
+    /// PlaceOrder's own latency (milliseconds) that at most 1% of calls may exceed before
+    /// admission admits fewer orders (0: not watched).
+    #[arg(long, env = "ORDER_SVC_ADMISSION_LATENCY_MS", default_value_t = admission::DEFAULT_LATENCY_TARGET_MS)]
+    pub admission_latency_ms: u64,
 }
 
 impl Default for PlacingArgs {
@@ -123,6 +127,7 @@ impl Default for PlacingArgs {
             group_committers: placing::DEFAULT_COMMITTERS,
             admission_target_ms: admission::DEFAULT_TARGET_MS,
             admission_floor: admission::DEFAULT_FLOOR,
+            admission_latency_ms: admission::DEFAULT_LATENCY_TARGET_MS,
         }
     }
 }
@@ -159,6 +164,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             target: Duration::from_millis(config.placing.admission_target_ms),
             floor: config.placing.admission_floor,
             saga_deadline: Duration::from_millis(config.saga_deadline_ms),
+            latency_target: Duration::from_millis(config.placing.admission_latency_ms),
             ..admission::Settings::default()
         },
         stop.clone(),

@@ -171,6 +171,13 @@ pub struct PaymentRow {
     pub authorization_id: Option<String>,
     pub failure_reason: Option<String>,
     pub version: i64,
+    /// Since when the payment is in its state.
+    pub updated_at: DateTime<Utc>,
+    /// Calls made for its pending state, and the last one's failure (docs/adr/0005).
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    /// Whether its call is parked for an operator (docs/runbook.md, "A payment parked").
+    pub parked: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -358,21 +365,51 @@ async fn projected_message_ids(order_id: uuid::Uuid, orders: &PgPool) -> anyhow:
 }
 
 async fn payment_row(payments: &PgPool, order_id: uuid::Uuid) -> anyhow::Result<Option<PaymentRow>> {
-    let row = sqlx::query_as::<_, (String, i64, String, Option<String>, Option<String>, i64)>(
-        "SELECT state, amount_minor, currency_code, authorization_id, failure_reason, version
+    type Row = (
+        String,
+        i64,
+        String,
+        Option<String>,
+        Option<String>,
+        i64,
+        DateTime<Utc>,
+        i32,
+        Option<String>,
+        bool,
+    );
+    let row = sqlx::query_as::<_, Row>(
+        "SELECT state, amount_minor, currency_code, authorization_id, failure_reason, version, updated_at,
+                attempts, last_error, coalesce(lease_until > now() + interval '1 year', false)
          FROM payments WHERE order_id = $1",
     )
     .bind(order_id)
     .fetch_optional(payments)
     .await?;
     Ok(row.map(
-        |(state, amount_minor, currency_code, authorization_id, failure_reason, version)| PaymentRow {
+        |(
             state,
             amount_minor,
             currency_code,
             authorization_id,
             failure_reason,
             version,
+            updated_at,
+            attempts,
+            last_error,
+            parked,
+        )| {
+            PaymentRow {
+                state,
+                amount_minor,
+                currency_code,
+                authorization_id,
+                failure_reason,
+                version,
+                updated_at,
+                attempts,
+                last_error,
+                parked,
+            }
         },
     ))
 }
@@ -556,6 +593,16 @@ fn position(
     })
 }
 
+/// The gateway call a payment in `state` owes, if it owes one (payment-svc's pending states).
+fn owed_call(state: &str) -> Option<&'static str> {
+    match state {
+        "AUTHORIZING" => Some("an authorization"),
+        "CAPTURING" => Some("a capture"),
+        "VOIDING" => Some("a void"),
+        _ => None,
+    }
+}
+
 /// One line: where the order is, and for an order not settled, the first hop that has not
 /// done its part. Pure: a function of what was read.
 pub fn diagnose(explanation: &Explanation) -> String {
@@ -633,6 +680,29 @@ pub fn diagnose(explanation: &Explanation) -> String {
                 record.partition,
             );
         }
+    }
+    // 3. A gateway call payment-svc owes: its executor makes it (or an operator must).
+    if let Some((payment, call)) = explanation
+        .payment
+        .as_ref()
+        .and_then(|payment| Some((payment, owed_call(&payment.state)?)))
+    {
+        let last = payment
+            .last_error
+            .as_deref()
+            .map_or(String::new(), |error| format!("; last failure: {error}"));
+        if payment.parked {
+            return format!(
+                "payment-svc owes the gateway {call} since {}, PARKED for an operator after {} attempt(s){last} (docs/runbook.md: a payment parked)",
+                age(payment.updated_at),
+                payment.attempts
+            );
+        }
+        return format!(
+            "payment-svc owes the gateway {call} since {} ({} attempt(s) so far{last}): its executor makes it",
+            age(payment.updated_at),
+            payment.attempts
+        );
     }
     let last_event = explanation
         .records
@@ -958,6 +1028,41 @@ mod tests {
         assert!(diagnose(&e).starts_with("PENDING since 5.0 s ago"), "{}", diagnose(&e));
         e.order.as_mut().unwrap().status = "CONFIRMED".into();
         assert!(diagnose(&e).starts_with("settled: CONFIRMED"), "{}", diagnose(&e));
+    }
+
+    #[test]
+    fn a_payment_owing_a_gateway_call_says_which_and_whether_it_is_parked() {
+        let mut e = pending();
+        e.inboxes.push(InboxRow {
+            group: "payment".into(),
+            message_id: uuid::Uuid::from_u128(7),
+            processed_at: e.at,
+        });
+        e.payment = Some(PaymentRow {
+            state: "AUTHORIZING".into(),
+            amount_minor: 4250,
+            currency_code: "EUR".into(),
+            authorization_id: None,
+            failure_reason: None,
+            version: 0,
+            updated_at: e.at - chrono::Duration::seconds(2),
+            attempts: 3,
+            last_error: Some("authorize: DeadlineExceeded".into()),
+            parked: false,
+        });
+        assert_eq!(
+            diagnose(&e),
+            "payment-svc owes the gateway an authorization since 2.0 s ago (3 attempt(s) so far; last failure: authorize: DeadlineExceeded): its executor makes it"
+        );
+        if let Some(payment) = e.payment.as_mut() {
+            payment.state = "CAPTURING".into();
+            payment.parked = true;
+        }
+        assert!(
+            diagnose(&e).contains("a capture since 2.0 s ago, PARKED"),
+            "{}",
+            diagnose(&e)
+        );
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub const PLACE_ORDER_BATCH_SIZE: &str = "orderflow_place_order_batch_size";
 pub const PLACE_ORDER_REFUSED: &str = "orderflow_place_order_refused_total";
 /// Gauge: orders in flight in the saga (PENDING), as admission last read them.
 pub const ADMISSION_IN_FLIGHT: &str = "orderflow_admission_orders_in_flight";
+/// Gauge: the share of admission's room open (1: all of it; less while PlaceOrder is slower
+/// than its latency target).
+pub const ADMISSION_OPEN: &str = "orderflow_admission_open";
 /// Gauge: orders completing per second, as admission last measured them.
 pub const ADMISSION_COMPLETING: &str = "orderflow_admission_completing_per_second";
 /// Gauge: pending payments parked now (the gateway refuses their capture or void, or their

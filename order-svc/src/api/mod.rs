@@ -86,6 +86,7 @@ impl OrderApi {
         caller: Option<Caller>,
         request: PlaceOrderRequest,
     ) -> Result<PlaceOrderResponse, ApiError> {
+        let started = std::time::Instant::now();
         let order_id = OrderId::generate();
         let (request_id, command) = convert::parse_place_order(&request, order_id, &self.limits)?;
         // A customer places orders for itself only; operators do not shop. (No caller: the
@@ -157,7 +158,10 @@ impl OrderApi {
             event: event.clone(),
             response,
         };
-        match self.placer.place(placement).await? {
+        let placed = self.placer.place(placement).await;
+        // The call's own latency, for admission (a refused call's is not: it did no work).
+        self.admission.observe(started.elapsed());
+        match placed? {
             PlaceOutcome::Created(response) => {
                 if let Some(DualWrite(producer)) = &self.dual_write {
                     // The textbook mistake: the order is committed; if this publish fails or

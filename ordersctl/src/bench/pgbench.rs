@@ -284,7 +284,12 @@ pub fn statements_in(script: &str) -> Vec<String> {
     let mut current = String::new();
     for line in script.lines() {
         let line = line.trim();
-        if line.is_empty() || line.starts_with("--") || line.starts_with('\\') || line.ends_with("\\gset") {
+        // A query ended by \gset is the script's own bookkeeping (its ids), not the services'.
+        if line.ends_with("\\gset") {
+            current.clear();
+            continue;
+        }
+        if line.is_empty() || line.starts_with("--") || line.starts_with('\\') {
             continue;
         }
         current.push_str(line);

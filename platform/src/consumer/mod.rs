@@ -126,7 +126,11 @@ impl From<sqlx::Error> for HandlerError {
 /// whatever writes what it consumed (the runtime's handlers, payment-svc's executor).
 pub fn refused_by_database(error: &sqlx::Error) -> Option<String> {
     match error {
-        sqlx::Error::Database(db) if db.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23")) => {
+        sqlx::Error::Database(db)
+            if db
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("23")) =>
+        {
             Some(format!("database refused the effect: {}", db.message()))
         }
         _ => None,
