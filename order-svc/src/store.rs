@@ -113,21 +113,6 @@ pub struct OrderRecord {
     pub traceparent: Option<String>,
 }
 
-type OrderRow = (
-    i64,
-    String,
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    i64,
-    uuid::Uuid,
-    chrono::DateTime<chrono::Utc>,
-    chrono::DateTime<chrono::Utc>,
-    Option<String>,
-);
-
 /// Reads one order and its items; `None` if there is no such order.
 pub async fn get_order(pool: &PgPool, id: OrderId) -> Result<Option<OrderRecord>, StoreError> {
     get_order_in(&mut *pool.acquire().await?, id).await
@@ -145,24 +130,14 @@ pub async fn get_orders_in(
     ids: &[OrderId],
 ) -> Result<std::collections::HashMap<OrderId, OrderRecord>, StoreError> {
     let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
-    let rows: Vec<(uuid::Uuid, OrderRow)> = sqlx::query_as(
+    let rows: Vec<StoredOrder> = sqlx::query_as(
         "SELECT order_id, customer_id, currency_code, total_minor, payment_token, status, saga_state,
                 cancellation_reason, version, correlation_id, created_at, updated_at, traceparent
          FROM orders WHERE order_id = ANY($1)",
     )
     .bind(&uuids)
     .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|row: OrderRowWithId| {
-        (
-            row.0,
-            (
-                row.1, row.2, row.3, row.4, row.5, row.6, row.7, row.8, row.9, row.10, row.11, row.12,
-            ),
-        )
-    })
-    .collect();
+    .await?;
     let mut items: std::collections::HashMap<uuid::Uuid, Vec<(String, i32, i64)>> = std::collections::HashMap::new();
     let item_rows: Vec<(uuid::Uuid, String, i32, i64)> = sqlx::query_as(
         "SELECT order_id, sku, quantity, unit_price_minor FROM order_items WHERE order_id = ANY($1)
@@ -175,48 +150,36 @@ pub async fn get_orders_in(
         items.entry(order_id).or_default().push((sku, quantity, price));
     }
     rows.into_iter()
-        .map(|(order_id, row)| {
-            let id = OrderId::from(order_id);
-            let record = parse_order(id, row, items.remove(&order_id).unwrap_or_default())?;
-            Ok((id, record))
+        .map(|row| {
+            let id = OrderId::from(row.order_id);
+            let lines = items.remove(&row.order_id).unwrap_or_default();
+            Ok((id, parse_order(id, row, lines)?))
         })
         .collect()
 }
 
-type OrderRowWithId = (
-    uuid::Uuid,
-    i64,
-    String,
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    i64,
-    uuid::Uuid,
-    chrono::DateTime<chrono::Utc>,
-    chrono::DateTime<chrono::Utc>,
-    Option<String>,
-);
+/// An order's row as stored.
+#[derive(sqlx::FromRow)]
+struct StoredOrder {
+    order_id: uuid::Uuid,
+    customer_id: i64,
+    currency_code: String,
+    total_minor: i64,
+    payment_token: String,
+    status: String,
+    saga_state: String,
+    cancellation_reason: Option<String>,
+    version: i64,
+    correlation_id: uuid::Uuid,
+    created_at: chrono::DateTime<chrono::Utc>,
+    updated_at: chrono::DateTime<chrono::Utc>,
+    traceparent: Option<String>,
+}
 
 /// An order's stored row and items as the domain's values.
-fn parse_order(id: OrderId, row: OrderRow, items: Vec<(String, i32, i64)>) -> Result<OrderRecord, StoreError> {
-    let (
-        customer,
-        currency,
-        total,
-        token,
-        status,
-        saga,
-        reason,
-        version,
-        correlation_id,
-        created,
-        updated,
-        traceparent,
-    ) = row;
+fn parse_order(id: OrderId, row: StoredOrder, items: Vec<(String, i32, i64)>) -> Result<OrderRecord, StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("order {id}: {what}"));
-    let currency = Currency::from_code(currency.trim()).ok_or_else(|| corrupt("currency"))?;
+    let currency = Currency::from_code(row.currency_code.trim()).ok_or_else(|| corrupt("currency"))?;
     let money = |amount| Money::new(amount, currency).map_err(|_| corrupt("amount"));
     let items = items
         .into_iter()
@@ -230,21 +193,21 @@ fn parse_order(id: OrderId, row: OrderRow, items: Vec<(String, i32, i64)>) -> Re
         .collect::<Result<Vec<_>, StoreError>>()?;
     let order = Order {
         id,
-        customer_id: CustomerId::parse(customer).map_err(|_| corrupt("customer_id"))?,
+        customer_id: CustomerId::parse(row.customer_id).map_err(|_| corrupt("customer_id"))?,
         items,
-        total: money(total)?,
-        payment_token: PaymentToken::parse(&token).map_err(|_| corrupt("payment_token"))?,
-        status: OrderStatus::parse(&status).ok_or_else(|| corrupt("status"))?,
-        saga_state: SagaState::parse(&saga).ok_or_else(|| corrupt("saga_state"))?,
-        version,
+        total: money(row.total_minor)?,
+        payment_token: PaymentToken::parse(&row.payment_token).map_err(|_| corrupt("payment_token"))?,
+        status: OrderStatus::parse(&row.status).ok_or_else(|| corrupt("status"))?,
+        saga_state: SagaState::parse(&row.saga_state).ok_or_else(|| corrupt("saga_state"))?,
+        version: row.version,
     };
     Ok(OrderRecord {
         order,
-        cancellation_reason: reason,
-        correlation_id,
-        created_at: created,
-        updated_at: updated,
-        traceparent,
+        cancellation_reason: row.cancellation_reason,
+        correlation_id: row.correlation_id,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+        traceparent: row.traceparent,
     })
 }
 

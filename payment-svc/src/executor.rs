@@ -121,20 +121,19 @@ pub fn handoff() -> (Handoff, mpsc::UnboundedReceiver<Owed>) {
     (Handoff(give), take)
 }
 
-/// A pending payment this executor holds the lease of.
+/// A pending payment this executor holds the lease of, with the span of its call and its
+/// recording (in the order's trace).
 struct Claimed {
-    order_id: uuid::Uuid,
-    payment_id: uuid::Uuid,
-    state: PaymentState,
-    authorization_id: Option<String>,
-    amount_minor: i64,
-    currency_code: String,
-    payment_token: Option<String>,
-    correlation_id: uuid::Uuid,
-    causation_id: Option<uuid::Uuid>,
-    attempts: i32,
-    /// The span of this call and its recording, in the order's trace.
+    owed: Owed,
     span: tracing::Span,
+}
+
+impl std::ops::Deref for Claimed {
+    type Target = Owed;
+
+    fn deref(&self) -> &Owed {
+        &self.owed
+    }
 }
 
 type ClaimedRow = (
@@ -152,7 +151,7 @@ type ClaimedRow = (
 );
 
 impl From<Owed> for Claimed {
-    fn from(owed: Owed) -> Self {
+    fn from(mut owed: Owed) -> Self {
         let span = tracing::info_span!("payment_call", order_id = %owed.order_id, state = owed.state.as_str(),
             attempts = owed.attempts, trace_id = tracing::field::Empty);
         if let Some(traceparent) = &owed.traceparent {
@@ -161,19 +160,9 @@ impl From<Owed> for Claimed {
                 span.record("trace_id", trace_id);
             }
         }
-        Self {
-            order_id: owed.order_id,
-            payment_id: owed.payment_id,
-            state: owed.state,
-            authorization_id: owed.authorization_id,
-            amount_minor: owed.amount_minor,
-            currency_code: owed.currency_code.trim().to_owned(),
-            payment_token: owed.payment_token,
-            correlation_id: owed.correlation_id,
-            causation_id: owed.causation_id,
-            attempts: owed.attempts,
-            span,
-        }
+        // A stored char(3) comes back padded.
+        owed.currency_code = owed.currency_code.trim().to_owned();
+        Self { owed, span }
     }
 }
 
@@ -868,10 +857,8 @@ mod tests {
     #[test]
     fn answers_for_two_states_of_one_payment_both_reach_the_compare_and_set() {
         let order = uuid::Uuid::now_v7();
-        let voiding = Claimed {
-            state: PaymentState::Voiding,
-            ..owed(order)
-        };
+        let mut voiding = owed(order);
+        voiding.owed.state = PaymentState::Voiding;
         let batch = vec![
             (
                 owed(order),

@@ -286,16 +286,7 @@ impl Buffer {
 mod tests {
     use super::*;
 
-    pub(crate) fn message(topic: &str, partition: i32, offset: i64) -> Incoming {
-        Incoming {
-            topic: topic.to_owned(),
-            partition,
-            offset,
-            key: Some(format!("k{partition}-{offset}").into_bytes()),
-            payload: vec![0; 10],
-            headers: Vec::new(),
-        }
-    }
+    use super::super::test_message as message;
 
     fn buffer() -> Buffer {
         Buffer::new(Backpressure {
@@ -329,8 +320,8 @@ mod tests {
             buffer.push(message("t", 0, offset), now);
         }
         assert_eq!(offsets(&buffer.take(2, usize::MAX).unwrap()), [(0, 0), (0, 1)]);
-        // 10 bytes each: 25 bytes hold two.
-        assert_eq!(offsets(&buffer.take(100, 25).unwrap()), [(0, 2), (0, 3)]);
+        // 4 bytes each: 10 bytes hold two.
+        assert_eq!(offsets(&buffer.take(100, 10).unwrap()), [(0, 2), (0, 3)]);
         assert_eq!(offsets(&buffer.take(100, 1).unwrap()), [(0, 4)]);
     }
 

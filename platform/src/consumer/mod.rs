@@ -587,6 +587,20 @@ pub(crate) fn message_span(group: &str, message: &Incoming) -> tracing::Span {
     span
 }
 
+/// A message of `topic`'s `partition` at `offset` for the runtime's unit tests: 4 bytes of
+/// payload, keyed by its partition and offset.
+#[cfg(test)]
+pub(crate) fn test_message(topic: &str, partition: i32, offset: i64) -> Incoming {
+    Incoming {
+        topic: topic.to_owned(),
+        partition,
+        offset,
+        key: Some(format!("k{partition}-{offset}").into_bytes()),
+        payload: vec![0; 4],
+        headers: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -206,14 +206,7 @@ mod tests {
     use super::*;
 
     fn message(partition: i32, offset: i64) -> Incoming {
-        Incoming {
-            topic: "t".to_owned(),
-            partition,
-            offset,
-            key: None,
-            payload: Vec::new(),
-            headers: Vec::new(),
-        }
+        super::super::test_message("t", partition, offset)
     }
 
     #[test]

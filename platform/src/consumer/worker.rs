@@ -498,14 +498,7 @@ mod tests {
     }
 
     fn message(partition: i32, offset: i64) -> Incoming {
-        Incoming {
-            topic: "t".to_owned(),
-            partition,
-            offset,
-            key: None,
-            payload: vec![0; 4],
-            headers: Vec::new(),
-        }
+        super::super::test_message("t", partition, offset)
     }
 
     fn worker(script: Arc<Script>, messages: &[(i32, i64)]) -> Arc<Worker<Script>> {
