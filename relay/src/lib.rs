@@ -489,16 +489,19 @@ impl Relay {
             let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
             deliveries.push((self.enqueue(record).await, span));
         }
-        let _entered = batch_span.enter();
         // A record not acknowledged by the deadline counts as failed: its row stays
         // unpublished (the broker may still store it later: a duplicate, which the inboxes
-        // absorb, never a loss). The transaction ends within the delivery timeout.
+        // absorb, never a loss). The transaction ends within the delivery timeout. The wait
+        // runs in the batch's span as an instrumented future: a guard held across the await
+        // left the span entered on a thread it no longer ran on, and OpenTelemetry's context
+        // stack of that thread panicked when the thread ended (a test process aborted).
         let deadline = tokio::time::Instant::now() + self.delivery_timeout;
         let results = join_all(
             deliveries
                 .into_iter()
                 .map(|(delivery, span)| acknowledged(delivery, deadline).instrument(span)),
         )
+        .instrument(batch_span)
         .await;
         let results = if self.kafka_transactions {
             // Dying here: the Kafka transaction is never committed; the broker aborts it (at
