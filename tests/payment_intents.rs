@@ -8,6 +8,9 @@
 //! - after the unit of work committed, before its offsets are stored
 //!   (`consumer::after_commit_before_store`): the redelivery is a duplicate.
 //!
+//! And one window with nobody dying: a call that waited for room past its lease, while
+//! another instance's executor claims the lapsed lease.
+//!
 //! The dead process is never restarted: its successor is another instance of the group,
 //! whose executor finds the dead one's lapsed claim by itself (the recovery pass), before the
 //! group has even given it the dead member's partitions.
@@ -191,5 +194,64 @@ async fn dying_after_the_unit_commits_and_before_its_offsets_are_stored_is_a_dup
     assert_eq!(payments, 1);
     // OrderPlaced and OrderConfirmed, each recorded once although OrderPlaced came twice.
     assert_eq!(inbox_rows, 2, "the redelivered OrderPlaced was a duplicate");
+    saga.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_that_waited_past_its_lease_is_left_to_the_instance_that_claimed_it() {
+    // One partition; payment-svc A calls the gateway one at a time (concurrency 1). Eight
+    // orders whose first reply comes after the 500 ms timeout are ahead of a good one in A's
+    // unit of work, so the good one would wait about 4 s for its call: longer than its lease
+    // (1.5 s). Instance B, started meanwhile, claims it once the lease lapses and calls.
+    // Without the guard, A called it too when its turn came (the same key: two calls).
+    let mut saga = Saga::start(SagaOptions {
+        partitions: 1,
+        ..SagaOptions::default()
+    })
+    .await;
+    saga.stop_payment_svc().await;
+    let mut late = Vec::new();
+    for _ in 0..8 {
+        late.push(saga.place(42, gateway_sim::faults::tokens::TIMEOUT).await);
+    }
+    let good = saga.place(42, "tok_visa").await;
+    let mut a = Command::new(env!("CARGO_BIN_EXE_payment-svc-with-failpoints"))
+        .envs(saga.payment_svc_env())
+        .env("PAYMENT_SVC_GATEWAY_CONCURRENCY", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("payment-svc A starts");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            payment_state(&saga, &good).await.is_some()
+        })
+        .await,
+        "A recorded the good order's intent"
+    );
+    saga.start_payment_svc().await;
+    let since = Instant::now();
+    for order_id in late.iter().chain([&good]) {
+        assert!(
+            eventually(RECOVERED_WITHIN, || async {
+                order_status(&saga, order_id).await == "CONFIRMED"
+            })
+            .await,
+            "{order_id} confirmed: {}",
+            order_status(&saga, order_id).await
+        );
+    }
+    println!("all confirmed {:.1} s after B started", since.elapsed().as_secs_f64());
+    let _ = a.kill();
+    let _ = a.wait();
+    assert_eq!(
+        authorize_calls(&saga, &good).await,
+        1,
+        "the good order was called once, by whoever claimed it afresh"
+    );
+    assert_eq!(ledger(&saga, &good).await, ["AUTHORIZE", "CAPTURE"]);
+    let report = saga.verify().await;
+    assert_eq!(report.violations(), 0, "{}", ordersctl::verify::render(&report));
     saga.stop().await;
 }

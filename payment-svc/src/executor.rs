@@ -6,7 +6,9 @@
 //!    this process (for [`Executor::lease`]) and handed over in memory once its unit of work
 //!    committed: no statement. Every 500 ms (and when woken) one statement claims the others:
 //!    pending payments whose lease lapsed (their executor died, or their retry is due) or that
-//!    have none (the overdue sweeper's voids).
+//!    have none (the overdue sweeper's voids). A payment that waited for room until its lease
+//!    no longer holds a call and its recording is not called: it lapses and is claimed afresh,
+//!    so two executors do not call it at once.
 //! 2. **Call** (no transaction, no connection): each with the order's idempotency key, side by
 //!    side, at most `concurrency` at once. A late reply holds up only its own order.
 //! 3. **Record** (one transaction for every answer ready): one compare-and-set update moves on
@@ -30,6 +32,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use orderflow::events::v1::event_envelope::Payload;
 use orderflow::events::v1::{PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentFailureReason, PaymentVoided};
@@ -97,6 +101,9 @@ pub struct Owed {
     pub traceparent: Option<String>,
     /// Calls made for this pending state, this one included.
     pub attempts: i32,
+    /// When this process's lease lapses, at the earliest: the lease counted from an instant
+    /// taken before the statement that wrote it, so the database's lapses no sooner.
+    pub held_until: Instant,
 }
 
 /// Hands the payments a committed unit of work made pending to the executor of this process.
@@ -167,7 +174,7 @@ impl From<Owed> for Claimed {
 }
 
 impl Claimed {
-    fn from_row(row: ClaimedRow) -> Option<Self> {
+    fn from_row(row: ClaimedRow, held_until: Instant) -> Option<Self> {
         let (
             order_id,
             payment_id,
@@ -193,6 +200,7 @@ impl Claimed {
             causation_id,
             traceparent,
             attempts,
+            held_until,
         }))
     }
 
@@ -307,10 +315,19 @@ impl Executor {
         room: &Arc<Semaphore>,
         answers: &mpsc::Sender<(Claimed, Called)>,
     ) {
+        let mut left = 0;
         for payment in payments {
             let Ok(permit) = room.clone().acquire_owned().await else {
                 return;
             };
+            // A payment that waited for room so long that its lease could lapse during the
+            // call or before the answer is recorded is not called here: once the lease lapses,
+            // one claim (this instance's scan or another's) leases it afresh and calls it.
+            // Calling it now would let that claim call it a second time meanwhile.
+            if !lease_fits_a_call(payment.held_until, Instant::now(), self.gateway_timeout) {
+                left += 1;
+                continue;
+            }
             let (executor, answers) = (self.clone(), answers.clone());
             tokio::spawn(async move {
                 fail::fail_point!("payment::before_gateway", |_| orderflow_platform::chaos::crash());
@@ -322,6 +339,12 @@ impl Executor {
                 // A recorder gone (shutdown) leaves the claim to lapse.
                 let _ = answers.send((payment, called)).await;
             });
+        }
+        if left > 0 {
+            tracing::info!(
+                payments = left,
+                "calls waited for room past their lease; left for a fresh claim"
+            );
         }
     }
 
@@ -350,6 +373,7 @@ impl Executor {
 
     /// Leases up to `limit` pending payments whose claim is free, due first.
     async fn claim(&self, limit: usize) -> Result<Vec<Claimed>, sqlx::Error> {
+        let held_until = Instant::now() + self.lease();
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "UPDATE payments p SET lease_until = now() + make_interval(secs => $1), attempts = p.attempts + 1
              WHERE p.order_id IN (
@@ -364,7 +388,10 @@ impl Executor {
         .bind(PaymentState::pending_names())
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().filter_map(Claimed::from_row).collect())
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| Claimed::from_row(row, held_until))
+            .collect())
     }
 
     /// The call `payment` owes, with the key every other call for it reuses: at most one
@@ -699,6 +726,12 @@ fn is_refusal(status: &tonic::Status) -> bool {
     )
 }
 
+/// Whether a call started `now` under a lease held until `held_until` fits in it: the call
+/// (bounded by `gateway_timeout`) and the recording of its answer (given as long). Pure.
+fn lease_fits_a_call(held_until: Instant, now: Instant, gateway_timeout: Duration) -> bool {
+    held_until.saturating_duration_since(now) >= gateway_timeout * 2
+}
+
 /// How long a claim lasts for a gateway timeout of `gateway_timeout` (see [`Executor::lease`]).
 pub fn lease_for(gateway_timeout: Duration) -> Duration {
     gateway_timeout * 3
@@ -817,7 +850,23 @@ mod tests {
             causation_id: None,
             traceparent: None,
             attempts: 1,
+            held_until: Instant::now() + Duration::from_secs(3),
         })
+    }
+
+    #[test]
+    fn a_call_starts_only_while_its_lease_holds_the_call_and_its_recording() {
+        let now = Instant::now();
+        let timeout = Duration::from_millis(500);
+        let lease = lease_for(timeout);
+        assert!(lease_fits_a_call(now + lease, now, timeout), "a fresh lease");
+        assert!(lease_fits_a_call(now + timeout * 2, now, timeout), "just enough left");
+        assert!(!lease_fits_a_call(
+            now + timeout * 2 - Duration::from_millis(1),
+            now,
+            timeout
+        ));
+        assert!(!lease_fits_a_call(now, now + timeout, timeout), "a lapsed lease");
     }
 
     #[test]

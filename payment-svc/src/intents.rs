@@ -50,6 +50,8 @@ struct Cause {
     correlation_id: uuid::Uuid,
     causation_id: uuid::Uuid,
     traceparent: Option<String>,
+    /// When the lease of the call it asks for lapses, at the earliest.
+    held_until: tokio::time::Instant,
 }
 
 impl Cause {
@@ -67,11 +69,13 @@ impl Cause {
             causation_id: Some(self.causation_id),
             traceparent: self.traceparent.clone(),
             attempts: 1,
+            held_until: self.held_until,
         }
     }
 
-    fn of(fresh: &Fresh<'_>) -> Self {
+    fn of(fresh: &Fresh<'_>, held_until: tokio::time::Instant) -> Self {
         Self {
+            held_until,
             correlation_id: fresh.event.correlation_id,
             causation_id: fresh.event.message_id,
             // The consume span (a child of the producer's) continues the order's trace.
@@ -305,6 +309,8 @@ impl Handler for PaymentHandler {
     /// every pending call.
     async fn handle(&self, tx: &mut Tx, batch: &[Fresh<'_>]) -> Result<Vec<Owed>, (usize, HandlerError)> {
         let whole = batch.len();
+        // Taken before the statements that lease the calls: the database's leases end later.
+        let held_until = tokio::time::Instant::now() + self.lease;
         let order_ids: Vec<uuid::Uuid> = batch.iter().map(|fresh| fresh.event.aggregate_id).collect();
         let mut payments = load(tx, &order_ids).await.map_err(|error| (whole, error))?;
         let mut new = NewPayments::default();
@@ -326,12 +332,21 @@ impl Handler for PaymentHandler {
                 _ => continue,
             };
             let call = match (action, payments.remove(&order_id)) {
-                (Action::Authorize, _) => {
-                    new.push(order_id, charge.as_ref(), PaymentState::Authorizing, Cause::of(fresh))
+                (Action::Authorize, _) => new.push(
+                    order_id,
+                    charge.as_ref(),
+                    PaymentState::Authorizing,
+                    Cause::of(fresh, held_until),
+                ),
+                (Action::VoidUnrecorded, _) => {
+                    new.push(order_id, None, PaymentState::Voiding, Cause::of(fresh, held_until))
                 }
-                (Action::VoidUnrecorded, _) => new.push(order_id, None, PaymentState::Voiding, Cause::of(fresh)),
-                (Action::Capture, Some(payment)) => pending.push(payment, PaymentState::Capturing, Cause::of(fresh)),
-                (Action::Void, Some(payment)) => pending.push(payment, PaymentState::Voiding, Cause::of(fresh)),
+                (Action::Capture, Some(payment)) => {
+                    pending.push(payment, PaymentState::Capturing, Cause::of(fresh, held_until))
+                }
+                (Action::Void, Some(payment)) => {
+                    pending.push(payment, PaymentState::Voiding, Cause::of(fresh, held_until))
+                }
                 (Action::Refuse(why), _) => return Err((at, HandlerError::Permanent(why.into()))),
                 (Action::Nothing | Action::Capture | Action::Void, _) => continue,
             };
@@ -373,6 +388,7 @@ mod tests {
             causation_id: None,
             traceparent: None,
             attempts: 1,
+            held_until: tokio::time::Instant::now(),
         }
     }
 
