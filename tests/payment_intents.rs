@@ -197,15 +197,27 @@ async fn dying_after_the_unit_commits_and_before_its_offsets_are_stored_is_a_dup
     saga.stop().await;
 }
 
+/// A child process killed when dropped, so a failing assertion leaves no payment-svc behind.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_call_that_waited_past_its_lease_is_left_to_the_instance_that_claimed_it() {
     // One partition; payment-svc A calls the gateway one at a time (concurrency 1). Eight
-    // orders whose first reply comes after the 500 ms timeout are ahead of a good one in A's
-    // unit of work, so the good one would wait about 4 s for its call: longer than its lease
-    // (1.5 s). Instance B, started meanwhile, claims it once the lease lapses and calls.
-    // Without the guard, A called it too when its turn came (the same key: two calls).
+    // orders whose first reply comes after the 1 s timeout are ahead of a good one in A's
+    // unit of work: without the guard A would call the good one about 8 s later, long after
+    // its lease (3 s) lapsed and instance B, started meanwhile, claimed and called it: the
+    // same key twice. With it, A finds after the first late call that the others' leases no
+    // longer hold a call and its recording, and leaves them to a fresh claim.
     let mut saga = Saga::start(SagaOptions {
         partitions: 1,
+        gateway_timeout: Duration::from_secs(1),
         ..SagaOptions::default()
     })
     .await;
@@ -215,14 +227,18 @@ async fn a_call_that_waited_past_its_lease_is_left_to_the_instance_that_claimed_
         late.push(saga.place(42, gateway_sim::faults::tokens::TIMEOUT).await);
     }
     let good = saga.place(42, "tok_visa").await;
-    let mut a = Command::new(env!("CARGO_BIN_EXE_payment-svc-with-failpoints"))
-        .envs(saga.payment_svc_env())
-        .env("PAYMENT_SVC_GATEWAY_CONCURRENCY", "1")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("payment-svc A starts");
+    let log = std::env::temp_dir().join(format!("payment-svc-a-{good}.log"));
+    let log_file = std::fs::File::create(&log).unwrap();
+    let _a = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_payment-svc-with-failpoints"))
+            .envs(saga.payment_svc_env())
+            .env("PAYMENT_SVC_GATEWAY_CONCURRENCY", "1")
+            .env("RUST_LOG", "warn")
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("payment-svc A starts"),
+    );
     assert!(
         eventually(Duration::from_secs(30), || async {
             payment_state(&saga, &good).await.is_some()
@@ -243,15 +259,111 @@ async fn a_call_that_waited_past_its_lease_is_left_to_the_instance_that_claimed_
         );
     }
     println!("all confirmed {:.1} s after B started", since.elapsed().as_secs_f64());
-    let _ = a.kill();
-    let _ = a.wait();
     assert_eq!(
         authorize_calls(&saga, &good).await,
         1,
         "the good order was called once, by whoever claimed it afresh"
     );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        logged.contains("left for a fresh claim"),
+        "A left calls to a fresh claim: {logged}"
+    );
     assert_eq!(ledger(&saga, &good).await, ["AUTHORIZE", "CAPTURE"]);
     let report = saga.verify().await;
     assert_eq!(report.violations(), 0, "{}", ordersctl::verify::render(&report));
+    saga.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_retry_never_shortens_the_lease_another_executor_holds() {
+    // An executor's call times out, and by the time it records the retry another executor
+    // holds the payment (the first lease lapsed and was claimed again: here, `attempts` 2 and
+    // a 30 s lease set by hand). The stale retry must not replace that lease by its 50 ms
+    // backoff, or a third claim would call while the second holder still is. A control
+    // payment handed after it to the same executor (one call at a time) is recorded after
+    // it: once the control's answer is in, the fenced one's was recorded or dropped.
+    let mut saga = Saga::start(SagaOptions::default()).await;
+    saga.stop_payment_svc().await;
+    let pool = saga.payments.pool.clone();
+    let (fenced, control) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let token = gateway_sim::faults::tokens::TIMEOUT;
+    for (order_id, attempts) in [(fenced, 2), (control, 1)] {
+        sqlx::query(
+            "INSERT INTO payments (payment_id, order_id, amount_minor, currency_code, state, payment_token,
+                                   correlation_id, lease_until, attempts)
+             VALUES ($1, $1, 100, 'EUR', 'AUTHORIZING', $2, $1, now() + interval '30 seconds', $3)",
+        )
+        .bind(order_id)
+        .bind(token)
+        .bind(attempts)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let owed = |order_id| payment_svc::executor::Owed {
+        order_id,
+        payment_id: order_id,
+        state: payment_svc::domain::PaymentState::Authorizing,
+        authorization_id: None,
+        amount_minor: 100,
+        currency_code: "EUR".into(),
+        payment_token: Some(token.into()),
+        correlation_id: order_id,
+        causation_id: None,
+        traceparent: None,
+        attempts: 1,
+        held_until: tokio::time::Instant::now() + Duration::from_secs(30),
+    };
+    let (give, take) = payment_svc::executor::handoff();
+    let gateway = tonic::transport::Endpoint::from_shared(format!("http://{}", saga.gateway_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let executor = std::sync::Arc::new(payment_svc::executor::Executor::new(
+        pool.clone(),
+        gateway,
+        Duration::from_millis(500),
+        saga.payments_topic.clone(),
+        orderflow_platform::outbox::OutboxMode::Table,
+        1,
+        take,
+        std::sync::Arc::new(tokio::sync::Notify::new()),
+    ));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(executor.run(shutdown.clone()));
+    give.give(vec![owed(fenced), owed(control)]);
+    let answered = |order_id: uuid::Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT last_error IS NOT NULL OR state <> 'AUTHORIZING' FROM payments WHERE order_id = $1",
+            )
+            .bind(order_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || answered(control)).await,
+        "the control's answer was recorded"
+    );
+    let (state, lease_left, attempts, last_error): (String, f64, i32, Option<String>) = sqlx::query_as(
+        "SELECT state, coalesce(extract(epoch FROM lease_until - now()), 0)::float8, attempts, last_error
+         FROM payments WHERE order_id = $1",
+    )
+    .bind(fenced)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        state == "AUTHORIZING" && lease_left > 20.0 && attempts == 2 && last_error.is_none(),
+        "the second holder's lease is untouched: {state}, {lease_left:.1} s left, attempts {attempts}, last error {last_error:?}"
+    );
+    shutdown.cancel();
+    running.await.unwrap();
     saga.stop().await;
 }

@@ -25,9 +25,11 @@
 //!   charged twice: the ledger says so);
 //! - dying after the answer is recorded: the payment is settled and its event is in the
 //!   outbox; nothing is left to do;
-//! - two executors holding one payment (a lease outlived by a slow call): both call with the
-//!   same key, the first to record wins, the second finds the state moved and drops its
-//!   answer.
+//! - two executors holding one payment (a lease outlived by a slow recording: a call starts
+//!   only while the lease holds it and its recording): both call with the same key, the first
+//!   to record an answer wins, the second finds the state moved and drops its answer. A retry
+//!   is recorded only by the lease's holder (`attempts` fences it), so a late retry of the
+//!   first never shortens the second's lease.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,7 +101,8 @@ pub struct Owed {
     pub causation_id: Option<uuid::Uuid>,
     /// The trace the call continues.
     pub traceparent: Option<String>,
-    /// Calls made for this pending state, this one included.
+    /// Leases taken for this pending state, this one included (1: the hand-off): each a call,
+    /// unless it waited for room past its lease. Unique per lease, so it fences a recording.
     pub attempts: i32,
     /// When this process's lease lapses, at the earliest: the lease counted from an instant
     /// taken before the statement that wrote it, so the database's lapses no sooner.
@@ -269,8 +272,8 @@ impl Executor {
         }
     }
 
-    /// How long a claim lasts: three gateway timeouts, so a call (bounded by one) and the
-    /// recording of its answer fit in it; a claim that lapses is taken again.
+    /// How long a claim lasts: three gateway timeouts, so a wait for room, the call (bounded
+    /// by one) and the recording of its answer fit in it; a claim that lapses is taken again.
     pub fn lease(&self) -> Duration {
         lease_for(self.gateway_timeout)
     }
@@ -341,9 +344,10 @@ impl Executor {
             });
         }
         if left > 0 {
-            tracing::info!(
+            tracing::warn!(
                 payments = left,
-                "calls waited for room past their lease; left for a fresh claim"
+                concurrency = self.concurrency,
+                "calls waited for room past their lease; left for a fresh claim (more gateway concurrency?)"
             );
         }
     }
@@ -541,8 +545,9 @@ impl Executor {
                     backoff = None;
                 }
                 Err(error) => {
-                    // Nothing of it committed: try the same answers again (until their claims
-                    // lapse, after which another call answers the same way anyway).
+                    // Nothing of it committed: try the same answers again, for as long as it
+                    // takes. An answer recorded after its lease lapsed is still right (the
+                    // same key answers the same way); a retry then is dropped (fenced).
                     tracing::warn!(%error, answers = batch.len(), "cannot record gateway answers; retrying");
                     let pause = backoff
                         .get_or_insert_with(retry_backoff)
@@ -758,6 +763,8 @@ struct Changes {
     failure_reason: Vec<Option<String>>,
     /// Seconds until the payment may be claimed again (None: settled, no claim).
     due_in: Vec<Option<f64>>,
+    /// The lease the call was made under: a retry is recorded only while it is the payment's.
+    attempts: Vec<i32>,
     last_error: Vec<Option<String>>,
     settled: Vec<bool>,
 }
@@ -777,6 +784,7 @@ impl Changes {
             _ => None,
         });
         self.due_in.push(None);
+        self.attempts.push(payment.attempts);
         self.last_error.push(None);
         self.settled.push(true);
     }
@@ -789,11 +797,13 @@ impl Changes {
         self.authorization_id.push(None);
         self.failure_reason.push(None);
         self.due_in.push(Some(pause.as_secs_f64()));
+        self.attempts.push(payment.attempts);
         self.last_error.push(Some(error));
         self.settled.push(false);
     }
 
-    /// The payments that moved (or stayed, for a retry): those still in their `from` state.
+    /// The payments that moved (those still in their `from` state), or stayed for a retry
+    /// (those still under the lease their call was made under).
     async fn write(self, tx: &mut sqlx::PgConnection) -> Result<Vec<uuid::Uuid>, sqlx::Error> {
         if self.order_id.is_empty() {
             return Ok(Vec::new());
@@ -814,10 +824,12 @@ impl Changes {
                     -- Since when the call is owed, for an owed call: a retry leaves it.
                     updated_at = CASE WHEN u.settled THEN now() ELSE p.updated_at END
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[], $7::bool[],
-                         $8::text[])
-                  AS u(order_id, state, authorization_id, failure_reason, due_in, last_error, settled, from_state),
+                         $8::text[], $9::int4[])
+                  AS u(order_id, state, authorization_id, failure_reason, due_in, last_error, settled, from_state,
+                       attempts),
                   locked
              WHERE p.order_id = u.order_id AND p.state = u.from_state AND locked.order_id = u.order_id
+               AND (u.settled OR p.attempts = u.attempts)
              RETURNING p.order_id",
         )
         .bind(&self.order_id)
@@ -828,6 +840,7 @@ impl Changes {
         .bind(&self.last_error)
         .bind(&self.settled)
         .bind(&self.from)
+        .bind(&self.attempts)
         .fetch_all(&mut *tx)
         .await
     }

@@ -137,7 +137,7 @@ impl NewPayments {
             return Ok(());
         }
         let expected = self.order_id.len() as u64;
-        // Leased to this process's executor, its first call counted: it is handed over in
+        // Leased to this process's executor, its first lease counted: it is handed over in
         // memory after the commit, and claimed by anyone only once the lease lapses (counted
         // from now, not from the transaction's start).
         let inserted = sqlx::query(
