@@ -270,6 +270,8 @@ async fn a_call_that_waited_past_its_lease_is_left_to_the_instance_that_claimed_
         logged.contains("left for a fresh claim"),
         "A left calls to a fresh claim: {logged}"
     );
+    // Confirmed is not the end: captures and shipments follow, and the checker reads them.
+    assert!(saga.settled(RECOVERED_WITHIN).await, "the saga settles");
     assert_eq!(ledger(&saga, &good).await, ["AUTHORIZE", "CAPTURE"]);
     let report = saga.verify().await;
     assert_eq!(report.violations(), 0, "{}", ordersctl::verify::render(&report));

@@ -272,8 +272,8 @@ pub struct Transition<'a> {
 /// Applies `changes` (of different orders) inside the caller's transaction (a consumer's,
 /// which commits them with the messages' inbox rows): one compare-and-set update on the
 /// orders' versions for all of them, one insert of the events of those applied. Each change's
-/// outcome, in order.
-#[tracing::instrument(name = "order_transition", skip_all, fields(orders = changes.len()))]
+/// outcome, in order. Each change has an `order_transition` span in its order's trace (the
+/// trace its event continues), with how many orders shared the statement.
 pub async fn transition_all_in(
     tx: &mut sqlx::PgConnection,
     changes: &[Transition<'_>],
@@ -282,6 +282,15 @@ pub async fn transition_all_in(
     if changes.is_empty() {
         return Ok(Vec::new());
     }
+    let _spans: Vec<tracing::Span> = changes
+        .iter()
+        .map(|change| {
+            let span = tracing::info_span!("order_transition", order_id = %change.before.id,
+                to = change.after.status.as_str(), orders = changes.len());
+            orderflow_platform::telemetry::continue_trace_of(&span, &change.event.envelope.traceparent);
+            span
+        })
+        .collect();
     let ids: Vec<uuid::Uuid> = changes.iter().map(|c| c.before.id.as_uuid()).collect();
     let applied: std::collections::HashSet<uuid::Uuid> = sqlx::query_scalar(
         "UPDATE orders o SET status = u.status, saga_state = u.saga_state, cancellation_reason = u.reason,

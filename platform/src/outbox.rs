@@ -111,9 +111,26 @@ pub async fn insert(tx: &mut sqlx::PgConnection, message: &OutboxMessage) -> Res
     Ok(())
 }
 
+/// One `outbox_write` span per message, each in the trace of what caused it (the span its
+/// envelope's traceparent names): a batch's statement writes the events of many orders, and
+/// each order's trace shows the write of its own event, with how many shared the statement.
+/// The spans end when the caller drops them, after the statement.
+fn write_spans(messages: &[OutboxMessage], mode: &'static str) -> Vec<tracing::Span> {
+    messages
+        .iter()
+        .map(|message| {
+            let envelope = &message.envelope;
+            let span =
+                tracing::info_span!("outbox_write", event_type = %envelope.event_type, events = messages.len(), mode);
+            crate::telemetry::continue_trace_of(&span, &envelope.traceparent);
+            span
+        })
+        .collect()
+}
+
 /// [`insert`] for many messages, in one statement (their ids in the given order).
-#[tracing::instrument(name = "outbox_write", skip_all, fields(events = messages.len()))]
 pub async fn insert_all(tx: &mut sqlx::PgConnection, messages: &[OutboxMessage]) -> Result<(), sqlx::Error> {
+    let _spans = write_spans(messages, "table");
     let mut message_ids = Vec::with_capacity(messages.len());
     let mut topics = Vec::with_capacity(messages.len());
     let mut keys = Vec::with_capacity(messages.len());
@@ -152,8 +169,8 @@ pub async fn insert_all(tx: &mut sqlx::PgConnection, messages: &[OutboxMessage])
 }
 
 /// [`emit`] for many messages, in one statement, in the given order.
-#[tracing::instrument(name = "outbox_write", skip_all, fields(events = messages.len(), mode = "wal-message"))]
 pub async fn emit_all(tx: &mut sqlx::PgConnection, messages: &[OutboxMessage]) -> Result<(), sqlx::Error> {
+    let _spans = write_spans(messages, "wal-message");
     let prefixes: Vec<String> = messages
         .iter()
         .map(|message| format!("{WAL_MESSAGE_PREFIX}{}", message.topic))

@@ -202,6 +202,15 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
     let _ = span.set_parent(context_of(traceparent));
 }
 
+/// [`continue_trace`] for a traceparent carried as text that may be empty (an envelope's, when
+/// its producer had no trace context): an empty one leaves `span` where it was opened, instead
+/// of making it the root of a trace of its own.
+pub fn continue_trace_of(span: &tracing::Span, traceparent: &str) {
+    if !traceparent.is_empty() {
+        continue_trace(span, traceparent);
+    }
+}
+
 /// The trace id of a W3C traceparent (`00-<trace id>-<span id>-<flags>`).
 pub fn trace_id_of(traceparent: &str) -> Option<&str> {
     traceparent.split('-').nth(1).filter(|id| id.len() == 32)
