@@ -66,6 +66,9 @@ pub fn seal(meta: EventMeta, payload: Payload) -> EventEnvelope {
         correlation_id: meta.correlation_id.to_string(),
         causation_id: meta.causation_id.map(|id| id.to_string()).unwrap_or_default(),
         traceparent: meta.traceparent.unwrap_or_default(),
+        // Set when the producing service writes it to its outbox, which signs it there.
+        signing_key_id: String::new(),
+        signature: Vec::new(),
         payload: Some(payload),
     }
 }
@@ -117,6 +120,9 @@ pub struct OpenedEvent {
     pub causation_id: Option<uuid::Uuid>,
     /// W3C traceparent, if any.
     pub traceparent: Option<String>,
+    /// The key that signed it, if it is signed (whether the signature holds is the
+    /// consumer's check: `orderflow_platform::signing`).
+    pub signing_key_id: Option<String>,
     /// The schema version the producer wrote (at most [`SUPPORTED_SCHEMA_VERSION`]).
     pub schema_version: u32,
     /// When the fact happened, as the producer stated it.
@@ -166,6 +172,7 @@ pub fn open(bytes: &[u8]) -> Result<OpenedEvent, ContractError> {
         correlation_id: parse_id(&envelope.correlation_id, "correlation_id")?,
         causation_id,
         traceparent: (!envelope.traceparent.is_empty()).then_some(envelope.traceparent),
+        signing_key_id: (!envelope.signing_key_id.is_empty()).then_some(envelope.signing_key_id),
         schema_version: envelope.schema_version,
         occurred_at: envelope.occurred_at,
         payload,

@@ -111,7 +111,7 @@ fn record(key: uuid::Uuid, seq: usize) -> Vec<u8> {
         payment_id: seq.to_string(),
         total: None,
     });
-    prost::Message::encode_to_vec(&envelope::seal(meta, payload))
+    orderflow_tests::event_keys().seal(&envelope::seal(meta, payload))
 }
 
 /// Sends one record per entry of `keys`, each carrying its key's next sequence number (kept
@@ -183,6 +183,7 @@ async fn a_partition_stuck_behind_a_failing_dependency_does_not_stop_the_others(
             bootstrap,
             format!("stall-{}", uuid::Uuid::now_v7().simple()),
             vec![topic.clone()],
+            orderflow_tests::event_keys().verifier.clone(),
         )
     };
     let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
@@ -300,7 +301,7 @@ async fn a_message_that_fails_transiently_past_its_budget_is_dead_lettered_and_i
     let shutdown = CancellationToken::new();
     let settings = ConsumerSettings {
         retry_budget: Some(Duration::from_secs(3)),
-        ..ConsumerSettings::new(bootstrap.clone(), group.clone(), vec![topic.clone()])
+        ..ConsumerSettings::new(bootstrap.clone(), group.clone(), vec![topic.clone()], orderflow_tests::event_keys().verifier.clone())
     };
     let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
     assert!(
@@ -381,6 +382,7 @@ async fn a_consumer_that_holds_no_partition_for_too_long_gives_up() {
             kafka::Cluster::anonymous("127.0.0.1:9"),
             "nobody".into(),
             vec!["orders.events".into()],
+            orderflow_tests::event_keys().verifier.clone(),
         )
     };
     let handler = Arc::new(Flaky::healthy());
@@ -432,7 +434,7 @@ async fn a_consumer_that_stops_making_progress_gives_up() {
     let settings = ConsumerSettings {
         stall_limit: Some(Duration::from_secs(3)),
         statistics_interval: Duration::from_millis(500),
-        ..ConsumerSettings::new(bootstrap, format!("stall-{topic}"), vec![topic.clone()])
+        ..ConsumerSettings::new(bootstrap, format!("stall-{topic}"), vec![topic.clone()], orderflow_tests::event_keys().verifier.clone())
     };
     let outcome = tokio::time::timeout(
         Duration::from_secs(60),
@@ -453,7 +455,7 @@ async fn a_consumer_stops_in_bounded_time_while_its_broker_does_not_answer() {
     broker.start().await;
     let db = db_with_handled_table().await;
     let topic = orderflow::topics::ORDERS_EVENTS.to_owned();
-    let settings = ConsumerSettings::new(broker.cluster.clone(), "closing".into(), vec![topic.clone()]);
+    let settings = ConsumerSettings::new(broker.cluster.clone(), "closing".into(), vec![topic.clone()], orderflow_tests::event_keys().verifier.clone());
     let handler = Arc::new(Flaky::healthy());
     let shutdown = CancellationToken::new();
     let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
@@ -494,6 +496,7 @@ async fn a_reconnecting_consumer_starts_a_new_client_instead_of_giving_up() {
             kafka::Cluster::anonymous("127.0.0.1:9"),
             "reconnecting".into(),
             vec!["orders.events".into()],
+            orderflow_tests::event_keys().verifier.clone(),
         )
     };
     let handler = Arc::new(Flaky::healthy());
@@ -554,7 +557,7 @@ async fn queued_messages_of_every_partition_share_a_transaction_and_a_bad_one_ne
             .map_err(|(error, _)| error)
             .unwrap();
     }
-    let settings = ConsumerSettings::new(bootstrap.clone(), format!("batch-{topic}"), vec![topic.clone()]);
+    let settings = ConsumerSettings::new(bootstrap.clone(), format!("batch-{topic}"), vec![topic.clone()], orderflow_tests::event_keys().verifier.clone());
     let handler = Arc::new(Flaky::healthy());
     let shutdown = CancellationToken::new();
     let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));

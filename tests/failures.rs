@@ -12,7 +12,7 @@ use orderflow::events::v1::{EventEnvelope, OrderPlaced, PaymentAuthorized};
 use orderflow::orders::v1 as api;
 use orderflow_platform::kafka;
 use orderflow_tests::saga::{Saga, SagaOptions};
-use orderflow_tests::{eventually, stack, valid_order};
+use orderflow_tests::{event_keys, eventually, stack, valid_order};
 use prost::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -113,29 +113,43 @@ async fn poison_messages_are_dead_lettered_with_context_and_the_partition_keeps_
             }),
         )
     };
-    let with_own_id = |mut envelope: EventEnvelope| {
+    // Signed by order-svc's key and keyed by their order, as the relay publishes them: they
+    // reach the services' own checks.
+    let signed = |mut envelope: EventEnvelope| {
         if let Some(Payload::OrderPlaced(placed)) = envelope.payload.as_mut() {
             placed.order_id.clone_from(&envelope.aggregate_id);
         }
-        envelope.encode_to_vec()
+        (envelope.aggregate_id.clone(), event_keys().seal(&envelope))
     };
-    let nul_currency = with_own_id(placed(4_250, "E\0R"));
-    let too_large = with_own_id(placed(i64::MAX, "EUR"));
+    let (invalid_key, invalid) = signed(invalid);
+    let (nul_currency_key, nul_currency) = signed(placed(4_250, "E\0R"));
+    let (too_large_key, too_large) = signed(placed(i64::MAX, "EUR"));
+    // Well-formed, but signed by a key no consumer trusts (a relay's stolen credential can
+    // write the topic, not sign), and not signed at all.
+    let forger = orderflow_platform::signing::EventSigner::ephemeral(orderflow_platform::signing::ORDER_SVC).unwrap();
+    let forged_envelope = placed(4_250, "EUR");
+    let forged_key = forged_envelope.aggregate_id.clone();
+    let forged = forger.seal(&forged_envelope);
+    let unsigned_envelope = placed(4_250, "EUR");
+    let unsigned_key = unsigned_envelope.aggregate_id.clone();
 
-    let poison: Vec<(&str, Vec<u8>, &str)> = vec![
+    let poison: Vec<(&str, String, Vec<u8>, &str)> = vec![
         (
             "undecodable",
+            "undecodable".into(),
             b"\xff\xfe not a protobuf envelope".to_vec(),
             "undecodable",
         ),
-        ("unknown-type", unknown_type, "unknown event type"),
-        ("newer-version", newer_version.encode_to_vec(), "schema version 99"),
-        ("missing-id", missing_id.encode_to_vec(), "message_id"),
-        ("invalid", invalid.encode_to_vec(), "without a total"),
-        ("nul-currency", nul_currency, "ISO-4217"),
-        ("too-large", too_large, "above the limit"),
+        ("unknown-type", "unknown-type".into(), unknown_type, "unknown event type"),
+        ("newer-version", "newer-version".into(), newer_version.encode_to_vec(), "schema version 99"),
+        ("missing-id", "missing-id".into(), missing_id.encode_to_vec(), "message_id"),
+        ("invalid", invalid_key, invalid, "without a total"),
+        ("nul-currency", nul_currency_key, nul_currency, "ISO-4217"),
+        ("too-large", too_large_key, too_large, "above the limit"),
+        ("forged", forged_key, forged, "which is not trusted here"),
+        ("unsigned", unsigned_key, unsigned_envelope.encode_to_vec(), "not signed"),
     ];
-    for (key, payload, _) in &poison {
+    for (_, key, payload, _) in &poison {
         produce(&topic, key, payload.clone()).await;
     }
     // A payment event for an order nobody knows, to the order service.
@@ -146,7 +160,7 @@ async fn poison_messages_are_dead_lettered_with_context_and_the_partition_keeps_
             ..Default::default()
         }),
     );
-    produce(&saga.payments_topic, "unknown-order", stray.encode_to_vec()).await;
+    produce(&saga.payments_topic, &order.to_string(), event_keys().seal(&stray)).await;
 
     // A real order behind the poison, on the same partition.
     let good = saga
@@ -166,23 +180,23 @@ async fn poison_messages_are_dead_lettered_with_context_and_the_partition_keeps_
     );
 
     let letters = dead_letters(&topic).await;
-    for (key, _, reason) in &poison {
+    for (label, key, _, reason) in &poison {
         let found: Vec<_> = letters
             .iter()
             .filter(|l| l.key.as_deref() == Some(key.as_bytes()))
             .collect();
-        assert!(!found.is_empty(), "{key} was dead-lettered");
+        assert!(!found.is_empty(), "{label} was dead-lettered");
         let letter = found[0];
         assert!(
             found
                 .iter()
                 .any(|l| l.header("dlq.error").unwrap_or_default().contains(reason)),
-            "{key}: reason mentions {reason:?}: {:?}",
+            "{label}: reason mentions {reason:?}: {:?}",
             found.iter().map(|l| l.header("dlq.error")).collect::<Vec<_>>()
         );
         assert_eq!(letter.header("dlq.original_topic").as_deref(), Some(topic.as_str()));
         assert_eq!(letter.header("dlq.original_partition").as_deref(), Some("0"));
-        assert_eq!(letter.header("dlq.original_key").as_deref(), Some(*key));
+        assert_eq!(letter.header("dlq.original_key").as_deref(), Some(key.as_str()));
         for header in [
             "dlq.original_offset",
             "dlq.attempts",
@@ -192,21 +206,36 @@ async fn poison_messages_are_dead_lettered_with_context_and_the_partition_keeps_
         ] {
             assert!(
                 letter.header(header).is_some_and(|v| !v.is_empty()),
-                "{key}: header {header}"
+                "{label}: header {header}"
             );
         }
     }
-    // The payment service is the one that refuses an invalid OrderPlaced, and the gateway
-    // never saw any of them.
-    for key in ["invalid", "nul-currency", "too-large"] {
+    // The payment service is the one that refuses an invalid OrderPlaced, and every consumer
+    // group refuses the forged and the unsigned ones; the gateway never saw any of them.
+    let key_of = |label: &str| poison.iter().find(|(l, ..)| *l == label).unwrap().1.clone();
+    for label in ["invalid", "nul-currency", "too-large"] {
+        let key = key_of(label);
         assert!(
             letters.iter().any(|l| {
                 l.key.as_deref() == Some(key.as_bytes())
                     && l.header("dlq.consumer_group")
                         .is_some_and(|g| g.starts_with("payment-"))
             }),
-            "{key} dead-lettered by payment-svc"
+            "{label} dead-lettered by payment-svc"
         );
+    }
+    for label in ["forged", "unsigned"] {
+        let key = key_of(label);
+        for group in ["payment-", "fulfilment-", "projector-"] {
+            assert!(
+                letters.iter().any(|l| {
+                    l.key.as_deref() == Some(key.as_bytes())
+                        && l.header("dlq.consumer_group").is_some_and(|g| g.starts_with(group))
+                        && l.header("dlq.error").unwrap_or_default().contains("untrusted event")
+                }),
+                "{label} dead-lettered by {group}*, as untrusted"
+            );
+        }
     }
     let gateway_lines: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger WHERE order_id <> $1")
         .bind(&good)
@@ -270,38 +299,79 @@ async fn a_repaired_dead_letter_redriven_completes_its_saga() {
         .execute(&saga.payments.pool)
         .await
         .unwrap();
+    // Someone allowed to write the dead-letter topic plants a letter that looks like the
+    // payment group's for the same order: an OrderPlaced with another total, signed by a key
+    // nobody trusts. The redrive must not launder it onto the main topic.
+    let dlq = orderflow::topics::dead_letter(&saga.orders_topic);
+    let planted = {
+        let mut order = valid_order(9);
+        order.total = Some(api::Money {
+            amount_minor: 1,
+            currency_code: "EUR".into(),
+        });
+        let forger =
+            orderflow_platform::signing::EventSigner::ephemeral(orderflow_platform::signing::ORDER_SVC).unwrap();
+        forger.seal(&envelope::seal(
+            meta(placed.parse().unwrap()),
+            Payload::OrderPlaced(OrderPlaced {
+                order_id: placed.clone(),
+                customer_id: order.customer_id,
+                items: order.items,
+                total: order.total,
+                payment_token: order.payment_token,
+            }),
+        ))
+    };
+    let producer: FutureProducer = kafka::producer_config(&stack().kafka, "planter", kafka::DEFAULT_DELIVERY_TIMEOUT)
+        .create()
+        .unwrap();
+    let headers = rdkafka::message::OwnedHeaders::new()
+        .insert(rdkafka::message::Header { key: "dlq.consumer_group", value: Some(saga.payment_group().as_str()) })
+        .insert(rdkafka::message::Header { key: "dlq.original_topic", value: Some(saga.orders_topic.as_str()) })
+        .insert(rdkafka::message::Header { key: "dlq.original_partition", value: Some("0") })
+        .insert(rdkafka::message::Header { key: "dlq.original_offset", value: Some("999999") });
+    producer
+        .send(
+            FutureRecord::to(&dlq).key(&placed).payload(&planted).headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
     let options = ordersctl::dlq::RedriveOptions {
         group: Some(saga.payment_group()),
         key: Some(placed.clone()),
         dry_run: true,
         rate_per_sec: 10,
     };
-    let dry = ordersctl::dlq::redrive(
-        &stack().kafka,
-        &orderflow::topics::dead_letter(&saga.orders_topic),
-        &options,
-    )
-    .await
-    .unwrap();
-    assert_eq!((dry.distinct, dry.republished), (1, 0), "a dry run publishes nothing");
+    let verifier = &event_keys().verifier;
+    let dry = ordersctl::dlq::redrive(&stack().kafka, &dlq, &options, verifier).await.unwrap();
+    assert_eq!(
+        (dry.distinct, dry.refused, dry.republished),
+        (2, 1, 0),
+        "a dry run publishes nothing, and names the planted letter refused"
+    );
     let options = ordersctl::dlq::RedriveOptions {
         dry_run: false,
         ..options
     };
-    let done = ordersctl::dlq::redrive(
-        &stack().kafka,
-        &orderflow::topics::dead_letter(&saga.orders_topic),
-        &options,
-    )
-    .await
-    .unwrap();
-    assert_eq!(done.republished, 1);
+    let done = ordersctl::dlq::redrive(&stack().kafka, &dlq, &options, verifier).await.unwrap();
+    assert_eq!((done.refused, done.republished), (1, 1), "only the genuine letter goes back");
     assert!(
         eventually(WAIT, || async {
             status(&saga, &placed).await == api::OrderStatus::Confirmed
         })
         .await,
         "the redriven OrderPlaced completes the saga"
+    );
+    let records = orderflow_tests::read_topic(&stack().kafka, &saga.orders_topic, WAIT, |records| {
+        records.iter().any(|r| r.headers.contains_key("dlq.redriven_from"))
+    })
+    .await;
+    assert!(records.iter().any(|r| r.headers.contains_key("dlq.redriven_from")));
+    assert!(
+        records.iter().all(|r| r.payload != planted),
+        "the planted letter never reached the main topic"
     );
     assert!(saga.settled(WAIT).await);
     let report = saga.verify().await;
@@ -310,106 +380,92 @@ async fn a_repaired_dead_letter_redriven_completes_its_saga() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_forged_order_placed_is_caught_by_verify_and_its_money_released_by_the_payment_deadline() {
-    // Anyone able to write to orders.events can make payment-svc authorize an order that
-    // does not exist. The money side must notice (verify) and undo it (payment-svc's own
-    // deadline), whatever the order service knows.
+async fn an_event_no_trusted_key_of_its_producer_signed_is_never_acted_on() {
+    // What a stolen relay or broker credential can write to orders.events: an OrderPlaced
+    // signed by a key of its own, and one signed with payment-svc's real key (a service may
+    // sign only the event types it produces). Neither is acted on by anyone: no money moves,
+    // the read model has no row, every consumer group dead-letters both as untrusted, and the
+    // genuine order behind them on the same partition settles.
     let saga = Saga::start(SagaOptions {
-        authorization_deadline: Duration::from_secs(6),
+        partitions: 1,
         ..SagaOptions::default()
     })
     .await;
-    let forged = uuid::Uuid::now_v7();
-    let order = valid_order(13);
-    let placed = envelope::seal(
-        meta(forged),
-        Payload::OrderPlaced(OrderPlaced {
-            order_id: forged.to_string(),
-            customer_id: order.customer_id,
-            items: order.items,
-            total: order.total,
-            payment_token: order.payment_token,
-        }),
-    );
-    produce(&saga.orders_topic, &forged.to_string(), placed.encode_to_vec()).await;
-
-    let state = |id: String| {
-        let pool = saga.gateway.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, String>("SELECT state FROM authorizations WHERE order_id = $1")
-                .bind(id)
-                .fetch_optional(&pool)
-                .await
-                .unwrap()
-        }
+    let forged_event = |id: uuid::Uuid| {
+        let order = valid_order(13);
+        envelope::seal(
+            meta(id),
+            Payload::OrderPlaced(OrderPlaced {
+                order_id: id.to_string(),
+                customer_id: order.customer_id,
+                items: order.items,
+                total: order.total,
+                payment_token: order.payment_token,
+            }),
+        )
     };
-    assert!(
-        eventually(WAIT, || async { state(forged.to_string()).await.is_some() }).await,
-        "the forged order is authorized (payment-svc cannot tell it is forged)"
-    );
-    // While it is held, verify (with no deadline) names it from the money side, although
-    // the orders table has never heard of it.
-    let stores = ordersctl::verify::Stores {
-        orders: saga.orders.pool.clone(),
-        payments: saga.payments.pool.clone(),
-        fulfilment: saga.fulfilment.pool.clone(),
-        gateway: saga.gateway.pool.clone(),
-    };
-    // (The authorization is seconds old; the payment deadline is 6 s.)
-    assert_eq!(state(forged.to_string()).await.as_deref(), Some("AUTHORIZED"));
-    let report = ordersctl::verify::verify(&stores, Duration::ZERO, Duration::ZERO)
-        .await
-        .unwrap();
-    let held = report
-        .checks
-        .iter()
-        .find(|c| c.name.starts_with("authorizations held past the deadline"))
-        .unwrap();
-    assert_eq!(held.examples, vec![forged.to_string()], "{report:?}");
-    // payment-svc's deadline releases it.
-    assert!(
-        eventually(WAIT, || async {
-            state(forged.to_string()).await.as_deref() == Some("VOIDED")
-        })
-        .await,
-        "the forged authorization is voided by the payment deadline"
-    );
-    let report = ordersctl::verify::verify(&stores, Duration::ZERO, Duration::ZERO)
-        .await
-        .unwrap();
-    let money_checks: usize = report
-        .checks
-        .iter()
-        .filter(|c| c.name.contains("gateway"))
-        .map(|c| c.violations)
-        .sum();
-    assert_eq!(money_checks, 0, "{report:?}");
-    // The read model never shows it: GetOrder knows no such order.
-    assert!(
-        eventually(WAIT, || async {
-            dead_letters(&saga.orders_topic).await.iter().any(|l| {
-                l.key.as_deref() == Some(forged.to_string().as_bytes())
-                    && l.header("dlq.consumer_group")
-                        .is_some_and(|g| g.starts_with("projector-"))
-            })
-        })
-        .await,
-        "the projector refuses an OrderPlaced the order service never placed"
-    );
-    let found = saga
+    let (own_key, wrong_producer) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let forger = orderflow_platform::signing::EventSigner::ephemeral(orderflow_platform::signing::ORDER_SVC).unwrap();
+    produce(&saga.orders_topic, &own_key.to_string(), forger.seal(&forged_event(own_key))).await;
+    produce(
+        &saga.orders_topic,
+        &wrong_producer.to_string(),
+        event_keys().payment_svc.seal(&forged_event(wrong_producer)),
+    )
+    .await;
+    let good = saga
         .client()
         .await
-        .get_order(api::GetOrderRequest {
-            order_id: forged.to_string(),
-        })
-        .await;
-    assert_eq!(found.map(|_| ()).unwrap_err().code(), tonic::Code::NotFound);
-    let ledger: Vec<String> = sqlx::query_scalar("SELECT operation FROM ledger WHERE order_id = $1 ORDER BY id")
-        .bind(forged.to_string())
-        .fetch_all(&saga.gateway.pool)
+        .place_order(valid_order(5))
         .await
-        .unwrap();
-    assert_eq!(ledger, ["AUTHORIZE", "VOID"]);
+        .unwrap()
+        .into_inner()
+        .order_id;
+    assert!(
+        eventually(WAIT, || async {
+            status(&saga, &good).await == api::OrderStatus::Confirmed
+        })
+        .await,
+        "the genuine order behind them settles"
+    );
+    for (forged, reason) in [(own_key, "which is not trusted here"), (wrong_producer, "only order-svc's keys sign it")] {
+        for group in ["payment-", "fulfilment-", "projector-"] {
+            assert!(
+                eventually(WAIT, || async {
+                    dead_letters(&saga.orders_topic).await.iter().any(|l| {
+                        l.key.as_deref() == Some(forged.to_string().as_bytes())
+                            && l.header("dlq.consumer_group").is_some_and(|g| g.starts_with(group))
+                            && l.header("dlq.error").unwrap_or_default().contains(reason)
+                    })
+                })
+                .await,
+                "{forged} dead-lettered by {group}* because {reason}"
+            );
+        }
+        let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger WHERE order_id = $1")
+            .bind(forged.to_string())
+            .fetch_one(&saga.gateway.pool)
+            .await
+            .unwrap();
+        assert_eq!(ledger, 0, "no money moved for {forged}");
+        let found = saga
+            .client()
+            .await
+            .get_order(api::GetOrderRequest {
+                order_id: forged.to_string(),
+            })
+            .await;
+        assert_eq!(found.map(|_| ()).unwrap_err().code(), tonic::Code::NotFound);
+        let projected: i64 = sqlx::query_scalar("SELECT count(*) FROM order_read WHERE order_id = $1")
+            .bind(forged)
+            .fetch_one(&saga.orders.pool)
+            .await
+            .unwrap();
+        assert_eq!(projected, 0, "the read model has no row for {forged}");
+    }
+    assert!(saga.settled(WAIT).await);
+    let report = saga.verify().await;
+    assert_eq!(report.violations(), 0, "{}", ordersctl::verify::render(&report));
     saga.stop().await;
 }
 

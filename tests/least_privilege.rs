@@ -251,3 +251,95 @@ async fn no_service_role_can_connect_to_another_services_database() {
         }
     }
 }
+
+/// What a table promises about its rows is kept against the role that writes them: an
+/// order's total and creation time, a payment's amount, an authorization's amount, the
+/// gateway's keys' expiry (column grants), and a live PlaceOrder key as a whole, expiry
+/// included (a trigger: order_svc may rewrite a key once it has expired, never before, so it
+/// cannot shorten a retention and then have the purge delete the key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_cannot_rewrite_what_its_tables_promise() {
+    let orders = fresh_db(&order_svc::MIGRATOR).await;
+    orders.grant("orders").await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO orders (order_id, customer_id, currency_code, total_minor, payment_token, status, saga_state,
+                             correlation_id)
+         VALUES ({ORDER}, 1, 'EUR', 100, 'tok', 'PENDING', 'AWAITING_PAYMENT', {MESSAGE});
+         INSERT INTO idempotency_keys (request_id, request_fingerprint, order_id, response, expires_at)
+         VALUES ('live', '\\x00', {ORDER}, '\\x00', now() + interval '1 day'),
+                ('expired', '\\x00', {ORDER}, '\\x00', now() - interval '1 minute');"
+    )))
+    .execute(&orders.pool)
+    .await
+    .unwrap();
+    let order_svc = as_role("order_svc", &orders).await;
+    allowed(
+        &order_svc,
+        "order_svc",
+        "UPDATE orders SET status = 'CANCELLED', saga_state = 'COMPENSATED'",
+    )
+    .await;
+    for sql in [
+        "UPDATE orders SET total_minor = 1",
+        "UPDATE orders SET created_at = now() - interval '1 day'",
+        "UPDATE orders SET customer_id = 2",
+        "UPDATE idempotency_keys SET request_id = 'other'",
+        "UPDATE idempotency_keys SET expires_at = now() - interval '1 day' WHERE request_id = 'live'",
+        "UPDATE idempotency_keys SET response = '\\x01' WHERE request_id = 'live'",
+    ] {
+        denied(&order_svc, "order_svc", sql).await;
+    }
+    // The insert's reclaim of an expired key is what the grant is for.
+    allowed(
+        &order_svc,
+        "order_svc",
+        "UPDATE idempotency_keys SET response = '\\x01', expires_at = now() + interval '1 day' WHERE request_id = 'expired'",
+    )
+    .await;
+    let purged: i64 = sqlx::query_scalar("SELECT purge_expired_request_ids(0, 1000)")
+        .fetch_one(&order_svc)
+        .await
+        .unwrap();
+    assert_eq!(purged, 0, "no key was expired early, so none is purged");
+
+    let payments = fresh_db(&payment_svc::MIGRATOR).await;
+    payments.grant("payments").await;
+    let payment_svc = as_role("payment_svc", &payments).await;
+    for sql in [
+        "UPDATE payments SET amount_minor = 1",
+        "UPDATE payments SET currency_code = 'USD'",
+        "UPDATE payments SET order_id = gen_random_uuid()",
+    ] {
+        denied(&payment_svc, "payment_svc", sql).await;
+    }
+    allowed(
+        &payment_svc,
+        "payment_svc",
+        "UPDATE payments SET state = state WHERE false",
+    )
+    .await;
+
+    let gateway = fresh_db(&gateway_sim::MIGRATOR).await;
+    gateway.grant("gateway").await;
+    let gateway_sim = as_role("gateway_sim", &gateway).await;
+    allowed(
+        &gateway_sim,
+        "gateway_sim",
+        "UPDATE idempotency_keys SET attempts = attempts + 1 WHERE false",
+    )
+    .await;
+    allowed(
+        &gateway_sim,
+        "gateway_sim",
+        "UPDATE authorizations SET state = 'VOIDED' WHERE false",
+    )
+    .await;
+    for sql in [
+        "UPDATE idempotency_keys SET expires_at = now()",
+        "UPDATE idempotency_keys SET fingerprint = '\\x00'",
+        "UPDATE authorizations SET amount_minor = 0",
+        "UPDATE authorizations SET order_id = 'other'",
+    ] {
+        denied(&gateway_sim, "gateway_sim", sql).await;
+    }
+}

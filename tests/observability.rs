@@ -137,7 +137,7 @@ async fn metrics_cover_every_hop_and_each_order_is_one_trace_across_services() {
     let cancelled = order_svc::saga::sweep_once(
         &saga.orders.pool,
         &saga.orders_topic,
-        Default::default(),
+        &orderflow_platform::outbox::Outbox::new(Default::default(), orderflow_tests::event_keys().order_svc.clone()),
         Duration::ZERO,
     )
     .await

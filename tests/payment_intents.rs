@@ -329,7 +329,10 @@ async fn a_late_retry_never_shortens_the_lease_another_executor_holds() {
         gateway,
         Duration::from_millis(500),
         saga.payments_topic.clone(),
-        orderflow_platform::outbox::OutboxMode::Table,
+        orderflow_platform::outbox::Outbox::new(
+            orderflow_platform::outbox::OutboxMode::Table,
+            orderflow_tests::event_keys().payment_svc.clone(),
+        ),
         1,
         take,
         std::sync::Arc::new(tokio::sync::Notify::new()),

@@ -633,10 +633,12 @@ async fn two_sweepers_at_once_cancel_each_overdue_order_exactly_once() {
     svc.stop().await;
     // Deadline zero: every order is overdue. Two sweepers race over the same orders.
     let deadline = std::time::Duration::ZERO;
+    let outbox =
+        orderflow_platform::outbox::Outbox::new(Default::default(), orderflow_tests::event_keys().order_svc.clone());
     let (a, b, c) = tokio::join!(
-        order_svc::saga::sweep_once(&db.pool, "orders.events", Default::default(), deadline),
-        order_svc::saga::sweep_once(&db.pool, "orders.events", Default::default(), deadline),
-        order_svc::saga::sweep_once(&db.pool, "orders.events", Default::default(), deadline),
+        order_svc::saga::sweep_once(&db.pool, "orders.events", &outbox, deadline),
+        order_svc::saga::sweep_once(&db.pool, "orders.events", &outbox, deadline),
+        order_svc::saga::sweep_once(&db.pool, "orders.events", &outbox, deadline),
     );
     let cancelled = a.unwrap() + b.unwrap() + c.unwrap();
     assert_eq!(cancelled, 30, "each order cancelled by exactly one sweeper");
@@ -690,10 +692,19 @@ async fn housekeeping_deletes_only_what_is_past_its_retention_in_batches() {
     .execute(&db.pool)
     .await
     .unwrap();
-    sqlx::query("UPDATE idempotency_keys SET expires_at = now() - interval '1 minute' WHERE ctid IN (SELECT ctid FROM idempotency_keys LIMIT 2)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    // Two keys made to look expired: as the table's owner, past the trigger that keeps a live
+    // key from any change (which is what it is for).
+    sqlx::raw_sql(
+        "BEGIN;
+         ALTER TABLE idempotency_keys DISABLE TRIGGER live_idempotency_keys_are_immutable;
+         UPDATE idempotency_keys SET expires_at = now() - interval '1 minute'
+         WHERE ctid IN (SELECT ctid FROM idempotency_keys LIMIT 2);
+         ALTER TABLE idempotency_keys ENABLE TRIGGER live_idempotency_keys_are_immutable;
+         COMMIT;",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
 
     let outbox = housekeeping::purge(&db.pool, &housekeeping::published_outbox(Duration::from_secs(3600)))
         .await

@@ -278,4 +278,17 @@ async fn a_batch_with_an_order_never_placed_names_that_message() {
     let (at, error) = Projector.handle(&mut tx, &fresh).await.expect_err("a forged order");
     assert_eq!(at, 1, "{error}");
     assert!(error.to_string().contains("never placed"), "{error}");
+    drop(tx);
+    // Any event of an order never placed, not only its OrderPlaced: a payment event alone
+    // would otherwise make a row of its own through the upsert.
+    let stray = uuid::Uuid::now_v7();
+    let messages = [
+        message(real, lifecycle(real, true).remove(1), 2),
+        message(stray, lifecycle(stray, true).remove(1), 3),
+    ];
+    let fresh = self::fresh(&messages);
+    let mut tx = db.pool.begin().await.unwrap();
+    let (at, error) = Projector.handle(&mut tx, &fresh).await.expect_err("a stray payment event");
+    assert_eq!(at, 1, "{error}");
+    assert!(error.to_string().contains("PaymentAuthorized for order"), "{error}");
 }

@@ -33,7 +33,8 @@ async fn database_for(mode: OutboxMode) -> TestDb {
     let db = orderflow_tests::fresh_orders_db().await;
     db.grant("orders").await;
     if mode == OutboxMode::WalMessage {
-        relay::wal::ensure_slot(&relay_pool(&db), &slot_of(&db))
+        make_wal_relay_role().await;
+        relay::wal::ensure_slot(&relay_pool(&db, mode), &slot_of(&db))
             .await
             .expect("create the slot");
     }
@@ -44,11 +45,66 @@ fn slot_of(db: &TestDb) -> String {
     relay::wal::default_slot_name(&db.name)
 }
 
-/// A pool on `db` as the relay's role.
-fn relay_pool(db: &TestDb) -> sqlx::PgPool {
+/// An outbox writing the `mode` way, signed as order-svc signs (the relay publishes what it
+/// holds without reading it).
+fn outbox_of(mode: OutboxMode) -> orderflow_platform::outbox::Outbox {
+    orderflow_platform::outbox::Outbox::new(mode, orderflow_tests::event_keys().order_svc.clone())
+}
+
+/// The role the WAL mode's relay runs as. The stack runs in the `table` mode, where no role
+/// holds REPLICATION (a right that follows the mode: docs/security.md); this one is a member of
+/// `orders_relay` (exactly its rights in every table) with the REPLICATION attribute the
+/// relays get in the `wal-message` mode. Made by the first WAL test of this process, with
+/// `orders_relay`'s password; scripts/test drops it once the tests are done, so the rights
+/// matrix of the stack it checks afterwards has no extra role.
+const WAL_RELAY_ROLE: &str = "test_wal_relay";
+
+async fn make_wal_relay_role() {
+    static MADE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    MADE.get_or_init(|| async {
+        let url = url::Url::parse(&orderflow_tests::database_url_as("orders_relay", "orders")).unwrap();
+        let password = url
+            .password()
+            .expect("the stack gives orders_relay a password")
+            .to_owned();
+        assert!(
+            password.chars().all(|c| c.is_ascii_alphanumeric()),
+            "a password the SQL below can quote"
+        );
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&stack().admin_url)
+            .await
+            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DO $$ BEGIN
+                 CREATE ROLE {WAL_RELAY_ROLE} LOGIN REPLICATION IN ROLE orders_relay;
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+             END $$;
+             ALTER ROLE {WAL_RELAY_ROLE} LOGIN REPLICATION PASSWORD '{password}';"
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
+        admin.close().await;
+    })
+    .await;
+}
+
+/// `db`'s URL as the relay of `mode` connects.
+fn relay_url(db: &TestDb, mode: OutboxMode) -> String {
+    let url = db.url_as("orders_relay");
+    match mode {
+        OutboxMode::Table => url,
+        OutboxMode::WalMessage => url.replacen("//orders_relay:", &format!("//{WAL_RELAY_ROLE}:"), 1),
+    }
+}
+
+/// A pool on `db` as the relay of `mode`.
+fn relay_pool(db: &TestDb, mode: OutboxMode) -> sqlx::PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
-        .connect_lazy(&db.url_as("orders_relay"))
+        .connect_lazy(&relay_url(db, mode))
         .expect("a valid URL")
 }
 
@@ -62,7 +118,7 @@ async fn drop_slot(db: &TestDb) {
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
         )
         .bind(&slot)
-        .execute(&relay_pool(db))
+        .execute(&relay_pool(db, OutboxMode::WalMessage))
         .await
         .is_ok_and(|done| done.rows_affected() == 1)
     })
@@ -100,7 +156,7 @@ async fn write_events(db: &TestDb, mode: OutboxMode, topic: &str, orders: &[uuid
     for &order in orders {
         let message = event(topic, order);
         ids.push(message.envelope.message_id.clone());
-        mode.write(&mut tx, &message).await.unwrap();
+        outbox_of(mode).write(&mut tx, &message).await.unwrap();
     }
     tx.commit().await.unwrap();
     ids
@@ -132,7 +188,7 @@ fn spawn_relay_process(db: &TestDb, mode: OutboxMode, failpoints: Option<&str>) 
 fn spawn_relay_process_with(db: &TestDb, mode: OutboxMode, failpoints: Option<&str>, batch_size: u32) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_relay-with-failpoints"));
     command
-        .env("RELAY_DATABASE_URL", db.url_as("orders_relay"))
+        .env("RELAY_DATABASE_URL", relay_url(db, mode))
         .env("RELAY_BOOTSTRAP_SERVERS", &stack().bootstrap_servers)
         .env("KAFKA_USERNAME", stack().kafka.principal().unwrap_or_default())
         .env("KAFKA_PASSWORD", &stack().vars["ORDERFLOW_KAFKA_PASSWORD"])
@@ -170,16 +226,16 @@ fn spawn_relay(
     let token = CancellationToken::new();
     let task = match mode {
         OutboxMode::Table => tokio::spawn(
-            relay::Relay::new(relay_pool(db), producer, 100)
+            relay::Relay::new(relay_pool(db, mode), producer, 100)
                 .with_delivery_timeout(Duration::from_secs(2))
                 .run(Duration::from_millis(200), token.clone()),
         ),
         OutboxMode::WalMessage => {
-            let replication = relay::wal::replication_config(&Secret::new(db.url_as("orders_relay")), &slot_of(db))
+            let replication = relay::wal::replication_config(&Secret::new(relay_url(db, mode)), &slot_of(db))
                 .unwrap()
                 .with_status_interval(Duration::from_millis(200));
             tokio::spawn(
-                relay::wal::WalRelay::new(relay_pool(db), producer, replication)
+                relay::wal::WalRelay::new(relay_pool(db, mode), producer, replication)
                     .with_delivery_timeout(Duration::from_secs(2))
                     .run(token.clone()),
             )
@@ -207,7 +263,8 @@ async fn every_mode_publishes_each_event_keyed_by_its_order_with_mirrored_header
         let ids = write_events(&db, mode, &topic, &orders).await;
         // A rolled-back transaction's event never leaves, in either mode.
         let mut rolled_back = db.pool.begin().await.unwrap();
-        mode.write(&mut rolled_back, &event(&topic, uuid::Uuid::now_v7()))
+        outbox_of(mode)
+            .write(&mut rolled_back, &event(&topic, uuid::Uuid::now_v7()))
             .await
             .unwrap();
         rolled_back.rollback().await.unwrap();
@@ -350,7 +407,7 @@ async fn write_many(
                                     .entry(order.to_string())
                                     .or_default()
                                     .push(message.envelope.message_id.clone());
-                                mode.write(&mut tx, &message).await.unwrap();
+                                outbox_of(mode).write(&mut tx, &message).await.unwrap();
                             }
                             tx.commit().await.unwrap();
                         }

@@ -85,6 +85,24 @@ fn bad_tokens(pki: &Pki) -> Vec<(&'static str, String)> {
         )
         .unwrap()
     };
+    // Valid, but not before ten minutes from now (far past the 5 s leeway).
+    let not_yet = {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({
+            "sub": "customer:42", "role": "customer", "iss": "orderflow-local", "aud": "orderflow",
+            "iat": now, "exp": now + 1_200, "nbf": now + 600,
+        });
+        let key = jsonwebtoken::EncodingKey::from_ed_pem(&std::fs::read(pki.signing_key()).unwrap()).unwrap();
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+            &claims,
+            &key,
+        )
+        .unwrap()
+    };
     // The same signature over other claims (customer 43 instead of 42).
     let tampered = {
         use base64::Engine as _;
@@ -102,6 +120,7 @@ fn bad_tokens(pki: &Pki) -> Vec<(&'static str, String)> {
     };
     vec![
         ("expired", expired),
+        ("not yet valid", not_yet),
         ("signed by another key", foreign),
         ("tampered", tampered),
         ("alg none", unsigned),

@@ -45,6 +45,9 @@ pub struct Config {
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,
+    /// The keys whose events it trusts (`EVENT_VERIFYING_KEYS`).
+    #[command(flatten)]
+    pub verifying: orderflow_platform::signing::VerifyingArgs,
     /// Apply the migrations at start-up.
     #[arg(long, env = "FULFILMENT_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -101,6 +104,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             orderflow_platform::kafka::Cluster::new(config.bootstrap_servers, &config.kafka_auth),
             config.group_id,
             vec![config.orders_topic],
+            config.verifying.verifier()?,
         )
     });
     consumer::run_reconnecting(settings, pool.clone(), Arc::new(Fulfilment), shutdown).await?;

@@ -76,6 +76,10 @@ pub struct Config {
     /// operator's, for the admin API).
     #[command(flatten)]
     pub security: orderflow_platform::security::ServerSecurityArgs,
+    /// What one connection and one socket may hold (`GRPC_*`; its one payment client,
+    /// payment-svc, is not limited per caller).
+    #[command(flatten)]
+    pub fairness: orderflow_platform::fairness::FairnessArgs,
     /// Apply the migrations at start-up.
     #[arg(long, env = "GATEWAY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -681,20 +685,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     tracing::info!(local_addr = %listener.local_addr()?, "gateway-sim serving gRPC");
-    let mut server = tonic::transport::Server::builder();
+    let mut server =
+        tonic::transport::Server::builder().max_concurrent_streams(config.fairness.max_streams_per_connection);
     if let Some(tls) = tls {
-        server = server.tls_config(tls)?;
+        server = server.tls_config(tls.timeout(config.fairness.tls_handshake_timeout()))?;
     }
     server
-        .layer(orderflow_platform::grpc::EdgeLayer::new(REQUEST_DEADLINE))
+        .layer(orderflow_platform::grpc::EdgeLayer::new(REQUEST_DEADLINE).with_body_timeout(config.fairness.body_timeout()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GatewayServiceServer::new(gateway.clone()))
         .add_service(GatewayAdminServiceServer::new(gateway))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown.cancelled(),
-        )
+        .serve_with_incoming_shutdown(config.fairness.incoming(listener), shutdown.cancelled())
         .await?;
     pool.close().await;
     Ok(())

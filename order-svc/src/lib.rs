@@ -47,9 +47,13 @@ pub struct Config {
     /// Deadline of one request, in milliseconds; a slower one is cancelled.
     #[arg(long, env = "ORDER_SVC_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
     pub request_timeout_ms: u64,
-    /// Requests served at once; further ones wait for a slot (until their deadline).
+    /// Requests served at once, once they have arrived; further ones wait for a slot (until
+    /// their deadline).
     #[arg(long, env = "ORDER_SVC_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
+    /// What one connection, one caller and one socket may hold (`GRPC_*`).
+    #[command(flatten)]
+    pub fairness: orderflow_platform::fairness::FairnessArgs,
     /// Apply the database migrations at start-up.
     #[arg(long, env = "ORDER_SVC_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -86,6 +90,12 @@ pub struct Config {
     /// How its events reach the relay (`OUTBOX_MODE`).
     #[command(flatten)]
     pub outbox: orderflow_platform::outbox::OutboxArgs,
+    /// The key it signs its events with (`EVENT_SIGNING_KEY`).
+    #[command(flatten)]
+    pub signing: orderflow_platform::signing::SigningArgs,
+    /// The keys whose events its consumer trusts (`EVENT_VERIFYING_KEYS`).
+    #[command(flatten)]
+    pub verifying: orderflow_platform::signing::VerifyingArgs,
     /// TLS and bearer tokens on the API.
     #[command(flatten)]
     pub security: orderflow_platform::security::ServerSecurityArgs,
@@ -139,7 +149,10 @@ impl Default for PlacingArgs {
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Refused before anything starts: a server with no certificate or no token key (and no
     // explicit development flag) never serves.
-    let tls = config.security.server_tls()?;
+    let tls = config
+        .security
+        .server_tls()?
+        .map(|tls| tls.timeout(config.fairness.tls_handshake_timeout()));
     let verifier = config.security.verifier()?;
     let pool = orderflow_platform::connect_postgres(&config.database_url, config.db_max_connections).await?;
     // Everything below stops on `stop`: the caller's shutdown, or the consumer's death.
@@ -147,6 +160,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     if config.migrate {
         MIGRATOR.run(&pool).await?;
     }
+    let signer = config.signing.signer(orderflow_platform::signing::ORDER_SVC)?;
+    let outbox = orderflow_platform::outbox::Outbox::new(config.outbox.mode, signer.clone());
     let naive_dual_write = orderflow_platform::chaos::naive() && config.bootstrap_servers.is_some();
     let (placer, committers) = placing::Placer::start(
         pool.clone(),
@@ -154,7 +169,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             count: config.placing.group_committers,
             max_batch: config.placing.group_commit_max_batch,
             // The naive mode writes no outbox row: it publishes after the commit instead.
-            outbox: (!naive_dual_write).then_some(config.outbox.mode),
+            outbox: (!naive_dual_write).then(|| outbox.clone()),
         },
         stop.clone(),
     );
@@ -176,6 +191,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         config.max_order_total.clone(),
         placer,
         admission,
+        config.fairness.callers(config.max_concurrent_requests),
     );
     if naive_dual_write && let Some(servers) = &config.bootstrap_servers {
         // The chaos harness's "before" column only (a build with the `naive` feature and
@@ -186,7 +202,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             .set("message.timeout.ms", "5000")
             .create()?;
         tracing::warn!("NAIVE MODE: PlaceOrder publishes directly (dual write), no outbox");
-        api = api.with_dual_write(producer);
+        api = api.with_dual_write(producer, signer.clone());
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -234,11 +250,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 cluster,
                 config.group_id.clone(),
                 vec![config.payments_topic.clone()],
+                config.verifying.verifier()?,
             )
         });
-        let handler = std::sync::Arc::new(
-            saga::PaymentEventsHandler::new(config.orders_topic.clone()).with_outbox_mode(config.outbox.mode),
-        );
+        let handler = std::sync::Arc::new(saga::PaymentEventsHandler::new(
+            config.orders_topic.clone(),
+            outbox.clone(),
+        ));
         let (consumer_pool, consumer_stop) = (pool.clone(), stop.clone());
         consumer = Some(tokio::spawn(async move {
             // A consumer that holds no partition or stalls gets a new client in this process,
@@ -253,7 +271,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         background.push(tokio::spawn(saga::sweep(
             pool.clone(),
             config.orders_topic.clone(),
-            config.outbox.mode,
+            outbox.clone(),
             Duration::from_millis(config.saga_deadline_ms),
             Duration::from_millis(config.sweep_interval_ms),
             stop.clone(),
@@ -262,8 +280,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
 
     let local_addr = listener.local_addr()?;
     tracing::info!(%local_addr, "order-svc serving gRPC");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let mut server = tonic::transport::Server::builder();
+    let incoming = config.fairness.incoming(listener);
+    let mut server =
+        tonic::transport::Server::builder().max_concurrent_streams(config.fairness.max_streams_per_connection);
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
@@ -272,14 +291,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         api::authenticate(verifier),
     );
     server
-        // Outermost: one deadline (the wait for a slot included), one code map, every answer
-        // counted, the caller's trace continued.
-        .layer(orderflow_platform::grpc::EdgeLayer::new(Duration::from_millis(
-            config.request_timeout_ms,
-        )))
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            config.max_concurrent_requests,
-        ))
+        // Outermost: one deadline (the wait for a slot included), a body that must arrive in
+        // time, one code map, every answer counted, the caller's trace continued. The
+        // concurrency slots are taken by the handlers once the request has arrived
+        // (OrderApi::enter), each caller within its share.
+        .layer(
+            orderflow_platform::grpc::EdgeLayer::new(Duration::from_millis(config.request_timeout_ms))
+                .with_body_timeout(config.fairness.body_timeout()),
+        )
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

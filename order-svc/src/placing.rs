@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use orderflow::orders::v1::PlaceOrderResponse;
-use orderflow_platform::outbox::{OutboxMessage, OutboxMode};
+use orderflow_platform::outbox::{Outbox, OutboxMessage};
 use prost::Message as _;
 use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -71,7 +71,7 @@ pub struct Committers {
     pub max_batch: usize,
     /// How the events reach the relay; None only in the chaos harness's naive mode (a dual
     /// write after the commit instead).
-    pub outbox: Option<OutboxMode>,
+    pub outbox: Option<Outbox>,
 }
 
 impl Placer {
@@ -136,7 +136,7 @@ async fn commit_loop(
             }
             batch
         };
-        commit(&pool, committers.outbox, batch).await;
+        commit(&pool, committers.outbox.as_ref(), batch).await;
     }
 }
 
@@ -144,7 +144,7 @@ async fn commit_loop(
 /// a reason one order can cause (data the database refuses), its halves are written apart,
 /// down to the placement at fault, which alone gets the error; if it fails for a reason every
 /// order shares (the database away), every caller gets it at once.
-async fn commit(pool: &PgPool, outbox: Option<OutboxMode>, batch: Vec<Job>) {
+async fn commit(pool: &PgPool, outbox: Option<&Outbox>, batch: Vec<Job>) {
     metrics::histogram!(orderflow_platform::telemetry::PLACE_ORDER_BATCH_SIZE).record(batch.len() as f64);
     let mut parts = vec![batch];
     while let Some(mut part) = parts.pop() {
@@ -294,7 +294,7 @@ async fn claim_keys(tx: &mut sqlx::PgConnection, placements: &[Placement]) -> Re
 /// as a whole (nothing of it committed).
 async fn write(
     pool: &PgPool,
-    outbox: Option<OutboxMode>,
+    outbox: Option<&Outbox>,
     placements: &[Placement],
 ) -> Result<Vec<Result<PlaceOutcome, StoreError>>, StoreError> {
     let mut tx = pool.begin().await?;

@@ -48,6 +48,9 @@ pub struct Config {
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,
+    /// The keys whose events it trusts (`EVENT_VERIFYING_KEYS`).
+    #[command(flatten)]
+    pub verifying: orderflow_platform::signing::VerifyingArgs,
 }
 
 /// Projects events into `order_read`.
@@ -274,41 +277,36 @@ impl Rows {
 
 impl Projector {
     /// Projects `events` (a unit's, each order's in their order): one check that every
-    /// OrderPlaced's order exists, then one upsert writing each order once, its events folded.
+    /// event's order exists, then one upsert writing each order once, its events folded.
     /// On failure, the index of the event that failed (`events.len()` when a statement for all
     /// of them failed).
     async fn project(
         tx: &mut Transaction<'static, Postgres>,
         events: &[&OpenedEvent],
     ) -> Result<(), (usize, HandlerError)> {
-        let placed: Vec<uuid::Uuid> = events
-            .iter()
-            .filter(|event| matches!(event.payload, Payload::OrderPlaced(_)))
-            .map(|event| event.aggregate_id)
+        // The read model answers GetOrder: it must never show an order this service did not
+        // place. The order's row committed before any event of it left an outbox (its
+        // OrderPlaced is written with it, and payment-svc acts only on that), so a genuine
+        // event always finds it; one that does not was written by someone else (a forgery
+        // that got past the signatures, a replay from another environment) and would
+        // otherwise create a row of its own through the upsert.
+        let ids: Vec<uuid::Uuid> = events.iter().map(|event| event.aggregate_id).collect();
+        let known: HashSet<uuid::Uuid> = sqlx::query_scalar("SELECT order_id FROM orders WHERE order_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(|error| (events.len(), error.into()))?
+            .into_iter()
             .collect();
-        if !placed.is_empty() {
-            // The read model answers GetOrder: it must never show an order this service did
-            // not place. The order's row committed before its event left the outbox, so a
-            // genuine OrderPlaced always finds it; one that does not was written to the
-            // topic by someone else (a forgery, a replay from another environment).
-            let known: HashSet<uuid::Uuid> = sqlx::query_scalar("SELECT order_id FROM orders WHERE order_id = ANY($1)")
-                .bind(&placed)
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(|error| (events.len(), error.into()))?
-                .into_iter()
-                .collect();
-            if let Some(at) = events.iter().position(|event| {
-                matches!(event.payload, Payload::OrderPlaced(_)) && !known.contains(&event.aggregate_id)
-            }) {
-                return Err((
-                    at,
-                    HandlerError::Permanent(format!(
-                        "OrderPlaced for order {} that the order service never placed",
-                        events[at].aggregate_id
-                    )),
-                ));
-            }
+        if let Some(at) = events.iter().position(|event| !known.contains(&event.aggregate_id)) {
+            return Err((
+                at,
+                HandlerError::Permanent(format!(
+                    "{} for order {} that the order service never placed",
+                    orderflow::envelope::event_type_of(&events[at].payload),
+                    events[at].aggregate_id
+                )),
+            ));
         }
         // Each order's events, in their order; the orders in the order of their first event.
         let mut by_order: Vec<(uuid::Uuid, Vec<&OpenedEvent>)> = Vec::new();
@@ -364,6 +362,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             orderflow_platform::kafka::Cluster::new(config.bootstrap_servers, &config.kafka_auth),
             config.group_id,
             config.topics,
+            config.verifying.verifier()?,
         )
     });
     consumer::run_reconnecting(settings, pool.clone(), Arc::new(Projector), shutdown).await?;

@@ -10,7 +10,7 @@ use orderflow::events::v1::event_envelope::Payload;
 use orderflow::events::v1::{OrderCancelled, OrderConfirmed};
 use orderflow::orders::v1::CancellationReason as WireReason;
 use orderflow_platform::consumer::{Fresh, Handler, HandlerError};
-use orderflow_platform::outbox::{self, OutboxMessage, OutboxMode};
+use orderflow_platform::outbox::{self, Outbox, OutboxMessage};
 use orderflow_platform::telemetry;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
@@ -91,21 +91,13 @@ fn settle(before: &Order, command: Command) -> Result<Option<Settlement>, String
 /// Consumes `payments.events`.
 pub struct PaymentEventsHandler {
     orders_topic: String,
-    outbox: OutboxMode,
+    outbox: Outbox,
 }
 
 impl PaymentEventsHandler {
-    /// A handler emitting order events for `orders_topic` through the outbox table.
-    pub fn new(orders_topic: String) -> Self {
-        Self {
-            orders_topic,
-            outbox: OutboxMode::Table,
-        }
-    }
-
-    /// Writes its events the `mode` way.
-    pub fn with_outbox_mode(self, mode: OutboxMode) -> Self {
-        Self { outbox: mode, ..self }
+    /// A handler emitting order events for `orders_topic` through `outbox`.
+    pub fn new(orders_topic: String, outbox: Outbox) -> Self {
+        Self { orders_topic, outbox }
     }
 
     /// Applies one command per order (a round of distinct orders, each with its index in the
@@ -155,7 +147,7 @@ impl PaymentEventsHandler {
                 event: message,
             })
             .collect();
-        let outcomes = store::transition_all_in(tx, &changes, self.outbox)
+        let outcomes = store::transition_all_in(tx, &changes, &self.outbox)
             .await
             .map_err(|error| (whole, store_error(error)))?;
         let mut settled = Vec::with_capacity(decided.len());
@@ -243,13 +235,13 @@ impl Handler for PaymentEventsHandler {
 pub async fn sweep(
     pool: PgPool,
     orders_topic: String,
-    outbox: OutboxMode,
+    outbox: Outbox,
     deadline: Duration,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
     loop {
-        match sweep_once(&pool, &orders_topic, outbox, deadline).await {
+        match sweep_once(&pool, &orders_topic, &outbox, deadline).await {
             Ok(0) => {}
             Ok(cancelled) => tracing::info!(cancelled, "sweeper cancelled overdue orders"),
             Err(error) => tracing::warn!(%error, "sweep failed; trying again next round"),
@@ -265,7 +257,7 @@ pub async fn sweep(
 pub async fn sweep_once(
     pool: &PgPool,
     orders_topic: &str,
-    outbox: OutboxMode,
+    outbox: &Outbox,
     deadline: Duration,
 ) -> Result<usize, StoreError> {
     let mut cancelled = 0;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use orderflow::orders::v1::PlaceOrderResponse;
-use orderflow_platform::outbox::{OutboxMessage, OutboxMode};
+use orderflow_platform::outbox::{Outbox, OutboxMessage};
 use sqlx::PgPool;
 
 use crate::domain::{
@@ -228,7 +228,7 @@ pub async fn transition(
     after: &Order,
     cancellation_reason: Option<&str>,
     event: &OutboxMessage,
-    outbox: OutboxMode,
+    outbox: &Outbox,
 ) -> Result<TransitionOutcome, StoreError> {
     let mut tx = pool.begin().await?;
     let outcome = transition_in(&mut tx, before, after, cancellation_reason, event, outbox).await?;
@@ -245,7 +245,7 @@ pub async fn transition_in(
     after: &Order,
     cancellation_reason: Option<&str>,
     event: &OutboxMessage,
-    outbox: OutboxMode,
+    outbox: &Outbox,
 ) -> Result<TransitionOutcome, StoreError> {
     let change = Transition {
         before,
@@ -277,7 +277,7 @@ pub struct Transition<'a> {
 pub async fn transition_all_in(
     tx: &mut sqlx::PgConnection,
     changes: &[Transition<'_>],
-    outbox: OutboxMode,
+    outbox: &Outbox,
 ) -> Result<Vec<TransitionOutcome>, StoreError> {
     if changes.is_empty() {
         return Ok(Vec::new());

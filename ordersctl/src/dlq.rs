@@ -6,6 +6,11 @@
 //! `dlq.redriven_from`. Every consumer group of that topic sees it again; their inboxes make
 //! it a no-op wherever it was already processed, so a redrive is safe to repeat, as long as
 //! it happens within the inbox retention (the deduplication window).
+//!
+//! A redrive republishes only what a trusted key of its producer signed (verified again here,
+//! as a consumer would): whoever may write a dead-letter topic cannot plant a record there
+//! for an operator to launder onto the main topic. What fails is counted as refused, named in
+//! the log, and left where it is.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -98,17 +103,29 @@ pub struct RedriveOptions {
 pub struct RedriveSummary {
     /// Dead letters that matched.
     pub matched: usize,
+    /// Distinct ones not republished: their event is not one a trusted key of its producer
+    /// signed (or not an event at all).
+    pub refused: usize,
     /// Distinct original records among them (several groups may have dead-lettered one record).
     pub distinct: usize,
     /// Records published again.
     pub republished: usize,
 }
 
-/// Redrives the dead letters of `dlq_topic` that match `options`.
+/// Whether `letter` holds an event a trusted key of its producer signed, keyed by its order.
+fn trust(letter: &DeadLetter, verifier: &orderflow_platform::signing::EventVerifier) -> anyhow::Result<()> {
+    let event = orderflow::envelope::open(&letter.payload)?;
+    verifier.verify(&letter.payload, &event, letter.key.as_deref())?;
+    Ok(())
+}
+
+/// Redrives the dead letters of `dlq_topic` that match `options` and whose event `verifier`
+/// trusts.
 pub async fn redrive(
     cluster: &orderflow_platform::kafka::Cluster,
     dlq_topic: &str,
     options: &RedriveOptions,
+    verifier: &orderflow_platform::signing::EventVerifier,
 ) -> anyhow::Result<RedriveSummary> {
     let letters = {
         let (cluster, topic) = (cluster.clone(), dlq_topic.to_owned());
@@ -131,8 +148,18 @@ pub async fn redrive(
         .collect();
     let mut seen = HashSet::new();
     let distinct: Vec<&DeadLetter> = matching.iter().copied().filter(|l| seen.insert(l.origin())).collect();
+    let (trusted, refused): (Vec<&DeadLetter>, Vec<&DeadLetter>) =
+        distinct.iter().copied().partition(|letter| match trust(letter, verifier) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(partition = letter.partition, offset = letter.offset, %why,
+                    "dead letter refused: not redriven");
+                false
+            }
+        });
     let mut summary = RedriveSummary {
         matched: matching.len(),
+        refused: refused.len(),
         distinct: distinct.len(),
         republished: 0,
     };
@@ -146,7 +173,7 @@ pub async fn redrive(
     )
     .create()?;
     let pause = (options.rate_per_sec > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(options.rate_per_sec)));
-    for letter in distinct {
+    for letter in trusted {
         let (topic, partition, offset) = letter.origin();
         if topic.is_empty() {
             anyhow::bail!(

@@ -361,6 +361,10 @@ enum DlqCommand {
         /// At most this many records a second.
         #[arg(long, default_value_t = 50)]
         rate: u32,
+        /// The event verifying keys (`<service>.<name>.pub`): only what a trusted key of its
+        /// producer signed is republished.
+        #[arg(long, env = "ORDERFLOW_EVENT_VERIFYING_KEYS")]
+        event_verifying_keys: std::path::PathBuf,
     },
 }
 
@@ -971,6 +975,7 @@ async fn dlq(cluster: &orderflow_platform::kafka::Cluster, command: DlqCommand) 
             key,
             dry_run,
             rate,
+            event_verifying_keys,
         } => {
             let options = dlq::RedriveOptions {
                 group,
@@ -978,7 +983,8 @@ async fn dlq(cluster: &orderflow_platform::kafka::Cluster, command: DlqCommand) 
                 dry_run,
                 rate_per_sec: rate,
             };
-            let summary = dlq::redrive(cluster, &topic, &options).await?;
+            let verifier = orderflow_platform::signing::EventVerifier::from_dir(&event_verifying_keys)?;
+            let summary = dlq::redrive(cluster, &topic, &options, &verifier).await?;
             println!("{}", serde_json::to_string(&summary)?);
         }
     }

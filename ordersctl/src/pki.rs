@@ -51,14 +51,51 @@ impl Pki {
     pub fn verification_key(&self) -> PathBuf {
         self.file("jwt-verification.pem")
     }
+
+    /// A producing service's event signing key (private: that service's alone).
+    pub fn event_signing_key(&self, service: &str) -> PathBuf {
+        self.file(&format!("events/{service}.key"))
+    }
+
+    /// The directory of the event verifying keys every consumer trusts (public).
+    pub fn event_verifying_keys(&self) -> PathBuf {
+        self.file("events/verifying")
+    }
 }
 
-/// Makes the PKI in `dir` unless it is there already (its CA exists); returns whether it
-/// made it.
+/// Makes what is missing of the producing services' event signing keys: for each, its
+/// private key and, in the verifying directory, its public key as `<service>.1.pub` (a
+/// rotation adds `<service>.2.pub`: docs/runbook.md). Returns whether it made any.
+pub fn init_event_keys(dir: &Path) -> anyhow::Result<bool> {
+    let pki = Pki::at(dir);
+    std::fs::create_dir_all(pki.event_verifying_keys())
+        .with_context(|| format!("creating {}", pki.event_verifying_keys().display()))?;
+    let mut made = false;
+    for service in [orderflow_platform::signing::ORDER_SVC, orderflow_platform::signing::PAYMENT_SVC] {
+        let private = pki.event_signing_key(service);
+        if private.exists() {
+            continue;
+        }
+        let pair = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+        write(
+            &pki.event_verifying_keys().join(format!("{service}.1.pub")),
+            &pair.public_key_pem(),
+            false,
+        )?;
+        // The private key last: its presence says the pair is complete.
+        write(&private, &pair.serialize_pem(), true)?;
+        made = true;
+    }
+    Ok(made)
+}
+
+/// Makes the PKI in `dir` unless it is there already (its CA exists), and the event signing
+/// keys that are missing (a stack made before events were signed gets them); returns whether
+/// it made anything.
 pub fn init(dir: &Path) -> anyhow::Result<bool> {
     let pki = Pki::at(dir);
     if pki.ca().exists() {
-        return Ok(false);
+        return init_event_keys(dir);
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
 
@@ -91,6 +128,7 @@ pub fn init(dir: &Path) -> anyhow::Result<bool> {
     let (private, public) = orderflow_platform::auth::generate_signing_key()?;
     write(&pki.signing_key(), &private, true)?;
     write(&pki.verification_key(), &public, false)?;
+    init_event_keys(dir)?;
     // The CA last: its presence says the PKI is complete.
     write(&pki.ca(), &ca_cert.pem(), false)?;
     Ok(true)

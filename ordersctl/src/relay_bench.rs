@@ -277,9 +277,15 @@ async fn write(
 ) -> anyhow::Result<HashMap<String, Vec<String>>> {
     const WRITERS: usize = 4;
     let transactions = count.div_ceil(per_tx);
+    // Signed as order-svc signs its events (the signing is part of a writer's cost), with a
+    // key of its own: the relay publishes what it holds without reading it.
+    let outbox = orderflow_platform::outbox::Outbox::new(
+        mode,
+        orderflow_platform::signing::EventSigner::ephemeral(orderflow_platform::signing::ORDER_SVC)?,
+    );
     let mut tasks = Vec::new();
     for writer in 0..WRITERS {
-        let (pool, topic) = (pool.clone(), topic.to_owned());
+        let (pool, topic, outbox) = (pool.clone(), topic.to_owned(), outbox.clone());
         // Each writer owns a disjoint set of keys: one key's events are committed one after
         // another, as one order's events are in the system.
         let keys: Vec<uuid::Uuid> = orders.iter().skip(writer).step_by(WRITERS).copied().collect();
@@ -302,7 +308,7 @@ async fn write(
                         .entry(order.to_string())
                         .or_default()
                         .push(message.envelope.message_id.clone());
-                    mode.write(&mut tx, &message).await?;
+                    outbox.write(&mut tx, &message).await?;
                 }
                 tx.commit().await?;
             }

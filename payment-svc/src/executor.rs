@@ -43,7 +43,7 @@ use orderflow::gateway::v1::gateway_service_client::GatewayServiceClient;
 use orderflow::gateway::v1::{AuthorizationStatus, AuthorizeRequest, CaptureRequest, VoidRequest};
 use orderflow::orders::v1::Money;
 use orderflow_platform::grpc::TracedChannel;
-use orderflow_platform::outbox::{self, OutboxMessage, OutboxMode};
+use orderflow_platform::outbox::{self, Outbox, OutboxMessage};
 use orderflow_platform::telemetry;
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -235,7 +235,7 @@ pub struct Executor {
     gateway: GatewayServiceClient<TracedChannel>,
     gateway_timeout: Duration,
     payments_topic: String,
-    outbox: OutboxMode,
+    outbox: Outbox,
     concurrency: usize,
     wake: Arc<Notify>,
     /// Payments handed over by this process's consumer, already leased to it.
@@ -254,7 +254,7 @@ impl Executor {
         gateway: tonic::transport::Channel,
         gateway_timeout: Duration,
         payments_topic: String,
-        outbox: OutboxMode,
+        outbox: Outbox,
         concurrency: usize,
         handed: mpsc::UnboundedReceiver<Owed>,
         wake: Arc<Notify>,

@@ -102,6 +102,12 @@ pub struct Config {
     /// How its events reach the relay (`OUTBOX_MODE`).
     #[command(flatten)]
     pub outbox: orderflow_platform::outbox::OutboxArgs,
+    /// The key it signs its events with (`EVENT_SIGNING_KEY`).
+    #[command(flatten)]
+    pub signing: orderflow_platform::signing::SigningArgs,
+    /// The keys whose events its consumer trusts (`EVENT_VERIFYING_KEYS`).
+    #[command(flatten)]
+    pub verifying: orderflow_platform::signing::VerifyingArgs,
     /// Apply the migrations at start-up.
     #[arg(long, env = "PAYMENT_SVC_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -211,7 +217,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         channel,
         gateway_timeout,
         config.payments_topic.clone(),
-        config.outbox.mode,
+        orderflow_platform::outbox::Outbox::new(
+            config.outbox.mode,
+            config.signing.signer(orderflow_platform::signing::PAYMENT_SVC)?,
+        ),
         config.gateway_concurrency,
         handed,
         wake.clone(),
@@ -228,6 +237,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             orderflow_platform::kafka::Cluster::new(config.bootstrap_servers, &config.kafka_auth),
             config.group_id,
             vec![config.orders_topic],
+            config.verifying.verifier()?,
         )
     });
     // Everything stops on `stop`: the caller's shutdown, or the consumer's death (a process

@@ -47,6 +47,22 @@ struct Claims {
     aud: String,
     iat: u64,
     exp: u64,
+    /// Not before: a token issued for later is refused until then (within the leeway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
+}
+
+impl Caller {
+    /// The caller as one party for fair sharing (crate::fairness): `customer:42`,
+    /// `operator:alice`; `anonymous` for a call without a caller (a development server without
+    /// tokens).
+    pub fn party(caller: Option<&Self>) -> String {
+        match caller {
+            Some(Self::Customer(id)) => format!("customer:{id}"),
+            Some(Self::Operator(name)) => format!("operator:{name}"),
+            None => "anonymous".to_owned(),
+        }
+    }
 }
 
 /// Why a token is refused. Every variant answers UNAUTHENTICATED; the reason is logged,
@@ -60,6 +76,9 @@ pub enum AuthError {
     #[error("invalid token: {0}")]
     Invalid(String),
 }
+
+/// How far apart the issuer's and the verifier's clocks may be, in seconds, for `exp` and `nbf`.
+pub const LEEWAY_SECS: u64 = 5;
 
 /// Verifies tokens with the identity provider's public key.
 #[derive(Clone)]
@@ -84,7 +103,10 @@ impl Verifier {
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.leeway = 5;
+        // `nbf`, where a token has one, is held to the same bounded leeway as `exp` (clocks
+        // a few seconds apart), no more.
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY_SECS;
         Ok(Self { key, validation })
     }
 
@@ -156,6 +178,7 @@ impl Issuer {
             aud: AUDIENCE.to_owned(),
             iat: now,
             exp: now + ttl.as_secs(),
+            nbf: Some(now),
         };
         Ok(jsonwebtoken::encode(
             &Header::new(Algorithm::EdDSA),
@@ -169,4 +192,44 @@ impl Issuer {
 pub fn generate_signing_key() -> anyhow::Result<(String, String)> {
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
     Ok((pair.serialize_pem(), pair.public_key_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(pem: &str, nbf: u64) -> String {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let claims = Claims {
+            sub: "customer:42".to_owned(),
+            role: Role::Customer,
+            iss: ISSUER.to_owned(),
+            aud: AUDIENCE.to_owned(),
+            iat: now,
+            exp: now + 300,
+            nbf: Some(now + nbf),
+        };
+        let key = EncodingKey::from_ed_pem(pem.as_bytes()).unwrap();
+        jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn a_token_is_refused_before_its_not_before_time_beyond_the_leeway() {
+        let (private, public) = generate_signing_key().unwrap();
+        let verifier = Verifier::from_public_pem(public.as_bytes()).unwrap();
+        assert!(matches!(verifier.verify(&token(&private, 0)), Ok(Caller::Customer(42))));
+        // A clock a little ahead of ours: within the leeway.
+        assert!(verifier.verify(&token(&private, LEEWAY_SECS - 2)).is_ok());
+        let early = verifier.verify(&token(&private, 60));
+        assert!(
+            matches!(&early, Err(AuthError::Invalid(reason)) if reason.contains("ImmatureSignature")),
+            "{early:?}"
+        );
+        // What the issuer here signs carries its nbf, and is valid at once.
+        let issued = Issuer::from_private_pem(private.as_bytes())
+            .unwrap()
+            .issue(&Caller::Operator("ops".to_owned()), Duration::from_secs(60))
+            .unwrap();
+        assert!(verifier.verify(&issued).is_ok());
+    }
 }

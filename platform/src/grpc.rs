@@ -13,6 +13,11 @@
 //!   call's spans (and so the order's events, which carry the trace on) part of the caller's
 //!   trace.
 //!
+//! - **A body that arrives in time**: with [`EdgeLayer::with_body_timeout`], a unary request
+//!   whose body has not fully arrived that long after its headers fails to decode with
+//!   DEADLINE_EXCEEDED, instead of holding its stream until the whole deadline (the server's
+//!   permits are taken by the handlers, after the body: crate::fairness).
+//!
 //! Deadlines a client sets (`grpc-timeout`) are enforced by tonic before this layer sees the
 //! request; the client then reports DEADLINE_EXCEEDED itself.
 
@@ -30,12 +35,25 @@ use crate::telemetry;
 #[derive(Debug, Clone, Copy)]
 pub struct EdgeLayer {
     deadline: Duration,
+    body_timeout: Option<Duration>,
 }
 
 impl EdgeLayer {
     /// Every call is answered within `deadline`.
     pub fn new(deadline: Duration) -> Self {
-        Self { deadline }
+        Self {
+            deadline,
+            body_timeout: None,
+        }
+    }
+
+    /// A unary request's body must arrive within `timeout` of its headers (the streaming
+    /// reflection service, whose client keeps its request stream open, is exempt).
+    pub fn with_body_timeout(self, timeout: Duration) -> Self {
+        Self {
+            body_timeout: Some(timeout),
+            ..self
+        }
     }
 }
 
@@ -46,6 +64,7 @@ impl<S> tower::Layer<S> for EdgeLayer {
         Edge {
             inner,
             deadline: self.deadline,
+            body_timeout: self.body_timeout,
         }
     }
 }
@@ -55,16 +74,19 @@ impl<S> tower::Layer<S> for EdgeLayer {
 pub struct Edge<S> {
     inner: S,
     deadline: Duration,
+    body_timeout: Option<Duration>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S, RequestBody, ResponseBody> tower::Service<http::Request<RequestBody>> for Edge<S>
+impl<S, ResponseBody> tower::Service<http::Request<tonic::body::Body>> for Edge<S>
 where
-    S: tower::Service<http::Request<RequestBody>, Response = http::Response<ResponseBody>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResponseBody>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    RequestBody: Send + 'static,
     ResponseBody: Default + Send + 'static,
 {
     type Response = http::Response<ResponseBody>;
@@ -75,12 +97,18 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         // The clone that was polled ready serves this call; the fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let deadline = self.deadline;
         let method = method_of(request.uri().path());
+        let request = match self.body_timeout {
+            Some(timeout) if !request.uri().path().starts_with("/grpc.reflection.") => {
+                request.map(|body| tonic::body::Body::new(BodyInTime::new(body, timeout)))
+            }
+            _ => request,
+        };
         let span = tracing::info_span!("grpc", rpc.method = %method, rpc.grpc.status_code = tracing::field::Empty);
         if let Some(traceparent) = request
             .headers()
@@ -105,6 +133,65 @@ where
             metrics::histogram!(telemetry::GRPC_DURATION, "method" => method).record(started.elapsed().as_secs_f64());
             Ok(response)
         })
+    }
+}
+
+/// A request body that fails with DEADLINE_EXCEEDED if it has not ended `timeout` after the
+/// request's headers arrived.
+struct BodyInTime {
+    inner: tonic::body::Body,
+    timeout: Duration,
+    expires: Pin<Box<tokio::time::Sleep>>,
+    ended: bool,
+}
+
+impl BodyInTime {
+    fn new(inner: tonic::body::Body, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            expires: Box::pin(tokio::time::sleep(timeout)),
+            ended: false,
+        }
+    }
+}
+
+impl http_body::Body for BodyInTime {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame)),
+            Poll::Pending => match self.expires.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.ended = true;
+                    Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                        "the request's body did not arrive within {:?} of its headers",
+                        self.timeout
+                    )))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

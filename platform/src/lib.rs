@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod chaos;
+pub mod fairness;
 pub mod consumer;
 pub mod grpc;
 pub mod health;
@@ -14,6 +15,7 @@ pub mod outbox;
 pub mod retry;
 pub mod secret;
 pub mod security;
+pub mod signing;
 pub mod telemetry;
 
 use std::time::Duration;

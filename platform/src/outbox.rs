@@ -15,7 +15,8 @@
 use orderflow::envelope::{EventMeta, headers, seal};
 use orderflow::events::v1::EventEnvelope;
 use orderflow::events::v1::event_envelope::Payload;
-use prost::Message as _;
+
+use crate::signing::EventSigner;
 
 /// One event ready to be published.
 #[derive(Debug, Clone)]
@@ -41,26 +42,41 @@ pub enum OutboxMode {
     WalMessage,
 }
 
-impl OutboxMode {
-    /// Writes `message` the chosen way, inside the caller's transaction: it exists for the
-    /// relay exactly when the transaction commits.
-    pub async fn write(self, tx: &mut sqlx::PgConnection, message: &OutboxMessage) -> Result<(), sqlx::Error> {
-        match self {
-            Self::Table => insert(tx, message).await,
-            Self::WalMessage => emit(tx, message).await,
-        }
-    }
+/// A service's outbox: where its events go (the mode) and the key it signs them with. The one
+/// way a service writes an event: every envelope it writes is signed ([`crate::signing`]).
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    mode: OutboxMode,
+    signer: EventSigner,
 }
 
-impl OutboxMode {
-    /// Writes `messages` the chosen way in one statement, inside the caller's transaction.
-    pub async fn write_all(self, tx: &mut sqlx::PgConnection, messages: &[OutboxMessage]) -> Result<(), sqlx::Error> {
+impl Outbox {
+    /// Events written the `mode` way, signed by `signer`.
+    pub fn new(mode: OutboxMode, signer: EventSigner) -> Self {
+        Self { mode, signer }
+    }
+
+    /// How the events reach the relay.
+    pub fn mode(&self) -> OutboxMode {
+        self.mode
+    }
+
+    /// Writes `message` inside the caller's transaction: it exists for the relay exactly when
+    /// the transaction commits.
+    pub async fn write(&self, tx: &mut sqlx::PgConnection, message: &OutboxMessage) -> Result<(), sqlx::Error> {
+        self.write_all(tx, std::slice::from_ref(message)).await
+    }
+
+    /// Writes `messages` in one statement, inside the caller's transaction, each signed.
+    pub async fn write_all(&self, tx: &mut sqlx::PgConnection, messages: &[OutboxMessage]) -> Result<(), sqlx::Error> {
         if messages.is_empty() {
             return Ok(());
         }
-        match self {
-            Self::Table => insert_all(tx, messages).await,
-            Self::WalMessage => emit_all(tx, messages).await,
+        let _spans = write_spans(messages, self.mode);
+        let sealed: Vec<Vec<u8>> = messages.iter().map(|m| self.signer.seal(&m.envelope)).collect();
+        match self.mode {
+            OutboxMode::Table => insert_all(tx, messages, &sealed).await,
+            OutboxMode::WalMessage => emit_all(tx, messages, &sealed).await,
         }
     }
 }
@@ -75,47 +91,15 @@ pub struct OutboxArgs {
     pub mode: OutboxMode,
 }
 
-/// Writes the message into the WAL as a transactional logical decoding message, inside the
-/// caller's transaction (a span of its own). Decoded only once the transaction commits, and
-/// never if it rolls back.
-#[tracing::instrument(name = "outbox_write", skip_all, fields(event_type = %message.envelope.event_type, mode = "wal-message"))]
-pub async fn emit(tx: &mut sqlx::PgConnection, message: &OutboxMessage) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_logical_emit_message(true, $1, $2)::text")
-        .bind(format!("{WAL_MESSAGE_PREFIX}{}", message.topic))
-        .bind(message.envelope.encode_to_vec())
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
-}
-
-/// Inserts the message into the outbox, inside the caller's transaction (a span of its own). The insert fires
-/// a NOTIFY (a trigger in the migration) that wakes the relay when the transaction commits.
-#[tracing::instrument(name = "outbox_write", skip_all, fields(event_type = %message.envelope.event_type))]
-pub async fn insert(tx: &mut sqlx::PgConnection, message: &OutboxMessage) -> Result<(), sqlx::Error> {
-    let envelope = &message.envelope;
-    let message_id =
-        uuid::Uuid::parse_str(&envelope.message_id).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-    sqlx::query(
-        "INSERT INTO outbox (message_id, topic, partition_key, event_type, schema_version, traceparent, payload)
-         VALUES ($1, $2, $3, $4, $5, NULLIF($6, ''), $7)",
-    )
-    .bind(message_id)
-    .bind(&message.topic)
-    .bind(&envelope.aggregate_id)
-    .bind(&envelope.event_type)
-    .bind(i32::try_from(envelope.schema_version).unwrap_or(i32::MAX))
-    .bind(&envelope.traceparent)
-    .bind(envelope.encode_to_vec())
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
 /// One `outbox_write` span per message, each in the trace of what caused it (the span its
 /// envelope's traceparent names): a batch's statement writes the events of many orders, and
 /// each order's trace shows the write of its own event, with how many shared the statement.
 /// The spans end when the caller drops them, after the statement.
-fn write_spans(messages: &[OutboxMessage], mode: &'static str) -> Vec<tracing::Span> {
+fn write_spans(messages: &[OutboxMessage], mode: OutboxMode) -> Vec<tracing::Span> {
+    let mode = match mode {
+        OutboxMode::Table => "table",
+        OutboxMode::WalMessage => "wal-message",
+    };
     messages
         .iter()
         .map(|message| {
@@ -128,16 +112,20 @@ fn write_spans(messages: &[OutboxMessage], mode: &'static str) -> Vec<tracing::S
         .collect()
 }
 
-/// [`insert`] for many messages, in one statement (their ids in the given order).
-pub async fn insert_all(tx: &mut sqlx::PgConnection, messages: &[OutboxMessage]) -> Result<(), sqlx::Error> {
-    let _spans = write_spans(messages, "table");
+/// Inserts `messages` (their `sealed` bytes) into the outbox table in one statement, their ids
+/// in the given order. The insert fires a NOTIFY (a trigger in the migration) that wakes the
+/// relay when the transaction commits.
+async fn insert_all(
+    tx: &mut sqlx::PgConnection,
+    messages: &[OutboxMessage],
+    sealed: &[Vec<u8>],
+) -> Result<(), sqlx::Error> {
     let mut message_ids = Vec::with_capacity(messages.len());
     let mut topics = Vec::with_capacity(messages.len());
     let mut keys = Vec::with_capacity(messages.len());
     let mut event_types = Vec::with_capacity(messages.len());
     let mut versions = Vec::with_capacity(messages.len());
     let mut traceparents = Vec::with_capacity(messages.len());
-    let mut payloads = Vec::with_capacity(messages.len());
     for message in messages {
         let envelope = &message.envelope;
         message_ids
@@ -147,7 +135,6 @@ pub async fn insert_all(tx: &mut sqlx::PgConnection, messages: &[OutboxMessage])
         event_types.push(envelope.event_type.as_str());
         versions.push(i32::try_from(envelope.schema_version).unwrap_or(i32::MAX));
         traceparents.push(envelope.traceparent.as_str());
-        payloads.push(envelope.encode_to_vec());
     }
     sqlx::query(
         "INSERT INTO outbox (message_id, topic, partition_key, event_type, schema_version, traceparent, payload)
@@ -162,26 +149,30 @@ pub async fn insert_all(tx: &mut sqlx::PgConnection, messages: &[OutboxMessage])
     .bind(&event_types)
     .bind(&versions)
     .bind(&traceparents)
-    .bind(&payloads)
+    .bind(sealed)
     .execute(&mut *tx)
     .await?;
     Ok(())
 }
 
-/// [`emit`] for many messages, in one statement, in the given order.
-pub async fn emit_all(tx: &mut sqlx::PgConnection, messages: &[OutboxMessage]) -> Result<(), sqlx::Error> {
-    let _spans = write_spans(messages, "wal-message");
+/// Writes `messages` (their `sealed` bytes) into the WAL as transactional logical decoding
+/// messages in one statement, in the given order: decoded only once the transaction commits,
+/// and never if it rolls back.
+async fn emit_all(
+    tx: &mut sqlx::PgConnection,
+    messages: &[OutboxMessage],
+    sealed: &[Vec<u8>],
+) -> Result<(), sqlx::Error> {
     let prefixes: Vec<String> = messages
         .iter()
         .map(|message| format!("{WAL_MESSAGE_PREFIX}{}", message.topic))
         .collect();
-    let contents: Vec<Vec<u8>> = messages.iter().map(|m| m.envelope.encode_to_vec()).collect();
     sqlx::query(
         "SELECT pg_logical_emit_message(true, p, c)::text
          FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(p, c, n) ORDER BY n",
     )
     .bind(&prefixes)
-    .bind(&contents)
+    .bind(sealed)
     .execute(&mut *tx)
     .await?;
     Ok(())

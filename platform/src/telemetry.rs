@@ -61,6 +61,11 @@ pub const CONSUMER_ASSIGNED: &str = "orderflow_consumer_assigned_partitions";
 pub const CONSUMER_RECONNECTS: &str = "orderflow_consumer_reconnects_total";
 /// Rebalances seen by a consumer, by `group` and `kind` (assign, revoke).
 pub const CONSUMER_REBALANCES: &str = "orderflow_consumer_rebalances_total";
+/// Counter: records whose event no trusted key of its producer signed, dead-lettered and never
+/// acted on, by `group` and `reason` (unsigned, unknown_key, wrong_producer, bad_signature,
+/// key_mismatch). Anything above 0 is someone writing events who should not (the
+/// EventSignatureRejected alert), or a key rotation done out of order.
+pub const EVENTS_REJECTED: &str = "orderflow_events_rejected_total";
 /// Messages behind the high watermark, by `group`, `topic` and `partition`.
 pub const CONSUMER_LAG: &str = "orderflow_consumer_lag_messages";
 /// Placed → CONFIRMED or CANCELLED, by `status`.

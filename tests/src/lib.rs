@@ -184,6 +184,72 @@ pub async fn fresh_topic(partitions: i32) -> String {
     name
 }
 
+/// The tests' event keys: each producing service's signing key and the verifying keys every
+/// consumer of a test trusts, as files (what the services' configurations name) and loaded.
+/// Made once per test process, like a stack's (`ordersctl pki`).
+pub struct EventKeys {
+    /// The directory (`events/<service>.key`, `events/verifying/<service>.1.pub`).
+    pub dir: std::path::PathBuf,
+    /// order-svc's signer.
+    pub order_svc: orderflow_platform::signing::EventSigner,
+    /// payment-svc's signer.
+    pub payment_svc: orderflow_platform::signing::EventSigner,
+    /// A verifier trusting both.
+    pub verifier: orderflow_platform::signing::EventVerifier,
+}
+
+impl EventKeys {
+    /// A producing service's signing key file.
+    pub fn signing_key(&self, service: &str) -> std::path::PathBuf {
+        ordersctl::pki::Pki::at(&self.dir).event_signing_key(service)
+    }
+
+    /// The verifying keys' directory.
+    pub fn verifying_keys(&self) -> std::path::PathBuf {
+        ordersctl::pki::Pki::at(&self.dir).event_verifying_keys()
+    }
+
+    /// A service's signing configuration.
+    pub fn signing_args(&self, service: &str) -> orderflow_platform::signing::SigningArgs {
+        orderflow_platform::signing::SigningArgs {
+            event_signing_key: self.signing_key(service),
+        }
+    }
+
+    /// A consumer's verifying configuration.
+    pub fn verifying_args(&self) -> orderflow_platform::signing::VerifyingArgs {
+        orderflow_platform::signing::VerifyingArgs {
+            event_verifying_keys: Some(self.verifying_keys()),
+        }
+    }
+
+    /// `envelope` as order-svc (order events) or payment-svc (payment events) writes it.
+    pub fn seal(&self, envelope: &orderflow::events::v1::EventEnvelope) -> Vec<u8> {
+        let payload = envelope.payload.as_ref().expect("an envelope with its event");
+        match orderflow_platform::signing::producer_of(payload) {
+            orderflow_platform::signing::ORDER_SVC => self.order_svc.seal(envelope),
+            _ => self.payment_svc.seal(envelope),
+        }
+    }
+}
+
+/// The test process's [`EventKeys`].
+pub fn event_keys() -> &'static EventKeys {
+    static KEYS: OnceLock<EventKeys> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        use orderflow_platform::signing::{EventSigner, EventVerifier, ORDER_SVC, PAYMENT_SVC};
+        let dir = std::env::temp_dir().join(format!("orderflow-test-keys-{}", uuid::Uuid::now_v7().simple()));
+        ordersctl::pki::init_event_keys(&dir).expect("the tests' event keys");
+        let pki = ordersctl::pki::Pki::at(&dir);
+        EventKeys {
+            order_svc: EventSigner::from_file(ORDER_SVC, &pki.event_signing_key(ORDER_SVC)).unwrap(),
+            payment_svc: EventSigner::from_file(PAYMENT_SVC, &pki.event_signing_key(PAYMENT_SVC)).unwrap(),
+            verifier: EventVerifier::from_dir(&pki.event_verifying_keys()).unwrap(),
+            dir,
+        }
+    })
+}
+
 /// gateway-sim's settings for a test: its database, its address, its initial faults and its
 /// transport security.
 pub fn gateway_config(
@@ -206,6 +272,7 @@ pub fn gateway_config(
         seed: faults.seed,
         migrate: false,
         security,
+        fairness: Default::default(),
     }
 }
 
@@ -258,6 +325,7 @@ pub async fn start_order_svc_with(
         idempotency_retention_hours: 24,
         request_timeout_ms: 5_000,
         max_concurrent_requests: 64,
+        fairness: Default::default(),
         migrate: false,
         bootstrap_servers: None,
         kafka_auth: stack().kafka_auth(),
@@ -270,6 +338,8 @@ pub async fn start_order_svc_with(
         max_order_total: orderflow::money::TotalLimits::default(),
         consumer: Default::default(),
         outbox: Default::default(),
+        signing: event_keys().signing_args(orderflow_platform::signing::ORDER_SVC),
+        verifying: event_keys().verifying_args(),
         security: orderflow_platform::security::ServerSecurityArgs::insecure(),
         placing: Default::default(),
     };

@@ -167,6 +167,7 @@ impl Saga {
             inbox_retention_hours: 168,
             instance_id: None,
             consumer: Default::default(),
+            verifying: crate::event_keys().verifying_args(),
             kafka_auth: stack().kafka_auth(),
         };
         tasks.push(spawn_logged(
@@ -182,6 +183,7 @@ impl Saga {
             instance_id: None,
             inbox_retention_hours: 168,
             consumer: Default::default(),
+            verifying: crate::event_keys().verifying_args(),
             kafka_auth: stack().kafka_auth(),
         };
         tasks.push(spawn_logged(
@@ -238,6 +240,8 @@ impl Saga {
                 ..Default::default()
             },
             outbox: Default::default(),
+            signing: crate::event_keys().signing_args(orderflow_platform::signing::PAYMENT_SVC),
+            verifying: crate::event_keys().verifying_args(),
             kafka_auth: stack().kafka_auth(),
             authorization_deadline_ms: u64::try_from(self.options.authorization_deadline.as_millis())
                 .unwrap_or(u64::MAX),
@@ -266,6 +270,17 @@ impl Saga {
             ),
             ("PAYMENT_SVC_MIGRATE", "false".into()),
             ("PAYMENT_SVC_SWEEP_INTERVAL_MS", "200".into()),
+            (
+                "EVENT_SIGNING_KEY",
+                crate::event_keys()
+                    .signing_key(orderflow_platform::signing::PAYMENT_SVC)
+                    .display()
+                    .to_string(),
+            ),
+            (
+                "EVENT_VERIFYING_KEYS",
+                crate::event_keys().verifying_keys().display().to_string(),
+            ),
             (
                 "PAYMENT_SVC_AUTHORIZATION_DEADLINE_MS",
                 self.options.authorization_deadline.as_millis().to_string(),

@@ -8,7 +8,12 @@ END
 $$;
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM gateway_sim;
 GRANT USAGE ON SCHEMA public TO gateway_sim;
-GRANT SELECT, INSERT, UPDATE ON idempotency_keys, authorizations TO gateway_sim;
+-- UPDATE names its columns: a key's operation, fingerprint and expiry (its retention, which
+-- the purge counts on) and an authorization's order, amount and currency never change once
+-- written; the ledger is append-only.
+GRANT SELECT, INSERT ON idempotency_keys, authorizations TO gateway_sim;
+GRANT UPDATE (attempts, response) ON idempotency_keys TO gateway_sim;
+GRANT UPDATE (state, captured_minor, updated_at) ON authorizations TO gateway_sim;
 GRANT INSERT ON ledger TO gateway_sim;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO gateway_sim;
 GRANT EXECUTE ON FUNCTION purge_expired_keys(float8, integer) TO gateway_sim;

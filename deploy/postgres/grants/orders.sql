@@ -18,7 +18,14 @@ $$;
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM order_svc, orders_relay, orders_projector;
 GRANT USAGE ON SCHEMA public TO order_svc, orders_relay, orders_projector;
 
-GRANT SELECT, INSERT, UPDATE ON orders, idempotency_keys TO order_svc;
+-- UPDATE names its columns where a table's promise depends on the others: an order's
+-- customer, items, total and creation time (the saga deadline's start) never change once
+-- written. An idempotency key's columns may all be rewritten, but only once it has expired
+-- (the insert reclaims an expired key): a trigger (migrations/orders/0010) refuses any change
+-- to a live key, so its retention cannot be shortened before the purge.
+GRANT SELECT, INSERT ON orders, idempotency_keys TO order_svc;
+GRANT UPDATE (status, saga_state, cancellation_reason, version, updated_at, settled_at) ON orders TO order_svc;
+GRANT UPDATE (request_fingerprint, order_id, response, created_at, expires_at) ON idempotency_keys TO order_svc;
 GRANT SELECT, INSERT ON order_items, inbox TO order_svc;
 GRANT INSERT ON outbox TO order_svc;
 GRANT SELECT ON order_read TO order_svc;

@@ -10,7 +10,10 @@ $$;
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM payment_svc, payments_relay;
 GRANT USAGE ON SCHEMA public TO payment_svc, payments_relay;
 
-GRANT SELECT, INSERT, UPDATE ON payments TO payment_svc;
+-- A payment's order, id, amount, currency and creation time never change once written.
+GRANT SELECT, INSERT ON payments TO payment_svc;
+GRANT UPDATE (state, correlation_id, causation_id, traceparent, payment_token, lease_until, attempts,
+              last_error, version, updated_at, authorization_id, failure_reason) ON payments TO payment_svc;
 GRANT SELECT, INSERT ON inbox TO payment_svc;
 GRANT INSERT ON outbox TO payment_svc;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO payment_svc;

@@ -14,6 +14,7 @@ use orderflow::orders::v1::{
     GetOrderRequest, GetOrderResponse, OrderStatus as WireStatus, PlaceOrderRequest, PlaceOrderResponse,
 };
 use orderflow_platform::auth::Caller;
+use orderflow_platform::fairness::{CallPermit, Callers};
 use orderflow_platform::outbox::OutboxMessage;
 use orderflow_platform::telemetry;
 use prost::Message as _;
@@ -41,11 +42,13 @@ pub struct OrderApi {
     /// The chaos harness's naive mode only: PlaceOrder publishes to Kafka itself after its
     /// commit (a dual write) instead of writing the outbox row.
     dual_write: Option<DualWrite>,
+    /// The server's permits and each caller's share, taken once a request has arrived.
+    callers: Callers,
 }
 
 /// The naive mode's producer.
 #[derive(Clone)]
-struct DualWrite(rdkafka::producer::FutureProducer);
+struct DualWrite(rdkafka::producer::FutureProducer, orderflow_platform::signing::EventSigner);
 
 impl std::fmt::Debug for DualWrite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,6 +66,7 @@ impl OrderApi {
         limits: TotalLimits,
         placer: Placer,
         admission: Admission,
+        callers: Callers,
     ) -> Self {
         Self {
             pool,
@@ -72,12 +76,29 @@ impl OrderApi {
             placer,
             admission,
             dual_write: None,
+            callers,
         }
     }
 
+    /// Lets a call of `caller` in (its request has arrived: tonic decoded it), or refuses it
+    /// at once when that caller already has its share in flight.
+    async fn enter(&self, caller: Option<&Caller>) -> Result<CallPermit, ApiError> {
+        self.callers
+            .enter(&Caller::party(caller))
+            .await
+            .map_err(|refused| ApiError::Overloaded {
+                message: refused.to_string(),
+                retry_after: Duration::from_millis(100),
+            })
+    }
+
     /// The chaos harness's naive mode: publish from the request instead of the outbox.
-    pub fn with_dual_write(mut self, producer: rdkafka::producer::FutureProducer) -> Self {
-        self.dual_write = Some(DualWrite(producer));
+    pub fn with_dual_write(
+        mut self,
+        producer: rdkafka::producer::FutureProducer,
+        signer: orderflow_platform::signing::EventSigner,
+    ) -> Self {
+        self.dual_write = Some(DualWrite(producer, signer));
         self
     }
 
@@ -163,11 +184,11 @@ impl OrderApi {
         self.admission.observe(started.elapsed());
         match placed? {
             PlaceOutcome::Created(response) => {
-                if let Some(DualWrite(producer)) = &self.dual_write {
+                if let Some(DualWrite(producer, signer)) = &self.dual_write {
                     // The textbook mistake: the order is committed; if this publish fails or
                     // the process dies before it, the event is lost and nothing retries it.
                     let envelope = &event.envelope;
-                    let payload = envelope.encode_to_vec();
+                    let payload = signer.seal(envelope);
                     let version = envelope.schema_version.to_string();
                     let headers = orderflow_platform::outbox::record_headers(
                         &envelope.message_id,
@@ -269,7 +290,11 @@ impl OrderService for OrderApi {
             trace_id = tracing::field::Empty
         );
         let caller = request.extensions().get::<Caller>().cloned();
-        respond(self.place_order(caller, request.into_inner()).instrument(span).await)
+        let call = async {
+            let _permit = self.enter(caller.as_ref()).await?;
+            self.place_order(caller, request.into_inner()).await
+        };
+        respond(call.instrument(span).await)
     }
 
     async fn get_order(
@@ -278,6 +303,10 @@ impl OrderService for OrderApi {
     ) -> Result<tonic::Response<GetOrderResponse>, tonic::Status> {
         let span = tracing::info_span!("GetOrder", order_id = tracing::field::Empty);
         let caller = request.extensions().get::<Caller>().cloned();
-        respond(self.get_order(caller, request.into_inner()).instrument(span).await)
+        let call = async {
+            let _permit = self.enter(caller.as_ref()).await?;
+            self.get_order(caller, request.into_inner()).await
+        };
+        respond(call.instrument(span).await)
     }
 }

@@ -382,6 +382,12 @@ async fn run_script(
 ) -> anyhow::Result<PgbenchResult> {
     let script_path = std::env::temp_dir().join(format!("orderflow-pgbench-{name}-{}.sql", std::process::id()));
     std::fs::write(&script_path, script)?;
+    // The password goes in pgbench's environment (only its owner reads it), never on its
+    // command line (every local user can: /proc/PID/cmdline).
+    let mut url = url::Url::parse(url).context("the pgbench database URL")?;
+    let password = url.password().map(str::to_owned);
+    let _ = url.set_password(None);
+    let url = url.to_string();
     let args = [
         "-n".to_owned(),
         "-f".to_owned(),
@@ -403,7 +409,14 @@ async fn run_script(
     let output = tokio::task::spawn_blocking({
         let pgbench = pgbench.to_owned();
         let args = args.clone();
-        move || Command::new(pgbench).args(args).output()
+        move || {
+            let mut command = Command::new(pgbench);
+            command.args(args);
+            if let Some(password) = password {
+                command.env("PGPASSWORD", password);
+            }
+            command.output()
+        }
     })
     .await??;
     let pgbench_ticks = super::probe::children_ticks().saturating_sub(children_before);

@@ -52,6 +52,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::signing::EventVerifier;
 use crate::{kafka, telemetry};
 use source::Progress;
 pub use unit::Outcome;
@@ -85,11 +86,24 @@ impl Incoming {
         }
     }
 
-    /// Decodes the envelope (a contract error is permanent) and records its correlation id on
-    /// the current span, so every log line about this message carries it.
-    pub fn open(&self) -> Result<orderflow::envelope::OpenedEvent, HandlerError> {
+    /// Decodes the envelope (a contract error is permanent), checks that a trusted key of the
+    /// service that produces its type signed it and that the record's key is its order (else
+    /// permanent too: counted in `orderflow_events_rejected_total` and dead-lettered, never
+    /// acted on), and records its correlation id on the current span, so every log line about
+    /// this message carries it. The one place a consumer opens a record.
+    pub fn open(
+        &self,
+        verifier: &EventVerifier,
+        group: &str,
+    ) -> Result<orderflow::envelope::OpenedEvent, HandlerError> {
         let event =
             orderflow::envelope::open(&self.payload).map_err(|error| HandlerError::Permanent(error.to_string()))?;
+        if let Err(untrusted) = verifier.verify(&self.payload, &event, self.key.as_deref()) {
+            metrics::counter!(telemetry::EVENTS_REJECTED, "group" => group.to_owned(), "reason" => untrusted.label())
+                .increment(1);
+            tracing::error!(reason = %untrusted, message_id = %event.message_id, "an event no trusted key signed: dead-lettered, not acted on");
+            return Err(HandlerError::Permanent(format!("untrusted event: {untrusted}")));
+        }
         tracing::Span::current().record("correlation_id", tracing::field::display(event.correlation_id));
         Ok(event)
     }
@@ -337,11 +351,14 @@ pub struct ConsumerSettings {
     pub max_batch: usize,
     /// How long a small unit may wait for more messages while they keep arriving.
     pub linger: Duration,
+    /// Whose signatures this consumer trusts: a record no trusted key of its producer signed
+    /// is dead-lettered, never acted on.
+    pub verifier: EventVerifier,
 }
 
 impl ConsumerSettings {
-    /// The defaults for `group_id` on `topics`.
-    pub fn new(cluster: kafka::Cluster, group_id: String, topics: Vec<String>) -> Self {
+    /// The defaults for `group_id` on `topics`, trusting `verifier`'s keys.
+    pub fn new(cluster: kafka::Cluster, group_id: String, topics: Vec<String>, verifier: EventVerifier) -> Self {
         Self {
             cluster,
             group_id,
@@ -359,6 +376,7 @@ impl ConsumerSettings {
             statistics_interval: Duration::from_secs(5),
             max_batch: DEFAULT_MAX_BATCH,
             linger: Duration::from_millis(DEFAULT_LINGER_MS),
+            verifier,
         }
     }
 }
@@ -370,11 +388,12 @@ struct Live<H> {
     consumer: Arc<source::Client>,
     dead_letters: FutureProducer,
     group: String,
+    verifier: EventVerifier,
 }
 
 impl<H: Handler> worker::Effects for Live<H> {
     async fn attempt(&self, messages: &[Incoming]) -> Result<Vec<Outcome>, unit::Failure> {
-        unit::attempt(&self.pool, self.handler.as_ref(), &self.group, messages).await
+        unit::attempt(&self.pool, self.handler.as_ref(), &self.group, &self.verifier, messages).await
     }
 
     async fn dead_letter(
@@ -456,6 +475,7 @@ pub async fn run<H: Handler>(
             consumer: consumer.clone(),
             dead_letters: dead_letters.clone(),
             group: settings.group_id.clone(),
+            verifier: settings.verifier.clone(),
         }),
         buffer: buffer.clone(),
         wake: wake.clone(),

@@ -18,6 +18,7 @@ use sqlx::PgPool;
 
 use super::{Fresh, Handler, HandlerError, Incoming, message_span};
 use crate::inbox;
+use crate::signing::EventVerifier;
 
 /// What became of a message of a committed unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +129,7 @@ pub async fn attempt<H: Handler>(
     pool: &PgPool,
     handler: &H,
     group: &str,
+    verifier: &EventVerifier,
     messages: &[Incoming],
 ) -> Result<Vec<Outcome>, Failure> {
     let mut outcomes = vec![Outcome::Skipped; messages.len()];
@@ -135,7 +137,7 @@ pub async fn attempt<H: Handler>(
     for (index, message) in messages.iter().enumerate() {
         let span = message_span(group, message);
         let event = span
-            .in_scope(|| message.open())
+            .in_scope(|| message.open(verifier, group))
             .map_err(|error| Failure::At(index, error))?;
         if handler.wants(&event) {
             wanted.push((index, event, span));

@@ -1,0 +1,330 @@
+//! Fair sharing of a gRPC server between its callers: what one connection, one caller and
+//! one idle socket can hold, so that one abusive caller cannot take the server from the
+//! others (docs/security.md, "One caller can starve the others").
+//!
+//! - **Per connection**: at most `max_streams_per_connection` streams open at once, advertised
+//!   in HTTP/2 SETTINGS (a client queues the others itself).
+//! - **Per request**: its body must arrive within `body_timeout` of its headers, or the call is
+//!   answered DEADLINE_EXCEEDED ([`crate::grpc::EdgeLayer::with_body_timeout`]); the server's
+//!   permits are taken by the handler, after the request has arrived, never by a stream that
+//!   sent its headers and nothing else.
+//! - **Per caller** (a customer, an operator: whoever the token or certificate proves): at
+//!   most `max_calls_per_caller` calls in flight ([`Callers`]); one more is refused at once,
+//!   RESOURCE_EXHAUSTED, instead of queueing in front of everyone else.
+//! - **Per socket**: the TLS handshake must finish within `tls_handshake_timeout`, a
+//!   connection that sends nothing for `idle_timeout` is closed, and at most `max_connections`
+//!   are open at once (the next waits in the kernel's accept queue): [`incoming`].
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// The limits of one server (flattened into each server's `Config`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct FairnessArgs {
+    /// Streams one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "GRPC_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
+    pub max_streams_per_connection: u32,
+    /// How long a request's body may take to arrive after its headers, in milliseconds
+    /// (shorter than the request deadline: a stream that sends headers and waits is answered
+    /// DEADLINE_EXCEEDED early, having held no permit).
+    #[arg(long, env = "GRPC_BODY_TIMEOUT_MS", default_value_t = 1_000)]
+    pub body_timeout_ms: u64,
+    /// Calls one caller (one customer, one operator) may have in flight at once; one more is
+    /// refused at once with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "GRPC_MAX_CALLS_PER_CALLER", default_value_t = 32)]
+    pub max_calls_per_caller: usize,
+    /// How long a client may take to complete the TLS handshake, in milliseconds.
+    #[arg(long, env = "GRPC_TLS_HANDSHAKE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub tls_handshake_timeout_ms: u64,
+    /// Connections open at once; the next waits in the kernel's accept queue until one closes.
+    #[arg(long, env = "GRPC_MAX_CONNECTIONS", default_value_t = 1_024)]
+    pub max_connections: usize,
+    /// A connection from which nothing arrives for this long is closed, in milliseconds
+    /// (clients reconnect on their next call).
+    #[arg(long, env = "GRPC_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for FairnessArgs {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: 100,
+            body_timeout_ms: 1_000,
+            max_calls_per_caller: 32,
+            tls_handshake_timeout_ms: 5_000,
+            max_connections: 1_024,
+            idle_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl FairnessArgs {
+    /// How long a request's body may take.
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms.max(1))
+    }
+
+    /// How long a TLS handshake may take.
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.tls_handshake_timeout_ms.max(1))
+    }
+
+    /// The per-caller limit of a server whose handlers wait for one of `permits` slots.
+    pub fn callers(&self, permits: usize) -> Callers {
+        Callers::new(permits, self.max_calls_per_caller)
+    }
+
+    /// The server's connections, accepted from `listener` within these limits.
+    pub fn incoming(
+        &self,
+        listener: TcpListener,
+    ) -> impl futures::Stream<Item = std::io::Result<Guarded>> + Send + 'static {
+        incoming(
+            listener,
+            self.max_connections.max(1),
+            Duration::from_millis(self.idle_timeout_ms.max(1)),
+        )
+    }
+}
+
+/// Who may call, and how much at once: a global pool of permits (the server's concurrency,
+/// waited for) and a bound per caller (refused at once when reached).
+#[derive(Debug, Clone)]
+pub struct Callers {
+    permits: Arc<Semaphore>,
+    per_caller: usize,
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Why a call was not let in.
+#[derive(Debug, thiserror::Error)]
+#[error("this caller has {0} calls in flight, the most one caller may have; retry once one ends")]
+pub struct TooManyCalls(pub usize);
+
+/// A call's place: its caller's count and a server permit, both released when dropped.
+#[derive(Debug)]
+pub struct CallPermit {
+    _server: OwnedSemaphorePermit,
+    _caller: CallerSlot,
+}
+
+#[derive(Debug)]
+struct CallerSlot {
+    caller: String,
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        // A poisoned lock means a panic while counting: the count is lost either way.
+        if let Ok(mut in_flight) = self.in_flight.lock()
+            && let Some(count) = in_flight.get_mut(&self.caller)
+        {
+            *count -= 1;
+            if *count == 0 {
+                in_flight.remove(&self.caller);
+            }
+        }
+    }
+}
+
+impl Callers {
+    /// `permits` calls at once in all, at most `per_caller` of one caller.
+    pub fn new(permits: usize, per_caller: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(permits.max(1))),
+            per_caller: per_caller.max(1),
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Lets a call of `caller` in: refused at once if the caller already has its share in
+    /// flight; otherwise waits for a server permit (the caller's deadline bounds the wait).
+    pub async fn enter(&self, caller: &str) -> Result<CallPermit, TooManyCalls> {
+        let slot = {
+            let mut in_flight = self.in_flight.lock().map_err(|_| TooManyCalls(self.per_caller))?;
+            let count = in_flight.entry(caller.to_owned()).or_default();
+            if *count >= self.per_caller {
+                return Err(TooManyCalls(*count));
+            }
+            *count += 1;
+            CallerSlot {
+                caller: caller.to_owned(),
+                in_flight: self.in_flight.clone(),
+            }
+        };
+        // Closed never: the semaphore lives as long as `self`.
+        let server = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| TooManyCalls(self.per_caller))?;
+        Ok(CallPermit {
+            _server: server,
+            _caller: slot,
+        })
+    }
+}
+
+/// Accepts connections from `listener`, at most `max_connections` open at once, each closed
+/// after `idle_timeout` with nothing read from it.
+pub fn incoming(
+    listener: TcpListener,
+    max_connections: usize,
+    idle_timeout: Duration,
+) -> impl futures::Stream<Item = std::io::Result<Guarded>> + Send + 'static {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    futures::stream::unfold((listener, slots), move |(listener, slots)| async move {
+        // Waits for a connection to close when all slots are taken: the next client waits in
+        // the kernel's accept queue (or times out there), it is not accepted and dropped.
+        let permit = slots.clone().acquire_owned().await.ok()?;
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            // Small unary calls: no Nagle delay (serve_with_incoming leaves sockets as given).
+            let _ = stream.set_nodelay(true);
+            Guarded::new(stream, permit, idle_timeout)
+        });
+        Some((accepted, (listener, slots)))
+    })
+}
+
+/// An accepted connection holding its slot, closed when nothing arrives on it for too long.
+pub struct Guarded {
+    stream: TcpStream,
+    idle_timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for Guarded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guarded").field("stream", &self.stream).finish_non_exhaustive()
+    }
+}
+
+impl Guarded {
+    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, idle_timeout: Duration) -> Self {
+        Self {
+            stream,
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            _slot: slot,
+        }
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let filled = buf.filled().len();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > filled {
+                    let deadline = tokio::time::Instant::now() + self.idle_timeout;
+                    self.idle.as_mut().reset(deadline);
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "nothing arrived on the connection within the idle timeout",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+impl Connected for Guarded {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_caller_at_its_share_is_refused_at_once_and_others_still_get_in() {
+        let callers = Callers::new(8, 2);
+        let a1 = callers.enter("customer:1").await.unwrap();
+        let _a2 = callers.enter("customer:1").await.unwrap();
+        assert!(callers.enter("customer:1").await.is_err(), "a third call of one caller");
+        let _b = callers.enter("customer:2").await.unwrap();
+        drop(a1);
+        let _a3 = callers.enter("customer:1").await.expect("room again once one ended");
+    }
+
+    #[tokio::test]
+    async fn the_server_permits_are_waited_for_not_refused() {
+        let callers = Callers::new(1, 4);
+        let first = callers.enter("customer:1").await.unwrap();
+        let waiting = tokio::spawn({
+            let callers = callers.clone();
+            async move { callers.enter("customer:2").await.map(|_| ()) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "waits for the one permit");
+        drop(first);
+        waiting.await.unwrap().expect("gets in once the permit is free");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed_after_the_idle_timeout() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let idle = Duration::from_millis(300);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut accepted = Box::pin(incoming(listener, 4, idle));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut server = futures::StreamExt::next(&mut accepted).await.unwrap().unwrap();
+        let mut byte = [0u8; 1];
+        // Each byte restarts the count: 400 ms after the first, the connection is still open.
+        for message in [b"x", b"y", b"z"] {
+            client.write_all(message).await.unwrap();
+            server.read_exact(&mut byte).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let started = tokio::time::Instant::now();
+        let error = server.read(&mut byte).await.expect_err("idle");
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < idle, "closed 300 ms after the last byte, not later");
+    }
+}
