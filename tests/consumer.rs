@@ -301,7 +301,12 @@ async fn a_message_that_fails_transiently_past_its_budget_is_dead_lettered_and_i
     let shutdown = CancellationToken::new();
     let settings = ConsumerSettings {
         retry_budget: Some(Duration::from_secs(3)),
-        ..ConsumerSettings::new(bootstrap.clone(), group.clone(), vec![topic.clone()], orderflow_tests::event_keys().verifier.clone())
+        ..ConsumerSettings::new(
+            bootstrap.clone(),
+            group.clone(),
+            vec![topic.clone()],
+            orderflow_tests::event_keys().verifier.clone(),
+        )
     };
     let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
     assert!(
@@ -434,7 +439,12 @@ async fn a_consumer_that_stops_making_progress_gives_up() {
     let settings = ConsumerSettings {
         stall_limit: Some(Duration::from_secs(3)),
         statistics_interval: Duration::from_millis(500),
-        ..ConsumerSettings::new(bootstrap, format!("stall-{topic}"), vec![topic.clone()], orderflow_tests::event_keys().verifier.clone())
+        ..ConsumerSettings::new(
+            bootstrap,
+            format!("stall-{topic}"),
+            vec![topic.clone()],
+            orderflow_tests::event_keys().verifier.clone(),
+        )
     };
     let outcome = tokio::time::timeout(
         Duration::from_secs(60),
@@ -455,7 +465,12 @@ async fn a_consumer_stops_in_bounded_time_while_its_broker_does_not_answer() {
     broker.start().await;
     let db = db_with_handled_table().await;
     let topic = orderflow::topics::ORDERS_EVENTS.to_owned();
-    let settings = ConsumerSettings::new(broker.cluster.clone(), "closing".into(), vec![topic.clone()], orderflow_tests::event_keys().verifier.clone());
+    let settings = ConsumerSettings::new(
+        broker.cluster.clone(),
+        "closing".into(),
+        vec![topic.clone()],
+        orderflow_tests::event_keys().verifier.clone(),
+    );
     let handler = Arc::new(Flaky::healthy());
     let shutdown = CancellationToken::new();
     let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));
@@ -557,7 +572,12 @@ async fn queued_messages_of_every_partition_share_a_transaction_and_a_bad_one_ne
             .map_err(|(error, _)| error)
             .unwrap();
     }
-    let settings = ConsumerSettings::new(bootstrap.clone(), format!("batch-{topic}"), vec![topic.clone()], orderflow_tests::event_keys().verifier.clone());
+    let settings = ConsumerSettings::new(
+        bootstrap.clone(),
+        format!("batch-{topic}"),
+        vec![topic.clone()],
+        orderflow_tests::event_keys().verifier.clone(),
+    );
     let handler = Arc::new(Flaky::healthy());
     let shutdown = CancellationToken::new();
     let consumer = tokio::spawn(consumer::run(settings, db.pool.clone(), handler, shutdown.clone()));

@@ -140,14 +140,34 @@ async fn poison_messages_are_dead_lettered_with_context_and_the_partition_keeps_
             b"\xff\xfe not a protobuf envelope".to_vec(),
             "undecodable",
         ),
-        ("unknown-type", "unknown-type".into(), unknown_type, "unknown event type"),
-        ("newer-version", "newer-version".into(), newer_version.encode_to_vec(), "schema version 99"),
-        ("missing-id", "missing-id".into(), missing_id.encode_to_vec(), "message_id"),
+        (
+            "unknown-type",
+            "unknown-type".into(),
+            unknown_type,
+            "unknown event type",
+        ),
+        (
+            "newer-version",
+            "newer-version".into(),
+            newer_version.encode_to_vec(),
+            "schema version 99",
+        ),
+        (
+            "missing-id",
+            "missing-id".into(),
+            missing_id.encode_to_vec(),
+            "message_id",
+        ),
         ("invalid", invalid_key, invalid, "without a total"),
         ("nul-currency", nul_currency_key, nul_currency, "ISO-4217"),
         ("too-large", too_large_key, too_large, "above the limit"),
         ("forged", forged_key, forged, "which is not trusted here"),
-        ("unsigned", unsigned_key, unsigned_envelope.encode_to_vec(), "not signed"),
+        (
+            "unsigned",
+            unsigned_key,
+            unsigned_envelope.encode_to_vec(),
+            "not signed",
+        ),
     ];
     for (_, key, payload, _) in &poison {
         produce(&topic, key, payload.clone()).await;
@@ -326,10 +346,22 @@ async fn a_repaired_dead_letter_redriven_completes_its_saga() {
         .create()
         .unwrap();
     let headers = rdkafka::message::OwnedHeaders::new()
-        .insert(rdkafka::message::Header { key: "dlq.consumer_group", value: Some(saga.payment_group().as_str()) })
-        .insert(rdkafka::message::Header { key: "dlq.original_topic", value: Some(saga.orders_topic.as_str()) })
-        .insert(rdkafka::message::Header { key: "dlq.original_partition", value: Some("0") })
-        .insert(rdkafka::message::Header { key: "dlq.original_offset", value: Some("999999") });
+        .insert(rdkafka::message::Header {
+            key: "dlq.consumer_group",
+            value: Some(saga.payment_group().as_str()),
+        })
+        .insert(rdkafka::message::Header {
+            key: "dlq.original_topic",
+            value: Some(saga.orders_topic.as_str()),
+        })
+        .insert(rdkafka::message::Header {
+            key: "dlq.original_partition",
+            value: Some("0"),
+        })
+        .insert(rdkafka::message::Header {
+            key: "dlq.original_offset",
+            value: Some("999999"),
+        });
     producer
         .send(
             FutureRecord::to(&dlq).key(&placed).payload(&planted).headers(headers),
@@ -345,7 +377,9 @@ async fn a_repaired_dead_letter_redriven_completes_its_saga() {
         rate_per_sec: 10,
     };
     let verifier = &event_keys().verifier;
-    let dry = ordersctl::dlq::redrive(&stack().kafka, &dlq, &options, verifier).await.unwrap();
+    let dry = ordersctl::dlq::redrive(&stack().kafka, &dlq, &options, verifier)
+        .await
+        .unwrap();
     assert_eq!(
         (dry.distinct, dry.refused, dry.republished),
         (2, 1, 0),
@@ -355,8 +389,14 @@ async fn a_repaired_dead_letter_redriven_completes_its_saga() {
         dry_run: false,
         ..options
     };
-    let done = ordersctl::dlq::redrive(&stack().kafka, &dlq, &options, verifier).await.unwrap();
-    assert_eq!((done.refused, done.republished), (1, 1), "only the genuine letter goes back");
+    let done = ordersctl::dlq::redrive(&stack().kafka, &dlq, &options, verifier)
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.refused, done.republished),
+        (1, 1),
+        "only the genuine letter goes back"
+    );
     assert!(
         eventually(WAIT, || async {
             status(&saga, &placed).await == api::OrderStatus::Confirmed
@@ -406,7 +446,12 @@ async fn an_event_no_trusted_key_of_its_producer_signed_is_never_acted_on() {
     };
     let (own_key, wrong_producer) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
     let forger = orderflow_platform::signing::EventSigner::ephemeral(orderflow_platform::signing::ORDER_SVC).unwrap();
-    produce(&saga.orders_topic, &own_key.to_string(), forger.seal(&forged_event(own_key))).await;
+    produce(
+        &saga.orders_topic,
+        &own_key.to_string(),
+        forger.seal(&forged_event(own_key)),
+    )
+    .await;
     produce(
         &saga.orders_topic,
         &wrong_producer.to_string(),
@@ -428,7 +473,10 @@ async fn an_event_no_trusted_key_of_its_producer_signed_is_never_acted_on() {
         .await,
         "the genuine order behind them settles"
     );
-    for (forged, reason) in [(own_key, "which is not trusted here"), (wrong_producer, "only order-svc's keys sign it")] {
+    for (forged, reason) in [
+        (own_key, "which is not trusted here"),
+        (wrong_producer, "only order-svc's keys sign it"),
+    ] {
         for group in ["payment-", "fulfilment-", "projector-"] {
             assert!(
                 eventually(WAIT, || async {

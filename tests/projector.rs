@@ -288,7 +288,10 @@ async fn a_batch_with_an_order_never_placed_names_that_message() {
     ];
     let fresh = self::fresh(&messages);
     let mut tx = db.pool.begin().await.unwrap();
-    let (at, error) = Projector.handle(&mut tx, &fresh).await.expect_err("a stray payment event");
+    let (at, error) = Projector
+        .handle(&mut tx, &fresh)
+        .await
+        .expect_err("a stray payment event");
     assert_eq!(at, 1, "{error}");
     assert!(error.to_string().contains("PaymentAuthorized for order"), "{error}");
 }

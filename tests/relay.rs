@@ -360,10 +360,13 @@ async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
                 topic: topic.clone(),
                 envelope: envelope::seal(meta, payload),
             };
-            outbox::Outbox::new(outbox::OutboxMode::Table, orderflow_tests::event_keys().order_svc.clone())
-                .write(&mut tx, &message)
-                .await
-                .unwrap();
+            outbox::Outbox::new(
+                outbox::OutboxMode::Table,
+                orderflow_tests::event_keys().order_svc.clone(),
+            )
+            .write(&mut tx, &message)
+            .await
+            .unwrap();
         }
         tx.commit().await.unwrap();
     }

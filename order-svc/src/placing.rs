@@ -63,7 +63,7 @@ pub struct Placer {
 }
 
 /// How the committers write.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Committers {
     /// How many transactions may be in flight at once (while one commits, another gathers).
     pub count: usize,
@@ -87,7 +87,14 @@ impl Placer {
         let (jobs, waiting) = mpsc::channel::<Job>(committers.max_batch.max(1) * committers.count.max(1));
         let waiting = Arc::new(Mutex::new(waiting));
         let tasks = (0..committers.count.max(1))
-            .map(|_| tokio::spawn(commit_loop(pool.clone(), waiting.clone(), committers, shutdown.clone())))
+            .map(|_| {
+                tokio::spawn(commit_loop(
+                    pool.clone(),
+                    waiting.clone(),
+                    committers.clone(),
+                    shutdown.clone(),
+                ))
+            })
             .collect();
         (Self { jobs }, tasks)
     }

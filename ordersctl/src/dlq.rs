@@ -149,14 +149,17 @@ pub async fn redrive(
     let mut seen = HashSet::new();
     let distinct: Vec<&DeadLetter> = matching.iter().copied().filter(|l| seen.insert(l.origin())).collect();
     let (trusted, refused): (Vec<&DeadLetter>, Vec<&DeadLetter>) =
-        distinct.iter().copied().partition(|letter| match trust(letter, verifier) {
-            Ok(()) => true,
-            Err(why) => {
-                tracing::warn!(partition = letter.partition, offset = letter.offset, %why,
+        distinct
+            .iter()
+            .copied()
+            .partition(|letter| match trust(letter, verifier) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!(partition = letter.partition, offset = letter.offset, %why,
                     "dead letter refused: not redriven");
-                false
-            }
-        });
+                    false
+                }
+            });
     let mut summary = RedriveSummary {
         matched: matching.len(),
         refused: refused.len(),

@@ -71,7 +71,10 @@ pub fn init_event_keys(dir: &Path) -> anyhow::Result<bool> {
     std::fs::create_dir_all(pki.event_verifying_keys())
         .with_context(|| format!("creating {}", pki.event_verifying_keys().display()))?;
     let mut made = false;
-    for service in [orderflow_platform::signing::ORDER_SVC, orderflow_platform::signing::PAYMENT_SVC] {
+    for service in [
+        orderflow_platform::signing::ORDER_SVC,
+        orderflow_platform::signing::PAYMENT_SVC,
+    ] {
         let private = pki.event_signing_key(service);
         if private.exists() {
             continue;

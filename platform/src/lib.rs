@@ -4,8 +4,8 @@
 
 pub mod auth;
 pub mod chaos;
-pub mod fairness;
 pub mod consumer;
+pub mod fairness;
 pub mod grpc;
 pub mod health;
 pub mod housekeeping;

@@ -366,7 +366,10 @@ mod tests {
                 Err(Untrusted::BadSignature(_))
             ));
         }
-        assert_eq!(check(&verifier, &envelope.encode_to_vec(), order), Err(Untrusted::Unsigned));
+        assert_eq!(
+            check(&verifier, &envelope.encode_to_vec(), order),
+            Err(Untrusted::Unsigned)
+        );
         let event = orderflow::envelope::open(&sealed).unwrap();
         assert!(matches!(
             verifier.verify(&sealed, &event, Some(b"another-order")),
@@ -391,7 +394,10 @@ mod tests {
         // payment-svc's key (a stolen one, or a bug) cannot make an OrderPlaced...
         assert!(matches!(
             check(&verifier, &payment_svc.seal(&placed), order),
-            Err(Untrusted::WrongProducer { producer: ORDER_SVC, .. })
+            Err(Untrusted::WrongProducer {
+                producer: ORDER_SVC,
+                ..
+            })
         ));
         // ...and signs its own events.
         let (authorized, order) = envelope(Payload::PaymentAuthorized(PaymentAuthorized::default()));

@@ -639,7 +639,12 @@ mod tests {
 
     #[test]
     fn the_settings_apply_on_top_of_the_services_and_zero_means_never() {
-        let base = ConsumerSettings::new(kafka::Cluster::anonymous("127.0.0.1:9"), "g".into(), vec!["t".into()]);
+        let base = ConsumerSettings::new(
+            kafka::Cluster::anonymous("127.0.0.1:9"),
+            "g".into(),
+            vec!["t".into()],
+            crate::signing::EventVerifier::default(),
+        );
         let applied = ConsumerArgs {
             retry_budget_ms: 0,
             stall_limit_ms: 1_500,
