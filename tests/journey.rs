@@ -155,7 +155,10 @@ async fn an_orders_trace_holds_every_hop_and_explain_names_the_stuck_one() {
         move |records| records.iter().any(|r| r.key == order_id)
     })
     .await;
-    let placed = records.iter().find(|r| r.key == order_id).expect("the order's OrderPlaced on orders.events");
+    let placed = records
+        .iter()
+        .find(|r| r.key == order_id)
+        .expect("the order's OrderPlaced on orders.events");
     let envelope = orderflow::envelope::open(&placed.payload).unwrap();
     let written_by = envelope.traceparent.expect("the envelope names the span that wrote it");
     let header = &placed.headers["traceparent"];
@@ -165,9 +168,15 @@ async fn an_orders_trace_holds_every_hop_and_explain_names_the_stuck_one() {
         orderflow_platform::telemetry::trace_id_of(&written_by),
         "one trace"
     );
-    let publication = by_id.get(span_of(header).as_str()).expect("the header's span is in the trace");
+    let publication = by_id
+        .get(span_of(header).as_str())
+        .expect("the header's span is in the trace");
     assert_eq!(publication["operation"], "relay_publish", "{publication:#}");
-    assert_eq!(publication["parent_id"].as_str(), Some(span_of(&written_by).as_str()), "{publication:#}");
+    assert_eq!(
+        publication["parent_id"].as_str(),
+        Some(span_of(&written_by).as_str()),
+        "{publication:#}"
+    );
     let page = std::env::temp_dir().join(format!("trace-{order_id}.html"));
     ordersctl(&["trace", &order_id, "--html", page.to_str().unwrap(), "--wait-secs", "0"]);
     let html = std::fs::read_to_string(&page).unwrap();

@@ -691,7 +691,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         server = server.tls_config(tls.timeout(config.fairness.tls_handshake_timeout()))?;
     }
     server
-        .layer(orderflow_platform::grpc::EdgeLayer::new(REQUEST_DEADLINE).with_body_timeout(config.fairness.body_timeout()))
+        .layer(
+            orderflow_platform::grpc::EdgeLayer::new(REQUEST_DEADLINE)
+                .with_body_timeout(config.fairness.body_timeout()),
+        )
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GatewayServiceServer::new(gateway.clone()))

@@ -54,13 +54,11 @@ struct Claims {
 
 impl Caller {
     /// The caller as one party for fair sharing (crate::fairness): `customer:42`,
-    /// `operator:alice`; `anonymous` for a call without a caller (a development server without
-    /// tokens).
-    pub fn party(caller: Option<&Self>) -> String {
-        match caller {
-            Some(Self::Customer(id)) => format!("customer:{id}"),
-            Some(Self::Operator(name)) => format!("operator:{name}"),
-            None => "anonymous".to_owned(),
+    /// `operator:alice`.
+    pub fn party(&self) -> String {
+        match self {
+            Self::Customer(id) => format!("customer:{id}"),
+            Self::Operator(name) => format!("operator:{name}"),
         }
     }
 }

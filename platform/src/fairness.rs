@@ -12,7 +12,7 @@
 //!   most `max_calls_per_caller` calls in flight ([`Callers`]); one more is refused at once,
 //!   RESOURCE_EXHAUSTED, instead of queueing in front of everyone else.
 //! - **Per socket**: the TLS handshake must finish within `tls_handshake_timeout`, a
-//!   connection that sends nothing for `idle_timeout` is closed, and at most `max_connections`
+//!   connection on which nothing moves (read or written) for `idle_timeout` is closed, and at most `max_connections`
 //!   are open at once (the next waits in the kernel's accept queue): [`incoming`].
 
 use std::collections::HashMap;
@@ -47,7 +47,7 @@ pub struct FairnessArgs {
     /// Connections open at once; the next waits in the kernel's accept queue until one closes.
     #[arg(long, env = "GRPC_MAX_CONNECTIONS", default_value_t = 1_024)]
     pub max_connections: usize,
-    /// A connection from which nothing arrives for this long is closed, in milliseconds
+    /// A connection on which nothing is read or written for this long is closed, in milliseconds
     /// (clients reconnect on their next call).
     #[arg(long, env = "GRPC_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
@@ -113,7 +113,7 @@ pub struct TooManyCalls(pub usize);
 #[derive(Debug)]
 pub struct CallPermit {
     _server: OwnedSemaphorePermit,
-    _caller: CallerSlot,
+    _caller: Option<CallerSlot>,
 }
 
 #[derive(Debug)]
@@ -147,19 +147,13 @@ impl Callers {
     }
 
     /// Lets a call of `caller` in: refused at once if the caller already has its share in
-    /// flight; otherwise waits for a server permit (the caller's deadline bounds the wait).
-    pub async fn enter(&self, caller: &str) -> Result<CallPermit, TooManyCalls> {
-        let slot = {
-            let mut in_flight = self.in_flight.lock().map_err(|_| TooManyCalls(self.per_caller))?;
-            let count = in_flight.entry(caller.to_owned()).or_default();
-            if *count >= self.per_caller {
-                return Err(TooManyCalls(*count));
-            }
-            *count += 1;
-            CallerSlot {
-                caller: caller.to_owned(),
-                in_flight: self.in_flight.clone(),
-            }
+    /// flight; otherwise waits for a server permit (the caller's deadline bounds the wait). A
+    /// call with no caller (a development server without tokens: every call would be the same
+    /// party) takes a server permit only.
+    pub async fn enter(&self, caller: Option<&str>) -> Result<CallPermit, TooManyCalls> {
+        let slot = match caller {
+            Some(caller) => Some(self.count(caller)?),
+            None => None,
         };
         // Closed never: the semaphore lives as long as `self`.
         let server = self
@@ -172,6 +166,23 @@ impl Callers {
             _server: server,
             _caller: slot,
         })
+    }
+
+    /// Counts a call of `caller`, unless it has its share in flight already.
+    fn count(&self, caller: &str) -> Result<CallerSlot, TooManyCalls> {
+        let slot = {
+            let mut in_flight = self.in_flight.lock().map_err(|_| TooManyCalls(self.per_caller))?;
+            let count = in_flight.entry(caller.to_owned()).or_default();
+            if *count >= self.per_caller {
+                return Err(TooManyCalls(*count));
+            }
+            *count += 1;
+            CallerSlot {
+                caller: caller.to_owned(),
+                in_flight: self.in_flight.clone(),
+            }
+        };
+        Ok(slot)
     }
 }
 
@@ -196,7 +207,8 @@ pub fn incoming(
     })
 }
 
-/// An accepted connection holding its slot, closed when nothing arrives on it for too long.
+/// An accepted connection holding its slot, closed when nothing moves on it (nothing read,
+/// nothing written) for too long.
 pub struct Guarded {
     stream: TcpStream,
     idle_timeout: Duration,
@@ -206,7 +218,9 @@ pub struct Guarded {
 
 impl std::fmt::Debug for Guarded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Guarded").field("stream", &self.stream).finish_non_exhaustive()
+        f.debug_struct("Guarded")
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
     }
 }
 
@@ -227,8 +241,7 @@ impl AsyncRead for Guarded {
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
             Poll::Ready(result) => {
                 if buf.filled().len() > filled {
-                    let deadline = tokio::time::Instant::now() + self.idle_timeout;
-                    self.idle.as_mut().reset(deadline);
+                    self.active();
                 }
                 Poll::Ready(result)
             }
@@ -243,9 +256,22 @@ impl AsyncRead for Guarded {
     }
 }
 
+impl Guarded {
+    /// Something moved on the connection: the idle count starts again.
+    fn active(&mut self) {
+        let deadline = tokio::time::Instant::now() + self.idle_timeout;
+        self.idle.as_mut().reset(deadline);
+    }
+}
+
 impl AsyncWrite for Guarded {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        // An answer going out (a call that took long, a stream of messages) is not idleness.
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.active();
+        }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -284,21 +310,27 @@ mod tests {
     #[tokio::test]
     async fn a_caller_at_its_share_is_refused_at_once_and_others_still_get_in() {
         let callers = Callers::new(8, 2);
-        let a1 = callers.enter("customer:1").await.unwrap();
-        let _a2 = callers.enter("customer:1").await.unwrap();
-        assert!(callers.enter("customer:1").await.is_err(), "a third call of one caller");
-        let _b = callers.enter("customer:2").await.unwrap();
+        let a1 = callers.enter(Some("customer:1")).await.unwrap();
+        let _a2 = callers.enter(Some("customer:1")).await.unwrap();
+        assert!(
+            callers.enter(Some("customer:1")).await.is_err(),
+            "a third call of one caller"
+        );
+        let _b = callers.enter(Some("customer:2")).await.unwrap();
         drop(a1);
-        let _a3 = callers.enter("customer:1").await.expect("room again once one ended");
+        let _a3 = callers
+            .enter(Some("customer:1"))
+            .await
+            .expect("room again once one ended");
     }
 
     #[tokio::test]
     async fn the_server_permits_are_waited_for_not_refused() {
         let callers = Callers::new(1, 4);
-        let first = callers.enter("customer:1").await.unwrap();
+        let first = callers.enter(Some("customer:1")).await.unwrap();
         let waiting = tokio::spawn({
             let callers = callers.clone();
-            async move { callers.enter("customer:2").await.map(|_| ()) }
+            async move { callers.enter(Some("customer:2")).await.map(|_| ()) }
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "waits for the one permit");

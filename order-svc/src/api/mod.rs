@@ -48,7 +48,10 @@ pub struct OrderApi {
 
 /// The naive mode's producer.
 #[derive(Clone)]
-struct DualWrite(rdkafka::producer::FutureProducer, orderflow_platform::signing::EventSigner);
+struct DualWrite(
+    rdkafka::producer::FutureProducer,
+    orderflow_platform::signing::EventSigner,
+);
 
 impl std::fmt::Debug for DualWrite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -84,7 +87,7 @@ impl OrderApi {
     /// at once when that caller already has its share in flight.
     async fn enter(&self, caller: Option<&Caller>) -> Result<CallPermit, ApiError> {
         self.callers
-            .enter(&Caller::party(caller))
+            .enter(caller.map(Caller::party).as_deref())
             .await
             .map_err(|refused| ApiError::Overloaded {
                 message: refused.to_string(),
