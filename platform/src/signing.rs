@@ -440,4 +440,37 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// The cost of signing and verifying one envelope, printed (a measurement, not a check:
+    /// `cargo test --release -p orderflow-platform --lib signing_cost -- --ignored --nocapture`).
+    /// docs/adr/0006-signed-events.md multiplies it by the signatures and verifications of one
+    /// order.
+    #[test]
+    #[ignore = "a measurement; run it in a release build"]
+    fn signing_cost() {
+        let signer = EventSigner::new(ORDER_SVC, key());
+        let verifier = EventVerifier::trusting([(ORDER_SVC.to_owned(), signer.verifying_key())]);
+        let (envelope, order) = placed();
+        let rounds = 20_000u32;
+        let started = std::time::Instant::now();
+        let mut sealed = Vec::new();
+        for _ in 0..rounds {
+            sealed = signer.seal(&envelope);
+        }
+        let seal = started.elapsed() / rounds;
+        let event = orderflow::envelope::open(&sealed).unwrap();
+        let key = order.to_string();
+        let started = std::time::Instant::now();
+        for _ in 0..rounds {
+            verifier.verify(&sealed, &event, Some(key.as_bytes())).unwrap();
+        }
+        let verify = started.elapsed() / rounds;
+        println!(
+            "seal {:.1} us, verify {:.1} us per envelope of {} bytes; per approved order (4 signed, 10 verified): {:.2} ms",
+            seal.as_secs_f64() * 1e6,
+            verify.as_secs_f64() * 1e6,
+            sealed.len(),
+            (4.0 * seal.as_secs_f64() + 10.0 * verify.as_secs_f64()) * 1e3
+        );
+    }
 }
