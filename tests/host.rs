@@ -150,8 +150,11 @@ fn another_local_user_gets_nothing_of_the_stack() {
             "--test-threads",
             "1",
         ])
+        // Nothing of this process's environment (the stack's passwords are in it): the
+        // stranger knows only where to look.
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env(PROBE, &plan_file)
-        .env_remove("ORDERFLOW_PG_ADMIN_URL")
         .output()
         .expect("runuser");
     std::fs::remove_file(&plan_file).unwrap();
@@ -398,6 +401,19 @@ async fn rights_in_catalog() -> BTreeSet<String> {
             method.unwrap_or_default()
         ));
     }
+    // Memberships: a member uses its role's rights (or SET ROLE to it), the predefined roles'
+    // (pg_read_server_files, pg_execute_server_program, ...) included.
+    let members: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT m.rolname::text, r.rolname::text, a.admin_option
+         FROM pg_auth_members a JOIN pg_roles m ON m.oid = a.member JOIN pg_roles r ON r.oid = a.roleid
+         WHERE m.rolcanlogin",
+    )
+    .fetch_all(&cluster)
+    .await
+    .unwrap();
+    for (member, role, admin) in members {
+        lines.insert(format!("member {member} of {role}{}", if admin { " WITH ADMIN" } else { "" }));
+    }
     cluster.close().await;
 
     let login_roles: Vec<&str> = roles
@@ -405,7 +421,8 @@ async fn rights_in_catalog() -> BTreeSet<String> {
         .filter(|(_, superuser, ..)| !superuser)
         .map(|(role, ..)| role.as_str())
         .collect();
-    for database in ["orders", "payments", "fulfilment", "gateway"] {
+    // Every database a role could connect to: the services' and the cluster's own.
+    for database in ["postgres", "template1", "orders", "payments", "fulfilment", "gateway"] {
         let pool = sqlx::PgPool::connect(&admin(database)).await.unwrap();
         let owner: String =
             sqlx::query_scalar("SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1")

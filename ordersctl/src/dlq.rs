@@ -146,24 +146,25 @@ pub async fn redrive(
                 .is_none_or(|k| l.key.as_deref() == Some(k.as_bytes()))
         })
         .collect();
-    let mut seen = HashSet::new();
-    let distinct: Vec<&DeadLetter> = matching.iter().copied().filter(|l| seen.insert(l.origin())).collect();
+    // Verified before anything else: a letter's origin headers are not signed, so a planted
+    // letter naming a genuine one's origin must not take its place among the distinct ones.
     let (trusted, refused): (Vec<&DeadLetter>, Vec<&DeadLetter>) =
-        distinct
-            .iter()
-            .copied()
-            .partition(|letter| match trust(letter, verifier) {
-                Ok(()) => true,
-                Err(why) => {
-                    tracing::warn!(partition = letter.partition, offset = letter.offset, %why,
+        matching.iter().copied().partition(|letter| match trust(letter, verifier) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(partition = letter.partition, offset = letter.offset, %why,
                     "dead letter refused: not redriven");
-                    false
-                }
-            });
+                false
+            }
+        });
+    let mut seen = HashSet::new();
+    let trusted: Vec<&DeadLetter> = trusted.into_iter().filter(|l| seen.insert(l.origin())).collect();
+    let mut seen_refused = HashSet::new();
+    let refused = refused.into_iter().filter(|l| seen_refused.insert(l.origin())).count();
     let mut summary = RedriveSummary {
         matched: matching.len(),
-        refused: refused.len(),
-        distinct: distinct.len(),
+        refused,
+        distinct: trusted.len() + refused,
         republished: 0,
     };
     if options.dry_run {

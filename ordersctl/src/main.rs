@@ -965,7 +965,13 @@ async fn dlq(cluster: &orderflow_platform::kafka::Cluster, command: DlqCommand) 
                 println!("{name}: {}", String::from_utf8_lossy(value));
             }
             match envelope::open(&letter.payload) {
-                Ok(event) => println!("payload: {}", ordersctl::events::describe_payload(&event.payload)),
+                Ok(event) => {
+                    println!(
+                        "signed by: {}",
+                        event.signing_key_id.as_deref().unwrap_or("(not signed)")
+                    );
+                    println!("payload: {}", ordersctl::events::describe_payload(&event.payload));
+                }
                 Err(error) => println!("payload ({} bytes) does not open: {error}", letter.payload.len()),
             }
         }

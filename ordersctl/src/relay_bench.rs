@@ -693,7 +693,11 @@ mod debezium {
         slot: &str,
     ) -> anyhow::Result<tokio::process::Child> {
         let dir = std::env::temp_dir().join(format!("orderflow-debezium-{}", uuid::Uuid::now_v7().simple()));
-        std::fs::create_dir_all(&dir)?;
+        // Its properties hold the database's and the principal's passwords: this user's alone.
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        }
         // The same coordinates the WAL relay connects with (decoded from the URL in one place).
         let database = relay::wal::replication_config(url, slot)?;
         let client = cluster.client_config();

@@ -159,6 +159,10 @@ pub enum Untrusted {
 }
 
 impl Untrusted {
+    /// Every reason's label (to start each count at zero: a counter first seen at 1 shows no
+    /// increase, and the first forged event would raise no alert).
+    pub const LABELS: [&'static str; 5] = ["unsigned", "unknown_key", "wrong_producer", "bad_signature", "key_mismatch"];
+
     /// A short label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -252,6 +256,14 @@ impl EventVerifier {
             .keys
             .get(key_id)
             .ok_or_else(|| Untrusted::UnknownKey(key_id.to_owned()))?;
+        // The signature first: a key id is written by whoever wrote the record, and only a
+        // signature that holds says the key's owner wrote it (a forger naming payment-svc's
+        // key must read as a bad signature, not as payment-svc signing an order event).
+        // Cannot fail: the trailer is exactly SIGNATURE_LENGTH bytes after its two-byte key.
+        let signature = ed25519_dalek::Signature::from_slice(&trailer[2..])
+            .map_err(|_| Untrusted::BadSignature(key_id.to_owned()))?;
+        key.verify_strict(signed, &signature)
+            .map_err(|_| Untrusted::BadSignature(key_id.to_owned()))?;
         let producer = producer_of(&event.payload);
         if service != producer {
             return Err(Untrusted::WrongProducer {
@@ -260,11 +272,7 @@ impl EventVerifier {
                 producer,
             });
         }
-        // Cannot fail: the trailer is exactly SIGNATURE_LENGTH bytes after its two-byte key.
-        let signature = ed25519_dalek::Signature::from_slice(&trailer[2..])
-            .map_err(|_| Untrusted::BadSignature(key_id.to_owned()))?;
-        key.verify_strict(signed, &signature)
-            .map_err(|_| Untrusted::BadSignature(key_id.to_owned()))
+        Ok(())
     }
 }
 
@@ -399,6 +407,17 @@ mod tests {
                 ..
             })
         ));
+        // A forger naming payment-svc's key id without its key: a bad signature, not payment-svc.
+        let impostor = EventSigner::new(PAYMENT_SVC, key());
+        let forged = {
+            let mut bytes = impostor.seal(&placed);
+            let stranger_id = impostor.key_id().as_bytes().to_vec();
+            let real_id = payment_svc.key_id().as_bytes().to_vec();
+            let at = bytes.windows(stranger_id.len()).position(|w| w == stranger_id.as_slice()).unwrap();
+            bytes[at..at + real_id.len()].copy_from_slice(&real_id);
+            bytes
+        };
+        assert!(matches!(check(&verifier, &forged, order), Err(Untrusted::BadSignature(_))));
         // ...and signs its own events.
         let (authorized, order) = envelope(Payload::PaymentAuthorized(PaymentAuthorized::default()));
         assert_eq!(check(&verifier, &payment_svc.seal(&authorized), order), Ok(()));

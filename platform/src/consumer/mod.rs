@@ -461,6 +461,12 @@ pub async fn run<H: Handler>(
     )
     .create()?;
     tracing::info!(group = %settings.group_id, instance = ?settings.instance_id, topics = ?settings.topics, "consumer started");
+    // Every refusal count exists from the start, at zero: a counter first exported at 1 shows
+    // no increase, and the first forged event would raise no alert.
+    for reason in crate::signing::Untrusted::LABELS {
+        metrics::counter!(telemetry::EVENTS_REJECTED, "group" => settings.group_id.clone(), "reason" => reason)
+            .increment(0);
+    }
 
     // Stops the worker and the retries when the caller shuts down, and also when the poll
     // thread fails: a message retrying must not keep a dead consumer's process alive.
