@@ -412,7 +412,10 @@ async fn rights_in_catalog() -> BTreeSet<String> {
     .await
     .unwrap();
     for (member, role, admin) in members {
-        lines.insert(format!("member {member} of {role}{}", if admin { " WITH ADMIN" } else { "" }));
+        lines.insert(format!(
+            "member {member} of {role}{}",
+            if admin { " WITH ADMIN" } else { "" }
+        ));
     }
     cluster.close().await;
 
@@ -612,13 +615,22 @@ async fn a_forged_event_on_the_stack_is_refused_and_counted_by_every_consumer() 
         .map_err(|(error, _)| error)
         .unwrap();
     for ((name, port), before) in consumers.into_iter().zip(before) {
-        let counted = orderflow_tests::eventually(Duration::from_secs(30), || async move {
+        let counted = orderflow_tests::eventually(Duration::from_secs(60), || async move {
             rejected(port).await.unwrap() > before
         })
         .await;
+        let lag = tokio::task::spawn_blocking(move || {
+            ordersctl::bench::probe::scrape_sum(
+                &format!("127.0.0.1:{port}"),
+                orderflow_platform::telemetry::CONSUMER_LAG,
+                "",
+            )
+        })
+        .await
+        .unwrap();
         assert!(
             counted,
-            "{name} counted the forged event in orderflow_events_rejected_total"
+            "{name} counted the forged event in orderflow_events_rejected_total (its consumer lag: {lag:?})"
         );
     }
     let gateway = sqlx::PgPool::connect(&stack().vars["ORDERFLOW_GATEWAY_DATABASE_URL"])

@@ -149,14 +149,17 @@ pub async fn redrive(
     // Verified before anything else: a letter's origin headers are not signed, so a planted
     // letter naming a genuine one's origin must not take its place among the distinct ones.
     let (trusted, refused): (Vec<&DeadLetter>, Vec<&DeadLetter>) =
-        matching.iter().copied().partition(|letter| match trust(letter, verifier) {
-            Ok(()) => true,
-            Err(why) => {
-                tracing::warn!(partition = letter.partition, offset = letter.offset, %why,
+        matching
+            .iter()
+            .copied()
+            .partition(|letter| match trust(letter, verifier) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!(partition = letter.partition, offset = letter.offset, %why,
                     "dead letter refused: not redriven");
-                false
-            }
-        });
+                    false
+                }
+            });
     let mut seen = HashSet::new();
     let trusted: Vec<&DeadLetter> = trusted.into_iter().filter(|l| seen.insert(l.origin())).collect();
     let mut seen_refused = HashSet::new();

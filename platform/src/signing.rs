@@ -161,7 +161,13 @@ pub enum Untrusted {
 impl Untrusted {
     /// Every reason's label (to start each count at zero: a counter first seen at 1 shows no
     /// increase, and the first forged event would raise no alert).
-    pub const LABELS: [&'static str; 5] = ["unsigned", "unknown_key", "wrong_producer", "bad_signature", "key_mismatch"];
+    pub const LABELS: [&'static str; 5] = [
+        "unsigned",
+        "unknown_key",
+        "wrong_producer",
+        "bad_signature",
+        "key_mismatch",
+    ];
 
     /// A short label for metrics.
     pub fn label(&self) -> &'static str {
@@ -413,11 +419,17 @@ mod tests {
             let mut bytes = impostor.seal(&placed);
             let stranger_id = impostor.key_id().as_bytes().to_vec();
             let real_id = payment_svc.key_id().as_bytes().to_vec();
-            let at = bytes.windows(stranger_id.len()).position(|w| w == stranger_id.as_slice()).unwrap();
+            let at = bytes
+                .windows(stranger_id.len())
+                .position(|w| w == stranger_id.as_slice())
+                .unwrap();
             bytes[at..at + real_id.len()].copy_from_slice(&real_id);
             bytes
         };
-        assert!(matches!(check(&verifier, &forged, order), Err(Untrusted::BadSignature(_))));
+        assert!(matches!(
+            check(&verifier, &forged, order),
+            Err(Untrusted::BadSignature(_))
+        ));
         // ...and signs its own events.
         let (authorized, order) = envelope(Payload::PaymentAuthorized(PaymentAuthorized::default()));
         assert_eq!(check(&verifier, &payment_svc.seal(&authorized), order), Ok(()));
