@@ -15,7 +15,9 @@ use orderflow::orders::v1::order_service_client::OrderServiceClient;
 use orderflow_platform::auth::{Caller, Issuer};
 use orderflow_platform::fairness::FairnessArgs;
 use orderflow_platform::security::ServerSecurityArgs;
-use orderflow_tests::{RunningOrderSvc, fresh_orders_db, start_order_svc_with, valid_order};
+use orderflow_tests::{
+    RunningOrderSvc, fresh_orders_db, fresh_pki as pki, start_order_svc_with, valid_order, with_token,
+};
 use ordersctl::pki::Pki;
 use tokio::io::AsyncReadExt as _;
 
@@ -31,25 +33,11 @@ fn fairness() -> FairnessArgs {
     }
 }
 
-fn pki() -> Pki {
-    let dir = std::env::temp_dir().join(format!("orderflow-pki-{}", uuid::Uuid::now_v7().simple()));
-    ordersctl::pki::init(&dir).unwrap();
-    Pki::at(dir)
-}
-
 fn token(pki: &Pki, customer: i64) -> String {
     Issuer::from_private_pem(&std::fs::read(pki.signing_key()).unwrap())
         .unwrap()
         .issue(&Caller::Customer(customer), Duration::from_secs(600))
         .unwrap()
-}
-
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
 }
 
 /// order-svc with tokens, in plaintext (the abusive client speaks raw HTTP/2), with `limits`.

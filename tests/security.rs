@@ -15,15 +15,9 @@ use orderflow::orders::v1 as api;
 use orderflow::orders::v1::order_service_client::OrderServiceClient;
 use orderflow_platform::auth::{Caller, Issuer};
 use orderflow_platform::security::{ClientSecurity, ServerSecurityArgs};
-use orderflow_tests::{fresh_db, fresh_orders_db, start_order_svc_with, valid_order};
+use orderflow_tests::{fresh_db, fresh_orders_db, fresh_pki as pki, start_order_svc_with, valid_order, with_token};
 use ordersctl::pki::Pki;
 use tonic::Code;
-
-fn pki() -> Pki {
-    let dir = std::env::temp_dir().join(format!("orderflow-pki-{}", uuid::Uuid::now_v7().simple()));
-    assert!(ordersctl::pki::init(&dir).unwrap());
-    Pki::at(dir)
-}
 
 fn server_security(pki: &Pki, name: &str, client_ca: bool) -> ServerSecurityArgs {
     let (cert, key) = pki.identity(name);
@@ -41,14 +35,6 @@ fn issuer(pki: &Pki) -> Issuer {
     Issuer::from_private_pem(&std::fs::read(pki.signing_key()).unwrap()).unwrap()
 }
 
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
-
 async fn tls_channel(pki: &Pki, addr: &str, identity: Option<(PathBuf, PathBuf)>) -> tonic::transport::Channel {
     ClientSecurity {
         ca: Some(pki.ca()),
@@ -61,48 +47,47 @@ async fn tls_channel(pki: &Pki, addr: &str, identity: Option<(PathBuf, PathBuf)>
     .unwrap()
 }
 
+/// A token with exactly `claims`, signed with the stack's token key (what the issuer would
+/// never sign: an expired or not-yet-valid token).
+fn signed_claims(pki: &Pki, claims: serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(&std::fs::read(pki.signing_key()).unwrap()).unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        &claims,
+        &key,
+    )
+    .unwrap()
+}
+
 /// Tokens the order service must refuse: expired, signed with another key, and claims
 /// that were edited after signing.
 fn bad_tokens(pki: &Pki) -> Vec<(&'static str, String)> {
     let good = issuer(pki)
         .issue(&Caller::Customer(42), Duration::from_secs(300))
         .unwrap();
-    let other_key = Pki::at(std::env::temp_dir().join(format!("orderflow-pki-{}", uuid::Uuid::now_v7().simple())));
-    ordersctl::pki::init(&other_key.dir).unwrap();
+    let other_key = self::pki();
     let foreign = issuer(&other_key)
         .issue(&Caller::Customer(42), Duration::from_secs(300))
         .unwrap();
-    let expired = {
-        let claims = serde_json::json!({
+    let expired = signed_claims(
+        pki,
+        serde_json::json!({
             "sub": "customer:42", "role": "customer", "iss": "orderflow-local", "aud": "orderflow",
             "iat": 1_700_000_000u64, "exp": 1_700_000_060u64,
-        });
-        let key = jsonwebtoken::EncodingKey::from_ed_pem(&std::fs::read(pki.signing_key()).unwrap()).unwrap();
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
-            &claims,
-            &key,
-        )
-        .unwrap()
-    };
+        }),
+    );
     // Valid, but not before ten minutes from now (far past the 5 s leeway).
-    let not_yet = {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let claims = serde_json::json!({
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let not_yet = signed_claims(
+        pki,
+        serde_json::json!({
             "sub": "customer:42", "role": "customer", "iss": "orderflow-local", "aud": "orderflow",
             "iat": now, "exp": now + 1_200, "nbf": now + 600,
-        });
-        let key = jsonwebtoken::EncodingKey::from_ed_pem(&std::fs::read(pki.signing_key()).unwrap()).unwrap();
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
-            &claims,
-            &key,
-        )
-        .unwrap()
-    };
+        }),
+    );
     // The same signature over other claims (customer 43 instead of 42).
     let tampered = {
         use base64::Engine as _;

@@ -184,6 +184,23 @@ pub async fn fresh_topic(partitions: i32) -> String {
     name
 }
 
+/// A new PKI of the stack's kind (CA, certificates, token and event keys) in a directory of
+/// its own, as `ordersctl pki` makes it.
+pub fn fresh_pki() -> ordersctl::pki::Pki {
+    let dir = std::env::temp_dir().join(format!("orderflow-pki-{}", uuid::Uuid::now_v7().simple()));
+    assert!(ordersctl::pki::init(&dir).unwrap(), "a new directory gets a whole PKI");
+    ordersctl::pki::Pki::at(dir)
+}
+
+/// `message` with `token` as its bearer token.
+pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
 /// The tests' event keys: each producing service's signing key and the verifying keys every
 /// consumer of a test trusts, as files (what the services' configurations name) and loaded.
 /// Made once per test process, like a stack's (`ordersctl pki`).
