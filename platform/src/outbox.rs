@@ -56,11 +56,6 @@ impl Outbox {
         Self { mode, signer }
     }
 
-    /// How the events reach the relay.
-    pub fn mode(&self) -> OutboxMode {
-        self.mode
-    }
-
     /// Writes `message` inside the caller's transaction: it exists for the relay exactly when
     /// the transaction commits.
     pub async fn write(&self, tx: &mut sqlx::PgConnection, message: &OutboxMessage) -> Result<(), sqlx::Error> {

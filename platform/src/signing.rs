@@ -169,15 +169,15 @@ impl Untrusted {
         "key_mismatch",
     ];
 
-    /// A short label for metrics.
+    /// A short label for metrics (each spelled once, in [`Untrusted::LABELS`]).
     pub fn label(&self) -> &'static str {
-        match self {
-            Self::Unsigned => "unsigned",
-            Self::UnknownKey(_) => "unknown_key",
-            Self::WrongProducer { .. } => "wrong_producer",
-            Self::BadSignature(_) => "bad_signature",
-            Self::KeyMismatch { .. } => "key_mismatch",
-        }
+        Self::LABELS[match self {
+            Self::Unsigned => 0,
+            Self::UnknownKey(_) => 1,
+            Self::WrongProducer { .. } => 2,
+            Self::BadSignature(_) => 3,
+            Self::KeyMismatch { .. } => 4,
+        }]
     }
 }
 
@@ -189,9 +189,7 @@ pub struct EventVerifier {
 
 impl std::fmt::Debug for EventVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut ids: Vec<&String> = self.keys.keys().collect();
-        ids.sort();
-        write!(f, "EventVerifier({ids:?})")
+        write!(f, "EventVerifier({:?})", self.key_ids())
     }
 }
 
