@@ -10,6 +10,7 @@
 //! `ordersctl` signs tokens with the private key (`ordersctl token`). A real deployment
 //! hands the servers its provider's public key instead.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -78,11 +79,21 @@ pub enum AuthError {
 /// How far apart the issuer's and the verifier's clocks may be, in seconds, for `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 5;
 
+/// How many verified tokens a verifier remembers (a few hundred bytes each).
+const VERIFIED_TOKENS: usize = 10_000;
+
 /// Verifies tokens with the identity provider's public key.
 #[derive(Clone)]
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    /// Tokens verified lately, by their exact text, with the caller each proves and its
+    /// expiry: one caller's many calls with one token cost one signature check, not one each
+    /// (one customer opening hundreds of streams at once would otherwise take the CPU from
+    /// every other caller: tests/fairness.rs). A token enters only once verified (signature,
+    /// issuer, audience, `nbf`) and is not used past its `exp`; bounded by
+    /// [`VERIFIED_TOKENS`] (quick_cache evicts the least used).
+    verified: Arc<quick_cache::sync::Cache<String, (Caller, u64)>>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -105,14 +116,34 @@ impl Verifier {
         // a few seconds apart), no more.
         validation.validate_nbf = true;
         validation.leeway = LEEWAY_SECS;
-        Ok(Self { key, validation })
+        Ok(Self {
+            key,
+            validation,
+            verified: Arc::new(quick_cache::sync::Cache::new(VERIFIED_TOKENS)),
+        })
     }
 
     /// The caller a token proves.
     pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_err(|error| AuthError::Invalid(error.to_string()))?
+            .as_secs();
+        if let Some((caller, exp)) = self.verified.get(token)
+            && now < exp
+        {
+            return Ok(caller);
+        }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|error| AuthError::Invalid(error.to_string()))?;
-        let claims = data.claims;
+        let exp = data.claims.exp;
+        let caller = Self::caller_of(data.claims)?;
+        self.verified.insert(token.to_owned(), (caller.clone(), exp));
+        Ok(caller)
+    }
+
+    /// The caller verified claims name, if their subject and role agree.
+    fn caller_of(claims: Claims) -> Result<Caller, AuthError> {
         match (claims.role, claims.sub.split_once(':')) {
             (Role::Customer, Some(("customer", id))) => id
                 .parse::<i64>()
@@ -229,5 +260,27 @@ mod tests {
             .issue(&Caller::Operator("ops".to_owned()), Duration::from_secs(60))
             .unwrap();
         assert!(verifier.verify(&issued).is_ok());
+    }
+
+    #[test]
+    fn a_remembered_token_is_honoured_until_its_expiry_and_never_after() {
+        let (private, public) = generate_signing_key().unwrap();
+        let verifier = Verifier::from_public_pem(public.as_bytes()).unwrap();
+        let good = token(&private, 0);
+        assert!(verifier.verify(&good).is_ok());
+        assert!(verifier.verified.get(good.as_str()).is_some(), "verified, then remembered");
+        // An entry is trusted while its expiry is ahead: text that is no token at all is
+        // accepted from it (which shows that the cache is consulted) ...
+        verifier
+            .verified
+            .insert("not-a-token".to_owned(), (Caller::Customer(7), u64::MAX));
+        assert!(matches!(verifier.verify("not-a-token"), Ok(Caller::Customer(7))));
+        // ... and refused once the expiry has passed: it is verified again, and fails.
+        verifier.verified.insert("not-a-token".to_owned(), (Caller::Customer(7), 0));
+        assert!(verifier.verify("not-a-token").is_err());
+        // A token that fails verification is never remembered.
+        let early = token(&private, 60);
+        assert!(verifier.verify(&early).is_err());
+        assert!(verifier.verified.get(early.as_str()).is_none());
     }
 }

@@ -10,17 +10,26 @@
 //!   sent its headers and nothing else.
 //! - **Per caller** (a customer, an operator: whoever the token or certificate proves): at
 //!   most `max_calls_per_caller` calls in flight ([`Callers`]); one more is refused at once,
-//!   RESOURCE_EXHAUSTED, instead of queueing in front of everyone else.
+//!   RESOURCE_EXHAUSTED, instead of queueing in front of everyone else. And at most
+//!   `calls_per_second_per_caller` calls started a second (with a burst of `caller_burst`):
+//!   beyond it a call waits for its turn before it takes a server permit. A share of the
+//!   permits alone keeps one caller from making the others wait for a permit, not from taking
+//!   every core with calls that each hold one briefly; the rate bounds the CPU one caller's
+//!   calls can use, and a call waiting for its turn costs nothing (no permit, no CPU; its
+//!   client waits too instead of coming back).
 //! - **Per socket**: the TLS handshake must finish within `tls_handshake_timeout`, a
 //!   connection on which nothing moves (read or written) for `idle_timeout` is closed, and at most `max_connections`
 //!   are open at once (the next waits in the kernel's accept queue): [`incoming`].
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -41,6 +50,13 @@ pub struct FairnessArgs {
     /// refused at once with RESOURCE_EXHAUSTED.
     #[arg(long, env = "GRPC_MAX_CALLS_PER_CALLER", default_value_t = 32)]
     pub max_calls_per_caller: usize,
+    /// Calls one caller may start per second, sustained; beyond it (and its burst) each call
+    /// waits for its turn, within its deadline, holding its place in the caller's share.
+    #[arg(long, env = "GRPC_CALLS_PER_SECOND_PER_CALLER", default_value_t = 500)]
+    pub calls_per_second_per_caller: u32,
+    /// Calls one caller may start at once above that rate.
+    #[arg(long, env = "GRPC_CALLER_BURST", default_value_t = 100)]
+    pub caller_burst: u32,
     /// How long a client may take to complete the TLS handshake, in milliseconds.
     #[arg(long, env = "GRPC_TLS_HANDSHAKE_TIMEOUT_MS", default_value_t = 5_000)]
     pub tls_handshake_timeout_ms: u64,
@@ -59,6 +75,8 @@ impl Default for FairnessArgs {
             max_streams_per_connection: 100,
             body_timeout_ms: 1_000,
             max_calls_per_caller: 32,
+            calls_per_second_per_caller: 500,
+            caller_burst: 100,
             tls_handshake_timeout_ms: 5_000,
             max_connections: 1_024,
             idle_timeout_ms: 60_000,
@@ -79,7 +97,7 @@ impl FairnessArgs {
 
     /// The per-caller limit of a server whose handlers wait for one of `permits` slots.
     pub fn callers(&self, permits: usize) -> Callers {
-        Callers::new(permits, self.max_calls_per_caller)
+        Callers::new(permits, self.max_calls_per_caller).with_rate(self.calls_per_second_per_caller, self.caller_burst)
     }
 
     /// The server's connections, accepted from `listener` within these limits.
@@ -96,13 +114,29 @@ impl FairnessArgs {
 }
 
 /// Who may call, and how much at once: a global pool of permits (the server's concurrency,
-/// waited for) and a bound per caller (refused at once when reached).
-#[derive(Debug, Clone)]
+/// waited for), a bound per caller (refused at once when reached) and a rate per caller
+/// (waited for).
+#[derive(Clone)]
 pub struct Callers {
     permits: Arc<Semaphore>,
     per_caller: usize,
     in_flight: Arc<Mutex<HashMap<String, usize>>>,
+    rate: Option<Arc<DefaultKeyedRateLimiter<String>>>,
+    entered: Arc<AtomicU64>,
 }
+
+impl std::fmt::Debug for Callers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callers")
+            .field("per_caller", &self.per_caller)
+            .field("rate_limited", &self.rate.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often (in calls let in) the rate limiter forgets callers whose allowance is full
+/// again: its memory follows the callers of the last seconds, not every caller ever seen.
+const FORGET_IDLE_CALLERS_EVERY: u64 = 4_096;
 
 /// Why a call was not let in.
 #[derive(Debug, thiserror::Error)]
@@ -143,16 +177,33 @@ impl Callers {
             permits: Arc::new(Semaphore::new(permits.max(1))),
             per_caller: per_caller.max(1),
             in_flight: Arc::default(),
+            rate: None,
+            entered: Arc::default(),
         }
     }
 
+    /// At most `per_second` calls of one caller started a second, `burst` of them at once.
+    #[must_use]
+    pub fn with_rate(mut self, per_second: u32, burst: u32) -> Self {
+        let per_second = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        self.rate = Some(Arc::new(RateLimiter::keyed(
+            Quota::per_second(per_second).allow_burst(burst),
+        )));
+        self
+    }
+
     /// Lets a call of `caller` in: refused at once if the caller already has its share in
-    /// flight; otherwise waits for a server permit (the caller's deadline bounds the wait). A
-    /// call with no caller (a development server without tokens: every call would be the same
-    /// party) takes a server permit only.
+    /// flight; otherwise waits for its turn in the caller's rate, then for a server permit
+    /// (the call's deadline bounds both waits). A call with no caller (a development server
+    /// without tokens: every call would be the same party) takes a server permit only.
     pub async fn enter(&self, caller: Option<&str>) -> Result<CallPermit, TooManyCalls> {
         let slot = match caller {
-            Some(caller) => Some(self.count(caller)?),
+            Some(caller) => {
+                let slot = self.count(caller)?;
+                self.wait_for_turn(&slot.caller).await;
+                Some(slot)
+            }
             None => None,
         };
         // Closed never: the semaphore lives as long as `self`.
@@ -166,6 +217,16 @@ impl Callers {
             _server: server,
             _caller: slot,
         })
+    }
+
+    /// Waits until `caller` may start one more call within its rate. Before the server
+    /// permit: a call waiting here holds nothing the other callers need.
+    async fn wait_for_turn(&self, caller: &String) {
+        let Some(rate) = &self.rate else { return };
+        rate.until_key_ready(caller).await;
+        if self.entered.fetch_add(1, Ordering::Relaxed) % FORGET_IDLE_CALLERS_EVERY == FORGET_IDLE_CALLERS_EVERY - 1 {
+            rate.retain_recent();
+        }
     }
 
     /// Counts a call of `caller`, unless it has its share in flight already.
@@ -341,6 +402,39 @@ mod tests {
         assert!(!waiting.is_finished(), "waits for the one permit");
         drop(first);
         waiting.await.unwrap().expect("gets in once the permit is free");
+    }
+
+    #[tokio::test]
+    async fn a_caller_beyond_its_rate_waits_for_its_turn_and_others_do_not() {
+        // 2 calls a second, 2 at once: the third call of one caller waits about 500 ms (the
+        // time between two calls at that rate is what is tested here, so it is measured).
+        let callers = Callers::new(8, 8).with_rate(2, 2);
+        let started = std::time::Instant::now();
+        drop(callers.enter(Some("customer:1")).await.unwrap());
+        drop(callers.enter(Some("customer:1")).await.unwrap());
+        let third = tokio::spawn({
+            let callers = callers.clone();
+            async move { callers.enter(Some("customer:1")).await.map(drop) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished(), "the third call within its burst's time waits");
+        drop(
+            callers
+                .enter(Some("customer:2"))
+                .await
+                .expect("another caller's allowance is its own"),
+        );
+        let other_in = started.elapsed();
+        assert!(
+            other_in < Duration::from_millis(250),
+            "another caller got in at once ({other_in:?}), not behind the first one's turn"
+        );
+        third.await.unwrap().expect("its turn comes");
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "the third call waited for its turn: {:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
