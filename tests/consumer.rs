@@ -110,6 +110,7 @@ fn record(key: uuid::Uuid, seq: usize) -> Vec<u8> {
         order_id: key.to_string(),
         payment_id: seq.to_string(),
         total: None,
+        order_version: 1,
     });
     orderflow_tests::event_keys().seal(&envelope::seal(meta, payload))
 }
@@ -461,7 +462,7 @@ async fn a_consumer_stops_in_bounded_time_while_its_broker_does_not_answer() {
     // A consumer that decides to exit (shutdown, a stall, no partition for too long) must exit
     // even when its group coordinator never answers again: its supervisor restarts it only
     // then. A broker of this test's own, stopped with SIGSTOP (connections open, no answers).
-    let broker = PrivateKafka::new(19320, 1);
+    let broker = PrivateKafka::new(1);
     broker.start().await;
     let db = db_with_handled_table().await;
     let topic = orderflow::topics::ORDERS_EVENTS.to_owned();

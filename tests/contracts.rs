@@ -63,6 +63,7 @@ fn every_event() -> Vec<(&'static str, Payload)> {
                 order_id: order_id.clone(),
                 payment_id: payment_id.clone(),
                 total: eur(3_750),
+                order_version: 1,
             }),
         ),
         (
@@ -71,6 +72,7 @@ fn every_event() -> Vec<(&'static str, Payload)> {
                 order_id: order_id.clone(),
                 reason: CancellationReason::PaymentFailed as i32,
                 detail: "card declined".into(),
+                order_version: 1,
             }),
         ),
         (

@@ -96,6 +96,12 @@ async fn grpcurl_lists_checks_health_places_and_gets_an_order() {
     .await;
     assert!(!ok);
     assert!(err.contains("InvalidArgument") && err.contains("customer_id"), "{err}");
+    // Its google.rpc.BadRequest detail is decoded (reflection serves error_details.proto),
+    // not "google.rpc.BadRequest is not recognized".
+    assert!(
+        err.contains("fieldViolations") && !err.contains("not recognized"),
+        "{err}"
+    );
     assert_eq!(count(&db, "orders").await, 1);
     svc.stop().await;
 }

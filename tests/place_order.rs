@@ -723,7 +723,7 @@ async fn housekeeping_deletes_only_what_is_past_its_retention_in_batches() {
     assert_eq!(inbox, 50, "only this consumer's rows older than the window");
     assert_eq!(count(&db, "inbox").await, 150);
 
-    let keys = housekeeping::purge(&db.pool, &housekeeping::expired_request_ids())
+    let keys = housekeeping::purge(&db.pool, &order_svc::expired_request_ids())
         .await
         .unwrap();
     assert_eq!(keys, 2);

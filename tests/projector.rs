@@ -51,6 +51,7 @@ fn lifecycle(order_id: uuid::Uuid, confirmed: bool) -> Vec<Payload> {
             order_id: id.clone(),
             payment_id: "p".into(),
             total: money(2500),
+            order_version: 1,
         }));
         events.push(Payload::PaymentCaptured(PaymentCaptured {
             order_id: id,
@@ -62,6 +63,7 @@ fn lifecycle(order_id: uuid::Uuid, confirmed: bool) -> Vec<Payload> {
             order_id: id.clone(),
             reason: CancellationReason::PaymentTimeout as i32,
             detail: String::new(),
+            order_version: 1,
         }));
         events.push(Payload::PaymentVoided(PaymentVoided {
             order_id: id,
@@ -125,6 +127,17 @@ fn fresh(messages: &[(Incoming, OpenedEvent)]) -> Vec<Fresh<'_>> {
         .collect()
 }
 
+/// Projects `messages` as one unit of work, in one transaction, as the runtime would.
+async fn project(pool: &sqlx::PgPool, messages: &[(Incoming, OpenedEvent)]) {
+    let mut tx = pool.begin().await.unwrap();
+    Projector
+        .handle(&mut tx, &fresh(messages))
+        .await
+        .map_err(|(at, e)| format!("{at}: {e}"))
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
 async fn place(pool: &sqlx::PgPool, order_id: uuid::Uuid) {
     sqlx::query(
         "INSERT INTO orders (order_id, customer_id, currency_code, total_minor, payment_token, status, saga_state, correlation_id)
@@ -136,12 +149,25 @@ async fn place(pool: &sqlx::PgPool, order_id: uuid::Uuid) {
     .unwrap();
 }
 
-/// (status, saga_state, payment_state, customer_id, total_minor, items present, history length)
-type Row = (String, String, Option<String>, Option<i64>, Option<i64>, bool, i32);
+/// (status, saga_state, payment_state, customer_id, total_minor, items present, history
+/// length, version, placed_at is OrderPlaced's time)
+type Row = (
+    String,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    bool,
+    i32,
+    i64,
+    bool,
+);
 
 async fn row(pool: &sqlx::PgPool, order_id: uuid::Uuid) -> Row {
     sqlx::query_as(
-        "SELECT status, saga_state, payment_state, customer_id, total_minor, items IS NOT NULL, jsonb_array_length(history)
+        "SELECT status, saga_state, payment_state, customer_id, total_minor, items IS NOT NULL, jsonb_array_length(history),
+                version, placed_at = (SELECT (e->>'occurred_at')::timestamptz FROM jsonb_array_elements(history) e
+                                      WHERE e->>'event_type' = 'orderflow.events.v1.OrderPlaced')
          FROM order_read WHERE order_id = $1",
     )
     .bind(order_id)
@@ -160,6 +186,8 @@ fn expected(confirmed: bool) -> Row {
             Some(2500),
             true,
             4,
+            1,
+            true,
         )
     } else {
         (
@@ -170,6 +198,8 @@ fn expected(confirmed: bool) -> Row {
             Some(2500),
             true,
             4,
+            1,
+            true,
         )
     }
 }
@@ -194,14 +224,7 @@ async fn every_arrival_order_in_bulk_or_alone_ends_in_the_same_row() {
                 .zip(&orders_of)
                 .map(|(id, order)| message(*id, lifecycle(*id, confirmed)[order[wave]].clone(), wave as i64))
                 .collect();
-            let wave_fresh = fresh(&messages);
-            let mut tx = db.pool.begin().await.unwrap();
-            Projector
-                .handle(&mut tx, &wave_fresh)
-                .await
-                .map_err(|(at, e)| format!("{at}: {e}"))
-                .unwrap();
-            tx.commit().await.unwrap();
+            project(&db.pool, &messages).await;
 
             for (id, order) in alone.iter().zip(&orders_of) {
                 let one = [message(
@@ -209,13 +232,7 @@ async fn every_arrival_order_in_bulk_or_alone_ends_in_the_same_row() {
                     lifecycle(*id, confirmed)[order[wave]].clone(),
                     wave as i64,
                 )];
-                let mut tx = db.pool.begin().await.unwrap();
-                Projector
-                    .handle(&mut tx, &fresh(&one))
-                    .await
-                    .map_err(|(at, e)| format!("{at}: {e}"))
-                    .unwrap();
-                tx.commit().await.unwrap();
+                project(&db.pool, &one).await;
             }
         }
         for (id, order) in bulk.iter().chain(&alone).zip(orders_of.iter().cycle()) {
@@ -294,4 +311,51 @@ async fn a_batch_with_an_order_never_placed_names_that_message() {
         .expect_err("a stray payment event");
     assert_eq!(at, 1, "{error}");
     assert!(error.to_string().contains("PaymentAuthorized for order"), "{error}");
+}
+
+#[tokio::test]
+async fn the_read_path_returns_what_is_stored_or_an_error() {
+    // A stored state this build does not know is an error, never a PENDING or an
+    // UNSPECIFIED made up on the way out.
+    let db = fresh_orders_db().await;
+    let id = uuid::Uuid::now_v7();
+    place(&db.pool, id).await;
+    let messages: Vec<(Incoming, OpenedEvent)> = lifecycle(id, true)
+        .into_iter()
+        .enumerate()
+        .map(|(at, payload)| message(id, payload, at as i64))
+        .collect();
+    project(&db.pool, &messages).await;
+    let order_id = order_svc::domain::OrderId::from(id);
+    let view = order_svc::store::get_order_view(&db.pool, order_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.version, 1, "the version OrderConfirmed carries");
+    assert_eq!(view.status, order_svc::domain::OrderStatus::Confirmed);
+    for (column, value) in [("status", "ARCHIVED"), ("payment_state", "REFUNDED")] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE order_read SET {column} = $2 WHERE order_id = $1"
+        )))
+        .bind(id)
+        .bind(value)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let error = order_svc::store::get_order_view(&db.pool, order_id)
+            .await
+            .expect_err("an unknown stored name is an error");
+        assert!(
+            matches!(error, order_svc::store::StoreError::Corrupt(ref what) if what.contains(column)),
+            "{error:?}"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE order_read SET {column} = $2 WHERE order_id = $1"
+        )))
+        .bind(id)
+        .bind(if column == "status" { "CONFIRMED" } else { "CAPTURED" })
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
 }

@@ -268,7 +268,7 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
     let db = fresh_orders_db().await;
     // A broker of this test's own, on ports where nothing listens yet (below the ephemeral
     // range, kept for this test).
-    let broker = PrivateKafka::new(19310, 1);
+    let broker = PrivateKafka::new(1);
     let bootstrap = broker.cluster.clone();
     let topic = "orders.events";
     place_orders(&db, topic, 3).await;
@@ -447,7 +447,7 @@ async fn a_relay_whose_passes_all_fail_gives_up_for_its_supervisor_to_restart_it
     // failing would hold its outbox back for ever while looking alive. Here the broker never
     // answers at all (a private one, never started).
     let db = fresh_orders_db().await;
-    let broker = PrivateKafka::new(19340, 1);
+    let broker = PrivateKafka::new(1);
     place_orders(&db, "orders.events", 1).await;
     let (_stop, relay) = spawn_configured_relay(&db, &broker.cluster, 100, Duration::from_millis(200), |relay| {
         relay.with_stall_limit(Some(Duration::from_secs(3)))
@@ -469,7 +469,7 @@ async fn a_relay_whose_passes_all_fail_gives_up_for_its_supervisor_to_restart_it
 async fn a_relay_whose_passes_all_fail_replaces_its_producer_and_goes_on() {
     // The relay binary's way: a new producer (new broker connections) rather than an exit.
     let db = fresh_orders_db().await;
-    let broker = PrivateKafka::new(19342, 1);
+    let broker = PrivateKafka::new(1);
     place_orders(&db, "orders.events", 1).await;
     let made = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let factory: relay::ProducerFactory = {

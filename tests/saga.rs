@@ -366,7 +366,21 @@ async fn an_order_placed_while_the_payment_service_is_down_is_paid_when_it_retur
     // The next message on the partition is exactly where the restarted consumer resumes:
     // skipping it (committing one past the end) would strand this order.
     let second = place(&saga, "tok_visa").await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Synchronised on the order's OrderPlaced being on the topic (its outbox row published),
+    // not on a second of waiting: it was there to be charged, and nobody charged it.
+    assert!(
+        eventually(SETTLE, || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT count(*) = 1 FROM outbox WHERE partition_key = $1 AND published_at IS NOT NULL",
+            )
+            .bind(&second)
+            .fetch_one(&saga.orders.pool)
+            .await
+            .unwrap()
+        })
+        .await,
+        "the OrderPlaced of the order placed during the outage reached the topic"
+    );
     assert_eq!(
         ledger(&saga, &second).await,
         Vec::<String>::new(),

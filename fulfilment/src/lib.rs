@@ -41,7 +41,10 @@ pub struct Config {
     pub inbox_retention_hours: u64,
     /// Who this process is to Kafka (SASL/SCRAM).
     #[command(flatten)]
-    pub kafka_auth: orderflow_platform::kafka::KafkaAuthArgs,
+    pub kafka_auth: orderflow_platform::kafka::KafkaArgs,
+    /// Where its Prometheus metrics are served (`ORDERFLOW_METRICS_ADDR`).
+    #[command(flatten)]
+    pub metrics: orderflow_platform::telemetry::MetricsArgs,
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,

@@ -80,6 +80,9 @@ pub struct Config {
     /// payment-svc, is not limited per caller).
     #[command(flatten)]
     pub fairness: orderflow_platform::fairness::FairnessArgs,
+    /// Where its Prometheus metrics are served (`ORDERFLOW_METRICS_ADDR`).
+    #[command(flatten)]
+    pub metrics: orderflow_platform::telemetry::MetricsArgs,
     /// Apply the migrations at start-up.
     #[arg(long, env = "GATEWAY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -661,7 +664,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     }
     tokio::spawn(orderflow_platform::housekeeping::run(
         pool.clone(),
-        vec![orderflow_platform::housekeeping::expired_gateway_keys()],
+        vec![orderflow_platform::housekeeping::Purge {
+            name: "gateway idempotency_keys",
+            sql: "SELECT purge_expired_keys($1, $2::int)",
+            retention: Duration::ZERO,
+            consumer: None,
+        }],
         orderflow_platform::housekeeping::INTERVAL,
         shutdown.clone(),
     ));
@@ -683,6 +691,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(orderflow::GATEWAY_FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // google.rpc error details: grpcurl decodes an error's details through it.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     tracing::info!(local_addr = %listener.local_addr()?, "gateway-sim serving gRPC");
     let mut server =

@@ -4,10 +4,13 @@
 pub mod admission;
 pub mod api;
 pub mod domain;
+#[cfg(feature = "naive")]
+mod naive;
 pub mod placing;
 pub mod projector;
 pub mod saga;
 pub mod store;
+pub mod wire_states;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -83,7 +86,10 @@ pub struct Config {
     pub max_order_total: orderflow::money::TotalLimits,
     /// Who this process is to Kafka (SASL/SCRAM).
     #[command(flatten)]
-    pub kafka_auth: orderflow_platform::kafka::KafkaAuthArgs,
+    pub kafka_auth: orderflow_platform::kafka::KafkaArgs,
+    /// Where its Prometheus metrics are served (`ORDERFLOW_METRICS_ADDR`).
+    #[command(flatten)]
+    pub metrics: orderflow_platform::telemetry::MetricsArgs,
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,
@@ -142,6 +148,17 @@ impl Default for PlacingArgs {
     }
 }
 
+/// PlaceOrder idempotency keys past their expiry (purged by the migrations' function, which
+/// keeps a live key's retention: migrations/orders/0010).
+pub fn expired_request_ids() -> orderflow_platform::housekeeping::Purge {
+    orderflow_platform::housekeeping::Purge {
+        name: "idempotency_keys",
+        sql: "SELECT purge_expired_request_ids($1, $2::int)",
+        retention: Duration::ZERO,
+        consumer: None,
+    }
+}
+
 /// Runs the service on `listener` until `shutdown` is cancelled, then stops accepting,
 /// lets requests in flight finish and returns. If the payment events' consumer dies, the
 /// service stops too and returns its error: a process that no longer settles orders must not
@@ -162,14 +179,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     }
     let signer = config.signing.signer(orderflow_platform::signing::ORDER_SVC)?;
     let outbox = orderflow_platform::outbox::Outbox::new(config.outbox.mode, signer.clone());
-    let naive_dual_write = orderflow_platform::chaos::naive() && config.bootstrap_servers.is_some();
+    #[cfg(feature = "naive")]
+    let dual_write = naive::DualWrite::from_config(&config, &signer)?;
     let (placer, committers) = placing::Placer::start(
         pool.clone(),
         placing::Committers {
             count: config.placing.group_committers,
             max_batch: config.placing.group_commit_max_batch,
-            // The naive mode writes no outbox row: it publishes after the commit instead.
-            outbox: (!naive_dual_write).then(|| outbox.clone()),
+            outbox: outbox.clone(),
+            #[cfg(feature = "naive")]
+            dual_write: dual_write.is_some(),
         },
         stop.clone(),
     );
@@ -184,7 +203,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         },
         stop.clone(),
     );
-    let mut api = api::OrderApi::new(
+    let api = api::OrderApi::new(
         pool.clone(),
         config.orders_topic.clone(),
         Duration::from_secs(config.idempotency_retention_hours * 3600),
@@ -193,17 +212,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         admission,
         config.fairness.callers(config.max_concurrent_requests),
     );
-    if naive_dual_write && let Some(servers) = &config.bootstrap_servers {
-        // The chaos harness's "before" column only (a build with the `naive` feature and
-        // ORDERFLOW_NAIVE=true): a plain producer with a 5 s delivery timeout, as a textbook
-        // dual write would have.
-        let producer = orderflow_platform::kafka::Cluster::new(servers.clone(), &config.kafka_auth)
-            .client_config()
-            .set("message.timeout.ms", "5000")
-            .create()?;
-        tracing::warn!("NAIVE MODE: PlaceOrder publishes directly (dual write), no outbox");
-        api = api.with_dual_write(producer, signer.clone());
-    }
+    #[cfg(feature = "naive")]
+    let api = match dual_write {
+        Some(dual_write) => api.with_dual_write(dual_write),
+        None => api,
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<OrderServiceServer<api::OrderApi>>().await;
@@ -211,6 +224,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(orderflow::ORDERS_FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc error details (BadRequest): grpcurl decodes an error's details through it.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1()?;
     // grpcurl up to 1.8 speaks only the v1alpha reflection protocol.
@@ -222,7 +237,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     background.push(tokio::spawn(orderflow_platform::housekeeping::run(
         pool.clone(),
         vec![
-            orderflow_platform::housekeeping::expired_request_ids(),
+            expired_request_ids(),
             orderflow_platform::housekeeping::inbox(
                 saga::INBOX,
                 Duration::from_secs(config.inbox_retention_hours * 3600),

@@ -4,8 +4,8 @@ use clap::Parser as _;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = orderflow_platform::telemetry::init("order-svc");
-    orderflow_platform::telemetry::install_metrics_from_env()?;
     let config = order_svc::Config::parse();
+    config.metrics.install()?;
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen_addr))?;

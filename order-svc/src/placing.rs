@@ -69,9 +69,23 @@ pub struct Committers {
     pub count: usize,
     /// Most orders in one transaction.
     pub max_batch: usize,
-    /// How the events reach the relay; None only in the chaos harness's naive mode (a dual
-    /// write after the commit instead).
-    pub outbox: Option<Outbox>,
+    /// How the events reach the relay.
+    pub outbox: Outbox,
+    /// The naive build's dual write (`crate::naive`) runs: no outbox row is written.
+    #[cfg(feature = "naive")]
+    pub dual_write: bool,
+}
+
+impl Committers {
+    /// Whether the events go into the outbox in the orders' transaction: always, but in the
+    /// naive build's dual write.
+    fn writes_outbox(&self) -> bool {
+        #[cfg(feature = "naive")]
+        let writes = !self.dual_write;
+        #[cfg(not(feature = "naive"))]
+        let writes = true;
+        writes
+    }
 }
 
 impl Placer {
@@ -143,7 +157,7 @@ async fn commit_loop(
             }
             batch
         };
-        commit(&pool, committers.outbox.as_ref(), batch).await;
+        commit(&pool, &committers, batch).await;
     }
 }
 
@@ -151,7 +165,7 @@ async fn commit_loop(
 /// a reason one order can cause (data the database refuses), its halves are written apart,
 /// down to the placement at fault, which alone gets the error; if it fails for a reason every
 /// order shares (the database away), every caller gets it at once.
-async fn commit(pool: &PgPool, outbox: Option<&Outbox>, batch: Vec<Job>) {
+async fn commit(pool: &PgPool, committers: &Committers, batch: Vec<Job>) {
     metrics::histogram!(orderflow_platform::telemetry::PLACE_ORDER_BATCH_SIZE).record(batch.len() as f64);
     let mut parts = vec![batch];
     while let Some(mut part) = parts.pop() {
@@ -163,7 +177,7 @@ async fn commit(pool: &PgPool, outbox: Option<&Outbox>, batch: Vec<Job>) {
             continue;
         }
         let placements: Vec<Placement> = part.iter().map(|(placement, _)| placement.clone()).collect();
-        match write(pool, outbox, &placements).await {
+        match write(pool, committers, &placements).await {
             Ok(outcomes) => {
                 for ((_, answer), outcome) in part.into_iter().zip(outcomes) {
                     let _ = answer.send(outcome);
@@ -301,7 +315,7 @@ async fn claim_keys(tx: &mut sqlx::PgConnection, placements: &[Placement]) -> Re
 /// as a whole (nothing of it committed).
 async fn write(
     pool: &PgPool,
-    outbox: Option<&Outbox>,
+    committers: &Committers,
     placements: &[Placement],
 ) -> Result<Vec<Result<PlaceOutcome, StoreError>>, StoreError> {
     let mut tx = pool.begin().await?;
@@ -314,9 +328,9 @@ async fn write(
         .collect();
     if !created.is_empty() {
         insert_orders(&mut tx, &created).await?;
-        if let Some(outbox) = outbox {
+        if committers.writes_outbox() {
             let events: Vec<OutboxMessage> = created.iter().map(|p| p.event.clone()).collect();
-            outbox.write_all(&mut tx, &events).await?;
+            committers.outbox.write_all(&mut tx, &events).await?;
         }
         // If the process dies before this commit, nothing above exists: each caller sees an
         // error (or a dropped connection) and retries with the same request_id.

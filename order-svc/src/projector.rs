@@ -9,13 +9,15 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use chrono::{DateTime, SubsecRound as _, Utc};
 use orderflow::envelope::{OpenedEvent, event_type_of};
 use orderflow::events::v1::event_envelope::Payload;
-use orderflow::orders::v1::CancellationReason;
 use orderflow_platform::Secret;
 use orderflow_platform::consumer::{self, ConsumerSettings, Fresh, Handler, HandlerError};
 use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
+
+use crate::domain::{CancellationReason, OrderStatus, PaymentState, SagaState};
 
 /// The name this consumer records in the inbox.
 pub const INBOX: &str = "projector";
@@ -44,7 +46,10 @@ pub struct Config {
     pub inbox_retention_hours: u64,
     /// Who this process is to Kafka (SASL/SCRAM).
     #[command(flatten)]
-    pub kafka_auth: orderflow_platform::kafka::KafkaAuthArgs,
+    pub kafka_auth: orderflow_platform::kafka::KafkaArgs,
+    /// Where its Prometheus metrics are served (`ORDERFLOW_METRICS_ADDR`).
+    #[command(flatten)]
+    pub metrics: orderflow_platform::telemetry::MetricsArgs,
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,
@@ -63,18 +68,22 @@ struct Change {
     currency_code: Option<String>,
     total_minor: Option<i64>,
     items: Option<serde_json::Value>,
-    status: Option<&'static str>,
-    saga_state: Option<&'static str>,
-    cancellation_reason: Option<&'static str>,
-    payment_state: Option<&'static str>,
-    placed: bool,
+    status: Option<OrderStatus>,
+    saga_state: Option<SagaState>,
+    cancellation_reason: Option<CancellationReason>,
+    payment_state: Option<PaymentState>,
+    /// The order's version as a settling event carries it.
+    version: Option<i64>,
+    /// When the order was placed: its OrderPlaced event's time.
+    placed_at: Option<DateTime<Utc>>,
 }
 
 impl Change {
     /// The change of `self` then `later` (events of one order, in their order), by the rules
     /// the upsert applies between the stored row and a change: fields fill in (a later value
     /// replaces an earlier one), a terminal status is final, AUTHORIZED may be followed by a
-    /// settled payment state and never the other way round, placement is kept.
+    /// settled payment state and never the other way round, the version only grows, the
+    /// placement time is kept.
     fn then(self, later: Change) -> Change {
         let settled = self.status.is_some();
         Change {
@@ -86,15 +95,17 @@ impl Change {
             saga_state: if settled { self.saga_state } else { later.saga_state },
             cancellation_reason: self.cancellation_reason.or(later.cancellation_reason),
             payment_state: match (self.payment_state, later.payment_state) {
-                (None | Some("AUTHORIZED"), Some(next)) => Some(next),
+                (None | Some(PaymentState::Authorized), Some(next)) => Some(next),
                 (current, _) => current,
             },
-            placed: self.placed || later.placed,
+            version: self.version.max(later.version),
+            placed_at: self.placed_at.or(later.placed_at),
         }
     }
 }
 
-fn change_of(payload: &Payload) -> Change {
+/// What one event (which happened at `occurred_at`) sets.
+fn change_of(payload: &Payload, occurred_at: DateTime<Utc>) -> Change {
     match payload {
         Payload::OrderPlaced(placed) => Change {
             customer_id: Some(placed.customer_id),
@@ -113,56 +124,65 @@ fn change_of(payload: &Payload) -> Change {
                     })
                     .collect(),
             )),
-            placed: true,
+            placed_at: Some(occurred_at),
             ..Change::default()
         },
-        Payload::OrderConfirmed(_) => Change {
-            status: Some("CONFIRMED"),
-            saga_state: Some("COMPLETED"),
+        Payload::OrderConfirmed(confirmed) => Change {
+            status: Some(OrderStatus::Confirmed),
+            saga_state: Some(SagaState::Completed),
+            version: settled_version(confirmed.order_version),
             ..Change::default()
         },
         Payload::OrderCancelled(cancelled) => Change {
-            status: Some("CANCELLED"),
-            saga_state: Some("COMPENSATED"),
-            cancellation_reason: Some(match cancelled.reason() {
-                CancellationReason::PaymentTimeout => "PAYMENT_TIMEOUT",
-                CancellationReason::CustomerRequest => "CUSTOMER_REQUEST",
-                _ => "PAYMENT_FAILED",
-            }),
+            status: Some(OrderStatus::Cancelled),
+            saga_state: Some(SagaState::Compensated),
+            // UNSPECIFIED (or a reason this build does not know) is stored as no reason,
+            // never as a guessed one.
+            cancellation_reason: CancellationReason::try_from(cancelled.reason()).ok(),
+            version: settled_version(cancelled.order_version),
             ..Change::default()
         },
         Payload::PaymentAuthorized(_) => Change {
-            payment_state: Some("AUTHORIZED"),
+            payment_state: Some(PaymentState::Authorized),
             ..Change::default()
         },
         Payload::PaymentFailed(_) => Change {
-            payment_state: Some("FAILED"),
+            payment_state: Some(PaymentState::Failed),
             ..Change::default()
         },
         Payload::PaymentCaptured(_) => Change {
-            payment_state: Some("CAPTURED"),
+            payment_state: Some(PaymentState::Captured),
             ..Change::default()
         },
         Payload::PaymentVoided(_) => Change {
-            payment_state: Some("VOIDED"),
+            payment_state: Some(PaymentState::Voided),
             ..Change::default()
         },
     }
 }
 
+/// The version a settling event carries; an event written before events carried one reads
+/// 0, which no settled order has (placed is 0, each change adds one): None then, and the
+/// row keeps what the migration gave it (migrations/orders/0011 and its note).
+fn settled_version(carried: i64) -> Option<i64> {
+    (carried > 0).then_some(carried)
+}
+
 /// One upsert for many events of different orders (one row each: a statement may not touch
 /// a row twice). Every update is order-insensitive, so the rows of one batch may be written
 /// in any order relative to each other; per order, events are written in their order.
+/// The state names it compares with are parameters ($15 PENDING, $16 AWAITING_PAYMENT, $17
+/// AUTHORIZED), bound from `domain`, where each is spelled.
 const UPSERT: &str = "
     INSERT INTO order_read AS r (order_id, customer_id, currency_code, total_minor, items, placed_at,
-        correlation_id, status, saga_state, cancellation_reason, payment_state, last_event_type, history)
-    SELECT order_id, customer_id, currency_code, total_minor, items, CASE WHEN placed THEN now() END,
-        correlation_id, COALESCE(status, 'PENDING'), COALESCE(saga_state, 'AWAITING_PAYMENT'),
-        cancellation_reason, payment_state, last_event_type, entries
-    FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::jsonb[], $6::bool[], $7::uuid[],
-                $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::jsonb[])
-        AS u(order_id, customer_id, currency_code, total_minor, items, placed, correlation_id,
-             status, saga_state, cancellation_reason, payment_state, last_event_type, entries)
+        correlation_id, status, saga_state, cancellation_reason, payment_state, version, last_event_type, history)
+    SELECT order_id, customer_id, currency_code, total_minor, items, placed_at,
+        correlation_id, COALESCE(status, $15::text), COALESCE(saga_state, $16::text),
+        cancellation_reason, payment_state, COALESCE(version, 0), last_event_type, entries
+    FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::jsonb[], $6::timestamptz[], $7::uuid[],
+                $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[], $14::jsonb[])
+        AS u(order_id, customer_id, currency_code, total_minor, items, placed_at, correlation_id,
+             status, saga_state, cancellation_reason, payment_state, version, last_event_type, entries)
     ORDER BY order_id
     ON CONFLICT (order_id) DO UPDATE SET
         customer_id = COALESCE(EXCLUDED.customer_id, r.customer_id),
@@ -173,13 +193,14 @@ const UPSERT: &str = "
         correlation_id = COALESCE(r.correlation_id, EXCLUDED.correlation_id),
         -- a terminal status is final (an event that sets no status inserts PENDING, which
         -- never replaces anything; status and saga state are set together)
-        status = CASE WHEN r.status = 'PENDING' AND EXCLUDED.status <> 'PENDING' THEN EXCLUDED.status ELSE r.status END,
-        saga_state = CASE WHEN r.status = 'PENDING' AND EXCLUDED.status <> 'PENDING' THEN EXCLUDED.saga_state ELSE r.saga_state END,
+        status = CASE WHEN r.status = $15 AND EXCLUDED.status <> $15 THEN EXCLUDED.status ELSE r.status END,
+        saga_state = CASE WHEN r.status = $15 AND EXCLUDED.status <> $15 THEN EXCLUDED.saga_state ELSE r.saga_state END,
         cancellation_reason = COALESCE(r.cancellation_reason, EXCLUDED.cancellation_reason),
         -- AUTHORIZED may be followed by a settled state, never the other way round
         payment_state = CASE WHEN EXCLUDED.payment_state IS NULL THEN r.payment_state
-                             WHEN r.payment_state IS NULL OR r.payment_state = 'AUTHORIZED' THEN EXCLUDED.payment_state
+                             WHEN r.payment_state IS NULL OR r.payment_state = $17 THEN EXCLUDED.payment_state
                              ELSE r.payment_state END,
+        version = GREATEST(r.version, EXCLUDED.version),
         last_event_type = EXCLUDED.last_event_type,
         history = CASE WHEN jsonb_array_length(r.history) >= 50 THEN r.history
                        ELSE r.history || EXCLUDED.history END,
@@ -194,12 +215,13 @@ struct Rows {
     currency_code: Vec<Option<String>>,
     total_minor: Vec<Option<i64>>,
     items: Vec<Option<serde_json::Value>>,
-    placed: Vec<bool>,
+    placed_at: Vec<Option<DateTime<Utc>>>,
     correlation_id: Vec<uuid::Uuid>,
     status: Vec<Option<&'static str>>,
     saga_state: Vec<Option<&'static str>>,
     cancellation_reason: Vec<Option<&'static str>>,
     payment_state: Vec<Option<&'static str>>,
+    version: Vec<Option<i64>>,
     last_event_type: Vec<&'static str>,
     /// The history entries of the order's events, a JSON array each.
     entries: Vec<serde_json::Value>,
@@ -217,12 +239,16 @@ impl Rows {
         let mut change = Change::default();
         let mut entries = Vec::with_capacity(events.len());
         for event in events {
-            change = change.then(change_of(&event.payload));
+            // An envelope without a valid time (none is signed that way by this system's
+            // producers) is placed in time when it is projected.
             let occurred_at = event
                 .occurred_at
                 .as_ref()
                 .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
-                .unwrap_or(projected_at);
+                .unwrap_or(projected_at)
+                // Postgres keeps microseconds: the history's text and placed_at say the same.
+                .trunc_subsecs(6);
+            change = change.then(change_of(&event.payload, occurred_at));
             // Both times are kept: projected_at - occurred_at is the read model's lag for this
             // event (`ordersctl verify` reports its percentiles).
             entries.push(serde_json::json!({
@@ -239,12 +265,14 @@ impl Rows {
         self.currency_code.push(change.currency_code);
         self.total_minor.push(change.total_minor);
         self.items.push(change.items);
-        self.placed.push(change.placed);
+        self.placed_at.push(change.placed_at);
         self.correlation_id.push(first.correlation_id);
-        self.status.push(change.status);
-        self.saga_state.push(change.saga_state);
-        self.cancellation_reason.push(change.cancellation_reason);
-        self.payment_state.push(change.payment_state);
+        self.status.push(change.status.map(OrderStatus::as_str));
+        self.saga_state.push(change.saga_state.map(SagaState::as_str));
+        self.cancellation_reason
+            .push(change.cancellation_reason.map(CancellationReason::as_str));
+        self.payment_state.push(change.payment_state.map(PaymentState::as_str));
+        self.version.push(change.version);
         self.last_event_type.push(event_type_of(&last.payload));
     }
 
@@ -255,14 +283,18 @@ impl Rows {
             .bind(&self.currency_code)
             .bind(&self.total_minor)
             .bind(&self.items)
-            .bind(&self.placed)
+            .bind(&self.placed_at)
             .bind(&self.correlation_id)
             .bind(&self.status)
             .bind(&self.saga_state)
             .bind(&self.cancellation_reason)
             .bind(&self.payment_state)
+            .bind(&self.version)
             .bind(&self.last_event_type)
             .bind(&self.entries)
+            .bind(OrderStatus::Pending.as_str())
+            .bind(SagaState::AwaitingPayment.as_str())
+            .bind(PaymentState::Authorized.as_str())
             .execute(&mut **tx)
             .await?;
         // Measured before the runtime's commit: the lag up to the write, not its visibility.
@@ -378,22 +410,23 @@ mod tests {
         Change {
             customer_id: Some(7),
             total_minor: Some(2500),
-            placed: true,
+            placed_at: Some(DateTime::UNIX_EPOCH),
             ..Change::default()
         }
     }
 
-    fn paid(state: &'static str) -> Change {
+    fn paid(state: PaymentState) -> Change {
         Change {
             payment_state: Some(state),
             ..Change::default()
         }
     }
 
-    fn settled(status: &'static str) -> Change {
+    fn settled(status: OrderStatus, version: i64) -> Change {
         Change {
             status: Some(status),
-            saga_state: Some("DONE"),
+            saga_state: Some(SagaState::Completed),
+            version: Some(version),
             ..Change::default()
         }
     }
@@ -401,20 +434,38 @@ mod tests {
     #[test]
     fn events_folded_in_their_order_make_the_row_the_upsert_would() {
         let folded = placed()
-            .then(paid("AUTHORIZED"))
-            .then(settled("CONFIRMED"))
-            .then(paid("CAPTURED"));
+            .then(paid(PaymentState::Authorized))
+            .then(settled(OrderStatus::Confirmed, 1))
+            .then(paid(PaymentState::Captured));
         assert_eq!(folded.customer_id, Some(7));
-        assert!(folded.placed);
-        assert_eq!(folded.status, Some("CONFIRMED"));
-        assert_eq!(folded.payment_state, Some("CAPTURED"));
+        assert_eq!(folded.placed_at, Some(DateTime::UNIX_EPOCH));
+        assert_eq!(folded.status, Some(OrderStatus::Confirmed));
+        assert_eq!(folded.version, Some(1));
+        assert_eq!(folded.payment_state, Some(PaymentState::Captured));
     }
 
     #[test]
     fn a_terminal_status_and_a_settled_payment_are_final_within_a_fold_too() {
-        let folded = settled("CANCELLED").then(settled("CONFIRMED"));
-        assert_eq!(folded.status, Some("CANCELLED"));
-        let folded = paid("VOIDED").then(paid("AUTHORIZED"));
-        assert_eq!(folded.payment_state, Some("VOIDED"));
+        let folded = settled(OrderStatus::Cancelled, 1).then(settled(OrderStatus::Confirmed, 1));
+        assert_eq!(folded.status, Some(OrderStatus::Cancelled));
+        let folded = paid(PaymentState::Voided).then(paid(PaymentState::Authorized));
+        assert_eq!(folded.payment_state, Some(PaymentState::Voided));
+    }
+
+    #[test]
+    fn the_placement_time_is_the_events_and_an_unspecified_reason_is_no_reason() {
+        use orderflow::events::v1::{OrderCancelled, OrderPlaced};
+        let at = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let change = change_of(&Payload::OrderPlaced(OrderPlaced::default()), at);
+        assert_eq!(change.placed_at, Some(at));
+        let change = change_of(
+            &Payload::OrderCancelled(OrderCancelled {
+                order_version: 1,
+                ..OrderCancelled::default()
+            }),
+            at,
+        );
+        assert_eq!(change.cancellation_reason, None, "not a guessed PAYMENT_FAILED");
+        assert_eq!(change.version, Some(1));
     }
 }

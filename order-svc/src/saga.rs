@@ -15,7 +15,7 @@ use orderflow_platform::telemetry;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{self, CancellationReason, Command, Event, Order, OrderId};
+use crate::domain::{self, Command, Event, Order, OrderId};
 use crate::store::{self, StoreError, TransitionOutcome};
 
 /// The name this consumer records in the inbox.
@@ -31,7 +31,8 @@ fn store_error(error: StoreError) -> HandlerError {
     }
 }
 
-/// The order event that records `event` (Confirmed or Cancelled), as the wire payload.
+/// The order event that records `event` (Confirmed or Cancelled) of `order` (its state once
+/// changed: the event carries the version it leads to), as the wire payload.
 fn payload_of(order: &Order, event: &Event) -> Option<(Payload, Option<&'static str>)> {
     match event {
         Event::Placed { .. } => None,
@@ -43,23 +44,19 @@ fn payload_of(order: &Order, event: &Event) -> Option<(Payload, Option<&'static 
                     amount_minor: order.total.amount_minor(),
                     currency_code: order.total.currency().code().to_owned(),
                 }),
+                order_version: order.version,
             }),
             None,
         )),
-        Event::Cancelled { reason, detail } => {
-            let wire = match reason {
-                CancellationReason::PaymentFailed => WireReason::PaymentFailed,
-                CancellationReason::PaymentTimeout => WireReason::PaymentTimeout,
-            };
-            Some((
-                Payload::OrderCancelled(OrderCancelled {
-                    order_id: order.id.to_string(),
-                    reason: wire as i32,
-                    detail: detail.clone(),
-                }),
-                Some(reason.as_str()),
-            ))
-        }
+        Event::Cancelled { reason, detail } => Some((
+            Payload::OrderCancelled(OrderCancelled {
+                order_id: order.id.to_string(),
+                reason: WireReason::from(*reason) as i32,
+                detail: detail.clone(),
+                order_version: order.version,
+            }),
+            Some(reason.as_str()),
+        )),
     }
 }
 
@@ -83,8 +80,8 @@ fn settle(before: &Order, command: Command) -> Result<Option<Settlement>, String
     let Some(change) = events.into_iter().next() else {
         return Ok(None);
     };
-    let (payload, reason) = payload_of(before, &change).ok_or("unexpected event")?;
-    let after = domain::apply(Some(before.clone()), change).ok_or("order vanished")?;
+    let after = domain::apply(Some(before.clone()), change.clone()).ok_or("order vanished")?;
+    let (payload, reason) = payload_of(&after, &change).ok_or("unexpected event")?;
     Ok(Some(Settlement { after, payload, reason }))
 }
 

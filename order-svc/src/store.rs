@@ -9,7 +9,8 @@ use orderflow_platform::outbox::{Outbox, OutboxMessage};
 use sqlx::PgPool;
 
 use crate::domain::{
-    Currency, CustomerId, LineItem, Money, Order, OrderId, OrderStatus, PaymentToken, Quantity, SagaState, Sku,
+    CancellationReason, Currency, CustomerId, LineItem, Money, Order, OrderId, OrderStatus, PaymentState, PaymentToken,
+    Quantity, SagaState, Sku,
 };
 
 /// Why a database operation failed, in the terms the API needs to answer.
@@ -101,8 +102,8 @@ pub enum PlaceOutcome {
 pub struct OrderRecord {
     /// The aggregate.
     pub order: Order,
-    /// Why it was cancelled, if it was (stored name).
-    pub cancellation_reason: Option<String>,
+    /// Why it was cancelled, if it was.
+    pub cancellation_reason: Option<CancellationReason>,
     /// The correlation id.
     pub correlation_id: uuid::Uuid,
     /// Placed at.
@@ -203,7 +204,8 @@ fn parse_order(id: OrderId, row: StoredOrder, items: Vec<(String, i32, i64)>) ->
     };
     Ok(OrderRecord {
         order,
-        cancellation_reason: row.cancellation_reason,
+        cancellation_reason: parse_optional(row.cancellation_reason.as_deref(), CancellationReason::parse)
+            .ok_or_else(|| corrupt("cancellation_reason"))?,
         correlation_id: row.correlation_id,
         created_at: row.created_at,
         updated_at: row.updated_at,
@@ -352,47 +354,132 @@ pub async fn pending_past_deadline(
         .collect())
 }
 
-/// An order as the read model shows it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A stored optional name: `Some(None)` for NULL, `Some(Some(v))` for a known name, `None`
+/// for a name this build does not know (the caller reports it as corrupt, never defaults).
+fn parse_optional<T>(name: Option<&str>, parse: impl Fn(&str) -> Option<T>) -> Option<Option<T>> {
+    match name {
+        None => Some(None),
+        Some(name) => parse(name).map(Some),
+    }
+}
+
+/// An order as the read model shows it: what is stored, typed, or an error.
+#[derive(Debug, Clone)]
 pub struct OrderView {
     /// The order.
     pub order_id: uuid::Uuid,
     /// The customer (unknown until OrderPlaced is projected).
     pub customer_id: Option<i64>,
-    /// Currency.
+    /// Currency (with the total and items, once OrderPlaced is projected).
     pub currency_code: Option<String>,
     /// Total.
     pub total_minor: Option<i64>,
-    /// `[{"sku", "quantity", "unit_price_minor"}]`.
-    pub items: Option<serde_json::Value>,
-    /// Status name.
-    pub status: String,
-    /// Saga state name.
-    pub saga_state: String,
-    /// Cancellation reason name.
-    pub cancellation_reason: Option<String>,
-    /// Payment state name.
-    pub payment_state: Option<String>,
+    /// The items, once OrderPlaced is projected.
+    pub items: Vec<ViewItem>,
+    /// Business status.
+    pub status: OrderStatus,
+    /// Saga position.
+    pub saga_state: SagaState,
+    /// Why it was cancelled, if it was.
+    pub cancellation_reason: Option<CancellationReason>,
+    /// Where its money is, once a payment event is projected.
+    pub payment_state: Option<PaymentState>,
+    /// The order's version, as its last settling event carries it (0 when placed).
+    pub version: i64,
     /// Correlation id.
     pub correlation_id: Option<uuid::Uuid>,
     /// The last event applied.
     pub last_event_type: String,
-    /// `[{"event_type", "occurred_at", "message_id"}]`.
-    pub history: serde_json::Value,
-    /// Placed at.
+    /// The events applied, oldest first (at most the read model's bound).
+    pub history: Vec<ViewEvent>,
+    /// When the order was placed (its OrderPlaced event's time).
     pub placed_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Last change.
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// One line of an order in the read model.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ViewItem {
+    /// Its SKU.
+    pub sku: String,
+    /// How many.
+    pub quantity: i32,
+    /// Price of one, minor units of the order's currency.
+    pub unit_price_minor: i64,
+}
+
+/// One event of an order's history in the read model.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ViewEvent {
+    /// Its type (`OrderPlaced`, ...).
+    pub event_type: String,
+    /// When it happened (its producing transaction).
+    pub occurred_at: chrono::DateTime<chrono::Utc>,
+    /// Its message id.
+    pub message_id: String,
+}
+
+/// The read model's row as stored.
+#[derive(sqlx::FromRow)]
+struct ViewRow {
+    order_id: uuid::Uuid,
+    customer_id: Option<i64>,
+    currency_code: Option<String>,
+    total_minor: Option<i64>,
+    items: Option<serde_json::Value>,
+    status: String,
+    saga_state: String,
+    cancellation_reason: Option<String>,
+    payment_state: Option<String>,
+    version: i64,
+    correlation_id: Option<uuid::Uuid>,
+    last_event_type: String,
+    history: serde_json::Value,
+    placed_at: Option<chrono::DateTime<chrono::Utc>>,
+    updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl TryFrom<ViewRow> for OrderView {
+    type Error = StoreError;
+
+    fn try_from(row: ViewRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("order_read.{what} of order {}", row.order_id));
+        let items = match row.items.clone() {
+            None => Vec::new(),
+            Some(items) => serde_json::from_value(items).map_err(|_| corrupt("items"))?,
+        };
+        Ok(Self {
+            order_id: row.order_id,
+            customer_id: row.customer_id,
+            currency_code: row.currency_code.as_deref().map(|code| code.trim().to_owned()),
+            total_minor: row.total_minor,
+            items,
+            status: OrderStatus::parse(&row.status).ok_or_else(|| corrupt("status"))?,
+            saga_state: SagaState::parse(&row.saga_state).ok_or_else(|| corrupt("saga_state"))?,
+            cancellation_reason: parse_optional(row.cancellation_reason.as_deref(), CancellationReason::parse)
+                .ok_or_else(|| corrupt("cancellation_reason"))?,
+            payment_state: parse_optional(row.payment_state.as_deref(), PaymentState::parse)
+                .ok_or_else(|| corrupt("payment_state"))?,
+            version: row.version,
+            correlation_id: row.correlation_id,
+            history: serde_json::from_value(row.history.clone()).map_err(|_| corrupt("history"))?,
+            last_event_type: row.last_event_type,
+            placed_at: row.placed_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
 /// Reads the read model's row of an order.
 pub async fn get_order_view(pool: &PgPool, id: OrderId) -> Result<Option<OrderView>, StoreError> {
-    Ok(sqlx::query_as(
+    let row: Option<ViewRow> = sqlx::query_as(
         "SELECT order_id, customer_id, currency_code, total_minor, items, status, saga_state, cancellation_reason,
-                payment_state, correlation_id, last_event_type, history, placed_at, updated_at
+                payment_state, version, correlation_id, last_event_type, history, placed_at, updated_at
          FROM order_read WHERE order_id = $1",
     )
     .bind(id.as_uuid())
     .fetch_optional(pool)
-    .await?)
+    .await?;
+    row.map(OrderView::try_from).transpose()
 }

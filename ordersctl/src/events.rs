@@ -22,14 +22,24 @@ pub fn redact(envelope: &mut EventEnvelope) {
     }
 }
 
-/// An event's payload for a terminal or a log line (Rust's debug form), redacted.
+/// An event's payload for a terminal or a log line: its type, then its fields in the proto3
+/// JSON mapping (what `--json` and grpcurl show), redacted.
 pub fn describe_payload(payload: &Payload) -> String {
-    let mut envelope = EventEnvelope {
+    let envelope = EventEnvelope {
         payload: Some(payload.clone()),
         ..EventEnvelope::default()
     };
-    redact(&mut envelope);
-    envelope.payload.map(|shown| format!("{shown:?}")).unwrap_or_default()
+    let full_name = orderflow::envelope::event_type_of(payload);
+    let name = full_name.rsplit('.').next().unwrap_or(full_name);
+    // The envelope with only its payload set: its one JSON field is the payload's.
+    match envelope_json(&envelope.encode_to_vec()) {
+        Ok(serde_json::Value::Object(fields)) => match fields.into_iter().next() {
+            Some((_, fields)) => format!("{name} {fields}"),
+            None => name.to_owned(),
+        },
+        // Only undecodable bytes fail, and these were just encoded from a payload.
+        _ => name.to_owned(),
+    }
 }
 
 fn envelope_descriptor() -> &'static prost_reflect::MessageDescriptor {
@@ -105,6 +115,19 @@ mod tests {
         let shown = describe_payload(placed().payload.as_ref().unwrap());
         assert!(!shown.contains("tok_live_secret"), "{shown}");
         assert!(shown.contains(REDACTED) && shown.contains("o-1"), "{shown}");
+    }
+
+    #[test]
+    fn a_payload_reads_as_its_type_and_its_json_fields_not_debug_text() {
+        let shown = describe_payload(placed().payload.as_ref().unwrap());
+        assert!(
+            shown.starts_with(r#"OrderPlaced {"customerId":"42","orderId":"o-1""#),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("OrderPlaced(") && !shown.contains("customer_id:"),
+            "{shown}"
+        );
     }
 
     #[test]

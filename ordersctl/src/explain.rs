@@ -16,6 +16,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 
 use crate::verify::Stores;
+use order_svc::domain::OrderStatus;
 
 /// Which database a consumer group keeps its inbox in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -719,8 +720,8 @@ pub fn diagnose(explanation: &Explanation) -> String {
                 format!("the read model still says {} (projector behind)", read.status)
             }
         });
-    match order.status.as_str() {
-        "CONFIRMED" => {
+    match OrderStatus::parse(&order.status) {
+        Some(OrderStatus::Confirmed) => {
             let captured: i64 = explanation
                 .ledger
                 .iter()
@@ -734,7 +735,7 @@ pub fn diagnose(explanation: &Explanation) -> String {
                 });
             format!("settled: CONFIRMED, {captured} captured at the gateway, {shipped}; {projected}")
         }
-        "CANCELLED" => format!(
+        Some(OrderStatus::Cancelled) => format!(
             "settled: CANCELLED ({}); payment {}; {projected}",
             order.cancellation_reason.as_deref().unwrap_or("no reason"),
             explanation
@@ -742,7 +743,11 @@ pub fn diagnose(explanation: &Explanation) -> String {
                 .as_ref()
                 .map_or("never recorded", |p| p.state.as_str())
         ),
-        _ => format!(
+        None => format!(
+            "status {} is not one this build knows (a newer order-svc?); nothing is inferred from it",
+            order.status
+        ),
+        Some(OrderStatus::Pending) => format!(
             "PENDING since {}: every event so far was consumed by every group that acts on it (last: {last_event}); waiting for the next step (payment {})",
             age(order.created_at),
             explanation

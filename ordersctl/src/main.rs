@@ -119,6 +119,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the invariants `verify` checks, as a Markdown table (docs/saga.md holds the same).
+    Invariants,
     /// Print a bearer token signed with the stack's key (`ORDERFLOW_JWT_SIGNING_KEY`), for
     /// grpcurl and other clients: `-H "authorization: Bearer $(ordersctl token --customer 42)"`.
     Token {
@@ -373,9 +375,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cluster = orderflow_platform::kafka::Cluster::new(
         cli.bootstrap_servers.clone(),
-        &orderflow_platform::kafka::KafkaAuthArgs {
+        &orderflow_platform::kafka::KafkaArgs {
             kafka_username: cli.kafka_username.clone(),
             kafka_password: cli.kafka_password.clone(),
+            tuning: orderflow_platform::kafka::KafkaTuning::default(),
         },
     );
     // Read only by the commands that call a server (`pki` runs before the keys exist).
@@ -486,6 +489,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{name}: migrated");
             }
         }
+        Command::Invariants => print!("{}", ordersctl::verify::markdown_table()),
         Command::Verify {
             stores,
             deadline_ms,

@@ -75,10 +75,10 @@ pub fn hop_of(service: &str, operation: &str, tags: &BTreeMap<String, String>) -
         "gateway_call" => gateway_operation(tag("operation")?),
         "grpc" if service == "gateway-sim" => gateway_operation(tag("rpc.method")?),
         "grpc" => Some("api edge"),
-        "order_transition" => match tag("to")? {
-            "CONFIRMED" => Some("order confirm"),
-            "CANCELLED" => Some("order cancel"),
-            _ => None,
+        "order_transition" => match order_svc::domain::OrderStatus::parse(tag("to")?)? {
+            order_svc::domain::OrderStatus::Confirmed => Some("order confirm"),
+            order_svc::domain::OrderStatus::Cancelled => Some("order cancel"),
+            order_svc::domain::OrderStatus::Pending => None,
         },
         "payment_transition" => Some("payment record"),
         "sweeper_cancel" => Some("sweeper cancel"),

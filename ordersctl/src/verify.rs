@@ -5,7 +5,11 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use order_svc::domain::OrderStatus;
 use sqlx::PgPool;
+
+mod invariant;
+pub use invariant::{Invariant, markdown_table};
 
 /// The stores to check.
 pub struct Stores {
@@ -47,7 +51,9 @@ impl Stores {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Check {
     /// What is checked.
-    pub name: &'static str,
+    pub invariant: Invariant,
+    /// What a violation is, for people.
+    pub description: &'static str,
     /// How many orders break it.
     pub violations: usize,
     /// Up to five of them.
@@ -134,12 +140,28 @@ impl Report {
     pub fn violations(&self) -> usize {
         self.checks.iter().map(|c| c.violations).sum()
     }
+
+    /// The violations of one invariant; an error if the report has no check of it (a report
+    /// of another version, or one built by hand), never a silent zero.
+    pub fn violations_of(&self, invariant: Invariant) -> Result<usize, MissingCheck> {
+        self.checks
+            .iter()
+            .find(|c| c.invariant == invariant)
+            .map(|c| c.violations)
+            .ok_or(MissingCheck(invariant))
+    }
 }
 
-fn check(name: &'static str, mut ids: Vec<String>) -> Check {
+/// A report without a check that was asked for.
+#[derive(Debug, thiserror::Error)]
+#[error("the report has no check of {0} ({desc})", desc = .0.description())]
+pub struct MissingCheck(pub Invariant);
+
+fn check(invariant: Invariant, mut ids: Vec<String>) -> Check {
     ids.sort();
     Check {
-        name,
+        invariant,
+        description: invariant.description(),
         violations: ids.len(),
         examples: ids.into_iter().take(5).collect(),
     }
@@ -160,20 +182,41 @@ async fn counts(pool: &PgPool, sql: &'static str) -> Result<HashMap<String, i64>
     Ok(rows.into_iter().collect())
 }
 
+/// Whether `table` has a valid UNIQUE index on `order_id` alone (a constraint or an index).
+async fn unique_on_order_id(pool: &PgPool, table: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (
+           SELECT 1 FROM pg_index i
+           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+           WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indisvalid
+             AND i.indnkeyatts = 1 AND i.indpred IS NULL AND a.attname = 'order_id')",
+    )
+    .bind(table)
+    .fetch_one(pool)
+    .await
+}
+
 /// Checks every invariant. `deadline` is the saga deadline; an order PENDING longer than
 /// `deadline + grace` is stuck.
 pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Result<Report, sqlx::Error> {
     let orders = &stores.orders;
-    let confirmed = ids(orders, "SELECT order_id::text FROM orders WHERE status = 'CONFIRMED'").await?;
-    let cancelled = ids(orders, "SELECT order_id::text FROM orders WHERE status = 'CANCELLED'").await?;
+    // The state names bound from order-svc's domain, where each is spelled once.
+    let in_status = |status: OrderStatus| {
+        sqlx::query_scalar::<_, String>("SELECT order_id::text FROM orders WHERE status = $1")
+            .bind(status.as_str())
+            .fetch_all(orders)
+    };
+    let confirmed: HashSet<String> = in_status(OrderStatus::Confirmed).await?.into_iter().collect();
+    let cancelled: HashSet<String> = in_status(OrderStatus::Cancelled).await?.into_iter().collect();
+    let pending: HashSet<String> = in_status(OrderStatus::Pending).await?.into_iter().collect();
     let stuck: Vec<(String,)> = sqlx::query_as(
-        "SELECT order_id::text FROM orders WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1)",
+        "SELECT order_id::text FROM orders WHERE status = $2 AND created_at < now() - make_interval(secs => $1)",
     )
     .bind((deadline + grace).as_secs_f64())
+    .bind(OrderStatus::Pending.as_str())
     .fetch_all(orders)
     .await?;
 
-    let pending = ids(orders, "SELECT order_id::text FROM orders WHERE status = 'PENDING'").await?;
     let gateway = &stores.gateway;
     // From the money side: every authorization still held past the deadline must belong to
     // an order that is still PENDING (and then the order is stuck, counted above). An order
@@ -202,11 +245,6 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
     )
     .await?;
     let shipments = ids(&stores.fulfilment, "SELECT order_id::text FROM shipments").await?;
-    let shipped_twice = ids(
-        &stores.fulfilment,
-        "SELECT order_id::text FROM shipments GROUP BY order_id HAVING count(*) > 1",
-    )
-    .await?;
     // A payment owing a gateway call (AUTHORIZING, CAPTURING, VOIDING: docs/adr/0005) since
     // longer than the saga deadline: its executor died and no other finished it, or the
     // gateway refuses the call and an operator must act.
@@ -217,11 +255,12 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
         (deadline + grace).as_secs_f64(),
     )
     .await?;
-    let payments_twice = ids(
-        &stores.payments,
-        "SELECT order_id::text FROM payments GROUP BY order_id HAVING count(*) > 1",
-    )
-    .await?;
+    let mut missing_constraints = Vec::new();
+    for (pool, table) in [(&stores.payments, "payments"), (&stores.fulfilment, "shipments")] {
+        if !unique_on_order_id(pool, table).await? {
+            missing_constraints.push(format!("{table}.order_id"));
+        }
+    }
 
     let mismatched: Vec<(String,)> = sqlx::query_as(
         "SELECT o.order_id::text FROM orders o LEFT JOIN order_read r USING (order_id)
@@ -258,56 +297,27 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
         }
     }
 
-    let checks = vec![
-        check(
-            "relay replication slots lost (missing or invalidated: the events in their WAL are gone)",
-            lost_slots,
-        ),
-        check(
-            "orders PENDING past the saga deadline",
-            stuck.into_iter().map(|(id,)| id).collect(),
-        ),
-        check(
-            "CONFIRMED orders without a capture at the gateway",
-            confirmed.difference(&captured).cloned().collect(),
-        ),
-        check(
-            "CANCELLED orders whose money is still authorized or captured at the gateway",
-            cancelled.intersection(&holding).cloned().collect(),
-        ),
-        check(
-            "captures at the gateway for orders that are not CONFIRMED (or do not exist)",
-            captured.difference(&confirmed).cloned().collect(),
-        ),
-        check(
-            "authorizations held past the deadline for orders that are not PENDING (or do not exist)",
-            held_overdue.difference(&pending).cloned().collect(),
-        ),
-        check(
-            "orders authorized or captured more than once at the gateway",
-            charged_twice.into_iter().collect(),
-        ),
-        check(
-            "payments owing a gateway call for longer than the saga deadline",
-            owed_too_long.into_iter().collect(),
-        ),
-        check(
-            "orders with more than one payment row",
-            payments_twice.into_iter().collect(),
-        ),
-        check(
-            "CONFIRMED orders without a shipment",
-            confirmed.difference(&shipments).cloned().collect(),
-        ),
-        check(
-            "shipments of orders that are not CONFIRMED, or shipped twice",
-            shipments.difference(&confirmed).cloned().chain(shipped_twice).collect(),
-        ),
-        check(
-            "read model differs from the orders table",
-            mismatched.into_iter().map(|(id,)| id).collect(),
-        ),
-    ];
+    // Exhaustive: an invariant declared and not computed here does not compile.
+    let checks = Invariant::ALL
+        .iter()
+        .map(|&invariant| {
+            let violating: Vec<String> = match invariant {
+                Invariant::ReplicationSlotsKept => lost_slots.clone(),
+                Invariant::NoSagaStuck => stuck.iter().map(|(id,)| id.clone()).collect(),
+                Invariant::ConfirmedIsCaptured => confirmed.difference(&captured).cloned().collect(),
+                Invariant::CancelledHoldsNoMoney => cancelled.intersection(&holding).cloned().collect(),
+                Invariant::CapturedIsConfirmed => captured.difference(&confirmed).cloned().collect(),
+                Invariant::NoMoneyHeldPastDeadline => held_overdue.difference(&pending).cloned().collect(),
+                Invariant::ChargedAtMostOnce => charged_twice.iter().cloned().collect(),
+                Invariant::NoGatewayCallOwedTooLong => owed_too_long.iter().cloned().collect(),
+                Invariant::OneRowPerOrderByConstraint => missing_constraints.clone(),
+                Invariant::ConfirmedIsShipped => confirmed.difference(&shipments).cloned().collect(),
+                Invariant::ShippedIsConfirmed => shipments.difference(&confirmed).cloned().collect(),
+                Invariant::ReadModelAgrees => mismatched.iter().map(|(id,)| id.clone()).collect(),
+            };
+            check(invariant, violating)
+        })
+        .collect();
     let lag: (i64, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
         "SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms)::float8
          FROM (SELECT (extract(epoch FROM (e->>'projected_at')::timestamptz - (e->>'occurred_at')::timestamptz) * 1000)::float8 AS ms
@@ -345,16 +355,36 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
     })
 }
 
-/// The report for people.
+/// `name count, name count` in name order, or `none`.
+fn tally(counts: &HashMap<String, i64>) -> String {
+    let mut counts: Vec<_> = counts.iter().collect();
+    counts.sort();
+    if counts.is_empty() {
+        return "none".to_owned();
+    }
+    counts
+        .iter()
+        .map(|(name, count)| format!("{name} {count}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The report for people (`--json` gives the same for programs).
 pub fn render(report: &Report) -> String {
     let mut out = String::new();
-    let mut statuses: Vec<_> = report.orders_by_status.iter().collect();
-    statuses.sort();
-    out.push_str(&format!("orders: {statuses:?}\n"));
-    let mut states: Vec<_> = report.gateway_authorizations_by_state.iter().collect();
-    states.sort();
     out.push_str(&format!(
-        "gateway authorizations: {states:?}\nshipments: {}\n",
+        "orders:                 {}
+",
+        tally(&report.orders_by_status)
+    ));
+    out.push_str(&format!(
+        "gateway authorizations: {}
+",
+        tally(&report.gateway_authorizations_by_state)
+    ));
+    out.push_str(&format!(
+        "shipments:              {}
+",
         report.shipments
     ));
     if let Some(lag) = report.read_model_lag {
@@ -363,12 +393,15 @@ pub fn render(report: &Report) -> String {
             lag.samples, lag.p50_ms, lag.p99_ms, lag.max_ms
         ));
     }
-    out.push('\n');
-    out.push_str("tables:");
+    out.push_str("\ntable                      rows        kB\n");
     for size in &report.table_sizes {
-        out.push_str(&format!(" {} {} rows {} kB;", size.table, size.rows, size.bytes / 1024));
+        out.push_str(&format!(
+            "{:<22} {:>9} {:>9}\n",
+            size.table,
+            size.rows,
+            size.bytes / 1024
+        ));
     }
-    out.push('\n');
     for slot in &report.slots {
         out.push_str(&format!(
             "slot {} {}: {:.0} kB behind, confirmed {:.0} s ago\n",
@@ -378,15 +411,74 @@ pub fn render(report: &Report) -> String {
             slot.confirmed_secs_ago.unwrap_or(f64::NAN)
         ));
     }
-    out.push('\n');
+    out.push_str("\n     orders  invariant (what a violation is)\n");
     for check in &report.checks {
         let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
-        out.push_str(&format!("{mark} {:>6}  {}", check.violations, check.name));
+        out.push_str(&format!(
+            "{mark} {:>6}  {} ({})",
+            check.violations, check.invariant, check.description
+        ));
         if !check.examples.is_empty() {
             out.push_str(&format!("  e.g. {}", check.examples.join(", ")));
         }
         out.push('\n');
     }
-    out.push_str(&format!("\n{} violation(s)\n", report.violations()));
+    out.push_str(&format!(
+        "\n{} violation(s) of {} invariants\n",
+        report.violations(),
+        report.checks.len()
+    ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(checks: Vec<Check>) -> Report {
+        Report {
+            read_model_lag: None,
+            table_sizes: Vec::new(),
+            slots: Vec::new(),
+            orders_by_status: HashMap::from([("CONFIRMED".to_owned(), 3), ("CANCELLED".to_owned(), 1)]),
+            gateway_authorizations_by_state: HashMap::new(),
+            shipments: 3,
+            checks,
+        }
+    }
+
+    #[test]
+    fn a_check_is_found_by_its_invariant_and_a_missing_one_is_an_error() {
+        let report = report(vec![check(Invariant::ChargedAtMostOnce, vec!["o-1".to_owned()])]);
+        assert_eq!(report.violations_of(Invariant::ChargedAtMostOnce).unwrap(), 1);
+        let missing = report
+            .violations_of(Invariant::CancelledHoldsNoMoney)
+            .expect_err("no check of it in the report");
+        assert!(missing.to_string().contains("cancelled_holds_no_money"), "{missing}");
+    }
+
+    #[test]
+    fn the_people_report_is_a_table_without_debug_text() {
+        let text = render(&report(vec![
+            check(Invariant::ChargedAtMostOnce, vec!["o-1".to_owned()]),
+            check(Invariant::ConfirmedIsShipped, Vec::new()),
+        ]));
+        assert!(
+            text.contains("orders:                 CANCELLED 1, CONFIRMED 3"),
+            "{text}"
+        );
+        assert!(text.contains("FAIL      1  charged_at_most_once ("), "{text}");
+        assert!(text.contains("ok        0  confirmed_is_shipped ("), "{text}");
+        assert!(!text.contains("(\"") && !text.contains("{ "), "Debug text: {text}");
+    }
+
+    #[test]
+    fn the_json_report_names_each_check_by_its_identifier() {
+        let json = serde_json::to_value(report(vec![check(Invariant::ReadModelAgrees, Vec::new())])).unwrap();
+        assert_eq!(json["checks"][0]["invariant"], "read_model_agrees");
+        assert_eq!(
+            json["checks"][0]["description"],
+            Invariant::ReadModelAgrees.description()
+        );
+    }
 }

@@ -95,7 +95,10 @@ pub struct Config {
     pub max_order_total: orderflow::money::TotalLimits,
     /// Who this process is to Kafka (SASL/SCRAM).
     #[command(flatten)]
-    pub kafka_auth: orderflow_platform::kafka::KafkaAuthArgs,
+    pub kafka_auth: orderflow_platform::kafka::KafkaArgs,
+    /// Where its Prometheus metrics are served (`ORDERFLOW_METRICS_ADDR`).
+    #[command(flatten)]
+    pub metrics: orderflow_platform::telemetry::MetricsArgs,
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,
@@ -177,11 +180,12 @@ async fn sweep_overdue(
 pub async fn main_from_env() -> anyhow::Result<()> {
     use clap::Parser as _;
     let _telemetry = orderflow_platform::telemetry::init("payment-svc");
-    orderflow_platform::telemetry::install_metrics_from_env()?;
+    let config = Config::parse();
+    config.metrics.install()?;
     // Reads FAILPOINTS in a build with the `failpoints` feature (the chaos harness's and the
     // crash tests'); does nothing otherwise.
     let _failpoints = fail::FailScenario::setup();
-    run(Config::parse(), orderflow_platform::shutdown_on_signals()).await
+    run(config, orderflow_platform::shutdown_on_signals()).await
 }
 
 /// Connects and consumes until `shutdown`: the consumer records the calls owed, the executor

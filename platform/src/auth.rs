@@ -268,7 +268,10 @@ mod tests {
         let verifier = Verifier::from_public_pem(public.as_bytes()).unwrap();
         let good = token(&private, 0);
         assert!(verifier.verify(&good).is_ok());
-        assert!(verifier.verified.get(good.as_str()).is_some(), "verified, then remembered");
+        assert!(
+            verifier.verified.get(good.as_str()).is_some(),
+            "verified, then remembered"
+        );
         // An entry is trusted while its expiry is ahead: text that is no token at all is
         // accepted from it (which shows that the cache is consulted) ...
         verifier
@@ -276,7 +279,9 @@ mod tests {
             .insert("not-a-token".to_owned(), (Caller::Customer(7), u64::MAX));
         assert!(matches!(verifier.verify("not-a-token"), Ok(Caller::Customer(7))));
         // ... and refused once the expiry has passed: it is verified again, and fails.
-        verifier.verified.insert("not-a-token".to_owned(), (Caller::Customer(7), 0));
+        verifier
+            .verified
+            .insert("not-a-token".to_owned(), (Caller::Customer(7), 0));
         assert!(verifier.verify("not-a-token").is_err());
         // A token that fails verification is never remembered.
         let early = token(&private, 60);

@@ -1,5 +1,6 @@
-//! Table hygiene: published outbox rows, old inbox rows and expired idempotency keys are
-//! deleted in small batches, so cleanup never holds long locks or fights live traffic.
+//! Table hygiene: published outbox rows, old inbox rows and a service's own expired rows (its
+//! idempotency keys: the service declares that [`Purge`]) are deleted in small batches, so
+//! cleanup never holds long locks or fights live traffic.
 //!
 //! The inbox retention is the deduplication window: a redelivery (or a dead-letter redrive)
 //! older than it would be processed again. Keep it longer than the longest redrive you
@@ -48,26 +49,6 @@ pub fn inbox(consumer: &str, retention: Duration) -> Purge {
         sql: "SELECT purge_inbox($3, $1, $2::int)",
         retention,
         consumer: Some(consumer.to_owned()),
-    }
-}
-
-/// PlaceOrder idempotency keys past their expiry (the orders database).
-pub fn expired_request_ids() -> Purge {
-    Purge {
-        name: "idempotency_keys",
-        sql: "SELECT purge_expired_request_ids($1, $2::int)",
-        retention: Duration::ZERO,
-        consumer: None,
-    }
-}
-
-/// Gateway idempotency keys past their expiry (the gateway's database).
-pub fn expired_gateway_keys() -> Purge {
-    Purge {
-        name: "gateway idempotency_keys",
-        sql: "SELECT purge_expired_keys($1, $2::int)",
-        retention: Duration::ZERO,
-        consumer: None,
     }
 }
 

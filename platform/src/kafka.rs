@@ -18,6 +18,7 @@ pub struct Cluster {
     /// Comma-separated `host:port` list.
     pub bootstrap_servers: String,
     credentials: Option<(String, crate::Secret)>,
+    tuning: KafkaTuning,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -35,6 +36,7 @@ impl Cluster {
         Self {
             bootstrap_servers: bootstrap_servers.into(),
             credentials: None,
+            tuning: KafkaTuning::default(),
         }
     }
 
@@ -43,14 +45,19 @@ impl Cluster {
         Self {
             bootstrap_servers: bootstrap_servers.into(),
             credentials: Some((username.into(), password)),
+            tuning: KafkaTuning::default(),
         }
     }
 
-    /// `bootstrap_servers` with the credentials of `auth`, if it has them.
-    pub fn new(bootstrap_servers: impl Into<String>, auth: &KafkaAuthArgs) -> Self {
-        match (&auth.kafka_username, &auth.kafka_password) {
+    /// `bootstrap_servers` with the credentials of `args`, if it has them, and its tuning.
+    pub fn new(bootstrap_servers: impl Into<String>, args: &KafkaArgs) -> Self {
+        let cluster = match (&args.kafka_username, &args.kafka_password) {
             (Some(user), Some(password)) => Self::scram(bootstrap_servers, user.clone(), password.clone()),
             _ => Self::anonymous(bootstrap_servers),
+        };
+        Self {
+            tuning: args.tuning.clone(),
+            ..cluster
         }
     }
 
@@ -76,25 +83,49 @@ impl Cluster {
     }
 }
 
-/// The Kafka credentials every process takes in its configuration (generic names: each
-/// process is given its own principal's).
+/// The Kafka settings every process takes in its configuration: its credentials (generic
+/// names: each process is given its own principal's) and the client tuning.
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct KafkaAuthArgs {
+pub struct KafkaArgs {
     /// The SASL/SCRAM principal this process authenticates to Kafka as.
     #[arg(long, env = "KAFKA_USERNAME", requires = "kafka_password")]
     pub kafka_username: Option<String>,
     /// Its password.
     #[arg(long, env = "KAFKA_PASSWORD", hide_env_values = true, requires = "kafka_username")]
     pub kafka_password: Option<crate::Secret>,
+    /// The client settings the benchmark's tuning runs vary.
+    #[command(flatten)]
+    pub tuning: KafkaTuning,
 }
 
-/// A client setting that the benchmark's tuning runs may override from the environment
-/// (docs/performance.md); the default is the measured choice.
-fn tuning(variable: &str, default: &str) -> String {
-    std::env::var(variable)
-        .ok()
-        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-        .unwrap_or_else(|| default.to_owned())
+const DEFAULT_LINGER_MS: u64 = 5;
+const DEFAULT_FETCH_MIN_BYTES: u32 = 1;
+const DEFAULT_FETCH_WAIT_MS: u64 = 500;
+
+/// Client settings that the benchmark's tuning runs vary (docs/performance.md); each default
+/// is the measured choice. Typed: a value that is not a number stops the process at start-up
+/// naming its variable, instead of falling back to the default.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct KafkaTuning {
+    /// Producers' `linger.ms`: how long a record may wait for others of its partition.
+    #[arg(long, env = "ORDERFLOW_KAFKA_LINGER_MS", default_value_t = DEFAULT_LINGER_MS)]
+    pub kafka_linger_ms: u64,
+    /// Consumers' `fetch.min.bytes`.
+    #[arg(long, env = "ORDERFLOW_KAFKA_FETCH_MIN_BYTES", default_value_t = DEFAULT_FETCH_MIN_BYTES)]
+    pub kafka_fetch_min_bytes: u32,
+    /// Consumers' `fetch.wait.max.ms`: how long the broker may hold a fetch to gather them.
+    #[arg(long, env = "ORDERFLOW_KAFKA_FETCH_WAIT_MS", default_value_t = DEFAULT_FETCH_WAIT_MS)]
+    pub kafka_fetch_wait_ms: u64,
+}
+
+impl Default for KafkaTuning {
+    fn default() -> Self {
+        Self {
+            kafka_linger_ms: DEFAULT_LINGER_MS,
+            kafka_fetch_min_bytes: DEFAULT_FETCH_MIN_BYTES,
+            kafka_fetch_wait_ms: DEFAULT_FETCH_WAIT_MS,
+        }
+    }
 }
 
 /// How long a producer tries to deliver a record before it reports the record failed,
@@ -119,7 +150,7 @@ pub fn producer_config(cluster: &Cluster, client_id: &str, delivery_timeout: Dur
         // failed; its outbox row stays unpublished and is sent again on a later pass.
         .set("message.timeout.ms", delivery_timeout.as_millis().to_string())
         // A few milliseconds of batching per partition: one request carries a burst of rows.
-        .set("linger.ms", tuning("ORDERFLOW_KAFKA_LINGER_MS", "5"))
+        .set("linger.ms", cluster.tuning.kafka_linger_ms.to_string())
         .set("compression.type", "none");
     config
 }
@@ -151,8 +182,8 @@ pub fn consumer_config(cluster: &Cluster, group_id: &str, instance_id: Option<&s
         .set("heartbeat.interval.ms", (SESSION_TIMEOUT / 3).as_millis().to_string())
         // How long the broker may hold a fetch to gather `fetch.min.bytes`: fewer, fuller
         // fetch requests for a few milliseconds of latency per hop (docs/performance.md).
-        .set("fetch.min.bytes", tuning("ORDERFLOW_KAFKA_FETCH_MIN_BYTES", "1"))
-        .set("fetch.wait.max.ms", tuning("ORDERFLOW_KAFKA_FETCH_WAIT_MS", "500"));
+        .set("fetch.min.bytes", cluster.tuning.kafka_fetch_min_bytes.to_string())
+        .set("fetch.wait.max.ms", cluster.tuning.kafka_fetch_wait_ms.to_string());
     if let Some(instance_id) = instance_id.filter(|id| !id.is_empty()) {
         config.set("group.instance.id", instance_id);
     }

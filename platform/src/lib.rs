@@ -1,6 +1,8 @@
-//! What every orderflow process shares. Nothing here knows about orders or payments:
-//! it is the plumbing (secrets, logging, Postgres, Kafka settings, the outbox row,
-//! shutdown) that each service would otherwise write again.
+//! What every orderflow process shares: the plumbing (secrets, logging, Postgres, Kafka
+//! settings, the outbox, the consumer runtime, shutdown) that each service would otherwise
+//! write again. Nothing here decides anything about orders or payments. One exception, on
+//! purpose: the metric names of every process, the services' included, are declared together
+//! in [`telemetry`], so that the alerts, the dashboard and the benchmark read one list.
 
 pub mod auth;
 pub mod chaos;

@@ -66,7 +66,9 @@ pub const CONSUMER_REBALANCES: &str = "orderflow_consumer_rebalances_total";
 /// key_mismatch). Anything above 0 is someone writing events who should not (the
 /// EventSignatureRejected alert), or a key rotation done out of order.
 pub const EVENTS_REJECTED: &str = "orderflow_events_rejected_total";
-/// Messages behind the high watermark, by `group`, `topic` and `partition`.
+/// Records not yet handled (high watermark minus the offset stored after the last effect), by
+/// `group`, `topic` and `partition`; 0 for a partition the member no longer holds. Updated
+/// every statistics interval (5 s).
 pub const CONSUMER_LAG: &str = "orderflow_consumer_lag_messages";
 /// Placed → CONFIRMED or CANCELLED, by `status`.
 pub const SAGA_COMPLETION: &str = "orderflow_saga_completion_seconds";
@@ -98,14 +100,25 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Serves metrics at `ORDERFLOW_METRICS_ADDR` if it is set. Called once, from `main`.
-pub fn install_metrics_from_env() -> anyhow::Result<Option<SocketAddr>> {
-    let Ok(addr) = std::env::var("ORDERFLOW_METRICS_ADDR") else {
-        return Ok(None);
-    };
-    let addr: SocketAddr = addr.parse()?;
-    install_metrics(addr)?;
-    Ok(Some(addr))
+/// Where a process serves its Prometheus metrics: part of each binary's `Config` (flattened),
+/// parsed and validated with the rest of it.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics at this address (any path; `/metrics` by convention); unset:
+    /// not served.
+    #[arg(long, env = "ORDERFLOW_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl MetricsArgs {
+    /// Serves the metrics, if an address is set. Once per process, from `main`: the recorder
+    /// is process-wide.
+    pub fn install(&self) -> anyhow::Result<()> {
+        match self.metrics_addr {
+            Some(addr) => install_metrics(addr),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Serves metrics at `addr` (the process-wide recorder: install it once).

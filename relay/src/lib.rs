@@ -61,7 +61,17 @@ const BACKLOG_INTERVAL: Duration = Duration::from_secs(1);
 /// How long every pass may fail before the relay replaces its producer (or, with no way to
 /// make one, gives up) (`RELAY_STALL_LIMIT_MS`): past a short broker outage, well within the
 /// 90 s saga deadline.
-pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(30);
+pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_millis(DEFAULT_STALL_LIMIT_MS);
+
+// The defaults of the settings one mode reads and the other refuses (each spelled once: the
+// flag's default and `Config::check_mode` read the same constant).
+const DEFAULT_BATCH_SIZE: i64 = 500;
+const DEFAULT_POLL_INTERVAL_MS: u64 = 1_000;
+const DEFAULT_PUBLISHED_RETENTION_SECS: u64 = 3_600;
+const DEFAULT_COALESCE_MS: u64 = 20;
+const DEFAULT_STALL_LIMIT_MS: u64 = 30_000;
+const DEFAULT_STATUS_INTERVAL_MS: u64 = 1_000;
+const DEFAULT_WAL_MAX_IN_FLIGHT: usize = 20_000;
 
 /// The relay's settings: defaults, overridden by environment variables, overridden by flags.
 #[derive(Debug, Clone, clap::Parser)]
@@ -76,18 +86,21 @@ pub struct Config {
     /// Who this relay is to Kafka (SASL/SCRAM): each relay's principal may write its own
     /// topic and nothing else.
     #[command(flatten)]
-    pub kafka_auth: kafka::KafkaAuthArgs,
+    pub kafka_auth: kafka::KafkaArgs,
+    /// Where its Prometheus metrics are served (`ORDERFLOW_METRICS_ADDR`).
+    #[command(flatten)]
+    pub metrics: orderflow_platform::telemetry::MetricsArgs,
     /// Kafka client id (shows in broker logs).
     #[arg(long, env = "RELAY_CLIENT_ID", default_value = "orderflow-relay")]
     pub client_id: String,
     /// Most rows published per batch (one transaction).
-    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500)]
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = DEFAULT_BATCH_SIZE)]
     pub batch_size: i64,
     /// Polling fallback: look for rows this often even without a NOTIFY, in milliseconds.
-    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1_000)]
+    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = DEFAULT_POLL_INTERVAL_MS)]
     pub poll_interval_ms: u64,
     /// Published rows are deleted this long after publication, in seconds.
-    #[arg(long, env = "RELAY_PUBLISHED_RETENTION_SECS", default_value_t = 3_600)]
+    #[arg(long, env = "RELAY_PUBLISHED_RETENTION_SECS", default_value_t = DEFAULT_PUBLISHED_RETENTION_SECS)]
     pub published_retention_secs: u64,
     /// Wake on the outbox's NOTIFY (false: polling alone, for the tuning comparison).
     #[arg(long, env = "RELAY_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
@@ -100,11 +113,11 @@ pub struct Config {
     pub delivery_timeout_ms: u64,
     /// After a NOTIFY, wait this long before the pass, so that a burst of commits shares one
     /// pass, in milliseconds.
-    #[arg(long, env = "RELAY_COALESCE_MS", default_value_t = 20)]
+    #[arg(long, env = "RELAY_COALESCE_MS", default_value_t = DEFAULT_COALESCE_MS)]
     pub coalesce_ms: u64,
     /// Every pass failing for this long makes the relay replace its producer (new broker
     /// connections), in milliseconds (0: never).
-    #[arg(long, env = "RELAY_STALL_LIMIT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "RELAY_STALL_LIMIT_MS", default_value_t = DEFAULT_STALL_LIMIT_MS)]
     pub stall_limit_ms: u64,
     /// How the events reach this relay: `table` (poll the outbox table) or `wal-message`
     /// (stream the database's logical replication slot); the services of the database must
@@ -117,8 +130,12 @@ pub struct Config {
     pub slot: Option<String>,
     /// How often the wal-message mode confirms its position to Postgres, in milliseconds:
     /// after a crash up to this much is published again.
-    #[arg(long, env = "RELAY_STATUS_INTERVAL_MS", default_value_t = 1_000)]
+    #[arg(long, env = "RELAY_STATUS_INTERVAL_MS", default_value_t = DEFAULT_STATUS_INTERVAL_MS)]
     pub status_interval_ms: u64,
+    /// Records the wal-message mode may have waiting for the broker's acknowledgement before
+    /// it stops reading the slot (bounds its memory while the broker is slow).
+    #[arg(long, env = "RELAY_WAL_MAX_IN_FLIGHT", default_value_t = DEFAULT_WAL_MAX_IN_FLIGHT)]
+    pub wal_max_in_flight: usize,
     /// Publish each batch in a Kafka transaction (table mode): a batch becomes visible to
     /// read_committed consumers all at once or not at all. It does not make publishing
     /// exactly-once: the outbox is marked after the Kafka commit, outside it.
@@ -139,6 +156,64 @@ pub struct Config {
     /// Fault injection for tests and the chaos harness: publish every row twice.
     #[arg(long, env = "RELAY_PUBLISH_TWICE", default_value_t = false, action = clap::ArgAction::Set)]
     pub publish_twice: bool,
+}
+
+impl Config {
+    /// Refuses, naming each variable, a setting that the chosen mode does not read and that
+    /// was given a value other than its default: a setting silently ignored is a setting the
+    /// operator believes in and that does nothing.
+    pub fn check_mode(&self) -> anyhow::Result<()> {
+        let (other_mode, given): (&str, Vec<(&str, bool)>) = match self.mode {
+            outbox::OutboxMode::WalMessage => (
+                "table",
+                vec![
+                    ("RELAY_BATCH_SIZE", self.batch_size != DEFAULT_BATCH_SIZE),
+                    (
+                        "RELAY_POLL_INTERVAL_MS",
+                        self.poll_interval_ms != DEFAULT_POLL_INTERVAL_MS,
+                    ),
+                    (
+                        "RELAY_PUBLISHED_RETENTION_SECS",
+                        self.published_retention_secs != DEFAULT_PUBLISHED_RETENTION_SECS,
+                    ),
+                    ("RELAY_LISTEN", !self.listen),
+                    ("RELAY_COALESCE_MS", self.coalesce_ms != DEFAULT_COALESCE_MS),
+                    ("RELAY_STALL_LIMIT_MS", self.stall_limit_ms != DEFAULT_STALL_LIMIT_MS),
+                    ("RELAY_KAFKA_TRANSACTIONS", self.kafka_transactions),
+                    ("RELAY_TRANSACTIONAL_ID", self.transactional_id.is_some()),
+                ],
+            ),
+            outbox::OutboxMode::Table => (
+                "wal-message",
+                vec![
+                    ("RELAY_SLOT", self.slot.is_some()),
+                    (
+                        "RELAY_STATUS_INTERVAL_MS",
+                        self.status_interval_ms != DEFAULT_STATUS_INTERVAL_MS,
+                    ),
+                    (
+                        "RELAY_WAL_MAX_IN_FLIGHT",
+                        self.wal_max_in_flight != DEFAULT_WAL_MAX_IN_FLIGHT,
+                    ),
+                ],
+            ),
+        };
+        let ignored: Vec<&str> = given
+            .into_iter()
+            .filter(|(_, set)| *set)
+            .map(|(name, _)| name)
+            .collect();
+        anyhow::ensure!(
+            ignored.is_empty(),
+            "{} apply only to the {other_mode} mode; this relay runs in the {} mode (RELAY_MODE)",
+            ignored.join(", "),
+            match self.mode {
+                outbox::OutboxMode::WalMessage => "wal-message",
+                outbox::OutboxMode::Table => "table",
+            }
+        );
+        Ok(())
+    }
 }
 
 /// What one batch did.
@@ -852,7 +927,7 @@ pub async fn main_from_env() -> anyhow::Result<()> {
     // A relay's spans carry its client id as their service (relay-orders, relay-payments):
     // an order's trace tells which database's relay published each event.
     let _telemetry = orderflow_platform::telemetry::init(config.client_id.clone());
-    orderflow_platform::telemetry::install_metrics_from_env()?;
+    config.metrics.install()?;
     // Reads FAILPOINTS (e.g. `relay::after_ack_before_mark=pause`) when built with the
     // `failpoints` feature; does nothing otherwise.
     let _failpoints = fail::FailScenario::setup();
@@ -861,6 +936,7 @@ pub async fn main_from_env() -> anyhow::Result<()> {
 
 /// Connects to the database and the broker and runs the relay until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.check_mode()?;
     let pool = orderflow_platform::connect_postgres(&config.database_url, 2).await?;
     let slot = || -> anyhow::Result<String> {
         let database = url::Url::parse(config.database_url.expose())?
@@ -895,10 +971,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             Ok(producer.create()?)
         })
     };
-    anyhow::ensure!(
-        !(config.kafka_transactions && config.mode == outbox::OutboxMode::WalMessage),
-        "RELAY_KAFKA_TRANSACTIONS is for the table mode (the WAL mode confirms per commit, not per batch)"
-    );
     let producer = new_producer()?;
     if config.mode == outbox::OutboxMode::WalMessage {
         let slot = slot()?;
@@ -906,7 +978,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let replication = wal::replication_config(&config.database_url, &slot)?
             .with_status_interval(Duration::from_millis(config.status_interval_ms));
         let relay = wal::WalRelay::new(pool, producer, replication)
-            .with_delivery_timeout(Duration::from_millis(config.delivery_timeout_ms));
+            .with_delivery_timeout(Duration::from_millis(config.delivery_timeout_ms))
+            .with_max_in_flight(config.wal_max_in_flight);
         let relay = if config.publish_twice {
             relay.publishing_twice()
         } else {
@@ -947,6 +1020,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::rows_to_mark;
+
+    fn config(args: &[&str]) -> super::Config {
+        use clap::Parser as _;
+        let mut argv = vec!["relay", "--database-url", "postgres://x@127.0.0.1/db"];
+        argv.extend_from_slice(args);
+        super::Config::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn a_setting_the_mode_does_not_read_is_refused_by_name() {
+        assert!(config(&[]).check_mode().is_ok(), "the defaults, table mode");
+        assert!(
+            config(&["--mode", "wal-message"]).check_mode().is_ok(),
+            "the defaults, WAL mode"
+        );
+        let error = config(&["--mode", "wal-message", "--batch-size", "50", "--listen", "false"])
+            .check_mode()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("RELAY_BATCH_SIZE, RELAY_LISTEN apply only to the table mode"),
+            "{error}"
+        );
+        let error = config(&["--slot", "orders_outbox"])
+            .check_mode()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("RELAY_SLOT apply only to the wal-message mode"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn a_row_after_a_failed_row_of_its_key_is_not_marked() {

@@ -72,10 +72,11 @@ pub fn stack() -> &'static Stack {
 
 impl Stack {
     /// The admin principal's credentials, as a service's configuration takes them.
-    pub fn kafka_auth(&self) -> kafka::KafkaAuthArgs {
-        kafka::KafkaAuthArgs {
+    pub fn kafka_auth(&self) -> kafka::KafkaArgs {
+        kafka::KafkaArgs {
             kafka_username: self.vars.get("ORDERFLOW_KAFKA_USERNAME").cloned(),
             kafka_password: self.vars.get("ORDERFLOW_KAFKA_PASSWORD").map(Secret::new),
+            tuning: kafka::KafkaTuning::default(),
         }
     }
 }
@@ -290,6 +291,7 @@ pub fn gateway_config(
         migrate: false,
         security,
         fairness: Default::default(),
+        metrics: Default::default(),
     }
 }
 
@@ -346,6 +348,7 @@ pub async fn start_order_svc_with(
         migrate: false,
         bootstrap_servers: None,
         kafka_auth: stack().kafka_auth(),
+        metrics: Default::default(),
         payments_topic: orderflow::topics::PAYMENTS_EVENTS.to_owned(),
         group_id: "order".to_owned(),
         instance_id: None,
@@ -547,8 +550,8 @@ pub fn committed_and_end(cluster: &kafka::Cluster, group: &str, topic: &str) -> 
 }
 
 /// Apache Kafka brokers of one test's own (`scripts/stack kafka`), in a directory of their
-/// own, on `port` and the ports after it (two per broker: clients, controller). Stopped and
-/// deleted when dropped.
+/// own, on free ports chosen at random (two per broker: clients, controller), so that test
+/// binaries run in parallel never share a broker. Stopped and deleted when dropped.
 pub struct PrivateKafka {
     dir: std::path::PathBuf,
     port: u16,
@@ -560,10 +563,11 @@ pub struct PrivateKafka {
 }
 
 impl PrivateKafka {
-    /// Brokers of a test's own (1 or 3 nodes) on `port` and up, not started yet: their
-    /// coordinates and admin credentials are known before they run (a test can point a
-    /// client at a broker that does not exist yet).
-    pub fn new(port: u16, brokers: u8) -> Self {
+    /// Brokers of a test's own (1 or 3 nodes), not started yet: their coordinates and admin
+    /// credentials are known before they run (a test can point a client at a broker that does
+    /// not exist yet).
+    pub fn new(brokers: u8) -> Self {
+        let port = free_ports(2 * u16::from(brokers));
         let dir = std::env::temp_dir().join(format!("orderflow-kafka-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&dir).expect("the private stack's directory");
         // scripts/stack keeps a password it finds in the secrets file.
@@ -613,6 +617,21 @@ impl PrivateKafka {
             .env("ORDERFLOW_BROKERS", self.brokers.to_string())
             .env("ORDERFLOW_PARTITIONS", "12");
         command.into()
+    }
+}
+
+/// The first of `count` consecutive loopback ports that are free now, from a random start
+/// (another test binary probing at the same moment almost surely starts elsewhere).
+fn free_ports(count: u16) -> u16 {
+    // Below the kernel's ephemeral range (32768 and up here): no outgoing connection takes one
+    // of these between the probe and the broker's bind.
+    let mut candidate = 20_000 + u16::try_from(uuid::Uuid::now_v7().as_u128() % 12_000).unwrap_or(0);
+    loop {
+        let free = (candidate..candidate + count).all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+        if free {
+            return candidate;
+        }
+        candidate = if candidate > 32_000 { 20_000 } else { candidate + count };
     }
 }
 

@@ -5,8 +5,8 @@ use orderflow::orders::v1 as wire;
 
 use super::{ApiError, FieldViolation};
 use crate::domain::{
-    CustomerId, DomainError, LineItem, MAX_ITEMS, Money, OrderId, OrderStatus, PaymentToken, PlaceOrder, Quantity,
-    SagaState, Sku, ValueError, parse_currency,
+    CancellationReason, CustomerId, DomainError, LineItem, MAX_ITEMS, Money, OrderId, PaymentToken, PlaceOrder,
+    Quantity, Sku, ValueError, parse_currency,
 };
 use crate::store::{OrderRecord, OrderView};
 use orderflow::money::TotalLimits;
@@ -138,25 +138,14 @@ pub(super) fn wire_item(item: &LineItem) -> wire::OrderItem {
 
 pub(super) fn wire_order(record: &OrderRecord) -> wire::Order {
     let order = &record.order;
-    let status = match order.status {
-        OrderStatus::Pending => wire::OrderStatus::Pending,
-        OrderStatus::Confirmed => wire::OrderStatus::Confirmed,
-        OrderStatus::Cancelled => wire::OrderStatus::Cancelled,
-    };
-    let saga_state = match order.saga_state {
-        SagaState::AwaitingPayment => wire::SagaState::AwaitingPayment,
-        SagaState::Completed => wire::SagaState::Completed,
-        SagaState::Compensated => wire::SagaState::Compensated,
-    };
-    let reason = reason_of(record.cancellation_reason.as_deref());
     wire::Order {
         order_id: order.id.to_string(),
         customer_id: order.customer_id.get(),
         items: order.items.iter().map(wire_item).collect(),
         total: Some(wire_money(order.total)),
-        status: status as i32,
-        saga_state: saga_state as i32,
-        cancellation_reason: reason as i32,
+        status: wire::OrderStatus::from(order.status) as i32,
+        saga_state: wire::SagaState::from(order.saga_state) as i32,
+        cancellation_reason: wire_reason(record.cancellation_reason) as i32,
         version: order.version,
         correlation_id: record.correlation_id.to_string(),
         created_at: Some(timestamp(record.created_at)),
@@ -167,18 +156,15 @@ pub(super) fn wire_order(record: &OrderRecord) -> wire::Order {
     }
 }
 
-fn reason_of(name: Option<&str>) -> wire::CancellationReason {
-    match name {
-        Some("PAYMENT_FAILED") => wire::CancellationReason::PaymentFailed,
-        Some("PAYMENT_TIMEOUT") => wire::CancellationReason::PaymentTimeout,
-        Some("CUSTOMER_REQUEST") => wire::CancellationReason::CustomerRequest,
-        _ => wire::CancellationReason::Unspecified,
-    }
+/// A cancellation reason on the wire; none is UNSPECIFIED (the field's absent value).
+fn wire_reason(reason: Option<CancellationReason>) -> wire::CancellationReason {
+    reason.map_or(wire::CancellationReason::Unspecified, wire::CancellationReason::from)
 }
 
-/// The read model's view of an order, on the wire.
+/// The read model's view of an order, on the wire: what is stored, nothing defaulted
+/// (the store refused a row it could not read).
 pub(super) fn wire_order_view(view: &OrderView) -> wire::Order {
-    let currency = view.currency_code.clone().unwrap_or_default().trim().to_owned();
+    let currency = view.currency_code.clone().unwrap_or_default();
     let money = |amount_minor: i64| {
         Some(wire::Money {
             amount_minor,
@@ -187,70 +173,37 @@ pub(super) fn wire_order_view(view: &OrderView) -> wire::Order {
     };
     let items = view
         .items
-        .as_ref()
-        .and_then(serde_json::Value::as_array)
-        .map(|items| {
-            items
-                .iter()
-                .map(|item| wire::OrderItem {
-                    sku: item["sku"].as_str().unwrap_or_default().to_owned(),
-                    quantity: item["quantity"]
-                        .as_i64()
-                        .and_then(|q| i32::try_from(q).ok())
-                        .unwrap_or_default(),
-                    unit_price: money(item["unit_price_minor"].as_i64().unwrap_or_default()),
-                })
-                .collect()
+        .iter()
+        .map(|item| wire::OrderItem {
+            sku: item.sku.clone(),
+            quantity: item.quantity,
+            unit_price: money(item.unit_price_minor),
         })
-        .unwrap_or_default();
+        .collect();
     let history = view
         .history
-        .as_array()
-        .map(|entries| {
-            entries
-                .iter()
-                .map(|entry| wire::OrderHistoryEntry {
-                    event_type: entry["event_type"].as_str().unwrap_or_default().to_owned(),
-                    occurred_at: entry["occurred_at"]
-                        .as_str()
-                        .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
-                        .map(|at| timestamp(at.with_timezone(&chrono::Utc))),
-                    message_id: entry["message_id"].as_str().unwrap_or_default().to_owned(),
-                })
-                .collect()
+        .iter()
+        .map(|entry| wire::OrderHistoryEntry {
+            event_type: entry.event_type.clone(),
+            occurred_at: Some(timestamp(entry.occurred_at)),
+            message_id: entry.message_id.clone(),
         })
-        .unwrap_or_default();
-    let status = match view.status.as_str() {
-        "CONFIRMED" => wire::OrderStatus::Confirmed,
-        "CANCELLED" => wire::OrderStatus::Cancelled,
-        _ => wire::OrderStatus::Pending,
-    };
-    let saga_state = match view.saga_state.as_str() {
-        "COMPLETED" => wire::SagaState::Completed,
-        "COMPENSATED" => wire::SagaState::Compensated,
-        _ => wire::SagaState::AwaitingPayment,
-    };
-    let payment_state = match view.payment_state.as_deref() {
-        Some("AUTHORIZED") => wire::PaymentState::Authorized,
-        Some("FAILED") => wire::PaymentState::Failed,
-        Some("CAPTURED") => wire::PaymentState::Captured,
-        Some("VOIDED") => wire::PaymentState::Voided,
-        _ => wire::PaymentState::Unspecified,
-    };
+        .collect();
     wire::Order {
         order_id: view.order_id.to_string(),
         customer_id: view.customer_id.unwrap_or_default(),
         items,
         total: view.total_minor.and_then(money),
-        status: status as i32,
-        saga_state: saga_state as i32,
-        cancellation_reason: reason_of(view.cancellation_reason.as_deref()) as i32,
-        // The write model's version: 0 when placed, 1 once settled (the only change so far).
-        version: i64::from(status != wire::OrderStatus::Pending),
+        status: wire::OrderStatus::from(view.status) as i32,
+        saga_state: wire::SagaState::from(view.saga_state) as i32,
+        cancellation_reason: wire_reason(view.cancellation_reason) as i32,
+        version: view.version,
         correlation_id: view.correlation_id.map(|id| id.to_string()).unwrap_or_default(),
         created_at: view.placed_at.map(timestamp),
         updated_at: Some(timestamp(view.updated_at)),
-        payment_state: payment_state as i32,
+        payment_state: view
+            .payment_state
+            .map_or(wire::PaymentState::Unspecified, wire::PaymentState::from) as i32,
         last_event_type: view.last_event_type.clone(),
         history,
     }

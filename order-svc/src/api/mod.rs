@@ -39,24 +39,11 @@ pub struct OrderApi {
     placer: Placer,
     /// Refuses what the saga cannot finish in time.
     admission: Admission,
-    /// The chaos harness's naive mode only: PlaceOrder publishes to Kafka itself after its
-    /// commit (a dual write) instead of writing the outbox row.
-    dual_write: Option<DualWrite>,
+    /// The naive build's dual write (`crate::naive`), set only when it runs naive.
+    #[cfg(feature = "naive")]
+    dual_write: Option<crate::naive::DualWrite>,
     /// The server's permits and each caller's share, taken once a request has arrived.
     callers: Callers,
-}
-
-/// The naive mode's producer.
-#[derive(Clone)]
-struct DualWrite(
-    rdkafka::producer::FutureProducer,
-    orderflow_platform::signing::EventSigner,
-);
-
-impl std::fmt::Debug for DualWrite {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DualWrite")
-    }
 }
 
 impl OrderApi {
@@ -78,6 +65,7 @@ impl OrderApi {
             limits,
             placer,
             admission,
+            #[cfg(feature = "naive")]
             dual_write: None,
             callers,
         }
@@ -95,13 +83,11 @@ impl OrderApi {
             })
     }
 
-    /// The chaos harness's naive mode: publish from the request instead of the outbox.
-    pub fn with_dual_write(
-        mut self,
-        producer: rdkafka::producer::FutureProducer,
-        signer: orderflow_platform::signing::EventSigner,
-    ) -> Self {
-        self.dual_write = Some(DualWrite(producer, signer));
+    /// The naive build's dual write: publish from the request instead of the outbox.
+    #[cfg(feature = "naive")]
+    #[must_use]
+    pub(crate) fn with_dual_write(mut self, dual_write: crate::naive::DualWrite) -> Self {
+        self.dual_write = Some(dual_write);
         self
     }
 
@@ -187,26 +173,9 @@ impl OrderApi {
         self.admission.observe(started.elapsed());
         match placed? {
             PlaceOutcome::Created(response) => {
-                if let Some(DualWrite(producer, signer)) = &self.dual_write {
-                    // The textbook mistake: the order is committed; if this publish fails or
-                    // the process dies before it, the event is lost and nothing retries it.
-                    let envelope = &event.envelope;
-                    let payload = signer.seal(envelope);
-                    let version = envelope.schema_version.to_string();
-                    let headers = orderflow_platform::outbox::record_headers(
-                        &envelope.message_id,
-                        &envelope.event_type,
-                        &version,
-                        None,
-                    );
-                    let record = rdkafka::producer::FutureRecord::to(&event.topic)
-                        .key(&envelope.aggregate_id)
-                        .payload(&payload)
-                        .headers(headers);
-                    producer
-                        .send(record, Duration::from_secs(5))
-                        .await
-                        .map_err(|(error, _)| ApiError::Unavailable(format!("publish failed: {error}")))?;
+                #[cfg(feature = "naive")]
+                if let Some(dual_write) = &self.dual_write {
+                    dual_write.publish(&event).await?;
                 }
                 tracing::info!("order placed");
                 Ok(response)

@@ -9,61 +9,90 @@ mod values;
 pub use orderflow::money::{Currency, Money};
 pub use values::{CustomerId, LineItem, OrderId, PaymentToken, Quantity, Sku, ValueError, parse_currency};
 
-/// Business status of an order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OrderStatus {
-    /// Accepted; payment not settled.
-    Pending,
-    /// Paid; handed to fulfilment.
-    Confirmed,
-    /// Cancelled; nothing is charged.
-    Cancelled,
-}
-
-impl OrderStatus {
-    /// The name stored in the database and shown to people.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "PENDING",
-            Self::Confirmed => "CONFIRMED",
-            Self::Cancelled => "CANCELLED",
+/// Declares an enum whose values are stored (and shown) by name: each name is spelled here
+/// once; the SQL, the read model, the wire mapping and the tools use `as_str`/`parse`.
+macro_rules! stored_names {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
         }
-    }
 
-    /// Parses a stored name.
-    pub fn parse(name: &str) -> Option<Self> {
-        [Self::Pending, Self::Confirmed, Self::Cancelled]
-            .into_iter()
-            .find(|s| s.as_str() == name)
-    }
-}
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
 
-/// Where the order is in the checkout saga.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SagaState {
-    /// OrderPlaced emitted; waiting for the payment outcome.
-    AwaitingPayment,
-    /// Confirmed; capture requested.
-    Completed,
-    /// Cancelled and compensated.
-    Compensated,
-}
+            /// The name stored in the database and shown to people.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
 
-impl SagaState {
-    /// The name stored in the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::AwaitingPayment => "AWAITING_PAYMENT",
-            Self::Completed => "COMPLETED",
-            Self::Compensated => "COMPENSATED",
+            /// Parses a stored name; `None` for a name this build does not know.
+            pub fn parse(name: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|value| value.as_str() == name)
+            }
         }
-    }
 
-    /// Parses a stored name.
-    pub fn parse(name: &str) -> Option<Self> {
-        [Self::AwaitingPayment, Self::Completed, Self::Compensated]
-            .into_iter()
-            .find(|s| s.as_str() == name)
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+stored_names! {
+    /// Business status of an order.
+    pub enum OrderStatus {
+        /// Accepted; payment not settled.
+        Pending = "PENDING",
+        /// Paid; handed to fulfilment.
+        Confirmed = "CONFIRMED",
+        /// Cancelled; nothing is charged.
+        Cancelled = "CANCELLED",
+    }
+}
+
+stored_names! {
+    /// Where the order is in the checkout saga.
+    pub enum SagaState {
+        /// OrderPlaced emitted; waiting for the payment outcome.
+        AwaitingPayment = "AWAITING_PAYMENT",
+        /// Confirmed; capture requested.
+        Completed = "COMPLETED",
+        /// Cancelled and compensated.
+        Compensated = "COMPENSATED",
+    }
+}
+
+stored_names! {
+    /// Why an order was cancelled.
+    pub enum CancellationReason {
+        /// The payment was declined or failed.
+        PaymentFailed = "PAYMENT_FAILED",
+        /// No payment outcome arrived before the saga deadline.
+        PaymentTimeout = "PAYMENT_TIMEOUT",
+        /// The customer asked (a reason of the published language; this service does not
+        /// decide it yet, its read model records it from the events).
+        CustomerRequest = "CUSTOMER_REQUEST",
+    }
+}
+
+stored_names! {
+    /// Where the order's money is, as the payment service's events tell (the read model's
+    /// view; the payment service's own states are its own).
+    pub enum PaymentState {
+        /// Authorized, not yet settled.
+        Authorized = "AUTHORIZED",
+        /// The authorization failed or was declined.
+        Failed = "FAILED",
+        /// Captured: the money is taken.
+        Captured = "CAPTURED",
+        /// Voided: the authorization is released.
+        Voided = "VOIDED",
     }
 }
 
@@ -107,25 +136,6 @@ pub struct PlaceOrder {
     /// The largest total allowed in the order's currency, in minor units (the operator's
     /// [`orderflow::money::TotalLimits`], resolved at the edge).
     pub max_total_minor: i64,
-}
-
-/// Why an order was cancelled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CancellationReason {
-    /// The payment was declined or failed.
-    PaymentFailed,
-    /// No payment outcome arrived before the saga deadline.
-    PaymentTimeout,
-}
-
-impl CancellationReason {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::PaymentFailed => "PAYMENT_FAILED",
-            Self::PaymentTimeout => "PAYMENT_TIMEOUT",
-        }
-    }
 }
 
 /// Commands the aggregate understands.

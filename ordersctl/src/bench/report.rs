@@ -733,7 +733,11 @@ pub fn render_html(report: &BenchReport) -> String {
             &[
                 ("outbox rows", COLORS[3], series(&|s| s.outbox_backlog as f64)),
                 ("sagas in flight", COLORS[0], series(&|s| s.pending_sagas as f64)),
-                ("consumer lag", COLORS[4], series(&|s| s.consumer_lag)),
+                (
+                    "consumer lag (not yet handled, 5 s statistics)",
+                    COLORS[4],
+                    series(&|s| s.consumer_lag),
+                ),
             ],
         ));
         let names: Vec<&String> = step.cpu.keys().collect();

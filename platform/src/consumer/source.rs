@@ -74,8 +74,10 @@ pub struct RuntimeContext {
 }
 
 impl ClientContext for RuntimeContext {
-    /// Publishes librdkafka's per-partition consumer lag as a gauge, and counts the records
-    /// not yet handled in the partitions held (the stall watchdog's input).
+    /// Publishes, per partition, the records not yet handled (from the offset stored after
+    /// the last effect committed, not the committed offset, which trails it by the
+    /// auto-commit interval) as the lag gauge, 0 for a partition this member no longer holds
+    /// (its last value would otherwise stay, stale); their sum is the stall watchdog's input.
     fn stats(&self, statistics: rdkafka::Statistics) {
         let mut unhandled = 0;
         for (topic, stats) in &statistics.topics {
@@ -83,14 +85,15 @@ impl ClientContext for RuntimeContext {
                 if *partition < 0 {
                     continue;
                 }
-                if partition_stats.consumer_lag >= 0 {
-                    metrics::gauge!(telemetry::CONSUMER_LAG, "group" => self.group.clone(), "topic" => topic.clone(),
-                        "partition" => partition.to_string())
-                    .set(partition_stats.consumer_lag as f64);
-                }
-                if partition_stats.desired {
-                    unhandled += records_unhandled(partition_stats);
-                }
+                let lag = if partition_stats.desired {
+                    records_unhandled(partition_stats)
+                } else {
+                    0
+                };
+                metrics::gauge!(telemetry::CONSUMER_LAG, "group" => self.group.clone(), "topic" => topic.clone(),
+                    "partition" => partition.to_string())
+                .set(lag as f64);
+                unhandled += lag;
             }
         }
         self.unhandled.store(unhandled, Ordering::Relaxed);

@@ -264,7 +264,6 @@ impl<E: Effects> Worker<E> {
         let Some(epoch) = taken.epoch_of(&key) else {
             return;
         };
-        let first_failure = SystemTime::now();
         self.progress.mark();
         self.store_first_if_naive(std::slice::from_ref(&message));
         let error = match self.effects.attempt(std::slice::from_ref(&message)).await {
@@ -275,6 +274,9 @@ impl<E: Effects> Worker<E> {
             }
             Err(Failure::At(_, error) | Failure::Whole(error) | Failure::Unavailable(error)) => error,
         };
+        // When it failed alone (the dead letter's `dlq.first_failure_at`): stamped once the
+        // attempt has failed, never before it ran.
+        let first_failure = SystemTime::now();
         self.buffer().park(&key, epoch);
         let worker = self.clone();
         self.tasks.spawn(async move {

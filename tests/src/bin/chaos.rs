@@ -20,9 +20,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
+use order_svc::domain::OrderStatus;
 use orderflow::orders::v1::order_service_client::OrderServiceClient;
 use ordersctl::bench::probe;
 use ordersctl::bench::workload::{Outcome, Rng, Workload};
+use ordersctl::verify::Invariant;
 use rdkafka::message::Message as _;
 use tokio::sync::Mutex;
 
@@ -949,7 +951,8 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         .await
         .unwrap_or(1);
         // Every confirmed order shipped (fulfilment may still be rejoining its group).
-        let confirmed: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'CONFIRMED'")
+        let confirmed: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = $1")
+            .bind(OrderStatus::Confirmed.as_str())
             .fetch_one(&stores.orders)
             .await
             .unwrap_or(0);
@@ -983,13 +986,8 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
     let duplicates = duplicates.join().unwrap_or(0.0);
 
     let report = ordersctl::verify::verify(&stores, cli.deadline(scenario), Duration::from_secs(5)).await?;
-    let count = |name: &str| {
-        report
-            .checks
-            .iter()
-            .find(|c| c.name.starts_with(name))
-            .map_or(0, |c| c.violations)
-    };
+    // By the invariant's type: a check missing from the report is an error, never a zero.
+    let count = |invariant| report.violations_of(invariant);
     let accepted = placed.accepted.lock().await.clone();
     let bootstrap = kafka_cluster()?;
     let on_topic = tokio::task::spawn_blocking(move || placed_on_topic(&bootstrap)).await??;
@@ -1001,8 +999,9 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         .filter_map(|(id, _)| id.parse().ok())
         .collect();
     let confirmed_of_should: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM orders WHERE order_id = ANY($1) AND status = 'CONFIRMED'")
+        sqlx::query_scalar("SELECT count(*) FROM orders WHERE order_id = ANY($1) AND status = $2")
             .bind(&should)
+            .bind(OrderStatus::Confirmed.as_str())
             .fetch_one(&stores.orders)
             .await?;
     let goodput = if should.is_empty() {
@@ -1023,19 +1022,19 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         failover_secs: measured.failover_secs,
         rebalances_of_others: measured.rebalances_of_others,
         broker_restarted: measured.broker_restarted,
-        confirmed: by_status("CONFIRMED"),
-        cancelled: by_status("CANCELLED"),
-        double_charges: count("orders authorized or captured more than once"),
+        confirmed: by_status(OrderStatus::Confirmed.as_str()),
+        cancelled: by_status(OrderStatus::Cancelled.as_str()),
+        double_charges: count(Invariant::ChargedAtMostOnce)?,
         lost_events,
         undelivered_outbox_rows: undelivered,
         stuck_sagas: stuck,
-        money_kept_for_cancelled: count("CANCELLED orders whose money"),
+        money_kept_for_cancelled: count(Invariant::CancelledHoldsNoMoney)?,
         invariant_violations: report.violations(),
         violated: report
             .checks
             .iter()
             .filter(|c| c.violations > 0)
-            .map(|c| (c.name.to_owned(), c.violations))
+            .map(|c| (c.invariant.id().to_owned(), c.violations))
             .collect(),
         crashes: crashes.load(Ordering::Relaxed),
         crash_steps: crash_loop.fired(),
