@@ -653,6 +653,7 @@ impl GatewayAdminService for Gateway {
 
 /// Runs the simulator on `listener` until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.fairness.check_no_per_caller_limits()?;
     let tls = config.security.server_tls()?;
     let access = Access {
         client_certificates: config.security.tls_client_ca.is_some() && tls.is_some(),

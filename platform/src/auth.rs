@@ -129,10 +129,13 @@ impl Verifier {
             .duration_since(UNIX_EPOCH)
             .map_err(|error| AuthError::Invalid(error.to_string()))?
             .as_secs();
-        if let Some((caller, exp)) = self.verified.get(token)
-            && now < exp
-        {
-            return Ok(caller);
+        match self.verified.get(token) {
+            Some((caller, exp)) if now < exp => return Ok(caller),
+            // Expired: forgotten, and verified again below (where it fails on its `exp`).
+            Some(_) => {
+                self.verified.remove(token);
+            }
+            None => {}
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|error| AuthError::Invalid(error.to_string()))?;

@@ -35,6 +35,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+const DEFAULT_MAX_CALLS_PER_CALLER: usize = 32;
+const DEFAULT_CALLS_PER_SECOND: u32 = 500;
+const DEFAULT_CALLER_BURST: u32 = 100;
+
 /// The limits of one server (flattened into each server's `Config`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct FairnessArgs {
@@ -48,14 +52,16 @@ pub struct FairnessArgs {
     pub body_timeout_ms: u64,
     /// Calls one caller (one customer, one operator) may have in flight at once; one more is
     /// refused at once with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "GRPC_MAX_CALLS_PER_CALLER", default_value_t = 32)]
+    #[arg(long, env = "GRPC_MAX_CALLS_PER_CALLER", default_value_t = DEFAULT_MAX_CALLS_PER_CALLER)]
     pub max_calls_per_caller: usize,
     /// Calls one caller may start per second, sustained; beyond it (and its burst) each call
     /// waits for its turn, within its deadline, holding its place in the caller's share.
-    #[arg(long, env = "GRPC_CALLS_PER_SECOND_PER_CALLER", default_value_t = 500)]
+    #[arg(long, env = "GRPC_CALLS_PER_SECOND_PER_CALLER", default_value_t = DEFAULT_CALLS_PER_SECOND,
+        value_parser = clap::value_parser!(u32).range(1..))]
     pub calls_per_second_per_caller: u32,
     /// Calls one caller may start at once above that rate.
-    #[arg(long, env = "GRPC_CALLER_BURST", default_value_t = 100)]
+    #[arg(long, env = "GRPC_CALLER_BURST", default_value_t = DEFAULT_CALLER_BURST,
+        value_parser = clap::value_parser!(u32).range(1..))]
     pub caller_burst: u32,
     /// How long a client may take to complete the TLS handshake, in milliseconds.
     #[arg(long, env = "GRPC_TLS_HANDSHAKE_TIMEOUT_MS", default_value_t = 5_000)]
@@ -74,9 +80,9 @@ impl Default for FairnessArgs {
         Self {
             max_streams_per_connection: 100,
             body_timeout_ms: 1_000,
-            max_calls_per_caller: 32,
-            calls_per_second_per_caller: 500,
-            caller_burst: 100,
+            max_calls_per_caller: DEFAULT_MAX_CALLS_PER_CALLER,
+            calls_per_second_per_caller: DEFAULT_CALLS_PER_SECOND,
+            caller_burst: DEFAULT_CALLER_BURST,
             tls_handshake_timeout_ms: 5_000,
             max_connections: 1_024,
             idle_timeout_ms: 60_000,
@@ -98,6 +104,33 @@ impl FairnessArgs {
     /// The per-caller limit of a server whose handlers wait for one of `permits` slots.
     pub fn callers(&self, permits: usize) -> Callers {
         Callers::new(permits, self.max_calls_per_caller).with_rate(self.calls_per_second_per_caller, self.caller_burst)
+    }
+
+    /// Refuses, by name, per-caller settings given to a server that has no per-caller limit
+    /// (gateway-sim: its one caller is payment-svc): a setting silently ignored is one an
+    /// operator believes in.
+    pub fn check_no_per_caller_limits(&self) -> anyhow::Result<()> {
+        let given: Vec<&str> = [
+            (
+                "GRPC_MAX_CALLS_PER_CALLER",
+                self.max_calls_per_caller != DEFAULT_MAX_CALLS_PER_CALLER,
+            ),
+            (
+                "GRPC_CALLS_PER_SECOND_PER_CALLER",
+                self.calls_per_second_per_caller != DEFAULT_CALLS_PER_SECOND,
+            ),
+            ("GRPC_CALLER_BURST", self.caller_burst != DEFAULT_CALLER_BURST),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| name)
+        .collect();
+        anyhow::ensure!(
+            given.is_empty(),
+            "{} apply only to a server with per-caller limits (order-svc); this one has none",
+            given.join(", ")
+        );
+        Ok(())
     }
 
     /// The server's connections, accepted from `listener` within these limits.
@@ -223,7 +256,10 @@ impl Callers {
     /// permit: a call waiting here holds nothing the other callers need.
     async fn wait_for_turn(&self, caller: &String) {
         let Some(rate) = &self.rate else { return };
-        rate.until_key_ready(caller).await;
+        // Jittered: a caller's waiting calls do not all wake at the same instant, find one
+        // turn, and sleep again together.
+        rate.until_key_ready_with_jitter(caller, governor::Jitter::up_to(Duration::from_millis(5)))
+            .await;
         if self.entered.fetch_add(1, Ordering::Relaxed) % FORGET_IDLE_CALLERS_EVERY == FORGET_IDLE_CALLERS_EVERY - 1 {
             rate.retain_recent();
         }
@@ -402,6 +438,22 @@ mod tests {
         assert!(!waiting.is_finished(), "waits for the one permit");
         drop(first);
         waiting.await.unwrap().expect("gets in once the permit is free");
+    }
+
+    #[test]
+    fn per_caller_settings_given_to_a_server_without_them_are_refused_by_name() {
+        assert!(FairnessArgs::default().check_no_per_caller_limits().is_ok());
+        let error = FairnessArgs {
+            calls_per_second_per_caller: 10,
+            ..FairnessArgs::default()
+        }
+        .check_no_per_caller_limits()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.starts_with("GRPC_CALLS_PER_SECOND_PER_CALLER apply only"),
+            "{error}"
+        );
     }
 
     #[tokio::test]

@@ -71,7 +71,7 @@ const DEFAULT_PUBLISHED_RETENTION_SECS: u64 = 3_600;
 const DEFAULT_COALESCE_MS: u64 = 20;
 const DEFAULT_STALL_LIMIT_MS: u64 = 30_000;
 const DEFAULT_STATUS_INTERVAL_MS: u64 = 1_000;
-const DEFAULT_WAL_MAX_IN_FLIGHT: usize = 20_000;
+const DEFAULT_WAL_MAX_IN_FLIGHT: usize = wal::DEFAULT_MAX_IN_FLIGHT;
 
 /// The relay's settings: defaults, overridden by environment variables, overridden by flags.
 #[derive(Debug, Clone, clap::Parser)]

@@ -231,6 +231,10 @@ struct Committed {
 }
 
 /// The relay over one database's replication slot.
+/// Records waiting for acknowledgements before the relay stops reading the slot, unless
+/// configured (`RELAY_WAL_MAX_IN_FLIGHT`).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 20_000;
+
 pub struct WalRelay {
     pool: PgPool,
     producer: FutureProducer,
@@ -248,7 +252,7 @@ impl WalRelay {
             producer,
             replication,
             delivery_timeout: orderflow_platform::kafka::DEFAULT_DELIVERY_TIMEOUT,
-            max_in_flight: 20_000,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             publish_twice: false,
         }
     }
