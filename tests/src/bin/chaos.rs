@@ -66,6 +66,12 @@ struct Cli {
     /// The payment crash loop heals only after this many failpoint crashes.
     #[arg(long, default_value_t = 3)]
     min_crashes: u64,
+    /// The chance, in percent, that an armed failpoint fires each time payment-svc passes it.
+    /// Units of work pass each step once per unit, not once per message, so a short run
+    /// (scripts/test: 200 orders in 8 s) needs better odds than the full form to reach
+    /// --min-crashes while its orders still flow (at 2% it once waited out the 300 s cap).
+    #[arg(long, default_value_t = 2)]
+    crash_percent: u32,
     /// How long to wait for the system to settle after the load, at most.
     #[arg(long, default_value_t = 180)]
     drain_secs: u64,
@@ -391,14 +397,16 @@ async fn place_orders(
 /// The payment crash loop's state: which failpoint the running payment-svc has armed, and
 /// how often each one fired.
 struct CrashLoop {
+    percent: u32,
     rng: std::sync::Mutex<Rng>,
     armed: std::sync::Mutex<Option<&'static str>>,
     fired: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 impl CrashLoop {
-    fn new(seed: u64) -> Self {
+    fn new(seed: u64, percent: u32) -> Self {
         Self {
+            percent: percent.clamp(1, 100),
             rng: std::sync::Mutex::new(Rng::new(seed ^ 0x5EED)),
             armed: std::sync::Mutex::new(None),
             fired: std::sync::Mutex::new(BTreeMap::new()),
@@ -413,7 +421,7 @@ impl CrashLoop {
             PAYMENT_STEPS[usize::try_from(rng.below(PAYMENT_STEPS.len() as u64)).unwrap_or(0)]
         };
         *self.armed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(step);
-        format!("{step}=2%return")
+        format!("{step}={}%return", self.percent)
     }
 
     /// payment-svc died: the armed failpoint fired.
@@ -830,7 +838,7 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
     let started = Instant::now();
     eprintln!("[chaos] {scenario} ({}), {} orders", cli.mode, cli.orders);
     stack(&["reset"], &[])?;
-    let crash_loop = Arc::new(CrashLoop::new(cli.seed));
+    let crash_loop = Arc::new(CrashLoop::new(cli.seed, cli.crash_percent));
     let first_failpoint = (scenario == "payment-crash-loop").then(|| crash_loop.arm());
     stack(
         &["up"],
