@@ -192,13 +192,7 @@ fn spawn_relay_process_with(db: &TestDb, mode: OutboxMode, failpoints: Option<&s
         .env("RELAY_BOOTSTRAP_SERVERS", &stack().bootstrap_servers)
         .env("KAFKA_USERNAME", stack().kafka.principal().unwrap_or_default())
         .env("KAFKA_PASSWORD", &stack().vars["ORDERFLOW_KAFKA_PASSWORD"])
-        .env(
-            "RELAY_MODE",
-            match mode {
-                OutboxMode::Table => "table",
-                OutboxMode::WalMessage => "wal-message",
-            },
-        )
+        .env("RELAY_MODE", mode.name())
         .env(
             "RUST_LOG",
             std::env::var("ORDERFLOW_TEST_RELAY_LOG").unwrap_or_else(|_| "warn".to_owned()),

@@ -110,27 +110,20 @@ impl FairnessArgs {
     /// (gateway-sim: its one caller is payment-svc): a setting silently ignored is one an
     /// operator believes in.
     pub fn check_no_per_caller_limits(&self) -> anyhow::Result<()> {
-        let given: Vec<&str> = [
-            (
-                "GRPC_MAX_CALLS_PER_CALLER",
-                self.max_calls_per_caller != DEFAULT_MAX_CALLS_PER_CALLER,
-            ),
-            (
-                "GRPC_CALLS_PER_SECOND_PER_CALLER",
-                self.calls_per_second_per_caller != DEFAULT_CALLS_PER_SECOND,
-            ),
-            ("GRPC_CALLER_BURST", self.caller_burst != DEFAULT_CALLER_BURST),
-        ]
-        .into_iter()
-        .filter(|(_, set)| *set)
-        .map(|(name, _)| name)
-        .collect();
-        anyhow::ensure!(
-            given.is_empty(),
-            "{} apply only to a server with per-caller limits (order-svc); this one has none",
-            given.join(", ")
-        );
-        Ok(())
+        crate::refuse_unread_settings(
+            &[
+                (
+                    "GRPC_MAX_CALLS_PER_CALLER",
+                    self.max_calls_per_caller != DEFAULT_MAX_CALLS_PER_CALLER,
+                ),
+                (
+                    "GRPC_CALLS_PER_SECOND_PER_CALLER",
+                    self.calls_per_second_per_caller != DEFAULT_CALLS_PER_SECOND,
+                ),
+                ("GRPC_CALLER_BURST", self.caller_burst != DEFAULT_CALLER_BURST),
+            ],
+            "a server with per-caller limits (order-svc); this one has none",
+        )
     }
 
     /// The server's connections, accepted from `listener` within these limits.

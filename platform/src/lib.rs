@@ -26,6 +26,16 @@ use tokio_util::sync::CancellationToken;
 
 pub use secret::Secret;
 
+/// Refuses settings a process would not read. `given` pairs each variable's name with whether
+/// it was set to anything but its default; those set are named in the error, which says where
+/// they apply (`only_for`). A setting silently ignored is one an operator believes in and
+/// that does nothing.
+pub fn refuse_unread_settings(given: &[(&str, bool)], only_for: &str) -> anyhow::Result<()> {
+    let named: Vec<&str> = given.iter().filter(|(_, set)| *set).map(|(name, _)| *name).collect();
+    anyhow::ensure!(named.is_empty(), "{} apply only to {only_for}", named.join(", "));
+    Ok(())
+}
+
 /// A token cancelled by SIGINT or SIGTERM: the process then drains its work in flight.
 pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();

@@ -42,6 +42,16 @@ pub enum OutboxMode {
     WalMessage,
 }
 
+impl OutboxMode {
+    /// Its name as `RELAY_MODE` and `OUTBOX_MODE` spell it (and spans and messages show it).
+    pub fn name(self) -> &'static str {
+        match self {
+            OutboxMode::Table => "table",
+            OutboxMode::WalMessage => "wal-message",
+        }
+    }
+}
+
 /// A service's outbox: where its events go (the mode) and the key it signs them with. The one
 /// way a service writes an event: every envelope it writes is signed ([`crate::signing`]).
 #[derive(Debug, Clone)]
@@ -91,10 +101,7 @@ pub struct OutboxArgs {
 /// each order's trace shows the write of its own event, with how many shared the statement.
 /// The spans end when the caller drops them, after the statement.
 fn write_spans(messages: &[OutboxMessage], mode: OutboxMode) -> Vec<tracing::Span> {
-    let mode = match mode {
-        OutboxMode::Table => "table",
-        OutboxMode::WalMessage => "wal-message",
-    };
+    let mode = mode.name();
     messages
         .iter()
         .map(|message| {
@@ -264,5 +271,19 @@ pub fn spontaneous(topic: &str, aggregate_id: uuid::Uuid, payload: Payload) -> O
     OutboxMessage {
         topic: topic.to_owned(),
         envelope: seal(meta, payload),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_modes_name_is_the_one_its_flag_takes() {
+        use clap::ValueEnum as _;
+        for mode in OutboxMode::value_variants() {
+            let flag = mode.to_possible_value().unwrap();
+            assert_eq!(flag.get_name(), mode.name());
+        }
     }
 }

@@ -163,9 +163,9 @@ impl Config {
     /// was given a value other than its default: a setting silently ignored is a setting the
     /// operator believes in and that does nothing.
     pub fn check_mode(&self) -> anyhow::Result<()> {
-        let (other_mode, given): (&str, Vec<(&str, bool)>) = match self.mode {
+        let (other_mode, given): (outbox::OutboxMode, Vec<(&str, bool)>) = match self.mode {
             outbox::OutboxMode::WalMessage => (
-                "table",
+                outbox::OutboxMode::Table,
                 vec![
                     ("RELAY_BATCH_SIZE", self.batch_size != DEFAULT_BATCH_SIZE),
                     (
@@ -184,7 +184,7 @@ impl Config {
                 ],
             ),
             outbox::OutboxMode::Table => (
-                "wal-message",
+                outbox::OutboxMode::WalMessage,
                 vec![
                     ("RELAY_SLOT", self.slot.is_some()),
                     (
@@ -198,21 +198,14 @@ impl Config {
                 ],
             ),
         };
-        let ignored: Vec<&str> = given
-            .into_iter()
-            .filter(|(_, set)| *set)
-            .map(|(name, _)| name)
-            .collect();
-        anyhow::ensure!(
-            ignored.is_empty(),
-            "{} apply only to the {other_mode} mode; this relay runs in the {} mode (RELAY_MODE)",
-            ignored.join(", "),
-            match self.mode {
-                outbox::OutboxMode::WalMessage => "wal-message",
-                outbox::OutboxMode::Table => "table",
-            }
-        );
-        Ok(())
+        orderflow_platform::refuse_unread_settings(
+            &given,
+            &format!(
+                "the {} mode; this relay runs in the {} mode (RELAY_MODE)",
+                other_mode.name(),
+                self.mode.name()
+            ),
+        )
     }
 }
 
