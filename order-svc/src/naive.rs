@@ -30,7 +30,7 @@ impl DualWrite {
         let Some(servers) = config
             .bootstrap_servers
             .as_ref()
-            .filter(|_| orderflow_platform::chaos::naive())
+            .filter(|_| orderflow_platform::naive::active())
         else {
             return Ok(None);
         };

@@ -37,6 +37,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+// The key of each authorization call. The naive build's seam swaps in a fresh key per call
+// (crate::naive), so that a retry there is a second charge.
+#[cfg(feature = "naive")]
+use crate::naive::authorization_key;
+#[cfg(not(feature = "naive"))]
+use stable_authorization_key as authorization_key;
+
 use orderflow::events::v1::event_envelope::Payload;
 use orderflow::events::v1::{PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentFailureReason, PaymentVoided};
 use orderflow::gateway::v1::gateway_service_client::GatewayServiceClient;
@@ -405,14 +412,8 @@ impl Executor {
         let mut gateway = self.gateway.clone();
         let (operation, reply) = match payment.state {
             PaymentState::Authorizing => {
-                let idempotency_key = if orderflow_platform::chaos::naive() {
-                    // The textbook mistake: a fresh key per call, so a retry is a second charge.
-                    format!("authorize:{order_id}:{}", uuid::Uuid::now_v7())
-                } else {
-                    format!("authorize:{order_id}")
-                };
                 let request = AuthorizeRequest {
-                    idempotency_key,
+                    idempotency_key: authorization_key(order_id),
                     order_id: order_id.to_string(),
                     amount: Some(payment.amount()),
                     payment_token: payment.payment_token.clone().unwrap_or_default(),
@@ -453,7 +454,7 @@ impl Executor {
                     None => VoidRequest {
                         idempotency_key: format!("void:{order_id}"),
                         authorization_id: String::new(),
-                        authorize_idempotency_key: format!("authorize:{order_id}"),
+                        authorize_idempotency_key: stable_authorization_key(order_id),
                     },
                 };
                 let reply = self.timed("void", gateway.void(request)).await;
@@ -844,6 +845,12 @@ impl Changes {
         .fetch_all(&mut *tx)
         .await
     }
+}
+
+/// The key of an order's authorization: the same for every call, so that a retry, a
+/// redelivery or a second executor replays the first charge instead of making another.
+pub(crate) fn stable_authorization_key(order_id: uuid::Uuid) -> String {
+    format!("authorize:{order_id}")
 }
 
 #[cfg(test)]

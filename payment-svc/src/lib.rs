@@ -12,6 +12,8 @@
 pub mod domain;
 pub mod executor;
 pub mod intents;
+#[cfg(feature = "naive")]
+mod naive;
 
 use std::sync::Arc;
 use std::time::Duration;

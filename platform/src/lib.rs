@@ -5,6 +5,7 @@
 //! in [`telemetry`], so that the alerts, the dashboard and the benchmark read one list.
 
 pub mod auth;
+#[cfg(feature = "failpoints")]
 pub mod chaos;
 pub mod consumer;
 pub mod fairness;
@@ -13,6 +14,8 @@ pub mod health;
 pub mod housekeeping;
 pub mod inbox;
 pub mod kafka;
+#[cfg(feature = "naive")]
+pub mod naive;
 pub mod outbox;
 pub mod retry;
 pub mod secret;

@@ -153,7 +153,9 @@ pub struct Config {
     /// in the table mode.
     #[arg(long, env = "RELAY_PREPARE_ONLY", default_value_t = false, action = clap::ArgAction::Set)]
     pub prepare_only: bool,
-    /// Fault injection for tests and the chaos harness: publish every row twice.
+    /// Fault injection for tests and the chaos harness: publish every row twice. Only in a
+    /// build with the `failpoints` feature.
+    #[cfg(feature = "failpoints")]
     #[arg(long, env = "RELAY_PUBLISH_TWICE", default_value_t = false, action = clap::ArgAction::Set)]
     pub publish_twice: bool,
 }
@@ -225,12 +227,31 @@ pub enum BatchOutcome {
     },
 }
 
+/// How many times each row or event is published: once. The fault-injection build
+/// (`failpoints` feature) can make it twice (`publishing_twice`): the duplicate delivery a
+/// crash between publish and mark causes, for every row.
+#[derive(Debug, Clone, Copy, Default)]
+struct Copies {
+    #[cfg(feature = "failpoints")]
+    twice: bool,
+}
+
+impl Copies {
+    fn per_row(self) -> usize {
+        #[cfg(feature = "failpoints")]
+        if self.twice {
+            return 2;
+        }
+        1
+    }
+}
+
 /// One relay over one database.
 pub struct Relay {
     pool: PgPool,
     producer: FutureProducer,
     batch_size: i64,
-    publish_twice: bool,
+    copies: Copies,
     listen: bool,
     delivery_timeout: Duration,
     stall_limit: Option<Duration>,
@@ -399,7 +420,7 @@ impl Relay {
             pool,
             producer,
             batch_size,
-            publish_twice: false,
+            copies: Copies::default(),
             listen: true,
             delivery_timeout: kafka::DEFAULT_DELIVERY_TIMEOUT,
             stall_limit: Some(DEFAULT_STALL_LIMIT),
@@ -450,9 +471,10 @@ impl Relay {
 
     /// Publishes every row twice: the duplicate-delivery fault of the tests and the chaos
     /// harness (what a crash between publish and mark does to every row).
+    #[cfg(feature = "failpoints")]
     pub fn publishing_twice(self) -> Self {
         Self {
-            publish_twice: true,
+            copies: Copies { twice: true },
             ..self
         }
     }
@@ -547,15 +569,13 @@ impl Relay {
             let message_id = message_id.to_string();
             let version = version.to_string();
             let (span, headers) = publication(&message_id, event_type, &version, key, traceparent.as_deref());
-            if self.publish_twice {
-                let again = FutureRecord::to(topic)
+            for _ in 0..self.copies.per_row() {
+                let record = FutureRecord::to(topic)
                     .key(key)
                     .payload(payload)
                     .headers(headers.clone());
-                deliveries.push((self.enqueue(again).await, span.clone()));
+                deliveries.push((self.enqueue(record).await, span.clone()));
             }
-            let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
-            deliveries.push((self.enqueue(record).await, span));
         }
         // A record not acknowledged by the deadline counts as failed: its row stays
         // unpublished (the broker may still store it later: a duplicate, which the inboxes
@@ -590,8 +610,8 @@ impl Relay {
         // the transaction ends at the broker; this database's mark is outside it.
         fail::fail_point!("relay::after_ack_before_mark");
 
-        // With publish_twice, each row has two deliveries: both must succeed.
-        let per_row = if self.publish_twice { 2 } else { 1 };
+        // Publishing twice, each row has two deliveries: both must succeed.
+        let per_row = self.copies.per_row();
         let results: Vec<Result<(), String>> = results
             .chunks(per_row)
             .map(|chunk| chunk.iter().cloned().collect::<Result<Vec<()>, String>>().map(drop))
@@ -973,6 +993,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let relay = wal::WalRelay::new(pool, producer, replication)
             .with_delivery_timeout(Duration::from_millis(config.delivery_timeout_ms))
             .with_max_in_flight(config.wal_max_in_flight);
+        #[cfg(feature = "failpoints")]
         let relay = if config.publish_twice {
             relay.publishing_twice()
         } else {
@@ -994,6 +1015,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .with_stall_limit((config.stall_limit_ms > 0).then(|| Duration::from_millis(config.stall_limit_ms)))
         .reconnecting_with(new_producer)
         .coalescing(Duration::from_millis(config.coalesce_ms));
+    #[cfg(feature = "failpoints")]
     let relay = if config.publish_twice {
         relay.publishing_twice()
     } else {

@@ -241,7 +241,7 @@ pub struct WalRelay {
     replication: ReplicationConfig,
     delivery_timeout: Duration,
     max_in_flight: usize,
-    publish_twice: bool,
+    copies: crate::Copies,
 }
 
 impl WalRelay {
@@ -253,7 +253,7 @@ impl WalRelay {
             replication,
             delivery_timeout: orderflow_platform::kafka::DEFAULT_DELIVERY_TIMEOUT,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-            publish_twice: false,
+            copies: crate::Copies::default(),
         }
     }
 
@@ -276,9 +276,10 @@ impl WalRelay {
     }
 
     /// Publishes every event twice (the duplicate-delivery fault of the tests).
+    #[cfg(feature = "failpoints")]
     pub fn publishing_twice(self) -> Self {
         Self {
-            publish_twice: true,
+            copies: crate::Copies { twice: true },
             ..self
         }
     }
@@ -438,7 +439,7 @@ impl WalRelay {
         &self,
         messages: &[(String, EventEnvelope, Vec<u8>)],
     ) -> Vec<(Result<rdkafka::producer::DeliveryFuture, String>, tracing::Span)> {
-        let mut deliveries = Vec::with_capacity(messages.len() * if self.publish_twice { 2 } else { 1 });
+        let mut deliveries = Vec::with_capacity(messages.len() * self.copies.per_row());
         for (topic, envelope, payload) in messages {
             let version = envelope.schema_version.to_string();
             let traceparent = (!envelope.traceparent.is_empty()).then_some(envelope.traceparent.as_str());
@@ -449,8 +450,7 @@ impl WalRelay {
                 &envelope.aggregate_id,
                 traceparent,
             );
-            let copies = if self.publish_twice { 2 } else { 1 };
-            for _ in 0..copies {
+            for _ in 0..self.copies.per_row() {
                 let record = FutureRecord::to(topic)
                     .key(&envelope.aggregate_id)
                     .payload(payload)

@@ -35,6 +35,8 @@ mod buffer;
 mod dead_letter;
 mod in_flight;
 mod linger;
+#[cfg(feature = "naive")]
+mod naive;
 mod source;
 mod unit;
 mod worker;
@@ -474,26 +476,25 @@ pub async fn run<H: Handler>(
     let progress = Arc::new(Progress::new());
     let wake = Arc::new(tokio::sync::Notify::new());
     let tasks = TaskTracker::new();
+    let effects = Live {
+        handler,
+        pool,
+        consumer: consumer.clone(),
+        dead_letters: dead_letters.clone(),
+        group: settings.group_id.clone(),
+        verifier: settings.verifier.clone(),
+    };
+    let max_messages = settings.max_batch.max(1);
+    // The naive build's seams: its mistakes wrap the real effects (naive.rs).
+    #[cfg(feature = "naive")]
+    let (effects, max_messages) = (naive::StoreFirst(effects), naive::unit_size(max_messages));
     let worker = Arc::new(worker::Worker {
-        effects: Arc::new(Live {
-            handler,
-            pool,
-            consumer: consumer.clone(),
-            dead_letters: dead_letters.clone(),
-            group: settings.group_id.clone(),
-            verifier: settings.verifier.clone(),
-        }),
+        effects: Arc::new(effects),
         buffer: buffer.clone(),
         wake: wake.clone(),
         in_flight,
         limits: worker::UnitLimits {
-            // The naive build stores each offset before its work: one message at a time, so
-            // that what it loses is what the textbook consumer loses, no more.
-            max_messages: if crate::chaos::naive() {
-                1
-            } else {
-                settings.max_batch.max(1)
-            },
+            max_messages,
             max_bytes: MAX_UNIT_BYTES,
         },
         linger: linger::Linger {

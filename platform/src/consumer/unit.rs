@@ -16,8 +16,12 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::PgPool;
 
+// The inbox step. The naive build's seam swaps in one that records nothing (super::naive).
+#[cfg(feature = "naive")]
+use super::naive::record_all;
 use super::{Fresh, Handler, HandlerError, Incoming, message_span};
-use crate::inbox;
+#[cfg(not(feature = "naive"))]
+use crate::inbox::record_all;
 use crate::signing::EventVerifier;
 
 /// What became of a message of a committed unit.
@@ -148,12 +152,7 @@ pub async fn attempt<H: Handler>(
     }
     let mut tx = pool.begin().await.map_err(whole)?;
     let ids: Vec<uuid::Uuid> = wanted.iter().map(|(_, event, _)| event.message_id).collect();
-    // The naive build has no inbox: every redelivery takes effect again.
-    let mut first_time: HashSet<uuid::Uuid> = if crate::chaos::naive() {
-        ids.iter().copied().collect()
-    } else {
-        inbox::record_all(&mut tx, handler.inbox(), &ids).await.map_err(whole)?
-    };
+    let mut first_time: HashSet<uuid::Uuid> = record_all(&mut tx, handler.inbox(), &ids).await.map_err(whole)?;
     let mut fresh = Vec::with_capacity(wanted.len());
     let mut fresh_at = Vec::with_capacity(wanted.len());
     for (index, event, span) in &wanted {

@@ -183,7 +183,6 @@ impl<E: Effects> Worker<E> {
         let mut whole_failures = 0;
         while !pending.is_empty() {
             self.progress.mark();
-            self.store_first_if_naive(&pending);
             let error = match self.effects.attempt(&pending).await {
                 Ok(outcomes) => {
                     self.finish(&taken, &pending, &outcomes);
@@ -265,7 +264,6 @@ impl<E: Effects> Worker<E> {
             return;
         };
         self.progress.mark();
-        self.store_first_if_naive(std::slice::from_ref(&message));
         let error = match self.effects.attempt(std::slice::from_ref(&message)).await {
             Ok(outcomes) => {
                 self.finish(&taken, std::slice::from_ref(&message), &outcomes);
@@ -366,16 +364,6 @@ impl<E: Effects> Worker<E> {
                     return true;
                 }
                 Err(Failure::At(_, next) | Failure::Whole(next) | Failure::Unavailable(next)) => error = next,
-            }
-        }
-    }
-
-    /// The textbook mistake of the naive build: the offsets first, then the work. Dying
-    /// during the work loses the messages (their offsets are committed already).
-    fn store_first_if_naive(&self, messages: &[Incoming]) {
-        if crate::chaos::naive() {
-            for message in messages {
-                self.effects.store(&message.topic, message.partition, message.offset);
             }
         }
     }
