@@ -289,6 +289,7 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
         .await
         .unwrap();
         oldest = oldest.max(Duration::from_secs_f64(age.unwrap_or(0.0)));
+        // Sampling through the outage, whose length is the subject.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(unpublished(&db).await, 3, "no broker: every row stays pending");
@@ -400,14 +401,46 @@ async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
     relay_b.await.unwrap().unwrap();
 }
 
+/// When the relay published the outbox row of each of `orders`, and when the row was written.
+async fn publication_times(db: &TestDb) -> Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> {
+    sqlx::query_as("SELECT created_at, published_at FROM outbox WHERE published_at IS NOT NULL ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// Whether a session of the relay's role on `db`'s database is listening for NOTIFY (its
+/// last statement a LISTEN). Asked as that role: another role (but a superuser) sees
+/// `<insufficient privilege>` for its sessions' statements, and would always answer no.
+async fn relay_listens(db: &TestDb) -> bool {
+    let relay = relay_pool(db);
+    let (sessions, listening): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE query ILIKE 'LISTEN%') FROM pg_stat_activity
+          WHERE datname = current_database() AND usename = current_user AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&relay)
+    .await
+    .unwrap();
+    relay.close().await;
+    assert!(sessions > 0, "the relay's own sessions are visible to the question");
+    listening > 0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_wakes_the_relay_at_once_without_waiting_for_the_poll() {
     let db = fresh_orders_db().await;
     let topic = fresh_topic(3).await;
     // The polling fallback would take a minute: only the NOTIFY sent at commit can be this fast.
     let (stop, relay) = spawn_relay_polling_every(&db, &stack().kafka, 100, Duration::from_secs(60));
-    // Let the relay finish its first (empty) pass and start listening.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A first order, published by the relay's first pass: the relay listens before that pass
+    // (Relay::run), so once it is published the relay is listening, and the next row can
+    // only be published in time by the NOTIFY of its commit.
+    place_orders(&db, &topic, 1).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async { unpublished(&db).await == 0 }).await,
+        "the relay's first pass published the first row"
+    );
+    assert!(relay_listens(&db).await, "the relay listens");
     place_orders(&db, &topic, 1).await;
     assert!(
         eventually(Duration::from_secs(5), || async { unpublished(&db).await == 0 }).await,
@@ -421,21 +454,36 @@ async fn a_commit_wakes_the_relay_at_once_without_waiting_for_the_poll() {
 async fn a_polling_only_relay_ignores_notify_and_publishes_on_its_poll() {
     let db = fresh_orders_db().await;
     let topic = fresh_topic(3).await;
-    let (stop, relay) = spawn_configured_relay(
-        &db,
-        &stack().kafka,
-        100,
-        Duration::from_secs(4),
-        relay::Relay::polling_only,
-    );
-    // Let the relay finish its first (empty) pass; its next pass is 4 s away.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let poll = Duration::from_secs(6);
+    let (stop, relay) = spawn_configured_relay(&db, &stack().kafka, 100, poll, relay::Relay::polling_only);
+    // A first order, published by the relay's first pass; its next pass is a poll away.
     place_orders(&db, &topic, 1).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(unpublished(&db).await, 1, "no NOTIFY woke the relay");
     assert!(
-        eventually(Duration::from_secs(8), || async { unpublished(&db).await == 0 }).await,
+        eventually(Duration::from_secs(10), || async { unpublished(&db).await == 0 }).await,
+        "the relay's first pass published the first row"
+    );
+    assert!(!relay_listens(&db).await, "a polling-only relay does not LISTEN");
+    place_orders(&db, &topic, 1).await;
+    assert!(
+        eventually(poll + Duration::from_secs(8), || async { unpublished(&db).await == 0 }).await,
         "the poll published the row"
+    );
+    // When it happened, as Postgres stamped it, rather than a wait and a look: a NOTIFY would
+    // have published the second row within milliseconds of its commit; the poll did it at
+    // least a poll interval after the first pass. The second commit came well before that
+    // poll was due, or the times could not tell the two apart.
+    let times = publication_times(&db).await;
+    let [(_, first_published), (second_created, second_published)] = times[..] else {
+        panic!("two rows published: {times:?}");
+    };
+    let poll_ms = i64::try_from(poll.as_millis()).unwrap();
+    assert!(
+        (second_created - first_published).num_milliseconds() < poll_ms - 2_000,
+        "the second order was committed in time to tell a NOTIFY from the poll: {times:?}"
+    );
+    assert!(
+        (second_published - first_published).num_milliseconds() >= poll_ms - 100,
+        "the second row waited for the poll, not woken by its commit's NOTIFY: {times:?}"
     );
     stop.cancel();
     relay.await.unwrap().expect("the relay stops cleanly");

@@ -354,7 +354,8 @@ async fn every_mode_holds_events_while_the_broker_is_away_and_publishes_them_whe
         let orders: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
         let ids = write_events(&db, mode, topic, &orders).await;
         let (stop, relay) = spawn_relay(&db, mode, &broker.cluster);
-        // Several delivery timeouts (2 s) without a broker.
+        // Several delivery timeouts (2 s) without a broker: time is the subject (a relay
+        // that gave up after its first failed delivery would have finished by now).
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert!(!relay.is_finished(), "{mode:?}: the relay keeps trying");
 

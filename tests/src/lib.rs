@@ -527,6 +527,20 @@ pub fn reset_group_to_start(cluster: &kafka::Cluster, group: &str, topic: &str) 
     Ok(())
 }
 
+/// The state of consumer group `group` as the broker's coordinator says it (`Empty` once
+/// its last member left or its session expired, `Stable`, `PreparingRebalance`, ...;
+/// `Dead` for a group it does not know).
+pub fn group_state(cluster: &kafka::Cluster, group: &str) -> anyhow::Result<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer =
+        orderflow_platform::kafka::consumer_config(cluster, &format!("{group}-probe"), None).create()?;
+    let groups = consumer.fetch_group_list(Some(group), Duration::from_secs(10))?;
+    Ok(groups
+        .groups()
+        .first()
+        .map_or_else(|| "Dead".to_owned(), |g| g.state().to_owned()))
+}
+
 /// The group's committed offsets (0 where none) and the high watermarks on `topic`, per
 /// partition.
 pub fn committed_and_end(cluster: &kafka::Cluster, group: &str, topic: &str) -> anyhow::Result<Vec<(i64, i64)>> {
