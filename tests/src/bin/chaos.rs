@@ -85,8 +85,16 @@ struct Cli {
     /// Where the result table goes (markdown and JSON).
     #[arg(long, default_value = "chaos-results")]
     out: PathBuf,
+    /// Print the scenarios' names, one a line, and exit.
+    #[arg(long, exclusive = true)]
+    list: bool,
+    /// Print the findings table of earlier runs (the JSON files this harness wrote: the
+    /// hardened run's, then optionally the naive run's) as Markdown, and exit: what
+    /// docs/findings.md holds (scripts/check-docs checks it).
+    #[arg(long, num_args = 1..=2, value_name = "RESULTS.json", exclusive = true)]
+    table: Vec<PathBuf>,
     /// Scenarios, or `all`.
-    #[arg(required = true)]
+    #[arg(required_unless_present_any = ["list", "table"])]
     scenarios: Vec<String>,
 }
 
@@ -108,31 +116,74 @@ impl Cli {
 /// process is killed, the broker or the database is away for a while, or brokers restart;
 /// not for the gateway cohorts (whose faults cancel orders on purpose), the crash loop and
 /// the nemesis (which kill again and again), or the redelivery scenarios (nothing is down).
-const SCENARIOS: &[(&str, bool)] = &[
-    ("payment-kill-after-commit", true),
-    ("payment-crash-loop", false),
-    ("kill-order-svc", true),
-    ("kill-payment-svc", true),
-    ("kill-relay-orders", true),
-    ("kill-relay-payments", true),
-    ("kill-projector", true),
-    ("kill-fulfilment", true),
-    ("kill-gateway", true),
-    ("broker-pause", true),
-    ("broker-kill", true),
-    ("postgres-restart", true),
-    ("gateway-cohorts", false),
-    ("duplicate-delivery", false),
-    ("replay-from-zero", false),
-    ("nemesis", false),
-    ("kill-one-of-two-payment-svc", true),
-    ("restart-static-member", true),
-    ("broker-leader-kill", true),
-    ("broker-rolling-restart", true),
+/// Each with the fault it injects, as the findings table says it.
+const SCENARIOS: &[(&str, bool, &str)] = &[
+    (
+        "payment-kill-after-commit",
+        true,
+        "payment-svc aborts after its commit, before its offset store (once)",
+    ),
+    (
+        "payment-crash-loop",
+        false,
+        "payment-svc aborts at a failpoint chosen at random (--crash-percent of passes) on every restart, until --min-crashes",
+    ),
+    ("kill-order-svc", true, "kill -9 mid-saga"),
+    ("kill-payment-svc", true, "kill -9 mid-saga"),
+    ("kill-relay-orders", true, "kill -9"),
+    ("kill-relay-payments", true, "kill -9"),
+    ("kill-projector", true, "kill -9"),
+    ("kill-fulfilment", true, "kill -9"),
+    ("kill-gateway", true, "kill -9 of the gateway simulator"),
+    (
+        "broker-pause",
+        true,
+        "SIGSTOP of the broker for --pause-secs, then SIGCONT",
+    ),
+    ("broker-kill", true, "kill -9 of the broker, restart 3 s later"),
+    ("postgres-restart", true, "`pg_ctl stop -m immediate`, start"),
+    (
+        "gateway-cohorts",
+        false,
+        "10% declined cards, 5% charged-but-reply-lost, 3% hangs past the deadline",
+    ),
+    ("duplicate-delivery", false, "both relays publish every row twice"),
+    (
+        "replay-from-zero",
+        false,
+        "payment group reset to offset 0 after all orders were handled",
+    ),
+    (
+        "nemesis",
+        false,
+        "seeded random kill -9 of any service process every 1–4 s for --nemesis-secs",
+    ),
+    (
+        "kill-one-of-two-payment-svc",
+        true,
+        "two payment-svc in the group; one killed for good",
+    ),
+    (
+        "restart-static-member",
+        true,
+        "two payment-svc; one killed and restarted with its static id",
+    ),
+    (
+        "broker-leader-kill",
+        true,
+        "three brokers; kill -9 of the leader of orders.events/0, restart 5 s later",
+    ),
+    (
+        "broker-rolling-restart",
+        true,
+        "three brokers restarted one after another (SIGTERM), each once its replicas are in sync, under load",
+    ),
 ];
 
 fn goodput_required(scenario: &str) -> bool {
-    SCENARIOS.iter().any(|(name, required)| *name == scenario && *required)
+    SCENARIOS
+        .iter()
+        .any(|(name, required, _)| *name == scenario && *required)
 }
 
 /// Percent of the orders that should confirm.
@@ -148,7 +199,8 @@ fn topology(scenario: &str) -> (u8, u8) {
 }
 
 /// One scenario's damage.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 struct Row {
     scenario: String,
     mode: String,
@@ -383,6 +435,7 @@ async fn place_orders(
                         .push((response.into_inner().order_id, outcome));
                     return;
                 }
+                // A client's back-off before it tries the same order again.
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             placed.gave_up.fetch_add(1, Ordering::Relaxed);
@@ -465,6 +518,7 @@ fn supervise(
     std::thread::spawn(move || {
         let processes = processes(&scenario);
         while !stop.load(Ordering::Relaxed) {
+            // A supervisor's polling of its processes.
             std::thread::sleep(Duration::from_millis(300));
             if paused.load(Ordering::Relaxed) {
                 continue;
@@ -609,6 +663,7 @@ async fn inject(scenario: &str, cli: &Cli, paused: &AtomicBool) -> anyhow::Resul
         "broker-pause" => {
             paused.store(true, Ordering::Relaxed);
             stack(&["broker-pause"], &[])?;
+            // The pause's length is the scenario.
             tokio::time::sleep(Duration::from_secs(cli.pause_secs)).await;
             stack(&["broker-resume"], &[])?;
             // A liveness probe, as an operator's supervisor has one: a broker that does not
@@ -629,6 +684,7 @@ async fn inject(scenario: &str, cli: &Cli, paused: &AtomicBool) -> anyhow::Resul
         "broker-kill" => {
             paused.store(true, Ordering::Relaxed);
             kill("kafka-1")?;
+            // How long the broker stays dead: time is the subject.
             tokio::time::sleep(Duration::from_secs(3)).await;
             paused.store(false, Ordering::Relaxed);
             revive()?;
@@ -671,6 +727,7 @@ async fn inject(scenario: &str, cli: &Cli, paused: &AtomicBool) -> anyhow::Resul
             eprintln!("[chaos]   kill -9 of broker {leader}, leader of orders.events partition 0");
             paused.store(true, Ordering::Relaxed);
             kill(&format!("kafka-{leader}"))?;
+            // How long the leader stays dead: time is the subject.
             tokio::time::sleep(Duration::from_secs(5)).await;
             paused.store(false, Ordering::Relaxed);
             revive()?;
@@ -697,6 +754,7 @@ async fn inject(scenario: &str, cli: &Cli, paused: &AtomicBool) -> anyhow::Resul
             let mut rng = Rng::new(cli.seed ^ 0xBAD);
             let started = Instant::now();
             while started.elapsed() < Duration::from_secs(cli.nemesis_secs) {
+                // A random moment between kills: time is the subject.
                 tokio::time::sleep(Duration::from_millis(1_000 + rng.below(3_000))).await;
                 let victim = SERVICES[usize::try_from(rng.below(SERVICES.len() as u64)).unwrap_or(0)];
                 eprintln!("[chaos]   nemesis kills {victim}");
@@ -899,6 +957,7 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         cli.orders,
         rate,
     ));
+    // The fault lands at a moment of the load: time is the subject.
     tokio::time::sleep(fault_at).await;
     let measured = inject(scenario, cli, &paused).await?;
     let placed = load.await??;
@@ -920,12 +979,34 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
 
     if scenario == "replay-from-zero" {
         // Every order event again, from offset 0, to a payment-svc that has seen them all.
+        // First payment-svc takes in every order event: its committed offsets reach the end.
         paused.store(true, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        let cluster = kafka_cluster()?;
+        let caught_up = {
+            let cluster = cluster.clone();
+            tokio::task::spawn_blocking(move || {
+                until(Duration::from_secs(120), || {
+                    orderflow_tests::committed_and_end(&cluster, "payment", orderflow::topics::ORDERS_EVENTS)
+                        .is_ok_and(|partitions| partitions.iter().all(|(committed, end)| committed >= end))
+                })
+            })
+            .await?
+        };
+        anyhow::ensure!(caught_up, "payment-svc did not take in every order event within 120 s");
         stack(&["kill", "payment-svc"], &[])?;
-        // Past the session timeout: the static member is gone and the group is empty.
-        tokio::time::sleep(orderflow_platform::kafka::SESSION_TIMEOUT + Duration::from_secs(5)).await;
-        orderflow_tests::reset_group_to_start(&kafka_cluster()?, "payment", orderflow::topics::ORDERS_EVENTS)?;
+        // Its static member stays in the group until its session expires; offsets can be
+        // reset only in an empty group.
+        let empty = {
+            let cluster = cluster.clone();
+            tokio::task::spawn_blocking(move || {
+                until(orderflow_platform::kafka::SESSION_TIMEOUT * 4, || {
+                    orderflow_tests::group_state(&cluster, "payment").is_ok_and(|state| state == "Empty")
+                })
+            })
+            .await?
+        };
+        anyhow::ensure!(empty, "the payment group did not become empty after its member's death");
+        orderflow_tests::reset_group_to_start(&cluster, "payment", orderflow::topics::ORDERS_EVENTS)?;
         paused.store(false, Ordering::Relaxed);
     }
 
@@ -940,7 +1021,7 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
     )
     .await?;
     let drain_started = Instant::now();
-    let mut last_state = (-1, -1, -1, -1, -1, -1, -1);
+    let mut last_state = (-1, -1, -1, -1, -1, -1, -1, -1);
     let mut last_change = Instant::now();
     loop {
         // A count that cannot be read is never "quiet".
@@ -968,7 +1049,14 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
             .fetch_one(&stores.fulfilment)
             .await
             .unwrap_or(-1);
-        let quiet = pending == 0 && outbox == 0 && open == 0 && unprojected == 0 && shipped >= confirmed;
+        // A gateway call owed or made and not yet recorded (the gateway may have captured
+        // while payment-svc has still to say so).
+        let owed: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE state = ANY($1)")
+            .bind(payment_svc::domain::PaymentState::pending_names())
+            .fetch_one(&stores.payments)
+            .await
+            .unwrap_or(1);
+        let quiet = pending == 0 && outbox == 0 && open == 0 && owed == 0 && unprojected == 0 && shipped >= confirmed;
         // Damage that never heals (an orphaned authorization in naive mode) would hold the
         // drain to its limit: nothing pending, nothing to publish and nothing changing for
         // 40 s is as quiet as it gets.
@@ -976,7 +1064,7 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         // that no count shows yet: its retries count in the state.
         let retries = probe::scrape_sum("127.0.0.1:9102", orderflow_platform::telemetry::CONSUMER_RETRIES, "")
             .map_or(-1, |r| r as i64);
-        let state = (pending, outbox, open, unprojected, confirmed, shipped, retries);
+        let state = (pending, outbox, open, owed, unprojected, confirmed, shipped, retries);
         if state != last_state {
             last_state = state;
             last_change = Instant::now();
@@ -985,10 +1073,11 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         if quiet || stalled || drain_started.elapsed() > Duration::from_secs(cli.drain_secs) {
             break;
         }
+        // Polling the drain's counts.
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    // A last moment for in-flight captures and projections.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // No "last moment" here: quiet means every count above is settled, and the checker
+    // reads the same stores.
     stop.store(true, Ordering::Relaxed);
     let _ = supervisor.join();
     let duplicates = duplicates.join().unwrap_or(0.0);
@@ -1088,9 +1177,110 @@ fn table(rows: &[Row]) -> String {
     out
 }
 
+/// The findings table of a hardened run and, beside it, a naive run (docs/findings.md), from
+/// the JSON files the harness wrote, with a first line counting the hardened damage.
+fn findings_table(files: &[PathBuf]) -> anyhow::Result<String> {
+    let read = |path: &PathBuf| -> anyhow::Result<Vec<Row>> {
+        let rows: Vec<Row> =
+            serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+                .with_context(|| format!("{} is not a chaos results file", path.display()))?;
+        Ok(rows)
+    };
+    let hardened = read(&files[0])?;
+    anyhow::ensure!(
+        hardened.iter().all(|r| r.mode == "hardened"),
+        "{} is not a hardened run",
+        files[0].display()
+    );
+    let naive = match files.get(1) {
+        Some(path) => read(path)?,
+        None => Vec::new(),
+    };
+    anyhow::ensure!(
+        naive.iter().all(|r| r.mode == "naive"),
+        "the second file is not a naive run"
+    );
+    let damage = |r: &Row| {
+        format!(
+            "{} / {} / {} / {} / {}",
+            r.double_charges, r.lost_events, r.stuck_sagas, r.money_kept_for_cancelled, r.invariant_violations
+        )
+    };
+    let goodput = |r: &Row| {
+        let mut goodput = format!("{:.1}% of {}", r.goodput, r.should_confirm);
+        if let Some(failover) = r.failover_secs {
+            goodput += &format!(" (failover {failover:.1} s)");
+        }
+        if let Some(rebalances) = r.rebalances_of_others {
+            goodput += &format!(" ({rebalances:.0} rebalances of the other member)");
+        }
+        goodput
+    };
+    let damaged = hardened.iter().filter(|r| r.damaged()).count();
+    let required: Vec<&Row> = hardened.iter().filter(|r| goodput_required(&r.scenario)).collect();
+    let met = required.iter().filter(|r| r.goodput >= GOODPUT_TARGET).count();
+    let mut out = format!(
+        "Hardened: {} scenarios run, {damaged} with damage; goodput ≥ {GOODPUT_TARGET}% in {met} of the {} that require it.",
+        hardened.len(),
+        required.len(),
+    );
+    out += &if naive.is_empty() {
+        " No naive run in this table.\n\n".to_owned()
+    } else {
+        format!(
+            " Naive: {} scenarios run, {} with damage.\n\n",
+            naive.len(),
+            naive.iter().filter(|r| r.damaged()).count()
+        )
+    };
+    out += "Damage columns: double charges / lost events / stuck sagas / money kept / invariant violations.\n\n";
+    out += "| scenario | fault | hardened damage | goodput | hardened: confirmed, cancelled, restarts, deduplicated | naive damage | naive goodput |\n|---|---|---|---|---|---|---|\n";
+    for r in &hardened {
+        let fault = SCENARIOS
+            .iter()
+            .find(|(name, _, _)| *name == r.scenario)
+            .map_or("?", |(_, _, fault)| fault);
+        let (naive_damage, naive_goodput) = naive
+            .iter()
+            .find(|n| n.scenario == r.scenario)
+            .map_or(("not run".to_owned(), String::new()), |n| {
+                (damage(n), format!("{:.1}%", n.goodput))
+            });
+        out += &format!(
+            "| {} | {fault} | {} | {} | {}, {}, {}, {:.0} | {naive_damage} | {naive_goodput} |\n",
+            r.scenario,
+            damage(r),
+            goodput(r),
+            r.confirmed,
+            r.cancelled,
+            r.crashes,
+            r.duplicates_deduplicated
+        );
+    }
+    Ok(out)
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.list {
+        for (name, _, _) in SCENARIOS {
+            println!("{name}");
+        }
+        return std::process::ExitCode::SUCCESS;
+    }
+    if !cli.table.is_empty() {
+        return match findings_table(&cli.table) {
+            Ok(markdown) => {
+                print!("{markdown}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("[chaos] {error:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     match run(&cli).await {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::from(1),
@@ -1104,19 +1294,37 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Polls `check` (blocking) every 200 ms until it holds or `limit` passes; whether it held.
+fn until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    loop {
+        if check() {
+            return true;
+        }
+        if started.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Runs the scenarios; false when the hardened services showed damage.
 async fn run(cli: &Cli) -> anyhow::Result<bool> {
     anyhow::ensure!(cli.mode == "hardened" || cli.mode == "naive", "--mode hardened|naive");
     let scenarios: Vec<String> = if cli.scenarios.iter().any(|s| s == "all") {
-        SCENARIOS.iter().map(|(s, _)| (*s).to_owned()).collect()
+        SCENARIOS.iter().map(|(s, _, _)| (*s).to_owned()).collect()
     } else {
         cli.scenarios.clone()
     };
     for s in &scenarios {
         anyhow::ensure!(
-            SCENARIOS.iter().any(|(name, _)| name == s),
+            SCENARIOS.iter().any(|(name, _, _)| name == s),
             "unknown scenario {s}; known: {}",
-            SCENARIOS.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+            SCENARIOS
+                .iter()
+                .map(|(name, _, _)| *name)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let mut rows = Vec::new();
