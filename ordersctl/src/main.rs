@@ -121,6 +121,18 @@ enum Command {
     },
     /// Print the invariants `verify` checks, as a Markdown table (docs/saga.md holds the same).
     Invariants,
+    /// Print the targets (the seeds' service levels, the project's goals beside them) as a
+    /// Markdown table, as README and docs/performance.md hold them.
+    Targets,
+    /// Print a benchmark report (the JSON `bench` wrote) as Markdown: the ceiling, each step,
+    /// the verdict; the docs quote it (scripts/check-docs checks every copy).
+    BenchSummary {
+        /// The report.
+        report: std::path::PathBuf,
+        /// Print only the ceiling (orders/s), for a figure quoted in a sentence.
+        #[arg(long)]
+        ceiling: bool,
+    },
     /// Print a bearer token signed with the stack's key (`ORDERFLOW_JWT_SIGNING_KEY`), for
     /// grpcurl and other clients: `-H "authorization: Bearer $(ordersctl token --customer 42)"`.
     Token {
@@ -252,8 +264,8 @@ struct BenchArgs {
     /// Measured seconds per step.
     #[arg(long, default_value_t = 30)]
     step_secs: u64,
-    /// A step breaks when the saga completion p99 passes this.
-    #[arg(long, default_value_t = 2_000.0)]
+    /// A step breaks when the saga completion p99 passes this (the seeds' level by default).
+    #[arg(long, default_value_t = ordersctl::bench::targets::SAGA_P99_MS)]
     saga_p99_limit_ms: f64,
     /// pgbench's duration in seconds (0 skips the Postgres ceiling).
     #[arg(long, default_value_t = 20)]
@@ -264,7 +276,7 @@ struct BenchArgs {
     /// How long to wait for the system to settle after the load, in seconds.
     #[arg(long, default_value_t = 180)]
     drain_timeout_secs: u64,
-    /// Metrics endpoints of the consuming processes (consumer lag).
+    /// Metrics endpoints of the consuming processes (records consumed, for the cost per order).
     #[arg(
         long,
         value_delimiter = ',',
@@ -443,7 +455,7 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Bench(args) => bench(&cli.addr, access()?, *args).await?,
+        Command::Bench(args) => bench(&cli.addr, access()?, &cluster, *args).await?,
         Command::RelayBench(args) => {
             let results = ordersctl::relay_bench::run(*args, &cluster).await?;
             let out = std::path::Path::new("bench-results");
@@ -490,6 +502,25 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Invariants => print!("{}", ordersctl::verify::markdown_table()),
+        Command::Targets => print!("{}", ordersctl::bench::targets::markdown()),
+        Command::BenchSummary { report, ceiling } => {
+            let json: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(&report).with_context(|| format!("reading {}", report.display()))?,
+            )
+            .with_context(|| format!("{} is not a benchmark report", report.display()))?;
+            if ceiling {
+                let ceiling = json
+                    .get("ceiling")
+                    .and_then(serde_json::Value::as_f64)
+                    .with_context(|| format!("{} found no ceiling", report.display()))?;
+                println!("{ceiling:.0}");
+            } else {
+                print!(
+                    "{}",
+                    ordersctl::bench::summary::markdown(&json, &report.display().to_string())
+                );
+            }
+        }
         Command::Verify {
             stores,
             deadline_ms,
@@ -779,7 +810,12 @@ async fn watch(
     Ok(false)
 }
 
-async fn bench(addr: &str, access: ordersctl::access::Access, args: BenchArgs) -> anyhow::Result<()> {
+async fn bench(
+    addr: &str,
+    access: ordersctl::access::Access,
+    cluster: &orderflow_platform::kafka::Cluster,
+    args: BenchArgs,
+) -> anyhow::Result<()> {
     use ordersctl::bench;
     let stores = args.stores.connect(8).await?;
     // The superuser reads every database's counters (pg_stat_database, pg_stat_statements).
@@ -810,7 +846,7 @@ async fn bench(addr: &str, access: ordersctl::access::Access, args: BenchArgs) -
         connections: args.connections,
         max_in_flight: args.max_in_flight,
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
-        consumer_metrics: args.consumer_metrics.clone(),
+        group_lag: std::sync::Arc::new(bench::lag::GroupLag::new(cluster)?),
         cost: bench::cost::Sources {
             admin,
             relay_metrics: args.relay_metrics.clone(),

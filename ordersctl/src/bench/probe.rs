@@ -40,11 +40,6 @@ pub fn scrape_sum(addr: &str, metric: &str, label: &str) -> Option<f64> {
     Some(total)
 }
 
-/// Consumer lag summed over the consumer processes' metrics endpoints.
-pub fn consumer_lag(endpoints: &[String]) -> f64 {
-    scrape_total(endpoints, orderflow_platform::telemetry::CONSUMER_LAG)
-}
-
 /// Sum of `metric` over every series of every endpoint that answers.
 pub fn scrape_total(endpoints: &[String], metric: &str) -> f64 {
     endpoints.iter().filter_map(|addr| scrape_sum(addr, metric, "")).sum()

@@ -36,8 +36,9 @@ pub struct Sample {
     pub outbox_backlog: i64,
     /// Orders still PENDING.
     pub pending_sagas: i64,
-    /// Consumer lag summed over every group, from librdkafka's statistics (5 s resolution).
-    pub consumer_lag: f64,
+    /// The consumer groups' lag (high watermark − committed offset, every group and
+    /// partition, asked of the broker: [`super::lag`]); None when the broker did not answer.
+    pub consumer_lag: Option<f64>,
     /// Busy share of the machine (100 = every core).
     pub machine_cpu: f64,
     /// Share of one core per process (100 = one core).
@@ -230,7 +231,9 @@ pub fn bottleneck(step: &StepReport, cores: usize) -> Vec<String> {
     let last = step.timeline.last();
     let outbox = last.map_or(0, |s| s.outbox_backlog);
     let pending = last.map_or(0, |s| s.pending_sagas);
-    let lag = last.map_or(0.0, |s| s.consumer_lag);
+    let lag = last
+        .and_then(|s| s.consumer_lag)
+        .map_or_else(|| "?".to_owned(), |lag| format!("{lag:.0}"));
     if step.backlog_slope_per_sec > 2.0 {
         if outbox > pending {
             evidence.push(format!(
@@ -238,7 +241,7 @@ pub fn bottleneck(step: &StepReport, cores: usize) -> Vec<String> {
             ));
         } else {
             evidence.push(format!(
-                "sagas in flight grow ({pending} PENDING at the end, consumer lag {lag:.0}): the consumers \
+                "sagas in flight grow ({pending} PENDING at the end, consumer groups' lag {lag}): the consumers \
                  (payment-svc, order-svc) or the broker's fetch path fall behind"
             ));
         }
@@ -734,9 +737,13 @@ pub fn render_html(report: &BenchReport) -> String {
                 ("outbox rows", COLORS[3], series(&|s| s.outbox_backlog as f64)),
                 ("sagas in flight", COLORS[0], series(&|s| s.pending_sagas as f64)),
                 (
-                    "consumer lag (not yet handled, 5 s statistics)",
+                    "consumer groups' lag (high watermark − committed offset; commits trail by up to 5 s)",
                     COLORS[4],
-                    series(&|s| s.consumer_lag),
+                    // A sample the broker did not answer is left out, not drawn as zero.
+                    step.timeline
+                        .iter()
+                        .filter_map(|s| s.consumer_lag.map(|lag| (s.t, lag)))
+                        .collect(),
                 ),
             ],
         ));
@@ -789,7 +796,7 @@ mod tests {
             place_p99_ms: 20.0,
             outbox_backlog: outbox,
             pending_sagas: pending,
-            consumer_lag: 0.0,
+            consumer_lag: Some(0.0),
             machine_cpu: 95.0,
             cpu: BTreeMap::from([("postgres".to_owned(), 80.0), ("kafka-1".to_owned(), 30.0)]),
         }
