@@ -5,6 +5,7 @@
 
 pub mod envelope;
 pub mod money;
+mod stored_names;
 pub mod text;
 
 /// Generated from `proto/orderflow/orders/v1/orders.proto`.

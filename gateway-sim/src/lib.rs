@@ -27,6 +27,19 @@ use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+orderflow::stored_names! {
+    /// An authorization's state at the gateway, as stored (the migration's CHECK lists the
+    /// same names; a unit test holds them together).
+    pub enum AuthorizationState {
+        /// Money reserved.
+        Authorized = "AUTHORIZED",
+        /// Money taken.
+        Captured = "CAPTURED",
+        /// Reservation released.
+        Voided = "VOIDED",
+    }
+}
+
 /// Every call is answered within this (a hanging reply fault is a reply that never comes
 /// within any caller's patience; the callers' own timeouts are far shorter).
 const REQUEST_DEADLINE: Duration = Duration::from_secs(600);
@@ -388,12 +401,13 @@ impl GatewayService for Gateway {
                     let authorization_id = uuid::Uuid::now_v7();
                     sqlx::query(
                         "INSERT INTO authorizations (authorization_id, order_id, amount_minor, currency_code, state)
-                         VALUES ($1, $2, $3, $4, 'AUTHORIZED')",
+                         VALUES ($1, $2, $3, $4, $5)",
                     )
                     .bind(authorization_id)
                     .bind(&request.order_id)
                     .bind(amount)
                     .bind(&currency)
+                    .bind(AuthorizationState::Authorized.as_str())
                     .execute(&mut *tx)
                     .await
                     .map_err(storage_error)?;
@@ -437,7 +451,7 @@ impl GatewayService for Gateway {
             ),
             Claim::New(mut tx) => {
                 let authorization = lock_authorization(&mut tx, authorization_id).await?;
-                if authorization.state != "AUTHORIZED" {
+                if AuthorizationState::parse(&authorization.state) != Some(AuthorizationState::Authorized) {
                     return Err(Status::failed_precondition(format!(
                         "authorization is {}",
                         authorization.state
@@ -447,11 +461,12 @@ impl GatewayService for Gateway {
                     return Err(Status::invalid_argument("capture exceeds the authorization"));
                 }
                 sqlx::query(
-                    "UPDATE authorizations SET state = 'CAPTURED', captured_minor = $2, updated_at = now()
+                    "UPDATE authorizations SET state = $3, captured_minor = $2, updated_at = now()
                      WHERE authorization_id = $1",
                 )
                 .bind(authorization_id)
                 .bind(amount)
+                .bind(AuthorizationState::Captured.as_str())
                 .execute(&mut *tx)
                 .await
                 .map_err(storage_error)?;
@@ -555,10 +570,11 @@ async fn void_authorization(
     key: &str,
 ) -> Result<(), Status> {
     let authorization = lock_authorization(tx, authorization_id).await?;
-    match authorization.state.as_str() {
-        "AUTHORIZED" => {
-            sqlx::query("UPDATE authorizations SET state = 'VOIDED', updated_at = now() WHERE authorization_id = $1")
+    match AuthorizationState::parse(&authorization.state) {
+        Some(AuthorizationState::Authorized) => {
+            sqlx::query("UPDATE authorizations SET state = $2, updated_at = now() WHERE authorization_id = $1")
                 .bind(authorization_id)
+                .bind(AuthorizationState::Voided.as_str())
                 .execute(&mut **tx)
                 .await
                 .map_err(storage_error)?;
@@ -572,8 +588,11 @@ async fn void_authorization(
             };
             append_ledger(tx, line).await
         }
-        "VOIDED" => Ok(()),
-        other => Err(Status::failed_precondition(format!("authorization is {other}"))),
+        Some(AuthorizationState::Voided) => Ok(()),
+        Some(AuthorizationState::Captured) | None => Err(Status::failed_precondition(format!(
+            "authorization is {}",
+            authorization.state
+        ))),
     }
 }
 
@@ -783,6 +802,24 @@ mod fuzz {
             if let Ok(request) = VoidRequest::decode(bytes.as_slice()) {
                 refused_as_invalid(check_void(&request));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_authorization_states_are_the_migrations_names() {
+        let migration = include_str!("../../migrations/gateway/0001_gateway.sql");
+        let names: Vec<String> = AuthorizationState::ALL.iter().map(|s| format!("'{s}'")).collect();
+        assert!(
+            migration.contains(&format!("CHECK (state IN ({}))", names.join(", "))),
+            "the migration's CHECK lists {names:?}"
+        );
+        for state in AuthorizationState::ALL {
+            assert_eq!(AuthorizationState::parse(state.as_str()), Some(*state));
         }
     }
 }

@@ -5,7 +5,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use gateway_sim::AuthorizationState;
 use order_svc::domain::OrderStatus;
+use payment_svc::domain::PaymentState;
 use sqlx::PgPool;
 
 mod invariant;
@@ -172,8 +174,21 @@ async fn ids(pool: &PgPool, sql: &'static str) -> Result<HashSet<String>, sqlx::
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
-async fn ids_bound(pool: &PgPool, sql: &'static str, bound: f64) -> Result<HashSet<String>, sqlx::Error> {
-    let rows: Vec<(String,)> = sqlx::query_as(sql).bind(bound).fetch_all(pool).await?;
+/// The ids `sql` selects with `$1` bound to `states` (stored names, each spelled by its
+/// service's enum).
+async fn ids_in_states(pool: &PgPool, sql: &'static str, states: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
+    let rows: Vec<(String,)> = sqlx::query_as(sql).bind(states).fetch_all(pool).await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// The same, with `$2` bound to an age in seconds.
+async fn ids_in_states_since(
+    pool: &PgPool,
+    sql: &'static str,
+    states: &[&str],
+    secs: f64,
+) -> Result<HashSet<String>, sqlx::Error> {
+    let rows: Vec<(String,)> = sqlx::query_as(sql).bind(states).bind(secs).fetch_all(pool).await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
@@ -230,20 +245,27 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
     // an order that is still PENDING (and then the order is stuck, counted above). An order
     // that is settled, or that the order service never heard of (a forged or replayed
     // OrderPlaced), justifies no held money.
-    let held_overdue = ids_bound(
+    let held_overdue = ids_in_states_since(
         gateway,
-        "SELECT DISTINCT order_id FROM authorizations WHERE state = 'AUTHORIZED' AND created_at < now() - make_interval(secs => $1)",
+        "SELECT DISTINCT order_id FROM authorizations
+         WHERE state = ANY($1) AND created_at < now() - make_interval(secs => $2)",
+        &[AuthorizationState::Authorized.as_str()],
         (deadline + grace).as_secs_f64(),
     )
     .await?;
-    let captured = ids(
+    let captured = ids_in_states(
         gateway,
-        "SELECT DISTINCT order_id FROM authorizations WHERE state = 'CAPTURED'",
+        "SELECT DISTINCT order_id FROM authorizations WHERE state = ANY($1)",
+        &[AuthorizationState::Captured.as_str()],
     )
     .await?;
-    let holding = ids(
+    let holding = ids_in_states(
         gateway,
-        "SELECT DISTINCT order_id FROM authorizations WHERE state IN ('AUTHORIZED', 'CAPTURED')",
+        "SELECT DISTINCT order_id FROM authorizations WHERE state = ANY($1)",
+        &[
+            AuthorizationState::Authorized.as_str(),
+            AuthorizationState::Captured.as_str(),
+        ],
     )
     .await?;
     let charged_twice = ids(
@@ -256,10 +278,11 @@ pub async fn verify(stores: &Stores, deadline: Duration, grace: Duration) -> Res
     // A payment owing a gateway call (AUTHORIZING, CAPTURING, VOIDING: docs/adr/0005) since
     // longer than the saga deadline: its executor died and no other finished it, or the
     // gateway refuses the call and an operator must act.
-    let owed_too_long = ids_bound(
+    let owed_too_long = ids_in_states_since(
         &stores.payments,
         "SELECT order_id::text FROM payments
-         WHERE state IN ('AUTHORIZING', 'CAPTURING', 'VOIDING') AND updated_at < now() - make_interval(secs => $1)",
+         WHERE state = ANY($1) AND updated_at < now() - make_interval(secs => $2)",
+        &PaymentState::pending_names(),
         (deadline + grace).as_secs_f64(),
     )
     .await?;

@@ -59,61 +59,33 @@ pub fn parse_order_placed(placed: &OrderPlaced, order_id: uuid::Uuid, limits: &T
     })
 }
 
-/// A payment's state, as stored. Three are *pending*: a call to the gateway is owed
-/// (recorded before it is made, finished by the executor); the others are settled for now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PaymentState {
-    /// An authorization is owed (the intent, committed before the call).
-    Authorizing,
-    /// Money reserved.
-    Authorized,
-    /// The gateway declined (or refused the request).
-    Failed,
-    /// A capture is owed.
-    Capturing,
-    /// Money taken.
-    Captured,
-    /// A void is owed: of the authorization on record, or (none on record) of whatever the
-    /// order's authorize key made.
-    Voiding,
-    /// Reservation released.
-    Voided,
-    /// The order was cancelled before any payment was made: never charge it.
-    CancelledBeforeAuthorization,
+orderflow::stored_names! {
+    /// A payment's state, as stored. Three are *pending*: a call to the gateway is owed
+    /// (recorded before it is made, finished by the executor); the others are settled for
+    /// now. The migration's CHECK and the pending index list the same names (a unit test
+    /// holds them together).
+    pub enum PaymentState {
+        /// An authorization is owed (the intent, committed before the call).
+        Authorizing = "AUTHORIZING",
+        /// Money reserved.
+        Authorized = "AUTHORIZED",
+        /// The gateway declined (or refused the request).
+        Failed = "FAILED",
+        /// A capture is owed.
+        Capturing = "CAPTURING",
+        /// Money taken.
+        Captured = "CAPTURED",
+        /// A void is owed: of the authorization on record, or (none on record) of whatever
+        /// the order's authorize key made.
+        Voiding = "VOIDING",
+        /// Reservation released.
+        Voided = "VOIDED",
+        /// The order was cancelled before any payment was made: never charge it.
+        CancelledBeforeAuthorization = "CANCELLED_BEFORE_AUTHORIZATION",
+    }
 }
 
 impl PaymentState {
-    const ALL: [Self; 8] = [
-        Self::Authorizing,
-        Self::Authorized,
-        Self::Failed,
-        Self::Capturing,
-        Self::Captured,
-        Self::Voiding,
-        Self::Voided,
-        Self::CancelledBeforeAuthorization,
-    ];
-
-    /// The stored name: the only place a state is spelled (the migration's CHECK and the
-    /// pending index list the same names; a unit test holds them together).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Authorizing => "AUTHORIZING",
-            Self::Authorized => "AUTHORIZED",
-            Self::Failed => "FAILED",
-            Self::Capturing => "CAPTURING",
-            Self::Captured => "CAPTURED",
-            Self::Voiding => "VOIDING",
-            Self::Voided => "VOIDED",
-            Self::CancelledBeforeAuthorization => "CANCELLED_BEFORE_AUTHORIZATION",
-        }
-    }
-
-    /// Parses a stored name.
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|state| state.as_str() == name)
-    }
-
     /// Whether a gateway call is owed in this state.
     pub fn is_pending(self) -> bool {
         matches!(self, Self::Authorizing | Self::Capturing | Self::Voiding)
@@ -122,7 +94,8 @@ impl PaymentState {
     /// The names of the pending states (for the executor's claim).
     pub fn pending_names() -> Vec<&'static str> {
         Self::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|state| state.is_pending())
             .map(Self::as_str)
             .collect()
@@ -294,7 +267,7 @@ mod tests {
     #[test]
     fn an_order_is_authorized_once_and_never_after_a_cancellation() {
         assert_eq!(on_order_placed(None), Action::Authorize);
-        for state in PaymentState::ALL {
+        for &state in PaymentState::ALL {
             assert_eq!(on_order_placed(Some(state)), Action::Nothing, "{state:?}");
         }
     }
@@ -370,7 +343,7 @@ mod tests {
     #[test]
     fn the_stored_names_are_the_migrations_names() {
         let check = include_str!("../../migrations/payments/0008_payment_intents.sql");
-        for state in PaymentState::ALL {
+        for &state in PaymentState::ALL {
             assert!(
                 check.contains(&format!("'{}'", state.as_str())),
                 "{state:?} missing from the migration"

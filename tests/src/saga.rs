@@ -354,16 +354,19 @@ impl Saga {
     pub async fn settled(&self, timeout: Duration) -> bool {
         crate::eventually(timeout, || async {
             let (pending, unprojected, confirmed): (i64, i64, i64) = sqlx::query_as(
-                "SELECT (SELECT count(*) FROM orders WHERE status = 'PENDING'),
+                "SELECT (SELECT count(*) FROM orders WHERE status = $1),
                         (SELECT count(*) FROM orders o LEFT JOIN order_read r USING (order_id)
                          WHERE r.order_id IS NULL OR r.status <> o.status),
-                        (SELECT count(*) FROM orders WHERE status = 'CONFIRMED')",
+                        (SELECT count(*) FROM orders WHERE status = $2)",
             )
+            .bind(order_svc::domain::OrderStatus::Pending.as_str())
+            .bind(order_svc::domain::OrderStatus::Confirmed.as_str())
             .fetch_one(&self.orders.pool)
             .await
             .expect("count");
             // Every authorization captured (confirmed orders) or voided (cancelled ones).
-            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM authorizations WHERE state = 'AUTHORIZED'")
+            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM authorizations WHERE state = $1")
+                .bind(gateway_sim::AuthorizationState::Authorized.as_str())
                 .fetch_one(&self.gateway.pool)
                 .await
                 .expect("count");

@@ -71,14 +71,17 @@ async fn instants(
 pub async fn decompose(stores: &Stores, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Hop>, sqlx::Error> {
     // A margin after the window for the later instants of its orders.
     let later = to + chrono::Duration::minutes(5);
-    let placed = instants(
-        &stores.orders,
+    let placed: Instants = sqlx::query_as::<_, (String, DateTime<Utc>)>(
         "SELECT order_id::text, created_at FROM orders
-         WHERE created_at >= $1 AND created_at < $2 AND status = 'CONFIRMED' AND payment_token = 'tok_visa'",
-        from,
-        to,
+         WHERE created_at >= $1 AND created_at < $2 AND status = $3 AND payment_token = 'tok_visa'",
     )
-    .await?;
+    .bind(from)
+    .bind(to)
+    .bind(order_svc::domain::OrderStatus::Confirmed.as_str())
+    .fetch_all(&stores.orders)
+    .await?
+    .into_iter()
+    .collect();
     // Keyed by order id (the outbox row's partition key) throughout.
     let placed_published = instants(
         &stores.orders,

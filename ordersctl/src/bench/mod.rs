@@ -368,12 +368,13 @@ async fn drain(stores: &Stores, since: DateTime<Utc>, timeout: Duration) -> anyh
     let started = Instant::now();
     loop {
         let (pending, unprojected): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE o.status = 'PENDING'),
+            "SELECT count(*) FILTER (WHERE o.status = $2),
                     count(*) FILTER (WHERE r.order_id IS NULL OR r.status <> o.status)
              FROM orders o LEFT JOIN order_read r USING (order_id)
              WHERE o.created_at >= $1",
         )
         .bind(since)
+        .bind(order_svc::domain::OrderStatus::Pending.as_str())
         .fetch_one(&stores.orders)
         .await?;
         let backlog = probe::outbox_backlog(&stores.orders, &stores.payments).await?;

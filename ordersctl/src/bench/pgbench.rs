@@ -13,6 +13,12 @@
 //! - [`CRITICAL_PATH`]: the three transactions between PlaceOrder and a confirmed order
 //!   (place, authorize, confirm). Faster, and overstates the headroom: kept to compare with
 //!   earlier reports.
+//!
+//! The scripts are SQL text as pgbench reads it, so the stored state names (`'PENDING'`,
+//! `'AUTHORIZING'`, ...) are written out here instead of bound from the services' enums.
+//! They cannot drift unnoticed: the scripts run against the real migrations, whose CHECK
+//! constraints refuse a name the services no longer use (pgbench then fails, and so does
+//! the benchmark smoke run in scripts/test).
 
 use std::path::Path;
 use std::process::Command;

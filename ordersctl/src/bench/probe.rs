@@ -22,7 +22,8 @@ pub async fn outbox_backlog(orders: &PgPool, payments: &PgPool) -> Result<i64, s
 /// Orders still PENDING: sagas in flight, the end-to-end backlog (a partial index keeps
 /// this count cheap).
 pub async fn pending_sagas(orders: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+    sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = $1")
+        .bind(order_svc::domain::OrderStatus::Pending.as_str())
         .fetch_one(orders)
         .await
 }

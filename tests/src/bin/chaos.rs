@@ -1029,7 +1029,8 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         let outbox = probe::outbox_backlog(&stores.orders, &stores.payments)
             .await
             .unwrap_or(1);
-        let open: i64 = sqlx::query_scalar("SELECT count(*) FROM authorizations WHERE state = 'AUTHORIZED'")
+        let open: i64 = sqlx::query_scalar("SELECT count(*) FROM authorizations WHERE state = $1")
+            .bind(gateway_sim::AuthorizationState::Authorized.as_str())
             .fetch_one(&stores.gateway)
             .await
             .unwrap_or(1);
