@@ -614,3 +614,32 @@ async fn kafka_transactions_hide_a_batch_that_died_before_its_commit_but_not_the
     );
     terminate(relay).await;
 }
+
+#[tokio::test]
+async fn a_setting_that_cannot_be_used_stops_the_relay_at_start_up_naming_its_variable() {
+    // Before the settings were typed, a tuning value that was not a number fell back to the
+    // default without a word, and the metrics address was read before the Config.
+    for (variable, value) in [
+        ("ORDERFLOW_KAFKA_LINGER_MS", "soon"),
+        ("ORDERFLOW_KAFKA_FETCH_WAIT_MS", "-5"),
+        ("ORDERFLOW_METRICS_ADDR", "localhost:metrics"),
+    ] {
+        let run = Command::new(env!("CARGO_BIN_EXE_relay-with-failpoints"))
+            .env("RELAY_DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .env("RELAY_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+            .env(variable, value)
+            .env_remove("FAILPOINTS")
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(WAIT, run)
+            .await
+            .unwrap_or_else(|_| panic!("{variable}={value}: the relay started instead of stopping"))
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{variable}={value}: {stderr}");
+        assert!(
+            stderr.contains(variable) && stderr.contains(value),
+            "{variable}={value}: the message names the variable and the value: {stderr}"
+        );
+    }
+}

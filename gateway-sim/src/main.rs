@@ -1,10 +1,9 @@
 use anyhow::Context as _;
-use clap::Parser as _;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = orderflow_platform::telemetry::init("gateway-sim");
-    let config = gateway_sim::Config::parse();
+    let config: gateway_sim::Config = orderflow_platform::config::parse();
     config.metrics.install()?;
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await

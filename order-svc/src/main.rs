@@ -1,10 +1,9 @@
 use anyhow::Context as _;
-use clap::Parser as _;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = orderflow_platform::telemetry::init("order-svc");
-    let config = order_svc::Config::parse();
+    let config: order_svc::Config = orderflow_platform::config::parse();
     config.metrics.install()?;
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await

@@ -180,9 +180,8 @@ async fn sweep_overdue(
 /// from flags and the environment, until SIGINT or SIGTERM. Shared by `payment-svc` and the
 /// tests' `payment-svc-with-failpoints`, which differ only in the `failpoints` feature.
 pub async fn main_from_env() -> anyhow::Result<()> {
-    use clap::Parser as _;
     let _telemetry = orderflow_platform::telemetry::init("payment-svc");
-    let config = Config::parse();
+    let config: Config = orderflow_platform::config::parse();
     config.metrics.install()?;
     // Reads FAILPOINTS in a build with the `failpoints` feature (the chaos harness's and the
     // crash tests'); does nothing otherwise.

@@ -7,6 +7,7 @@
 pub mod auth;
 #[cfg(feature = "failpoints")]
 pub mod chaos;
+pub mod config;
 pub mod consumer;
 pub mod fairness;
 pub mod grpc;

@@ -935,8 +935,7 @@ pub fn rows_to_mark<'a>(rows: impl IntoIterator<Item = (&'a str, bool)>) -> Vec<
 /// environment, and a run until SIGINT or SIGTERM. Shared by `relay` and the test crate's
 /// `relay-with-failpoints`, which differ only in the `failpoints` feature.
 pub async fn main_from_env() -> anyhow::Result<()> {
-    use clap::Parser as _;
-    let config = Config::parse();
+    let config: Config = orderflow_platform::config::parse();
     // A relay's spans carry its client id as their service (relay-orders, relay-payments):
     // an order's trace tells which database's relay published each event.
     let _telemetry = orderflow_platform::telemetry::init(config.client_id.clone());
