@@ -416,6 +416,10 @@ mod tests {
         failures: Mutex<HashMap<(i32, i64), Vec<bool>>>,
         /// Every attempt's messages.
         attempts: Mutex<Vec<Vec<(i32, i64)>>>,
+        /// When each attempt of a message alone began (wall clock, as the header's).
+        alone_started: Mutex<Vec<((i32, i64), SystemTime)>>,
+        /// The first failure each dead letter was sent with.
+        first_failures: Mutex<Vec<SystemTime>>,
         /// Committed messages, in commit order.
         committed: Mutex<Vec<(i32, i64)>>,
         dead_letters: Mutex<Vec<(i32, i64)>>,
@@ -433,6 +437,9 @@ mod tests {
         async fn attempt(&self, messages: &[Incoming]) -> Result<Vec<Outcome>, Failure> {
             let ids: Vec<(i32, i64)> = messages.iter().map(|m| (m.partition, m.offset)).collect();
             self.attempts.lock().unwrap().push(ids.clone());
+            if ids.len() == 1 {
+                self.alone_started.lock().unwrap().push((ids[0], SystemTime::now()));
+            }
             {
                 let mut away = self.away.lock().unwrap();
                 if *away > 0 {
@@ -465,6 +472,9 @@ mod tests {
                     } else {
                         HandlerError::Permanent("poison".into())
                     };
+                    // A failure takes time (a statement refused), so that "stamped before the
+                    // attempt" and "after its failure" are told apart by the wall clock.
+                    std::thread::sleep(Duration::from_millis(2));
                     return Err(Failure::At(at, error));
                 }
             }
@@ -472,7 +482,14 @@ mod tests {
             Ok(vec![Outcome::Processed; messages.len()])
         }
 
-        async fn dead_letter(&self, message: &Incoming, _: &str, _: u32, _: SystemTime) -> anyhow::Result<()> {
+        async fn dead_letter(
+            &self,
+            message: &Incoming,
+            _: &str,
+            _: u32,
+            first_failure: SystemTime,
+        ) -> anyhow::Result<()> {
+            self.first_failures.lock().unwrap().push(first_failure);
             self.dead_letters
                 .lock()
                 .unwrap()
@@ -574,6 +591,21 @@ mod tests {
         let worker = worker(script.clone(), &all);
         run_until_stored(&worker, &script, &[(0, 2), (1, 1)]).await;
         assert_eq!(*script.dead_letters.lock().unwrap(), [(0, 1)]);
+        // Its first failure is when its first attempt alone had failed, never before that
+        // attempt began (the header once said the moment the worker picked it up).
+        let started = script
+            .alone_started
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(id, _)| *id == (0, 1))
+            .expect("the poison message was attempted alone")
+            .1;
+        let first_failure = script.first_failures.lock().unwrap()[0];
+        assert!(
+            first_failure >= started + Duration::from_millis(2),
+            "dlq.first_failure_at {first_failure:?} is after the failed attempt that began at {started:?}"
+        );
         let committed = script.committed.lock().unwrap().clone();
         assert_eq!(
             partition_order(&committed, 0),
