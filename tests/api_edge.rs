@@ -180,7 +180,7 @@ async fn reflection_describes_the_order_api_and_nothing_the_server_does_not_serv
 async fn a_callers_traceparent_is_continued_by_the_order_and_its_event() {
     let db = fresh_orders_db().await;
     let svc = start_order_svc(&db, "orders.events").await;
-    let _telemetry = orderflow_platform::telemetry::init("orderflow-tests");
+    let _telemetry = orderflow_platform::telemetry::init("orderflow-tests", &Default::default());
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut request = tonic::Request::new(valid_order(1));
     request.metadata_mut().insert(

@@ -30,7 +30,7 @@ async fn metrics_cover_every_hop_and_each_order_is_one_trace_across_services() {
     };
     orderflow_platform::telemetry::install_metrics(addr).expect("install the recorder");
     // The same tracing setup as every binary (no OTLP endpoint: ids only, nothing exported).
-    let _telemetry = orderflow_platform::telemetry::init("orderflow-tests");
+    let _telemetry = orderflow_platform::telemetry::init("orderflow-tests", &Default::default());
     let saga = Saga::start(SagaOptions::default()).await;
     let request = api::PlaceOrderRequest {
         request_id: uuid::Uuid::now_v7().to_string(),

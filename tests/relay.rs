@@ -401,7 +401,8 @@ async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
     relay_b.await.unwrap().unwrap();
 }
 
-/// When the relay published the outbox row of each of `orders`, and when the row was written.
+/// For each published outbox row, in the order they were written: when it was written and
+/// when the relay published it.
 async fn publication_times(db: &TestDb) -> Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> {
     sqlx::query_as("SELECT created_at, published_at FROM outbox WHERE published_at IS NOT NULL ORDER BY id")
         .fetch_all(&db.pool)
@@ -456,7 +457,9 @@ async fn a_polling_only_relay_ignores_notify_and_publishes_on_its_poll() {
     let topic = fresh_topic(3).await;
     let poll = Duration::from_secs(6);
     let (stop, relay) = spawn_configured_relay(&db, &stack().kafka, 100, poll, relay::Relay::polling_only);
-    // A first order, published by the relay's first pass; its next pass is a poll away.
+    // A first order, published by the relay's first pass; its next pass is a poll away. (A
+    // pass ends with a query that finds nothing more: the second order, placed after the
+    // first is seen published and an order service has started, comes well after it.)
     place_orders(&db, &topic, 1).await;
     assert!(
         eventually(Duration::from_secs(10), || async { unpublished(&db).await == 0 }).await,
@@ -617,12 +620,14 @@ async fn kafka_transactions_hide_a_batch_that_died_before_its_commit_but_not_the
 
 #[tokio::test]
 async fn a_setting_that_cannot_be_used_stops_the_relay_at_start_up_naming_its_variable() {
-    // Before the settings were typed, a tuning value that was not a number fell back to the
-    // default without a word, and the metrics address was read before the Config.
+    // Before the settings were typed, a tuning value that was not a number or a log filter
+    // that did not parse fell back to the default without a word, and the metrics address
+    // was read before the Config.
     for (variable, value) in [
         ("ORDERFLOW_KAFKA_LINGER_MS", "soon"),
         ("ORDERFLOW_KAFKA_FETCH_WAIT_MS", "-5"),
         ("ORDERFLOW_METRICS_ADDR", "localhost:metrics"),
+        ("RUST_LOG", "relay=loud"),
     ] {
         let run = Command::new(env!("CARGO_BIN_EXE_relay-with-failpoints"))
             .env("RELAY_DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")

@@ -93,9 +93,9 @@ pub struct Config {
     /// payment-svc, is not limited per caller).
     #[command(flatten)]
     pub fairness: orderflow_platform::fairness::FairnessArgs,
-    /// Where its Prometheus metrics are served (`ORDERFLOW_METRICS_ADDR`).
+    /// Its logs, spans and metrics (`RUST_LOG`, `OTEL_EXPORTER_OTLP_ENDPOINT`, `ORDERFLOW_METRICS_ADDR`).
     #[command(flatten)]
-    pub metrics: orderflow_platform::telemetry::MetricsArgs,
+    pub telemetry: orderflow_platform::telemetry::TelemetryArgs,
     /// Apply the migrations at start-up.
     #[arg(long, env = "GATEWAY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,

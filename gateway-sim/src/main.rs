@@ -2,9 +2,9 @@ use anyhow::Context as _;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _telemetry = orderflow_platform::telemetry::init("gateway-sim");
     let config: gateway_sim::Config = orderflow_platform::config::parse();
-    config.metrics.install()?;
+    let _telemetry = orderflow_platform::telemetry::init("gateway-sim", &config.telemetry);
+    config.telemetry.install()?;
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen_addr))?;

@@ -87,9 +87,9 @@ pub struct Config {
     /// Who this process is to Kafka (SASL/SCRAM).
     #[command(flatten)]
     pub kafka_auth: orderflow_platform::kafka::KafkaArgs,
-    /// Where its Prometheus metrics are served (`ORDERFLOW_METRICS_ADDR`).
+    /// Its logs, spans and metrics (`RUST_LOG`, `OTEL_EXPORTER_OTLP_ENDPOINT`, `ORDERFLOW_METRICS_ADDR`).
     #[command(flatten)]
-    pub metrics: orderflow_platform::telemetry::MetricsArgs,
+    pub telemetry: orderflow_platform::telemetry::TelemetryArgs,
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,

@@ -2,9 +2,9 @@ use anyhow::Context as _;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _telemetry = orderflow_platform::telemetry::init("order-svc");
     let config: order_svc::Config = orderflow_platform::config::parse();
-    config.metrics.install()?;
+    let _telemetry = orderflow_platform::telemetry::init("order-svc", &config.telemetry);
+    config.telemetry.install()?;
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen_addr))?;

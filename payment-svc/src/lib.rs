@@ -98,9 +98,9 @@ pub struct Config {
     /// Who this process is to Kafka (SASL/SCRAM).
     #[command(flatten)]
     pub kafka_auth: orderflow_platform::kafka::KafkaArgs,
-    /// Where its Prometheus metrics are served (`ORDERFLOW_METRICS_ADDR`).
+    /// Its logs, spans and metrics (`RUST_LOG`, `OTEL_EXPORTER_OTLP_ENDPOINT`, `ORDERFLOW_METRICS_ADDR`).
     #[command(flatten)]
-    pub metrics: orderflow_platform::telemetry::MetricsArgs,
+    pub telemetry: orderflow_platform::telemetry::TelemetryArgs,
     /// The consumer runtime's settings.
     #[command(flatten)]
     pub consumer: orderflow_platform::consumer::ConsumerArgs,
@@ -180,9 +180,9 @@ async fn sweep_overdue(
 /// from flags and the environment, until SIGINT or SIGTERM. Shared by `payment-svc` and the
 /// tests' `payment-svc-with-failpoints`, which differ only in the `failpoints` feature.
 pub async fn main_from_env() -> anyhow::Result<()> {
-    let _telemetry = orderflow_platform::telemetry::init("payment-svc");
     let config: Config = orderflow_platform::config::parse();
-    config.metrics.install()?;
+    let _telemetry = orderflow_platform::telemetry::init("payment-svc", &config.telemetry);
+    config.telemetry.install()?;
     // Reads FAILPOINTS in a build with the `failpoints` feature (the chaos harness's and the
     // crash tests'); does nothing otherwise.
     let _failpoints = fail::FailScenario::setup();

@@ -9,8 +9,13 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 /// message, then exits as clap does (status 2).
 pub fn parse<C: clap::Parser>() -> C {
     C::try_parse().unwrap_or_else(|error| {
+        // The variable is named only when it holds the refused value (a flag may have).
+        let refused = match error.get(ContextKind::InvalidValue) {
+            Some(ContextValue::String(value)) => Some(value.clone()),
+            _ => None,
+        };
         if let Some(variable) = variable_of(&C::command(), &error)
-            && std::env::var_os(&variable).is_some()
+            && std::env::var(&variable).ok() == refused
         {
             eprintln!("invalid configuration: {variable} holds a value that cannot be used");
         }
@@ -47,7 +52,7 @@ mod tests {
         #[command(flatten)]
         tuning: crate::kafka::KafkaTuning,
         #[command(flatten)]
-        metrics: crate::telemetry::MetricsArgs,
+        telemetry: crate::telemetry::TelemetryArgs,
     }
 
     #[test]
@@ -56,6 +61,7 @@ mod tests {
             ("--kafka-linger-ms", "soon", "ORDERFLOW_KAFKA_LINGER_MS"),
             ("--kafka-fetch-min-bytes", "-1", "ORDERFLOW_KAFKA_FETCH_MIN_BYTES"),
             ("--metrics-addr", "localhost:metrics", "ORDERFLOW_METRICS_ADDR"),
+            ("--log", "order_svc=loud", "RUST_LOG"),
         ] {
             let error = Config::try_parse_from(["test".to_owned(), format!("{flag}={value}")]).expect_err("refused");
             assert_eq!(

@@ -100,17 +100,49 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Where a process serves its Prometheus metrics: part of each binary's `Config` (flattened),
-/// parsed and validated with the rest of it.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct MetricsArgs {
+/// A process's logs, spans and metrics settings: part of each binary's `Config`
+/// (flattened), parsed and validated with the rest of it, so that nothing in this crate reads
+/// the environment behind the Config's back and a value that cannot be used stops the process
+/// at start-up naming its variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TelemetryArgs {
     /// Serve Prometheus metrics at this address (any path; `/metrics` by convention); unset:
     /// not served.
     #[arg(long, env = "ORDERFLOW_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Which log lines (and spans) are kept, in tracing's filter syntax (`info`,
+    /// `warn,order_svc=debug`). A filter that does not parse is refused, not replaced by the
+    /// default.
+    #[arg(long = "log", env = "RUST_LOG", default_value = DEFAULT_LOG_FILTER, value_parser = parse_log_filter)]
+    pub log_filter: String,
+    /// The OTLP/gRPC collector spans are exported to (the standard OpenTelemetry variable);
+    /// unset: spans still carry W3C ids across the services, nothing is exported. (The
+    /// exporter library itself may read the other standard `OTEL_EXPORTER_OTLP_*` variables,
+    /// headers and timeouts, by the OpenTelemetry specification.)
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
-impl MetricsArgs {
+/// The log filter when none is set.
+pub const DEFAULT_LOG_FILTER: &str = "info";
+
+fn parse_log_filter(filter: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(|_| filter.to_owned())
+        .map_err(|error| error.to_string())
+}
+
+impl Default for TelemetryArgs {
+    fn default() -> Self {
+        Self {
+            metrics_addr: None,
+            log_filter: DEFAULT_LOG_FILTER.to_owned(),
+            otlp_endpoint: None,
+        }
+    }
+}
+
+impl TelemetryArgs {
     /// Serves the metrics, if an address is set. Once per process, from `main`: the recorder
     /// is process-wide.
     pub fn install(&self) -> anyhow::Result<()> {
@@ -145,14 +177,14 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the process's subscriber: JSON log lines (level from `RUST_LOG`, default `info`)
-/// and OpenTelemetry spans. Spans always get W3C trace ids, which travel with every event
-/// (outbox row, Kafka header, envelope) so one order is one trace across the services.
-/// They are exported over OTLP only when the standard variables say where
-/// (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); without a
-/// collector nothing is sent and nothing waits. A second call is a no-op.
-pub fn init(service: impl Into<String>) -> TelemetryGuard {
+/// Installs the process's subscriber: JSON log lines (filtered by `settings.log_filter`) and
+/// OpenTelemetry spans. Spans always get W3C trace ids, which travel with every event (outbox
+/// row, Kafka header, envelope) so one order is one trace across the services. They are
+/// exported over OTLP only to `settings.otlp_endpoint`; without one nothing is sent and
+/// nothing waits. A second call is a no-op.
+pub fn init(service: impl Into<String>, settings: &TelemetryArgs) -> TelemetryGuard {
     use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
     let service: String = service.into();
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
@@ -162,18 +194,21 @@ pub fn init(service: impl Into<String>) -> TelemetryGuard {
         .with_service_name(service.clone())
         .build();
     let mut builder = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_resource(resource);
-    let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|name| std::env::var_os(name).is_some());
-    if configured {
-        match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
+    if let Some(endpoint) = &settings.otlp_endpoint {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .build()
+        {
             Ok(exporter) => builder = builder.with_batch_exporter(exporter),
             Err(error) => eprintln!("OTLP export disabled: {error}"),
         }
     }
     let provider = builder.build();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Parsed once already, by the Config (parse_log_filter): a filter that does not parse
+    // never gets here, so the default below is for a caller that built the settings by hand.
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log_filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let logs = tracing_subscriber::fmt::layer()
         .json()
         .with_current_span(true)

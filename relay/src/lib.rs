@@ -87,9 +87,9 @@ pub struct Config {
     /// topic and nothing else.
     #[command(flatten)]
     pub kafka_auth: kafka::KafkaArgs,
-    /// Where its Prometheus metrics are served (`ORDERFLOW_METRICS_ADDR`).
+    /// Its logs, spans and metrics (`RUST_LOG`, `OTEL_EXPORTER_OTLP_ENDPOINT`, `ORDERFLOW_METRICS_ADDR`).
     #[command(flatten)]
-    pub metrics: orderflow_platform::telemetry::MetricsArgs,
+    pub telemetry: orderflow_platform::telemetry::TelemetryArgs,
     /// Kafka client id (shows in broker logs).
     #[arg(long, env = "RELAY_CLIENT_ID", default_value = "orderflow-relay")]
     pub client_id: String,
@@ -938,8 +938,8 @@ pub async fn main_from_env() -> anyhow::Result<()> {
     let config: Config = orderflow_platform::config::parse();
     // A relay's spans carry its client id as their service (relay-orders, relay-payments):
     // an order's trace tells which database's relay published each event.
-    let _telemetry = orderflow_platform::telemetry::init(config.client_id.clone());
-    config.metrics.install()?;
+    let _telemetry = orderflow_platform::telemetry::init(config.client_id.clone(), &config.telemetry);
+    config.telemetry.install()?;
     // Reads FAILPOINTS (e.g. `relay::after_ack_before_mark=pause`) when built with the
     // `failpoints` feature; does nothing otherwise.
     let _failpoints = fail::FailScenario::setup();
