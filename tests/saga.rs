@@ -329,7 +329,8 @@ async fn a_thousand_orders_with_declines_and_lost_replies_break_no_invariant() {
     );
     assert!(
         eventually(SETTLE, || async {
-            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM authorizations WHERE state = 'AUTHORIZED'")
+            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM authorizations WHERE state = $1")
+                .bind(gateway_sim::AuthorizationState::Authorized.as_str())
                 .fetch_one(&saga.gateway.pool)
                 .await
                 .unwrap();

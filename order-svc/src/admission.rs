@@ -295,6 +295,8 @@ fn first_id_at(at: std::time::SystemTime) -> uuid::Uuid {
 async fn read(pool: &PgPool, settings: &Settings) -> Result<(u64, u64, u64), sqlx::Error> {
     let now = std::time::SystemTime::now();
     let ago = |span: Duration| first_id_at(now.checked_sub(span).unwrap_or(std::time::UNIX_EPOCH));
+    // Names written out for the partial index on PENDING orders (see store.rs's sweeper
+    // query; wire_states.rs checks them against the domain).
     let (in_flight, placed, timed_out): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM orders WHERE status = 'PENDING'),
                 (SELECT count(*) FROM orders WHERE order_id >= $1),

@@ -340,6 +340,9 @@ pub async fn pending_past_deadline(
     limit: i64,
 ) -> Result<Vec<(OrderId, u64)>, StoreError> {
     let rows: Vec<(uuid::Uuid, f64)> = sqlx::query_as(
+        // 'PENDING' written out, not bound: the partial index orders_pending_by_age is
+        // `WHERE status = 'PENDING'`, and a generic plan with a parameter cannot use it
+        // (wire_states.rs checks every name written in this crate's SQL is a domain name).
         "SELECT order_id, extract(epoch FROM now() - created_at)::float8 FROM orders
          WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1)
          ORDER BY created_at LIMIT $2",
