@@ -163,6 +163,9 @@ pub fn producer_config(cluster: &Cluster, client_id: &str, delivery_timeout: Dur
 /// chosen well above it (docs/saga.md).
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 
+/// How often a consumer commits the offsets it stored.
+pub const AUTO_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Settings of a consumer in `group_id` that stores offsets only when told to.
 /// `instance_id` makes it a static member: restarted with the same id within the session
 /// timeout, it gets its partitions back with no rebalance of the other members.
@@ -173,6 +176,11 @@ pub fn consumer_config(cluster: &Cluster, group_id: &str, instance_id: Option<&s
         .set("enable.auto.commit", "true")
         // The offset of a message is stored only after its effect committed in Postgres.
         .set("enable.auto.offset.store", "false")
+        // Stored offsets reach the broker within a second (librdkafka's default is 5 s): a
+        // member that dies redelivers at most a second of handled messages (the inbox
+        // absorbs them), and the group's lag as Kafka reports it (committed offset to high
+        // watermark) trails the work by that much, not by five seconds of traffic.
+        .set("auto.commit.interval.ms", AUTO_COMMIT_INTERVAL.as_millis().to_string())
         .set("auto.offset.reset", "earliest")
         // Incremental rebalances: a member joining or leaving moves only the partitions that
         // change owner; every other partition keeps flowing during the rebalance.

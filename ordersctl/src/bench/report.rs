@@ -737,7 +737,7 @@ pub fn render_html(report: &BenchReport) -> String {
                 ("outbox rows", COLORS[3], series(&|s| s.outbox_backlog as f64)),
                 ("sagas in flight", COLORS[0], series(&|s| s.pending_sagas as f64)),
                 (
-                    "consumer groups' lag (high watermark − committed offset; commits trail by up to 5 s)",
+                    "consumer groups' lag (high watermark − committed offset; commits trail by up to 1 s)",
                     COLORS[4],
                     // A sample the broker did not answer is left out, not drawn as zero.
                     step.timeline
