@@ -43,27 +43,6 @@ fn accepted_since(accepted: &Accepted, since: Instant) -> usize {
     accepted.lock().unwrap().iter().filter(|(_, at)| *at >= since).count()
 }
 
-/// Places orders at about `per_second` for `duration`; returns what it accepted so far, and
-/// at the end the accepted ids and the number of refused calls.
-fn steady_load(
-    saga: &Saga,
-    per_second: u64,
-    duration: Duration,
-) -> (Accepted, tokio::task::JoinHandle<(Vec<String>, usize)>) {
-    let stop = CancellationToken::new();
-    let (accepted, load) = timed_load(saga, per_second, stop.clone());
-    let so_far = accepted.clone();
-    let done = tokio::spawn(async move {
-        // Time is the subject here: the load lasts a fixed length that spans the outage.
-        tokio::time::sleep(duration).await;
-        stop.cancel();
-        let refused = load.await.unwrap();
-        let ids = so_far.lock().unwrap().iter().map(|(id, _)| id.clone()).collect();
-        (ids, refused)
-    });
-    (accepted, done)
-}
-
 /// Places orders at about `per_second` until `stop` is cancelled; returns what it accepted
 /// (each with the moment it was), and at the end the number of refused calls.
 fn timed_load(saga: &Saga, per_second: u64, stop: CancellationToken) -> (Accepted, tokio::task::JoinHandle<usize>) {
@@ -179,7 +158,8 @@ async fn a_broker_paused_for_60_seconds_under_load_delays_but_loses_nothing() {
     })
     .await;
     let started = Instant::now();
-    let (so_far, load) = steady_load(&saga, 20, Duration::from_secs(70));
+    let stop = CancellationToken::new();
+    let (so_far, load) = timed_load(&saga, 20, stop.clone());
     assert!(
         eventually(Duration::from_secs(30), || async {
             accepted_since(&so_far, started) >= 20
@@ -233,7 +213,11 @@ async fn a_broker_paused_for_60_seconds_under_load_delays_but_loses_nothing() {
         "a transaction stayed open {oldest:?} during the outage (delivery timeout {:?}); it last ran {oldest_query}",
         orderflow_platform::kafka::DEFAULT_DELIVERY_TIMEOUT
     );
-    let (accepted, refused) = load.await.unwrap();
+    // The load goes on 10 s past the resume: orders accepted while the backlog drains.
+    tokio::time::sleep_until((paused + Duration::from_secs(70)).into()).await;
+    stop.cancel();
+    let refused = load.await.unwrap();
+    let accepted: Vec<String> = so_far.lock().unwrap().iter().map(|(id, _)| id.clone()).collect();
     println!(
         "broker pause: backlog {backlog} rows after 55 s; {} orders accepted, {refused} refused",
         accepted.len()

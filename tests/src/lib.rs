@@ -291,7 +291,7 @@ pub fn gateway_config(
         migrate: false,
         security,
         fairness: Default::default(),
-        metrics: Default::default(),
+        telemetry: Default::default(),
     }
 }
 
@@ -348,7 +348,7 @@ pub async fn start_order_svc_with(
         migrate: false,
         bootstrap_servers: None,
         kafka_auth: stack().kafka_auth(),
-        metrics: Default::default(),
+        telemetry: Default::default(),
         payments_topic: orderflow::topics::PAYMENTS_EVENTS.to_owned(),
         group_id: "order".to_owned(),
         instance_id: None,

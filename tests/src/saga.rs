@@ -169,7 +169,7 @@ impl Saga {
             consumer: Default::default(),
             verifying: crate::event_keys().verifying_args(),
             kafka_auth: stack().kafka_auth(),
-            metrics: Default::default(),
+            telemetry: Default::default(),
         };
         tasks.push(spawn_logged(
             "fulfilment",
@@ -186,7 +186,7 @@ impl Saga {
             consumer: Default::default(),
             verifying: crate::event_keys().verifying_args(),
             kafka_auth: stack().kafka_auth(),
-            metrics: Default::default(),
+            telemetry: Default::default(),
         };
         tasks.push(spawn_logged(
             "projector",
@@ -245,7 +245,7 @@ impl Saga {
             signing: crate::event_keys().signing_args(orderflow_platform::signing::PAYMENT_SVC),
             verifying: crate::event_keys().verifying_args(),
             kafka_auth: stack().kafka_auth(),
-            metrics: Default::default(),
+            telemetry: Default::default(),
             authorization_deadline_ms: u64::try_from(self.options.authorization_deadline.as_millis())
                 .unwrap_or(u64::MAX),
             sweep_interval_ms: 200,

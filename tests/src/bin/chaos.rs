@@ -91,8 +91,12 @@ struct Cli {
     /// Print the findings table of earlier runs (the JSON files this harness wrote: the
     /// hardened run's, then optionally the naive run's) as Markdown, and exit: what
     /// docs/findings.md holds (scripts/check-docs checks it).
-    #[arg(long, num_args = 1..=2, value_name = "RESULTS.json", exclusive = true)]
+    #[arg(long, num_args = 1..=2, value_name = "RESULTS.json", conflicts_with_all = ["list", "scenarios"])]
     table: Vec<PathBuf>,
+    /// With --table: print only its first line, the count of scenarios run and damaged (what
+    /// README quotes).
+    #[arg(long, requires = "table")]
+    summary: bool,
     /// Scenarios, or `all`.
     #[arg(required_unless_present_any = ["list", "table"])]
     scenarios: Vec<String>,
@@ -233,6 +237,21 @@ struct Row {
 }
 
 impl Row {
+    /// Every count [`Row::damaged`] adds up, in [`DAMAGE_COLUMNS`]' order: a row of zeros is
+    /// a row without damage.
+    fn damage(&self) -> String {
+        format!(
+            "{} / {} / {} / {} / {} / {} / {}",
+            self.double_charges,
+            self.lost_events,
+            self.undelivered_outbox_rows,
+            self.stuck_sagas,
+            self.money_kept_for_cancelled,
+            self.invariant_violations,
+            self.gave_up
+        )
+    }
+
     /// Whether the scenario did damage (the goodput and rebalance targets are checked apart).
     fn damaged(&self) -> bool {
         self.double_charges + self.lost_events + self.money_kept_for_cancelled + self.invariant_violations > 0
@@ -982,29 +1001,33 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         // First payment-svc takes in every order event: its committed offsets reach the end.
         paused.store(true, Ordering::Relaxed);
         let cluster = kafka_cluster()?;
-        let caught_up = {
+        let caught_up = orderflow_tests::eventually(Duration::from_secs(120), || {
             let cluster = cluster.clone();
-            tokio::task::spawn_blocking(move || {
-                until(Duration::from_secs(120), || {
+            async move {
+                tokio::task::spawn_blocking(move || {
                     orderflow_tests::committed_and_end(&cluster, "payment", orderflow::topics::ORDERS_EVENTS)
                         .is_ok_and(|partitions| partitions.iter().all(|(committed, end)| committed >= end))
                 })
-            })
-            .await?
-        };
+                .await
+                .unwrap_or(false)
+            }
+        })
+        .await;
         anyhow::ensure!(caught_up, "payment-svc did not take in every order event within 120 s");
         stack(&["kill", "payment-svc"], &[])?;
         // Its static member stays in the group until its session expires; offsets can be
         // reset only in an empty group.
-        let empty = {
+        let empty = orderflow_tests::eventually(orderflow_platform::kafka::SESSION_TIMEOUT * 4, || {
             let cluster = cluster.clone();
-            tokio::task::spawn_blocking(move || {
-                until(orderflow_platform::kafka::SESSION_TIMEOUT * 4, || {
+            async move {
+                tokio::task::spawn_blocking(move || {
                     orderflow_tests::group_state(&cluster, "payment").is_ok_and(|state| state == "Empty")
                 })
-            })
-            .await?
-        };
+                .await
+                .unwrap_or(false)
+            }
+        })
+        .await;
         anyhow::ensure!(empty, "the payment group did not become empty after its member's death");
         orderflow_tests::reset_group_to_start(&cluster, "payment", orderflow::topics::ORDERS_EVENTS)?;
         paused.store(false, Ordering::Relaxed);
@@ -1141,35 +1164,38 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
     })
 }
 
+/// A row's goodput, with what else its scenario measured.
+fn goodput_text(r: &Row) -> String {
+    let mut goodput = format!("{:.1}% of {}", r.goodput, r.should_confirm);
+    if let Some(failover) = r.failover_secs {
+        goodput += &format!(" (failover {failover:.1} s)");
+    }
+    if let Some(rebalances) = r.rebalances_of_others {
+        goodput += &format!(" ({rebalances:.0} rebalances of the other member)");
+    }
+    if r.broker_restarted {
+        goodput += " (broker unresponsive after the resume: restarted)";
+    }
+    goodput
+}
+
+/// The columns of a row's damage, as [`Row::damage`] fills them.
+const DAMAGE_COLUMNS: &str = "double charges / lost events / undelivered outbox rows / stuck sagas / money kept / invariant violations / orders the client gave up on";
+
 fn table(rows: &[Row]) -> String {
-    let mut out = String::from(
-        "| scenario | mode | accepted | confirmed | cancelled | goodput | double charges | lost events | undelivered outbox | stuck sagas | money kept (cancelled) | violations | restarts | deduplicated | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    let mut out = format!(
+        "| scenario | mode | accepted | confirmed | cancelled | goodput | damage: {DAMAGE_COLUMNS} | restarts | deduplicated | s |\n|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for r in rows {
-        let mut goodput = format!("{:.1}% of {}", r.goodput, r.should_confirm);
-        if let Some(failover) = r.failover_secs {
-            goodput += &format!(" (failover {failover:.1} s)");
-        }
-        if let Some(rebalances) = r.rebalances_of_others {
-            goodput += &format!(" ({rebalances:.0} rebalances of the other member)");
-        }
-        if r.broker_restarted {
-            goodput += " (broker unresponsive after the resume: restarted)";
-        }
         out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} |\n",
             r.scenario,
             r.mode,
             r.orders_accepted,
             r.confirmed,
             r.cancelled,
-            goodput,
-            r.double_charges,
-            r.lost_events,
-            r.undelivered_outbox_rows,
-            r.stuck_sagas,
-            r.money_kept_for_cancelled,
-            r.invariant_violations,
+            goodput_text(r),
+            r.damage(),
             r.crashes,
             r.duplicates_deduplicated,
             r.seconds
@@ -1201,22 +1227,6 @@ fn findings_table(files: &[PathBuf]) -> anyhow::Result<String> {
         naive.iter().all(|r| r.mode == "naive"),
         "the second file is not a naive run"
     );
-    let damage = |r: &Row| {
-        format!(
-            "{} / {} / {} / {} / {}",
-            r.double_charges, r.lost_events, r.stuck_sagas, r.money_kept_for_cancelled, r.invariant_violations
-        )
-    };
-    let goodput = |r: &Row| {
-        let mut goodput = format!("{:.1}% of {}", r.goodput, r.should_confirm);
-        if let Some(failover) = r.failover_secs {
-            goodput += &format!(" (failover {failover:.1} s)");
-        }
-        if let Some(rebalances) = r.rebalances_of_others {
-            goodput += &format!(" ({rebalances:.0} rebalances of the other member)");
-        }
-        goodput
-    };
     let damaged = hardened.iter().filter(|r| r.damaged()).count();
     let required: Vec<&Row> = hardened.iter().filter(|r| goodput_required(&r.scenario)).collect();
     let met = required.iter().filter(|r| r.goodput >= GOODPUT_TARGET).count();
@@ -1234,7 +1244,7 @@ fn findings_table(files: &[PathBuf]) -> anyhow::Result<String> {
             naive.iter().filter(|r| r.damaged()).count()
         )
     };
-    out += "Damage columns: double charges / lost events / stuck sagas / money kept / invariant violations.\n\n";
+    out += &format!("Damage columns: {DAMAGE_COLUMNS}.\n\n");
     out += "| scenario | fault | hardened damage | goodput | hardened: confirmed, cancelled, restarts, deduplicated | naive damage | naive goodput |\n|---|---|---|---|---|---|---|\n";
     for r in &hardened {
         let fault = SCENARIOS
@@ -1245,13 +1255,13 @@ fn findings_table(files: &[PathBuf]) -> anyhow::Result<String> {
             .iter()
             .find(|n| n.scenario == r.scenario)
             .map_or(("not run".to_owned(), String::new()), |n| {
-                (damage(n), format!("{:.1}%", n.goodput))
+                (n.damage(), format!("{:.1}%", n.goodput))
             });
         out += &format!(
             "| {} | {fault} | {} | {} | {}, {}, {}, {:.0} | {naive_damage} | {naive_goodput} |\n",
             r.scenario,
-            damage(r),
-            goodput(r),
+            r.damage(),
+            goodput_text(r),
             r.confirmed,
             r.cancelled,
             r.crashes,
@@ -1273,7 +1283,11 @@ async fn main() -> std::process::ExitCode {
     if !cli.table.is_empty() {
         return match findings_table(&cli.table) {
             Ok(markdown) => {
-                print!("{markdown}");
+                if cli.summary {
+                    println!("{}", markdown.lines().next().unwrap_or_default());
+                } else {
+                    print!("{markdown}");
+                }
                 std::process::ExitCode::SUCCESS
             }
             Err(error) => {
@@ -1292,20 +1306,6 @@ async fn main() -> std::process::ExitCode {
             let _ = stack(&["down"], &[]);
             std::process::ExitCode::from(2)
         }
-    }
-}
-
-/// Polls `check` (blocking) every 200 ms until it holds or `limit` passes; whether it held.
-fn until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    loop {
-        if check() {
-            return true;
-        }
-        if started.elapsed() >= limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
