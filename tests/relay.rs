@@ -411,9 +411,10 @@ async fn publication_times(db: &TestDb) -> Vec<(chrono::DateTime<chrono::Utc>, c
 }
 
 /// Whether a session of the relay's role on `db`'s database is listening for NOTIFY (its
-/// last statement a LISTEN). Asked as that role: another role (but a superuser) sees
-/// `<insufficient privilege>` for its sessions' statements, and would always answer no.
-async fn relay_listens(db: &TestDb) -> bool {
+/// last statement a LISTEN); None while the relay has no session at all. Asked as that role:
+/// another role (but a superuser) sees `<insufficient privilege>` for its sessions'
+/// statements, and would always answer no.
+async fn relay_listens(db: &TestDb) -> Option<bool> {
     let relay = relay_pool(db);
     let (sessions, listening): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE query ILIKE 'LISTEN%') FROM pg_stat_activity
@@ -423,8 +424,7 @@ async fn relay_listens(db: &TestDb) -> bool {
     .await
     .unwrap();
     relay.close().await;
-    assert!(sessions > 0, "the relay's own sessions are visible to the question");
-    listening > 0
+    (sessions > 0).then_some(listening > 0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,7 +441,7 @@ async fn a_commit_wakes_the_relay_at_once_without_waiting_for_the_poll() {
         eventually(Duration::from_secs(10), || async { unpublished(&db).await == 0 }).await,
         "the relay's first pass published the first row"
     );
-    assert!(relay_listens(&db).await, "the relay listens");
+    assert_eq!(relay_listens(&db).await, Some(true), "the relay listens");
     place_orders(&db, &topic, 1).await;
     assert!(
         eventually(Duration::from_secs(5), || async { unpublished(&db).await == 0 }).await,
@@ -465,7 +465,11 @@ async fn a_polling_only_relay_ignores_notify_and_publishes_on_its_poll() {
         eventually(Duration::from_secs(10), || async { unpublished(&db).await == 0 }).await,
         "the relay's first pass published the first row"
     );
-    assert!(!relay_listens(&db).await, "a polling-only relay does not LISTEN");
+    assert_eq!(
+        relay_listens(&db).await,
+        Some(false),
+        "a polling-only relay (whose sessions are visible) does not LISTEN"
+    );
     place_orders(&db, &topic, 1).await;
     assert!(
         eventually(poll + Duration::from_secs(8), || async { unpublished(&db).await == 0 }).await,
@@ -647,4 +651,52 @@ async fn a_setting_that_cannot_be_used_stops_the_relay_at_start_up_naming_its_va
             "{variable}={value}: the message names the variable and the value: {stderr}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_passes_fail_still_reads_its_notifications() {
+    // A listening session whose client stops reading blocks in Postgres once its socket is
+    // full, inside the transaction that reads the notification queue: an open transaction
+    // holding back the xmin horizon for as long as the relay does not read (tests/outages.rs
+    // once saw one 31 s old during a broker pause). Here every pass fails (a row to publish,
+    // a broker that never answers) and 28 MB of notifications arrive at once (more than the
+    // sockets between Postgres and the relay hold).
+    let db = fresh_orders_db().await;
+    let broker = PrivateKafka::new(1);
+    place_orders(&db, "orders.events", 1).await;
+    let (stop, relay) = spawn_configured_relay(&db, &broker.cluster, 100, Duration::from_secs(60), |relay| relay);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            relay_listens(&db).await == Some(true)
+        })
+        .await,
+        "the relay listens"
+    );
+    sqlx::query("SELECT pg_notify('outbox', repeat(md5(i::text), 220)) FROM generate_series(1, 4000) AS i")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Time is the subject: how long the listening session stays inside a transaction.
+    let relay_role = relay_pool(&db);
+    let watched = std::time::Instant::now();
+    let mut longest = 0.0_f64;
+    while watched.elapsed() < Duration::from_secs(10) {
+        let age: Option<f64> = sqlx::query_scalar(
+            "SELECT max(extract(epoch FROM clock_timestamp() - xact_start))::float8 FROM pg_stat_activity
+              WHERE datname = current_database() AND usename = current_user AND query ILIKE 'LISTEN%'
+                AND xact_start IS NOT NULL",
+        )
+        .fetch_one(&relay_role)
+        .await
+        .unwrap();
+        longest = longest.max(age.unwrap_or(0.0));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("the listening session's longest transaction: {longest:.2} s");
+    assert!(
+        longest < 2.0,
+        "the relay's listening session stayed {longest:.1} s inside a transaction: its notifications were not read"
+    );
+    stop.cancel();
+    let _ = relay.await;
 }

@@ -246,6 +246,39 @@ impl Copies {
     }
 }
 
+/// Reads the outbox channel's notifications for as long as the relay runs, whatever the relay
+/// is doing meanwhile. A listening session whose client stops reading blocks in Postgres once
+/// its socket is full, inside the transaction that reads the notification queue, holding back
+/// the xmin horizon: tests/outages.rs caught one open 31 s into a broker pause, while every
+/// pass waited for acknowledgements and the relay read nothing. Each notification counts in
+/// `received` and wakes the relay (`wake` keeps one permit: a burst is one wake-up).
+async fn read_notifications(
+    mut listener: PgListener,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            notification = listener.recv() => match notification {
+                Ok(_) => {
+                    received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    wake.notify_one();
+                }
+                Err(error) => {
+                    // The listener reconnects on the next recv; meanwhile polling covers.
+                    tracing::warn!(%error, "outbox listener lost its connection");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One relay over one database.
 pub struct Relay {
     pool: PgPool,
@@ -726,13 +759,21 @@ impl Relay {
     /// about 300 mostly empty passes a second per relay). The backlog gauge is counted on a
     /// timer of its own, not after every pass.
     pub async fn run(mut self, poll_interval: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut listener = if self.listen {
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // The listener stops with the relay, whichever way `run` returns.
+        let stop_listening = shutdown.child_token();
+        let _stop_listening = stop_listening.clone().drop_guard();
+        if self.listen {
             let mut listener = PgListener::connect_with(&self.pool).await?;
             listener.listen(OUTBOX_CHANNEL).await?;
-            Some(listener)
-        } else {
-            None
-        };
+            tokio::spawn(read_notifications(
+                listener,
+                wake.clone(),
+                received.clone(),
+                stop_listening,
+            ));
+        }
         let mut backlog_tick = tokio::time::interval(BACKLOG_INTERVAL);
         backlog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut backoff = Duration::from_millis(100);
@@ -794,29 +835,17 @@ impl Relay {
                         self.count_backlog().await;
                         continue;
                     }
-                    notification = async { Some(listener.as_mut()?.recv().await) }, if listener.is_some() => {
-                        match notification {
-                            Some(Ok(_)) => {
-                                // A moment for the rest of the burst to commit and notify, so
-                                // one pass takes them all.
-                                if !self.coalesce.is_zero() {
-                                    tokio::time::sleep(self.coalesce).await;
-                                }
-                                // Answered by the next pass, with this one: they all came from
-                                // commits before it.
-                                let mut coalesced: u64 = 0;
-                                while listener.as_mut().and_then(PgListener::next_buffered).is_some() {
-                                    coalesced += 1;
-                                }
-                                metrics::counter!(telemetry::RELAY_WAKEUPS_COALESCED).increment(coalesced);
-                            }
-                            Some(Err(error)) => {
-                                // The listener reconnects on the next recv; meanwhile polling covers.
-                                tracing::warn!(%error, "outbox listener lost its connection");
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                            }
-                            None => {}
+                    () = wake.notified(), if self.listen => {
+                        // A moment for the rest of the burst to commit and notify, so one pass
+                        // takes them all.
+                        if !self.coalesce.is_zero() {
+                            tokio::time::sleep(self.coalesce).await;
                         }
+                        // Answered by the next pass, with this one: they all came from commits
+                        // before it (the wake-up they left behind is taken too).
+                        let _ = futures::FutureExt::now_or_never(wake.notified());
+                        let coalesced = received.swap(0, std::sync::atomic::Ordering::Relaxed).saturating_sub(1);
+                        metrics::counter!(telemetry::RELAY_WAKEUPS_COALESCED).increment(coalesced);
                     }
                     _ = tokio::time::sleep_until(poll_at) => {}
                 }
