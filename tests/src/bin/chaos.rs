@@ -1001,18 +1001,7 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         // First payment-svc takes in every order event: its committed offsets reach the end.
         paused.store(true, Ordering::Relaxed);
         let cluster = kafka_cluster()?;
-        let caught_up = orderflow_tests::eventually(Duration::from_secs(120), || {
-            let cluster = cluster.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    orderflow_tests::committed_and_end(&cluster, "payment", orderflow::topics::ORDERS_EVENTS)
-                        .is_ok_and(|partitions| partitions.iter().all(|(committed, end)| committed >= end))
-                })
-                .await
-                .unwrap_or(false)
-            }
-        })
-        .await;
+        let caught_up = payment_caught_up(&cluster).await;
         anyhow::ensure!(caught_up, "payment-svc did not take in every order event within 120 s");
         stack(&["kill", "payment-svc"], &[])?;
         // Its static member stays in the group until its session expires; offsets can be
@@ -1031,6 +1020,13 @@ async fn run_scenario(cli: &Cli, scenario: &str) -> anyhow::Result<Row> {
         anyhow::ensure!(empty, "the payment group did not become empty after its member's death");
         orderflow_tests::reset_group_to_start(&cluster, "payment", orderflow::topics::ORDERS_EVENTS)?;
         paused.store(false, Ordering::Relaxed);
+        // The replay is the scenario: the drain below must not end before payment-svc has
+        // taken in every event again (its inbox absorbing each), or the run proves nothing
+        // (once it ended first, with 0 redeliveries counted, and passed).
+        anyhow::ensure!(
+            payment_caught_up(&cluster).await,
+            "payment-svc did not take in the replayed order events within 120 s"
+        );
     }
 
     // Drain: no order PENDING (the sweeper ends any saga within the deadline) and every
@@ -1309,6 +1305,23 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Waits (up to 120 s) until the payment group's committed offsets reach the end of
+/// orders.events: payment-svc has taken in every order event.
+async fn payment_caught_up(cluster: &orderflow_platform::kafka::Cluster) -> bool {
+    orderflow_tests::eventually(Duration::from_secs(120), || {
+        let cluster = cluster.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                orderflow_tests::committed_and_end(&cluster, "payment", orderflow::topics::ORDERS_EVENTS)
+                    .is_ok_and(|partitions| partitions.iter().all(|(committed, end)| committed >= end))
+            })
+            .await
+            .unwrap_or(false)
+        }
+    })
+    .await
+}
+
 /// Runs the scenarios; false when the hardened services showed damage.
 async fn run(cli: &Cli) -> anyhow::Result<bool> {
     anyhow::ensure!(cli.mode == "hardened" || cli.mode == "naive", "--mode hardened|naive");
@@ -1382,6 +1395,15 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
             .any(|r| r.scenario == "payment-kill-after-commit" && (r.crashes == 0 || r.duplicates_deduplicated < 1.0))
     {
         damaged.push("payment-kill-after-commit (no crash or no deduplicated redelivery)");
+    }
+    // The replay from offset 0 must have reached payment-svc's inbox: one duplicate at least
+    // per accepted order (its OrderPlaced).
+    if cli.mode == "hardened"
+        && rows
+            .iter()
+            .any(|r| r.scenario == "replay-from-zero" && r.duplicates_deduplicated < r.orders_accepted as f64)
+    {
+        damaged.push("replay-from-zero (the replay was not absorbed by the inbox, or did not happen)");
     }
     if cli.mode == "hardened" {
         for r in &rows {
