@@ -139,20 +139,15 @@ async fn terminate(mut child: Child) {
     assert!(status.success(), "the relay stops cleanly on SIGTERM: {status:?}");
 }
 
-/// True while a relay is inside a batch: its transaction holds the row-share lock of its
-/// `FOR UPDATE` on the outbox (its key-slot leases are held all along; the batch is the
-/// transaction). pg_locks, unlike pg_stat_activity, shows other roles' sessions in full.
-async fn relay_inside_a_batch(db: &TestDb) -> bool {
-    sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
-         WHERE l.locktype = 'relation' AND l.mode = 'RowShareLock' AND l.relation = 'outbox'::regclass
-           AND d.datname = $1",
-    )
-    .bind(&db.name)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap()
-        > 0
+/// Waits for a relay process to die at a failpoint set to `panic` (the claim wrote nothing to
+/// the database, so a process stopped inside its batch shows nowhere there: its own end is
+/// the sign it got that far).
+async fn died_at_its_failpoint(child: &mut Child) {
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("the relay reaches its failpoint within 30 s")
+        .unwrap();
+    assert!(!status.success(), "the relay died at its failpoint: {status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,7 +196,6 @@ async fn a_relay_killed_after_the_broker_acknowledged_but_before_marking_republi
     let mut relay = spawn_relay_process(&db, Some("relay::after_ack_before_mark=pause"));
     let first = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 3).await;
     assert_eq!(first.len(), 3, "the broker acknowledged the batch");
-    assert!(relay_inside_a_batch(&db).await, "the relay is paused inside its batch");
     assert_eq!(
         unpublished(&db).await,
         3,
@@ -236,14 +230,10 @@ async fn a_relay_killed_before_publishing_loses_nothing() {
     place_orders(&db, &topic, 3).await;
     let expected = outbox_message_ids(&db).await;
 
-    let mut relay = spawn_relay_process(&db, Some("relay::before_publish=pause"));
-    assert!(
-        eventually(WAIT, || relay_inside_a_batch(&db)).await,
-        "the relay claimed a batch"
-    );
+    let mut relay = spawn_relay_process(&db, Some("relay::before_publish=panic"));
+    died_at_its_failpoint(&mut relay).await;
     let nothing = read_topic(&stack().kafka, &topic, Duration::from_secs(2), |r| !r.is_empty()).await;
-    assert!(nothing.is_empty(), "paused before publishing: nothing on the topic yet");
-    kill_9(&mut relay).await;
+    assert!(nothing.is_empty(), "died before publishing: nothing on the topic");
     assert_eq!(unpublished(&db).await, 3);
 
     let restarted = spawn_relay_process(&db, None);
@@ -327,13 +317,8 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
     relay.await.unwrap().expect("the relay stops cleanly");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
-    // Four events for each of 40 orders, written in order; two relays compete with small
-    // batches. On every key the records must arrive in outbox order (pitfall: concurrent
-    // relays reordering a key's events).
-    let db = fresh_orders_db().await;
-    let topic = fresh_topic(4).await;
+/// Writes four events for each of 40 orders, one transaction per round, in order.
+async fn write_four_rounds(db: &TestDb, topic: &str) {
     let orders: Vec<uuid::Uuid> = (0..40).map(|_| uuid::Uuid::now_v7()).collect();
     for round in 0..4 {
         let mut tx = db.pool.begin().await.unwrap();
@@ -358,7 +343,7 @@ async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
                 occurred_at: prost_types::Timestamp::default(),
             };
             let message = OutboxMessage {
-                topic: topic.clone(),
+                topic: topic.to_owned(),
                 envelope: envelope::seal(meta, payload),
             };
             outbox::Outbox::new(
@@ -371,12 +356,10 @@ async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
         }
         tx.commit().await.unwrap();
     }
-    let (stop_a, relay_a) = spawn_relay(&db, &stack().kafka, 7);
-    let (stop_b, relay_b) = spawn_relay(&db, &stack().kafka, 7);
-    assert!(eventually(WAIT, || async { unpublished(&db).await == 0 }).await);
-    let records = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 160).await;
-    assert_eq!(records.len(), 160, "each row published once");
+}
 
+/// Asserts that every key's records arrived in the order its outbox rows were written.
+async fn assert_each_key_in_outbox_order(db: &TestDb, records: &[orderflow_tests::Record]) {
     let rows: Vec<(String, String)> = sqlx::query_as("SELECT partition_key, message_id::text FROM outbox ORDER BY id")
         .fetch_all(&db.pool)
         .await
@@ -385,7 +368,7 @@ async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
     for (key, message_id) in rows {
         expected.entry(key).or_default().push(message_id);
     }
-    let mut sorted = records.clone();
+    let mut sorted = records.to_vec();
     sorted.sort_by_key(|r| (r.partition, r.offset));
     let mut seen: HashMap<String, Vec<String>> = HashMap::new();
     for record in sorted {
@@ -394,11 +377,56 @@ async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
             .push(record.headers["message_id"].clone());
     }
     assert_eq!(seen, expected, "every key's events in the order they were written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_one_database_keep_every_orders_events_in_order() {
+    // Four events for each of 40 orders, written in order; two relays compete with small
+    // batches. On every key the records must arrive in outbox order (pitfall: concurrent
+    // relays reordering a key's events).
+    let db = fresh_orders_db().await;
+    let topic = fresh_topic(4).await;
+    write_four_rounds(&db, &topic).await;
+    let (stop_a, relay_a) = spawn_relay(&db, &stack().kafka, 7);
+    let (stop_b, relay_b) = spawn_relay(&db, &stack().kafka, 7);
+    assert!(eventually(WAIT, || async { unpublished(&db).await == 0 }).await);
+    let records = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 160).await;
+    assert_eq!(records.len(), 160, "each row published once");
+    assert_each_key_in_outbox_order(&db, &records).await;
 
     stop_a.cancel();
     stop_b.cancel();
     relay_a.await.unwrap().unwrap();
     relay_b.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_keeps_batches_in_flight_and_still_publishes_each_row_once_in_order() {
+    // 160 rows in batches of 7: the relay claims the next batch while the broker still has
+    // the ones before it (up to its depth, 4), never claims a row in flight twice, and settles
+    // the batches in order.
+    let db = fresh_orders_db().await;
+    let topic = fresh_topic(4).await;
+    write_four_rounds(&db, &topic).await;
+    let mut peak = None;
+    let (stop, relay) = spawn_configured_relay(&db, &stack().kafka, 7, Duration::from_millis(200), |relay| {
+        let relay = relay.pipelining(4);
+        peak = Some(relay.in_flight_peak());
+        relay
+    });
+    assert!(eventually(WAIT, || async { unpublished(&db).await == 0 }).await);
+    // Stopped, the relay has settled every batch it sent: a second copy of a row, if there
+    // were one, is on the topic, and reading for more than 160 records finds it.
+    stop.cancel();
+    relay.await.unwrap().unwrap();
+    let records = read_topic(&stack().kafka, &topic, Duration::from_secs(5), |r| r.len() > 160).await;
+    assert_eq!(records.len(), 160, "each row published once");
+    assert_each_key_in_outbox_order(&db, &records).await;
+    let peak = peak.unwrap().load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        peak > 1,
+        "the next batch was claimed while one was in flight (peak {peak} batches)"
+    );
 }
 
 /// For each published outbox row, in the order they were written: when it was written and
@@ -575,18 +603,14 @@ async fn kafka_transactions_hide_a_batch_that_died_before_its_commit_but_not_the
     //    rows once.
     place_orders(&db, &topic, 3).await;
     let first = outbox_message_ids(&db).await;
-    let mut relay = spawn_relay_process_with(&db, Some("relay::before_kafka_commit=pause"), &settings);
-    assert!(
-        eventually(WAIT, || relay_inside_a_batch(&db)).await,
-        "the relay claimed a batch"
-    );
+    let mut relay = spawn_relay_process_with(&db, Some("relay::before_kafka_commit=panic"), &settings);
+    died_at_its_failpoint(&mut relay).await;
     let uncommitted = read_topic(&stack().kafka, &topic, Duration::from_secs(4), |r| !r.is_empty()).await;
     assert!(
         uncommitted.is_empty(),
         "records of an open transaction are not visible: {}",
         uncommitted.len()
     );
-    kill_9(&mut relay).await;
     let mut relay = spawn_relay_process_with(&db, None, &settings);
     assert!(eventually(WAIT, || async { unpublished(&db).await == 0 }).await);
     let records = read_topic(&stack().kafka, &topic, WAIT, |r| r.len() >= 3).await;

@@ -114,30 +114,42 @@ pub async fn run(args: RelayBenchArgs, cluster: &kafka::Cluster) -> anyhow::Resu
             relays: 1,
             kafka_transactions: false,
             debezium: false,
+            unpipelined: false,
+        },
+        Variant {
+            mode: OutboxMode::Table,
+            relays: 1,
+            kafka_transactions: false,
+            debezium: false,
+            unpipelined: true,
         },
         Variant {
             mode: OutboxMode::Table,
             relays: args.table_relays.max(2),
             kafka_transactions: false,
             debezium: false,
+            unpipelined: false,
         },
         Variant {
             mode: OutboxMode::Table,
             relays: 1,
             kafka_transactions: true,
             debezium: false,
+            unpipelined: false,
         },
         Variant {
             mode: OutboxMode::WalMessage,
             relays: 1,
             kafka_transactions: false,
             debezium: false,
+            unpipelined: false,
         },
         Variant {
             mode: OutboxMode::Table,
             relays: 1,
             kafka_transactions: false,
             debezium: true,
+            unpipelined: false,
         },
     ];
     if args.warmup_events > 0 {
@@ -345,6 +357,9 @@ struct Variant {
     /// Debezium's Postgres connector on Kafka Connect standalone instead of our relay, on the
     /// outbox table (its outbox event router), from the jars in `--debezium`.
     debezium: bool,
+    /// The polling relay one batch at a time (RELAY_PIPELINE_DEPTH=1): how it published
+    /// before batches were pipelined, beside the default in the same run.
+    unpipelined: bool,
 }
 
 impl Variant {
@@ -354,6 +369,7 @@ impl Variant {
             OutboxMode::WalMessage => "wal-message".to_owned(),
             OutboxMode::Table if self.kafka_transactions => "table+ktxn".to_owned(),
             OutboxMode::Table if self.relays > 1 => format!("table x{}", self.relays),
+            OutboxMode::Table if self.unpipelined => "table depth1".to_owned(),
             OutboxMode::Table => "table".to_owned(),
         }
     }
@@ -407,6 +423,11 @@ fn start_relay(
         tasks.push(match variant.mode {
             OutboxMode::Table => {
                 let relay = relay::Relay::new(pool.clone(), producer, batch_size).coalescing(Duration::from_millis(5));
+                let relay = if variant.unpipelined {
+                    relay.pipelining(1)
+                } else {
+                    relay
+                };
                 let relay = if variant.kafka_transactions {
                     relay.with_kafka_transactions()
                 } else {

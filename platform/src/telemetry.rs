@@ -23,11 +23,14 @@ pub const RELAY_LAG: &str = "orderflow_relay_lag_seconds";
 pub const RELAY_PUBLISHED: &str = "orderflow_relay_published_total";
 /// Rows the broker refused.
 pub const RELAY_PUBLISH_ERRORS: &str = "orderflow_relay_publish_errors_total";
-/// Counter: relay passes (each a transaction looking for unpublished rows, and publishing
-/// what it finds).
+/// Counter: relay passes (each claims and publishes batches until its key slots have nothing
+/// left, or a lease interval has passed).
 pub const RELAY_PASSES: &str = "orderflow_relay_passes_total";
-/// Counter: outbox notifications answered by a pass already due (one pass per burst).
+/// Counter: outbox notifications answered by a claim already due (one claim per burst).
 pub const RELAY_WAKEUPS_COALESCED: &str = "orderflow_relay_wakeups_coalesced_total";
+/// Gauge: the polling relay's batches handed to the producer and not yet settled
+/// (RELAY_PIPELINE_DEPTH at most).
+pub const RELAY_BATCHES_IN_FLIGHT: &str = "orderflow_relay_batches_in_flight";
 /// Counter: producers a relay replaced after every pass failed for its stall limit.
 pub const RELAY_PRODUCERS_REPLACED: &str = "orderflow_relay_producers_replaced_total";
 /// Gauge: outbox key slots this relay holds (of relay::KEY_SLOTS; several relays share them).

@@ -7,34 +7,39 @@
 //!   whose transaction committed later is simply found on the next pass.
 //! - Every row belongs to one of [`KEY_SLOTS`] key slots (a hash of its key, a column the
 //!   schema computes). A relay publishes only the slots it holds: session advisory locks
-//!   taken on the one connection it also publishes on ([`Leases`]). So each key has exactly
-//!   one publisher at a time, which publishes its rows in id order, while several relays
-//!   publish different slots side by side. Relays share the slots out between them (each
-//!   takes its fair share, counting the relays by their membership locks) and take over a
-//!   dead relay's slots: its connection closes, Postgres releases its locks, and its batch
-//!   transaction, if any, rolls back with them. Ownership and the batch live and die with one
-//!   connection, so a relay can never publish a slot it lost in the middle of a batch.
-//! - Rows are claimed `FOR UPDATE`, published with an idempotent producer (per-partition
-//!   order kept, no broker-side duplicates from retries) and marked only after the broker
-//!   acknowledged them, in the same transaction.
+//!   taken on the one connection it also claims and marks on ([`Leases`]). So each key has
+//!   exactly one publisher at a time, which publishes its rows in id order, while several
+//!   relays publish different slots side by side. Relays share the slots out between them
+//!   (each takes its fair share, counting the relays by their membership locks) and take over
+//!   a dead relay's slots: its connection closes and Postgres releases its locks. A relay that
+//!   lost its connection cannot mark anything either: its marks go through that connection.
+//! - Rows are claimed without a transaction or a row lock (nobody else publishes the slots),
+//!   published with an idempotent producer (per-partition order kept, no broker-side
+//!   duplicates from retries) and marked only after the broker acknowledged them. Up to
+//!   `RELAY_PIPELINE_DEPTH` batches are in flight at once, settled in claim order
+//!   ([`pipeline`]).
 //!
 //! Failure windows:
-//! - dies before publishing: the transaction rolls back, the rows stay unpublished and
-//!   the next batch (of this or another relay) publishes them; nothing is lost;
-//! - dies after the broker acknowledged and before the commit that marks the rows: the
-//!   rows stay unpublished and are published again; consumers see a duplicate with the
-//!   same message_id, and their inbox makes it a no-op (at least once, never lost);
-//! - broker down: every record of the batch fails after the delivery timeout
-//!   (`RELAY_DELIVERY_TIMEOUT_MS`), nothing is marked, the transaction ends and the relay backs
-//!   off; the rows are published when the broker returns. No transaction (and so no row lock
-//!   and no hold on the database's xmin horizon) lives longer than the delivery timeout.
-//! - a record of a key fails while a later record of the same key is acknowledged: neither is
-//!   marked ([`rows_to_mark`]), so the next pass publishes the key's rows again in id order.
+//! - dies before publishing: nothing was written for the claim, the rows stay unpublished
+//!   and the next claim (of this or another relay) publishes them; nothing is lost;
+//! - dies after the broker acknowledged and before the statement that marks the rows: the
+//!   rows stay unpublished and are published again, with every batch claimed after them;
+//!   consumers see a duplicate with the same message_id, and their inbox makes it a no-op (at
+//!   least once, never lost);
+//! - broker down: every record in flight fails after the delivery timeout
+//!   (`RELAY_DELIVERY_TIMEOUT_MS`), nothing is marked, and the relay backs off; the rows are
+//!   published when the broker returns. The relay holds no transaction (no row lock, no hold
+//!   on the database's xmin horizon) while it waits for the broker.
+//! - a record of a key fails while a later record of the same key is acknowledged, in its
+//!   batch or a later one: neither is marked ([`pipeline::Pipeline::marks`]), so the next
+//!   drain publishes the key's rows again in id order.
 
+mod pipeline;
 pub mod wal;
 
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use futures::future::join_all;
 use orderflow_platform::{Secret, kafka, outbox, telemetry};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
@@ -72,6 +77,7 @@ const DEFAULT_COALESCE_MS: u64 = 20;
 const DEFAULT_STALL_LIMIT_MS: u64 = 30_000;
 const DEFAULT_STATUS_INTERVAL_MS: u64 = 1_000;
 const DEFAULT_WAL_MAX_IN_FLIGHT: usize = wal::DEFAULT_MAX_IN_FLIGHT;
+const DEFAULT_PIPELINE_DEPTH: u16 = 4;
 
 /// The relay's settings: defaults, overridden by environment variables, overridden by flags.
 #[derive(Debug, Clone, clap::Parser)]
@@ -93,9 +99,15 @@ pub struct Config {
     /// Kafka client id (shows in broker logs).
     #[arg(long, env = "RELAY_CLIENT_ID", default_value = "orderflow-relay")]
     pub client_id: String,
-    /// Most rows published per batch (one transaction).
+    /// Most rows published per batch (one claim, one mark).
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = DEFAULT_BATCH_SIZE)]
     pub batch_size: i64,
+    /// Most batches in flight at once: the next is claimed and handed to the producer while
+    /// the broker acknowledges the ones before it (1: one batch at a time). With
+    /// RELAY_KAFKA_TRANSACTIONS always 1: the producer has one transaction at a time.
+    #[arg(long, env = "RELAY_PIPELINE_DEPTH", default_value_t = DEFAULT_PIPELINE_DEPTH,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub pipeline_depth: u16,
     /// Polling fallback: look for rows this often even without a NOTIFY, in milliseconds.
     #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = DEFAULT_POLL_INTERVAL_MS)]
     pub poll_interval_ms: u64,
@@ -106,13 +118,13 @@ pub struct Config {
     #[arg(long, env = "RELAY_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
     pub listen: bool,
     /// How long the broker may take to acknowledge a record before the relay counts it failed
-    /// (its row stays unpublished, and so does every later row of its key in the batch) and
-    /// backs off, in milliseconds. Bounds the life of the batch's transaction while the
-    /// broker is away.
+    /// (its row stays unpublished, and so does every later row of its key in flight) and
+    /// backs off, in milliseconds. Bounds how long a batch stays in flight while the broker
+    /// is away.
     #[arg(long, env = "RELAY_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
     pub delivery_timeout_ms: u64,
-    /// After a NOTIFY, wait this long before the pass, so that a burst of commits shares one
-    /// pass, in milliseconds.
+    /// After a NOTIFY, wait this long before the claim, so that a burst of commits shares one
+    /// batch, in milliseconds.
     #[arg(long, env = "RELAY_COALESCE_MS", default_value_t = DEFAULT_COALESCE_MS)]
     pub coalesce_ms: u64,
     /// Every pass failing for this long makes the relay replace its producer (new broker
@@ -165,6 +177,12 @@ impl Config {
     /// was given a value other than its default: a setting silently ignored is a setting the
     /// operator believes in and that does nothing.
     pub fn check_mode(&self) -> anyhow::Result<()> {
+        if self.kafka_transactions && self.pipeline_depth != DEFAULT_PIPELINE_DEPTH {
+            anyhow::bail!(
+                "RELAY_PIPELINE_DEPTH does not apply with RELAY_KAFKA_TRANSACTIONS: the producer has one \
+                 transaction, so one batch, at a time"
+            );
+        }
         let (other_mode, given): (outbox::OutboxMode, Vec<(&str, bool)>) = match self.mode {
             outbox::OutboxMode::WalMessage => (
                 outbox::OutboxMode::Table,
@@ -179,6 +197,7 @@ impl Config {
                         self.published_retention_secs != DEFAULT_PUBLISHED_RETENTION_SECS,
                     ),
                     ("RELAY_LISTEN", !self.listen),
+                    ("RELAY_PIPELINE_DEPTH", self.pipeline_depth != DEFAULT_PIPELINE_DEPTH),
                     ("RELAY_COALESCE_MS", self.coalesce_ms != DEFAULT_COALESCE_MS),
                     ("RELAY_STALL_LIMIT_MS", self.stall_limit_ms != DEFAULT_STALL_LIMIT_MS),
                     ("RELAY_KAFKA_TRANSACTIONS", self.kafka_transactions),
@@ -209,22 +228,6 @@ impl Config {
             ),
         )
     }
-}
-
-/// What one batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BatchOutcome {
-    /// No unpublished rows.
-    Empty,
-    /// This relay holds no key slot (the other relays of the database hold them all).
-    Busy,
-    /// Rows published and marked, and rows that failed permanently this time.
-    Published {
-        /// Acknowledged by the broker and marked published.
-        published: usize,
-        /// Refused by the broker (kept unpublished, error recorded).
-        failed: usize,
-    },
 }
 
 /// How many times each row or event is published: once. The fault-injection build
@@ -291,11 +294,13 @@ pub struct Relay {
     new_producer: Option<ProducerFactory>,
     coalesce: Duration,
     leases: tokio::sync::Mutex<Leases>,
+    depth: usize,
+    in_flight_peak: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     kafka_transactions: bool,
     transactions_ready: std::sync::atomic::AtomicBool,
 }
 
-/// The key slots a relay holds, and the one connection that holds them and runs its batches.
+/// The key slots a relay holds, and the one connection that holds them, claims and marks.
 struct Leases {
     connection: Option<sqlx::PgConnection>,
     member: i32,
@@ -318,7 +323,7 @@ impl Leases {
         }
     }
 
-    /// Forgets the connection: closing it releases every lease (and rolls back a batch).
+    /// Forgets the connection: closing it releases every lease.
     fn reset(&mut self) {
         self.connection = None;
         self.owned.clear();
@@ -460,6 +465,8 @@ impl Relay {
             new_producer: None,
             coalesce: Duration::ZERO,
             leases: tokio::sync::Mutex::new(Leases::new()),
+            depth: usize::from(DEFAULT_PIPELINE_DEPTH),
+            in_flight_peak: std::sync::Arc::default(),
             kafka_transactions: false,
             transactions_ready: std::sync::atomic::AtomicBool::new(false),
         }
@@ -528,61 +535,122 @@ impl Relay {
         Self { listen: false, ..self }
     }
 
-    /// Publishes the oldest unpublished rows, at most one batch.
-    pub async fn publish_batch(&self) -> anyhow::Result<BatchOutcome> {
+    /// At most `depth` batches in flight (the next claimed while the broker acknowledges the
+    /// ones before it; see [`pipeline`]). With Kafka transactions always one: the producer has
+    /// one transaction at a time.
+    pub fn pipelining(self, depth: usize) -> Self {
+        Self {
+            depth: depth.max(1),
+            ..self
+        }
+    }
+
+    /// The most batches this relay has had in flight at once (what a test of the pipeline
+    /// watches; a gauge says the same to Prometheus).
+    pub fn in_flight_peak(&self) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        self.in_flight_peak.clone()
+    }
+
+    fn depth(&self) -> usize {
+        if self.kafka_transactions { 1 } else { self.depth }
+    }
+
+    /// Publishes until the owned slots have nothing more to publish (or a failure), keeping
+    /// up to `depth` batches in flight; a NOTIFY that arrives meanwhile starts the next claim
+    /// (after the coalescing delay) instead of waiting for the batches to settle.
+    async fn drain(&self, wakeups: &Wakeups, shutdown: &CancellationToken) -> anyhow::Result<()> {
         // Most wake-ups find nothing (the pass before already took the row whose NOTIFY woke
-        // this one): one statement says so, instead of a transaction, the lock and the
-        // claim (measured: 87% of passes were empty, 4 statements each). The partial index
-        // on unpublished rows answers it without touching the table.
+        // this one): one statement says so, instead of the lease check and a claim. The
+        // partial index on unpublished rows answers it without touching the table.
         let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL)")
             .fetch_one(&self.pool)
             .await?;
         if !any {
-            return Ok(BatchOutcome::Empty);
+            return Ok(());
         }
         let mut leases = self.leases.lock().await;
-        let outcome = match leases.ready(&self.pool).await {
-            Ok(()) if leases.owned.is_empty() => Ok(BatchOutcome::Busy),
-            Ok(()) => {
-                let owned = leases.owned.clone();
-                match leases.connection.as_mut() {
-                    Some(connection) => self.publish_owned(connection, &owned).await,
-                    None => Ok(BatchOutcome::Busy),
-                }
-            }
-            Err(error) => Err(error.into()),
-        };
+        let outcome = self.drain_owned(&mut leases, wakeups, shutdown).await;
         if outcome.is_err() {
             // The connection may be broken: start over with a new one (the old one's
-            // leases, and any batch on it, end with it).
+            // leases end with it).
             leases.reset();
         }
         outcome
     }
 
-    /// Publishes the oldest unpublished rows of the `owned` key slots, at most one batch,
-    /// in one transaction on the connection that holds their leases.
-    async fn publish_owned(&self, connection: &mut sqlx::PgConnection, owned: &[i32]) -> anyhow::Result<BatchOutcome> {
-        use sqlx::Connection as _;
-        let mut tx = connection.begin().await?;
-        // FOR UPDATE without SKIP LOCKED: only this relay publishes these slots, so nothing
-        // else should hold their rows; if something does (an operator's transaction), wait
-        // rather than skip a key's row and publish the one after it.
-        let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT id, message_id, topic, partition_key, event_type, schema_version, traceparent, payload, created_at
-             FROM outbox WHERE published_at IS NULL AND key_slot = ANY($2::int4[]) ORDER BY id LIMIT $1 FOR UPDATE",
-        )
-        .bind(self.batch_size)
-        .bind(owned)
-        .fetch_all(&mut *tx)
-        .await?;
-        if rows.is_empty() {
-            return Ok(BatchOutcome::Empty);
+    async fn drain_owned(
+        &self,
+        leases: &mut Leases,
+        wakeups: &Wakeups,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        leases.ready(&self.pool).await?;
+        let owned = leases.owned.clone();
+        let Some(connection) = leases.connection.as_mut() else {
+            return Ok(());
+        };
+        if owned.is_empty() {
+            return Ok(());
         }
+        let started = tokio::time::Instant::now();
+        let mut pipeline = pipeline::Pipeline::new(self.depth());
+        let mut claim_at = Some(started);
+        let mut failed = 0;
+        loop {
+            // Claims stop after a failure (the batches in flight settle, then the relay backs
+            // off), and after a lease interval, so that a relay under steady load still comes
+            // back to rebalance its slots between drains.
+            let may_claim = failed == 0
+                && !shutdown.is_cancelled()
+                && pipeline.has_room()
+                && started.elapsed() < LEASE_BALANCE_INTERVAL;
+            if may_claim && claim_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                let rows = claim(connection, &owned, &pipeline.in_flight_ids(), self.batch_size).await?;
+                // A full batch leaves more behind it: claim again at once.
+                claim_at = (rows.len() as i64 >= self.batch_size).then(tokio::time::Instant::now);
+                if rows.is_empty() {
+                    continue;
+                }
+                // Dying here (or anywhere before the broker has the records) leaves every
+                // row unpublished: nothing was written for the claim.
+                fail::fail_point!("relay::before_publish");
+                pipeline.push(self.send(rows).await?);
+                let peak = self
+                    .in_flight_peak
+                    .fetch_max(pipeline.len(), std::sync::atomic::Ordering::Relaxed);
+                metrics::gauge!(telemetry::RELAY_BATCHES_IN_FLIGHT).set(pipeline.len() as f64);
+                tracing::trace!(in_flight = pipeline.len(), peak, "batch sent");
+                continue;
+            }
+            if pipeline.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                settled = pipeline.next_settled() => {
+                    let Some(settled) = settled else { break };
+                    failed += self.settle(connection, &mut pipeline, settled).await?;
+                    metrics::gauge!(telemetry::RELAY_BATCHES_IN_FLIGHT).set(pipeline.len() as f64);
+                }
+                () = wakeups.notified(), if may_claim && claim_at.is_none() => {
+                    claim_at = Some(tokio::time::Instant::now() + wakeups.coalesce);
+                }
+                () = tokio::time::sleep_until(claim_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if may_claim && claim_at.is_some() => {
+                    wakeups.absorb();
+                }
+            }
+        }
+        if failed > 0 {
+            // Do not spin on rows the broker refuses (or while it is away): back off.
+            anyhow::bail!("{failed} records were not acknowledged");
+        }
+        Ok(())
+    }
 
-        // Dying here (or anywhere before the commit) leaves every row unpublished.
-        fail::fail_point!("relay::before_publish");
-
+    /// Hands a claimed batch's records to the producer (in a Kafka transaction, if so
+    /// configured) and returns it with its acknowledgements outstanding.
+    async fn send(&self, rows: Vec<OutboxRow>) -> anyhow::Result<pipeline::InFlight<OutboxRow>> {
         if self.kafka_transactions {
             self.begin_kafka_transaction().await?;
         }
@@ -612,18 +680,40 @@ impl Relay {
         }
         // A record not acknowledged by the deadline counts as failed: its row stays
         // unpublished (the broker may still store it later: a duplicate, which the inboxes
-        // absorb, never a loss). The transaction ends within the delivery timeout. The wait
-        // runs in the batch's span as an instrumented future: a guard held across the await
-        // left the span entered on a thread it no longer ran on, and OpenTelemetry's context
-        // stack of that thread panicked when the thread ended (a test process aborted).
+        // absorb, never a loss). The wait runs in the batch's span as an instrumented future:
+        // a guard held across the await left the span entered on a thread it no longer ran
+        // on, and OpenTelemetry's context stack of that thread panicked when the thread ended
+        // (a test process aborted).
         let deadline = tokio::time::Instant::now() + self.delivery_timeout;
-        let results = join_all(
+        let per_row = self.copies.per_row();
+        let acknowledgements = join_all(
             deliveries
                 .into_iter()
                 .map(|(delivery, span)| acknowledged(delivery, deadline).instrument(span)),
         )
         .instrument(batch_span)
-        .await;
+        // Publishing twice, each row has two deliveries: both must succeed.
+        .map(move |results| {
+            results
+                .chunks(per_row)
+                .map(|chunk| chunk.iter().cloned().collect::<Result<Vec<()>, String>>().map(drop))
+                .collect()
+        });
+        Ok(pipeline::InFlight {
+            ids: rows.iter().map(|row| row.0).collect(),
+            rows,
+            acknowledgements: Box::pin(acknowledgements),
+        })
+    }
+
+    /// Marks what a settled batch may mark and records its failures; how many failed.
+    async fn settle(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        pipeline: &mut pipeline::Pipeline<OutboxRow>,
+        settled: pipeline::Settled<OutboxRow>,
+    ) -> anyhow::Result<usize> {
+        let pipeline::Settled { ids, rows, results } = settled;
         let results = if self.kafka_transactions {
             // Dying here: the Kafka transaction is never committed; the broker aborts it (at
             // once when the restarted relay, with the same transactional.id, fences it) and
@@ -640,58 +730,59 @@ impl Relay {
 
         // Dying here: the broker has the records, the rows are still unpublished, so they are
         // published again. Consumers deduplicate by message_id. With Kafka transactions too:
-        // the transaction ends at the broker; this database's mark is outside it.
+        // the transaction ends at the broker; this database's mark is outside it. A batch
+        // claimed after this one and already acknowledged is published again too: it is not
+        // marked before this one is.
         fail::fail_point!("relay::after_ack_before_mark");
 
-        // Publishing twice, each row has two deliveries: both must succeed.
-        let per_row = self.copies.per_row();
-        let results: Vec<Result<(), String>> = results
-            .chunks(per_row)
-            .map(|chunk| chunk.iter().cloned().collect::<Result<Vec<()>, String>>().map(drop))
-            .collect();
-        let mark = rows_to_mark(
+        let marks = pipeline.marks(
             rows.iter()
                 .zip(&results)
                 .map(|(row, result)| (row.3.as_str(), result.is_ok())),
         );
         let mut published = Vec::with_capacity(rows.len());
-        let mut failed = 0;
+        let (mut failed_ids, mut errors) = (Vec::new(), Vec::new());
         let acknowledged_at = chrono::Utc::now();
-        for ((row, result), mark) in rows.iter().zip(results).zip(mark) {
+        for (((id, row), result), mark) in ids.iter().zip(&rows).zip(results).zip(marks) {
             match result {
                 Ok(()) if mark => {
-                    published.push(row.0);
+                    published.push(*id);
                     // Commit → acknowledgement (created_at is the inserting transaction's time).
                     let lag = (acknowledged_at - row.8).to_std().unwrap_or_default();
                     metrics::histogram!(telemetry::RELAY_LAG).record(lag.as_secs_f64());
                 }
                 Ok(()) => {
-                    tracing::info!(outbox_id = row.0, message_id = %row.1, "acknowledged, but an earlier row of its key was not: published again after it");
+                    tracing::info!(outbox_id = id, message_id = %row.1, "acknowledged, but an earlier row of its key was not: published again after it");
                 }
                 Err(error) => {
-                    failed += 1;
                     metrics::counter!(telemetry::RELAY_PUBLISH_ERRORS).increment(1);
-                    tracing::warn!(outbox_id = row.0, message_id = %row.1, %error, "broker refused an outbox row");
-                    sqlx::query(
-                        "UPDATE outbox SET failed_attempts = failed_attempts + 1, last_error = $2 WHERE id = $1",
-                    )
-                    .bind(row.0)
-                    .bind(&error)
-                    .execute(&mut *tx)
-                    .await?;
+                    tracing::warn!(outbox_id = id, message_id = %row.1, %error, "broker refused an outbox row");
+                    failed_ids.push(*id);
+                    errors.push(error);
                 }
             }
         }
-        sqlx::query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
-            .bind(&published)
-            .execute(&mut *tx)
+        if !failed_ids.is_empty() {
+            sqlx::query(
+                "UPDATE outbox SET failed_attempts = failed_attempts + 1, last_error = f.error
+                 FROM unnest($1::int8[], $2::text[]) AS f(id, error) WHERE outbox.id = f.id",
+            )
+            .bind(&failed_ids)
+            .bind(&errors)
+            .execute(&mut *connection)
             .await?;
-        tx.commit().await?;
+        }
+        if !published.is_empty() {
+            // On the connection that holds the slots' leases: a relay that lost them (its
+            // connection closed) cannot mark anything either.
+            sqlx::query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
+                .bind(&published)
+                .execute(&mut *connection)
+                .await?;
+        }
         metrics::counter!(telemetry::RELAY_PUBLISHED).increment(published.len() as u64);
-        Ok(BatchOutcome::Published {
-            published: published.len(),
-            failed,
-        })
+        tracing::debug!(published = published.len(), failed = failed_ids.len(), "batch settled");
+        Ok(failed_ids.len())
     }
 
     /// Starts the batch's Kafka transaction (initialising the producer's transactions first
@@ -753,34 +844,37 @@ impl Relay {
 
     /// Publishes batches until `shutdown`, woken by NOTIFY and by a polling fallback.
     ///
-    /// One pass per burst: every commit that wrote an outbox row sends a NOTIFY, and a pass
-    /// publishes every row committed before it began, so the notifications already received
-    /// when a pass starts are all answered by it (at 150 orders/s, one pass per NOTIFY was
-    /// about 300 mostly empty passes a second per relay). The backlog gauge is counted on a
-    /// timer of its own, not after every pass.
+    /// One claim per burst: every commit that wrote an outbox row sends a NOTIFY, and a claim
+    /// takes every row committed before it began, so the notifications already received when
+    /// it starts are all answered by it (at 150 orders/s, one pass per NOTIFY was about 300
+    /// mostly empty passes a second per relay). The backlog gauge is counted by a task of its
+    /// own, not after every pass.
     pub async fn run(mut self, poll_interval: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
-        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        // The listener stops with the relay, whichever way `run` returns.
-        let stop_listening = shutdown.child_token();
-        let _stop_listening = stop_listening.clone().drop_guard();
+        let wakeups = Wakeups {
+            wake: std::sync::Arc::new(tokio::sync::Notify::new()),
+            received: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            coalesce: self.coalesce,
+        };
+        // The listener and the backlog counter stop with the relay, whichever way `run` returns.
+        let stop_helpers = shutdown.child_token();
+        let _stop_helpers = stop_helpers.clone().drop_guard();
         if self.listen {
             let mut listener = PgListener::connect_with(&self.pool).await?;
             listener.listen(OUTBOX_CHANNEL).await?;
             tokio::spawn(read_notifications(
                 listener,
-                wake.clone(),
-                received.clone(),
-                stop_listening,
+                wakeups.wake.clone(),
+                wakeups.received.clone(),
+                stop_helpers.clone(),
             ));
         }
-        let mut backlog_tick = tokio::time::interval(BACKLOG_INTERVAL);
-        backlog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        tokio::spawn(count_backlog(self.pool.clone(), stop_helpers));
         let mut backoff = Duration::from_millis(100);
         let mut failing_since: Option<tokio::time::Instant> = None;
         while !shutdown.is_cancelled() {
-            let pass = self.drain_batches(&shutdown).await;
+            let pass = self.drain(&wakeups, &shutdown).await;
             metrics::counter!(telemetry::RELAY_PASSES).increment(1);
+            metrics::gauge!(telemetry::RELAY_BATCHES_IN_FLIGHT).set(0.0);
             match pass {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);
@@ -826,70 +920,99 @@ impl Relay {
                     continue;
                 }
             }
-            let poll_at = tokio::time::Instant::now() + poll_interval;
-            // Waits for a reason to pass again; counting the backlog is not one.
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = backlog_tick.tick() => {
-                        self.count_backlog().await;
-                        continue;
+            // Waits for a reason to pass again.
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                () = wakeups.notified(), if self.listen => {
+                    // A moment for the rest of the burst to commit and notify, so one claim
+                    // takes them all.
+                    if !self.coalesce.is_zero() {
+                        tokio::time::sleep(self.coalesce).await;
                     }
-                    () = wake.notified(), if self.listen => {
-                        // A moment for the rest of the burst to commit and notify, so one pass
-                        // takes them all.
-                        if !self.coalesce.is_zero() {
-                            tokio::time::sleep(self.coalesce).await;
-                        }
-                        // Answered by the next pass, with this one: they all came from commits
-                        // before it (the wake-up they left behind is taken too).
-                        let _ = futures::FutureExt::now_or_never(wake.notified());
-                        let coalesced = received.swap(0, std::sync::atomic::Ordering::Relaxed).saturating_sub(1);
-                        metrics::counter!(telemetry::RELAY_WAKEUPS_COALESCED).increment(coalesced);
-                    }
-                    _ = tokio::time::sleep_until(poll_at) => {}
+                    wakeups.absorb();
                 }
-                break;
+                _ = tokio::time::sleep(poll_interval) => {}
             }
         }
-        // Every batch awaited its acknowledgements, so nothing is in flight; flush anyway.
+        // A drain returns with every batch settled, so nothing is in flight; flush anyway.
         let _ = self.producer.flush(Duration::from_secs(5));
         tracing::info!("relay stopped");
         Ok(())
     }
+}
 
-    /// Sets the backlog gauges: rows waiting, and how long the oldest has waited (what an
-    /// alert on a relay that stopped publishing watches: a count can stay low while nothing
-    /// moves). The partial index makes both cheap: it only covers unpublished rows.
-    async fn count_backlog(&self) {
+/// What wakes a relay: the notifications of commits that wrote outbox rows.
+struct Wakeups {
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// After a notification, how long to wait before claiming, so that a burst of commits
+    /// shares one claim.
+    coalesce: Duration,
+}
+
+impl Wakeups {
+    async fn notified(&self) {
+        self.wake.notified().await;
+    }
+
+    /// The claim about to start answers every notification received so far: they all came
+    /// from commits before it (the wake-up they left behind is taken too).
+    fn absorb(&self) {
+        let _ = futures::FutureExt::now_or_never(self.wake.notified());
+        let coalesced = self
+            .received
+            .swap(0, std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(1);
+        metrics::counter!(telemetry::RELAY_WAKEUPS_COALESCED).increment(coalesced);
+    }
+}
+
+/// The oldest unpublished rows of the `owned` key slots, at most `limit`, leaving out the
+/// rows in flight. No transaction and no row lock: only this relay publishes these slots
+/// (their leases are held by this connection's session), and it writes nothing until the
+/// broker has answered.
+async fn claim(
+    connection: &mut sqlx::PgConnection,
+    owned: &[i32],
+    in_flight: &[i64],
+    limit: i64,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, message_id, topic, partition_key, event_type, schema_version, traceparent, payload, created_at
+         FROM outbox
+         WHERE published_at IS NULL AND key_slot = ANY($2::int4[]) AND id <> ALL($3::int8[])
+         ORDER BY id LIMIT $1",
+    )
+    .bind(limit)
+    .bind(owned)
+    .bind(in_flight)
+    .fetch_all(connection)
+    .await
+}
+
+/// Sets the backlog gauges every [`BACKLOG_INTERVAL`] until `stop`: rows waiting, and how long
+/// the oldest has waited (what an alert on a relay that stopped publishing watches: a count
+/// can stay low while nothing moves). The partial index makes both cheap: it only covers
+/// unpublished rows.
+async fn count_backlog(pool: PgPool, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(BACKLOG_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
         let pending = sqlx::query_as::<_, (i64, f64)>(
             "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at))::float8, 0)
              FROM outbox WHERE published_at IS NULL",
         );
-        match pending.fetch_one(&self.pool).await {
+        match pending.fetch_one(&pool).await {
             Ok((pending, oldest_seconds)) => {
                 metrics::gauge!(telemetry::OUTBOX_PENDING).set(pending as f64);
                 metrics::gauge!(telemetry::OUTBOX_OLDEST_PENDING).set(oldest_seconds);
             }
             Err(error) => tracing::debug!(%error, "cannot count the outbox backlog"),
         }
-    }
-
-    /// Publishes batches until the outbox is empty (or another relay is publishing).
-    async fn drain_batches(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        while !shutdown.is_cancelled() {
-            match self.publish_batch().await? {
-                BatchOutcome::Published { published, failed } => {
-                    tracing::debug!(published, failed, "batch published");
-                    if failed > 0 {
-                        // Do not spin on rows the broker refuses (or while it is away): back off.
-                        anyhow::bail!("{failed} of the batch's records were not acknowledged");
-                    }
-                }
-                BatchOutcome::Empty | BatchOutcome::Busy => return Ok(()),
-            }
-        }
-        Ok(())
     }
 }
 
@@ -941,23 +1064,6 @@ pub(crate) async fn enqueue(
             Err((error, _)) => return Err(error.to_string()),
         }
     }
-}
-
-/// Which rows of a batch (given in id order, as their key and whether the broker acknowledged
-/// them) may be marked published: an acknowledged row, unless an earlier row of the same key
-/// in the batch was not acknowledged. Marking it would leave the earlier row to be published
-/// on a later pass, after it: the key's events out of order on the topic for good. Unmarked,
-/// both go out again, in order, and consumers' inboxes absorb the repeated one.
-pub fn rows_to_mark<'a>(rows: impl IntoIterator<Item = (&'a str, bool)>) -> Vec<bool> {
-    let mut failed_keys = std::collections::HashSet::new();
-    rows.into_iter()
-        .map(|(key, acknowledged)| {
-            if !acknowledged {
-                failed_keys.insert(key);
-            }
-            acknowledged && !failed_keys.contains(key)
-        })
-        .collect()
 }
 
 /// The relay binary: logging, failpoints (when compiled in), configuration from flags and
@@ -1042,7 +1148,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .with_delivery_timeout(Duration::from_millis(config.delivery_timeout_ms))
         .with_stall_limit((config.stall_limit_ms > 0).then(|| Duration::from_millis(config.stall_limit_ms)))
         .reconnecting_with(new_producer)
-        .coalescing(Duration::from_millis(config.coalesce_ms));
+        .coalescing(Duration::from_millis(config.coalesce_ms))
+        .pipelining(usize::from(config.pipeline_depth));
     #[cfg(feature = "failpoints")]
     let relay = if config.publish_twice {
         relay.publishing_twice()
@@ -1062,8 +1169,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
 #[cfg(test)]
 mod tests {
-    use super::rows_to_mark;
-
     fn config(args: &[&str]) -> super::Config {
         use clap::Parser as _;
         let mut argv = vec!["relay", "--database-url", "postgres://x@127.0.0.1/db"];
@@ -1094,27 +1199,29 @@ mod tests {
             error.contains("RELAY_SLOT apply only to the wal-message mode"),
             "{error}"
         );
-    }
-
-    #[test]
-    fn a_row_after_a_failed_row_of_its_key_is_not_marked() {
-        let batch = [
-            ("a", true),
-            ("b", false),
-            ("a", true),
-            ("b", true),
-            ("c", true),
-            ("b", true),
-        ];
-        assert_eq!(rows_to_mark(batch), [true, false, true, false, true, false]);
-    }
-
-    #[test]
-    fn a_row_before_the_failure_of_its_key_is_marked() {
-        assert_eq!(
-            rows_to_mark([("a", true), ("a", false), ("a", true)]),
-            [true, false, false]
+        let error = config(&["--mode", "wal-message", "--pipeline-depth", "8"])
+            .check_mode()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("RELAY_PIPELINE_DEPTH apply only to the table mode"),
+            "{error}"
         );
-        assert_eq!(rows_to_mark([("a", true), ("b", true)]), [true, true]);
+        let error = config(&["--kafka-transactions", "true", "--pipeline-depth", "8"])
+            .check_mode()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("one batch, at a time"), "{error}");
+        let zero = [
+            "relay",
+            "--database-url",
+            "postgres://x@127.0.0.1/db",
+            "--pipeline-depth",
+            "0",
+        ];
+        assert!(
+            <super::Config as clap::Parser>::try_parse_from(zero).is_err(),
+            "a depth of 0 would publish nothing"
+        );
     }
 }

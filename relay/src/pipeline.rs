@@ -1,0 +1,200 @@
+//! The polling relay's batches in flight: claimed, handed to the producer, their
+//! acknowledgements outstanding; settled (marked published) strictly in the order they were
+//! claimed.
+//!
+//! Why: a relay that waits for one batch's acknowledgements (the producer's linger and a
+//! broker round trip with `acks=all`) before it looks for the next makes every row committed
+//! meanwhile wait for that whole round, then for its own. With batches in flight the next
+//! claim goes out while the broker still has the last one.
+//!
+//! What keeps per-key order and at-least-once:
+//! - a claim leaves out the rows in flight ([`Pipeline::in_flight_ids`]): they stay
+//!   unpublished until settled, and a second claim of them would publish them twice, a
+//!   key's later row between its two copies;
+//! - the producer keeps the order in which batches were handed to it per partition
+//!   (idempotent, one producer), and batches settle in that same order;
+//! - a key whose row failed in one batch is blocked for the rest of the drain: a later row of
+//!   it, acknowledged in a later batch, is not marked either ([`Pipeline::marks`]), so the
+//!   next drain publishes the key's rows again from the failed one, in id order;
+//! - after a failure the relay claims nothing more, lets the batches in flight settle, and
+//!   backs off.
+
+use std::collections::{HashSet, VecDeque};
+
+use futures::future::BoxFuture;
+
+/// One batch handed to the producer.
+pub(crate) struct InFlight<Row> {
+    pub ids: Vec<i64>,
+    pub rows: Vec<Row>,
+    /// One result per row, in the rows' order, once every record of the batch was
+    /// acknowledged or failed.
+    pub acknowledgements: BoxFuture<'static, Vec<Result<(), String>>>,
+}
+
+/// A batch whose records all have an answer from the broker.
+pub(crate) struct Settled<Row> {
+    pub ids: Vec<i64>,
+    pub rows: Vec<Row>,
+    pub results: Vec<Result<(), String>>,
+}
+
+/// The batches in flight, oldest first, and the keys blocked by a failure.
+pub(crate) struct Pipeline<Row> {
+    depth: usize,
+    batches: VecDeque<InFlight<Row>>,
+    blocked: HashSet<String>,
+}
+
+impl<Row> Pipeline<Row> {
+    /// At most `depth` batches in flight (at least one).
+    pub fn new(depth: usize) -> Self {
+        Self {
+            depth: depth.max(1),
+            batches: VecDeque::new(),
+            blocked: HashSet::new(),
+        }
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.batches.len() < self.depth
+    }
+
+    pub fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Ids of every row claimed and not yet settled: the next claim must leave them out.
+    pub fn in_flight_ids(&self) -> Vec<i64> {
+        self.batches
+            .iter()
+            .flat_map(|batch| batch.ids.iter().copied())
+            .collect()
+    }
+
+    pub fn push(&mut self, batch: InFlight<Row>) {
+        self.batches.push_back(batch);
+    }
+
+    /// Waits for the oldest batch's answers and takes it out; None with nothing in flight.
+    /// A later batch answered first waits its turn: marks are made in claim order. Safe to
+    /// cancel (in a `select!`): the batch is taken out only in the poll that completes.
+    pub async fn next_settled(&mut self) -> Option<Settled<Row>> {
+        let oldest = self.batches.front_mut()?;
+        let results = (&mut oldest.acknowledgements).await;
+        let batch = self.batches.pop_front()?;
+        Some(Settled {
+            ids: batch.ids,
+            rows: batch.rows,
+            results,
+        })
+    }
+
+    /// Which rows of a settled batch (their keys, in id order, and the broker's answers) may
+    /// be marked published: an acknowledged row, unless an earlier row of its key, in this
+    /// batch or an earlier one of the drain, was not. Marking it would leave the earlier row
+    /// to be published on a later pass, after it: the key's events out of order on the topic
+    /// for good. Unmarked, both go out again, in order, and consumers' inboxes absorb the
+    /// repeated one.
+    pub fn marks<'a>(&mut self, rows: impl IntoIterator<Item = (&'a str, bool)>) -> Vec<bool> {
+        rows.into_iter()
+            .map(|(key, acknowledged)| {
+                if !acknowledged {
+                    self.blocked.insert(key.to_owned());
+                }
+                acknowledged && !self.blocked.contains(key)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{InFlight, Pipeline};
+    use futures::FutureExt as _;
+
+    fn batch(ids: &[i64], answers: tokio::sync::oneshot::Receiver<Vec<Result<(), String>>>) -> InFlight<()> {
+        InFlight {
+            ids: ids.to_vec(),
+            rows: vec![(); ids.len()],
+            acknowledgements: async move { answers.await.unwrap() }.boxed(),
+        }
+    }
+
+    #[test]
+    fn a_row_after_a_failed_row_of_its_key_is_not_marked() {
+        let mut pipeline = Pipeline::<()>::new(1);
+        let rows = [
+            ("a", true),
+            ("b", false),
+            ("a", true),
+            ("b", true),
+            ("c", true),
+            ("b", true),
+        ];
+        assert_eq!(pipeline.marks(rows), [true, false, true, false, true, false]);
+    }
+
+    #[test]
+    fn a_row_before_the_failure_of_its_key_is_marked() {
+        let mut pipeline = Pipeline::<()>::new(1);
+        assert_eq!(
+            pipeline.marks([("a", true), ("a", false), ("a", true)]),
+            [true, false, false]
+        );
+        assert_eq!(Pipeline::<()>::new(1).marks([("a", true), ("b", true)]), [true, true]);
+    }
+
+    #[test]
+    fn a_failure_blocks_its_key_in_the_batches_after_it() {
+        let mut pipeline = Pipeline::<()>::new(4);
+        assert_eq!(pipeline.marks([("a", false), ("b", true)]), [false, true]);
+        // The next batch was already on its way: its row of `a` was acknowledged, and is
+        // still not marked (it would be ahead of the failed one for good).
+        assert_eq!(pipeline.marks([("a", true), ("b", true)]), [false, true]);
+    }
+
+    #[test]
+    fn claims_leave_out_every_row_in_flight_and_stop_at_the_depth() {
+        let mut pipeline = Pipeline::new(2);
+        let (_first, answers) = tokio::sync::oneshot::channel();
+        pipeline.push(batch(&[1, 2], answers));
+        assert!(pipeline.has_room());
+        let (_second, answers) = tokio::sync::oneshot::channel();
+        pipeline.push(batch(&[4], answers));
+        assert!(!pipeline.has_room());
+        assert_eq!(pipeline.in_flight_ids(), [1, 2, 4]);
+        assert_eq!(Pipeline::<()>::new(0).depth, 1, "a depth of 0 would claim nothing");
+    }
+
+    #[tokio::test]
+    async fn batches_settle_in_claim_order_even_when_a_later_one_is_answered_first() {
+        let mut pipeline = Pipeline::new(2);
+        let (first, answers) = tokio::sync::oneshot::channel();
+        pipeline.push(batch(&[1], answers));
+        let (second, answers) = tokio::sync::oneshot::channel();
+        pipeline.push(batch(&[2], answers));
+
+        second.send(vec![Ok(())]).unwrap();
+        assert!(
+            pipeline.next_settled().now_or_never().is_none(),
+            "the first batch has no answer yet"
+        );
+        assert_eq!(pipeline.len(), 2, "a cancelled wait takes nothing out");
+
+        first.send(vec![Err("refused".to_owned())]).unwrap();
+        let settled = pipeline.next_settled().await.unwrap();
+        assert_eq!(
+            (settled.ids, settled.results),
+            (vec![1], vec![Err("refused".to_owned())])
+        );
+        let settled = pipeline.next_settled().await.unwrap();
+        assert_eq!(settled.ids, [2]);
+        assert!(pipeline.next_settled().await.is_none());
+        assert!(pipeline.is_empty());
+    }
+}
