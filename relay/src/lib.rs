@@ -353,14 +353,18 @@ impl Leases {
                 connection
             }
         };
-        let due = self
-            .balanced_at
-            .is_none_or(|at| at.elapsed() >= LEASE_BALANCE_INTERVAL || self.owned.is_empty());
-        if due {
+        if self.balance_due() {
             self.balance(&mut connection).await?;
         }
         self.connection = Some(connection);
         Ok(())
+    }
+
+    /// Whether the slots are due to be rebalanced (every [`LEASE_BALANCE_INTERVAL`], and at once
+    /// while this relay holds none).
+    fn balance_due(&self) -> bool {
+        self.balanced_at
+            .is_none_or(|at| at.elapsed() >= LEASE_BALANCE_INTERVAL || self.owned.is_empty())
     }
 
     /// Takes this relay's fair share of the slots (all of them divided among the relays
@@ -584,30 +588,38 @@ impl Relay {
         wakeups: &Wakeups,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        leases.ready(&self.pool).await?;
-        let owned = leases.owned.clone();
-        let Some(connection) = leases.connection.as_mut() else {
-            return Ok(());
-        };
-        if owned.is_empty() {
-            return Ok(());
-        }
-        let started = tokio::time::Instant::now();
+        let batch_size = usize::try_from(self.batch_size.max(1)).unwrap_or(usize::MAX);
         let mut pipeline = pipeline::Pipeline::new(self.depth());
-        let mut claim_at = Some(started);
+        let mut claim_at = Some(tokio::time::Instant::now());
         let mut failed = 0;
         loop {
-            // Claims stop after a failure (the batches in flight settle, then the relay backs
-            // off), and after a lease interval, so that a relay under steady load still comes
-            // back to rebalance its slots between drains.
-            let may_claim = failed == 0
-                && !shutdown.is_cancelled()
-                && pipeline.has_room()
-                && started.elapsed() < LEASE_BALANCE_INTERVAL;
-            if may_claim && claim_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                let rows = claim(connection, &owned, &pipeline.in_flight_ids(), self.batch_size).await?;
-                // A full batch leaves more behind it: claim again at once.
-                claim_at = (rows.len() as i64 >= self.batch_size).then(tokio::time::Instant::now);
+            let stopping = failed > 0 || shutdown.is_cancelled();
+            // Slots are rebalanced only with nothing in flight (a slot given back with a batch
+            // of it in flight would have two publishers); while that is due, claims wait for
+            // the batches in flight to settle. A drain under steady load never ends, so this
+            // is where a relay takes its share of the slots, or gives some back.
+            let balance_due = leases.balance_due() || leases.connection.is_none();
+            if pipeline.is_empty() && balance_due && !stopping {
+                leases.ready(&self.pool).await?;
+                if leases.owned.is_empty() {
+                    break;
+                }
+                continue;
+            }
+            // Claims stop after a failure: the batches in flight settle, then the relay backs off.
+            let room = if stopping || balance_due {
+                0
+            } else {
+                pipeline.room(batch_size)
+            };
+            let Some(connection) = leases.connection.as_mut() else {
+                break;
+            };
+            if room > 0 && claim_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                let rows = claim(connection, &leases.owned, &pipeline.in_flight_ids(), room).await?;
+                // As many rows as it could take leaves more behind: claim again when there is
+                // room.
+                claim_at = (rows.len() >= room).then(tokio::time::Instant::now);
                 if rows.is_empty() {
                     continue;
                 }
@@ -615,28 +627,26 @@ impl Relay {
                 // row unpublished: nothing was written for the claim.
                 fail::fail_point!("relay::before_publish");
                 pipeline.push(self.send(rows).await?);
-                let peak = self
-                    .in_flight_peak
+                self.in_flight_peak
                     .fetch_max(pipeline.len(), std::sync::atomic::Ordering::Relaxed);
                 metrics::gauge!(telemetry::RELAY_BATCHES_IN_FLIGHT).set(pipeline.len() as f64);
-                tracing::trace!(in_flight = pipeline.len(), peak, "batch sent");
                 continue;
             }
-            if pipeline.is_empty() {
+            if pipeline.is_empty() && (claim_at.is_none() || stopping) {
                 break;
             }
             tokio::select! {
                 biased;
-                settled = pipeline.next_settled() => {
-                    let Some(settled) = settled else { break };
+                Some(settled) = pipeline.next_settled() => {
                     failed += self.settle(connection, &mut pipeline, settled).await?;
                     metrics::gauge!(telemetry::RELAY_BATCHES_IN_FLIGHT).set(pipeline.len() as f64);
                 }
-                () = wakeups.notified(), if may_claim && claim_at.is_none() => {
+                () = wakeups.notified(), if !stopping && claim_at.is_none() => {
                     claim_at = Some(tokio::time::Instant::now() + wakeups.coalesce);
                 }
+                // Due, but no room: the settle branch makes room.
                 () = tokio::time::sleep_until(claim_at.unwrap_or_else(tokio::time::Instant::now)),
-                    if may_claim && claim_at.is_some() => {
+                    if !stopping && claim_at.is_some_and(|at| at > tokio::time::Instant::now()) => {
                     wakeups.absorb();
                 }
             }
@@ -975,7 +985,7 @@ async fn claim(
     connection: &mut sqlx::PgConnection,
     owned: &[i32],
     in_flight: &[i64],
-    limit: i64,
+    limit: usize,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, message_id, topic, partition_key, event_type, schema_version, traceparent, payload, created_at
@@ -983,7 +993,7 @@ async fn claim(
          WHERE published_at IS NULL AND key_slot = ANY($2::int4[]) AND id <> ALL($3::int8[])
          ORDER BY id LIMIT $1",
     )
-    .bind(limit)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .bind(owned)
     .bind(in_flight)
     .fetch_all(connection)

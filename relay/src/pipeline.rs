@@ -56,8 +56,16 @@ impl<Row> Pipeline<Row> {
         }
     }
 
-    pub fn has_room(&self) -> bool {
-        self.batches.len() < self.depth
+    /// How many rows the next claim may take: none with `depth` batches in flight, and never
+    /// more than `batch_size` rows in flight in all. Under a backlog, batches are full and one
+    /// is in flight at a time (pipelining buys a drain little; it is bound by Postgres); under
+    /// a steady stream, batches are small and up to `depth` of them overlap. The bound also
+    /// keeps the claim's exclusion list, which Postgres checks row by row, short.
+    pub fn room(&self, batch_size: usize) -> usize {
+        if self.batches.len() >= self.depth {
+            return 0;
+        }
+        batch_size.saturating_sub(self.batches.iter().map(|batch| batch.ids.len()).sum())
     }
 
     pub fn len(&self) -> usize {
@@ -159,16 +167,18 @@ mod tests {
     }
 
     #[test]
-    fn claims_leave_out_every_row_in_flight_and_stop_at_the_depth() {
+    fn claims_leave_out_every_row_in_flight_and_stop_at_the_depth_or_a_batch_of_rows() {
         let mut pipeline = Pipeline::new(2);
+        assert_eq!(pipeline.room(10), 10);
         let (_first, answers) = tokio::sync::oneshot::channel();
         pipeline.push(batch(&[1, 2], answers));
-        assert!(pipeline.has_room());
+        assert_eq!(pipeline.room(10), 8, "a batch's worth of rows in flight at most");
+        assert_eq!(pipeline.room(2), 0, "a full batch in flight: wait for it");
         let (_second, answers) = tokio::sync::oneshot::channel();
         pipeline.push(batch(&[4], answers));
-        assert!(!pipeline.has_room());
+        assert_eq!(pipeline.room(10), 0, "two batches in flight, the depth");
         assert_eq!(pipeline.in_flight_ids(), [1, 2, 4]);
-        assert_eq!(Pipeline::<()>::new(0).depth, 1, "a depth of 0 would claim nothing");
+        assert_eq!(Pipeline::<()>::new(0).room(10), 10, "a depth of 0 would claim nothing");
     }
 
     #[tokio::test]
