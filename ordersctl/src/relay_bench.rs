@@ -53,6 +53,11 @@ pub struct RelayBenchArgs {
     /// Modes to measure (repeatable; all by default).
     #[arg(long = "mode", value_enum)]
     pub modes: Vec<OutboxMode>,
+    /// Variants to measure by their label (`table`, `table depth1`, `table x2`, `table+ktxn`,
+    /// `wal-message`, `debezium`), in this order, each as often as given: alternated, so that
+    /// no variant always runs first or last (repeatable; all, once each, by default).
+    #[arg(long = "variant")]
+    pub variants: Vec<String>,
     /// Also the table mode with this many relays side by side (key slots shared; 1: not).
     #[arg(long, default_value_t = 2)]
     pub table_relays: usize,
@@ -166,8 +171,22 @@ pub async fn run(args: RelayBenchArgs, cluster: &kafka::Cluster) -> anyhow::Resu
         };
         run_mode(&warmup, cluster, variants[0]).await?;
     }
+    let chosen: Vec<Variant> = if args.variants.is_empty() {
+        variants.to_vec()
+    } else {
+        args.variants
+            .iter()
+            .map(|label| {
+                variants
+                    .iter()
+                    .copied()
+                    .find(|variant| variant.label() == *label)
+                    .ok_or_else(|| anyhow::anyhow!("no variant is labelled {label:?}"))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
     let mut results = Vec::new();
-    for variant in variants {
+    for variant in chosen {
         let wanted = args.modes.is_empty() || args.modes.contains(&variant.mode);
         let skipped = (variant.debezium && args.debezium.is_none())
             || (variant.relays > 1 && args.table_relays < 2)
@@ -227,6 +246,17 @@ async fn scratch_database(admin: &Secret, name: &str) -> anyhow::Result<(Secret,
         .await?;
     order_svc::MIGRATOR.run(&pool).await?;
     Ok((url, pool))
+}
+
+async fn drop_database(admin: &Secret, name: &str) -> anyhow::Result<()> {
+    let admin_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin.expose())
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
+        .execute(&admin_pool)
+        .await?;
+    Ok(())
 }
 
 async fn wal_lsn(pool: &PgPool) -> anyhow::Result<f64> {
@@ -549,6 +579,9 @@ async fn run_mode(args: &RelayBenchArgs, cluster: &kafka::Cluster, variant: Vari
             .await?;
     }
     pool.close().await;
+    // Left behind, each variant's 100,000 rows were vacuumed and checkpointed during the
+    // variants after it.
+    drop_database(&args.admin_db, &name).await?;
     let per_event = |ticks: u64| ticks as f64 * crate::bench::probe::MILLIS_PER_TICK * 1000.0 / events as f64;
     Ok(ModeResult {
         mode: variant.label(),
