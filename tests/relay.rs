@@ -331,36 +331,7 @@ async fn write_four_rounds(db: &TestDb, topic: &str, one_per_transaction: bool) 
     for round in 0..4 {
         let mut tx = Some(db.pool.begin().await.unwrap());
         for &order in &orders {
-            let payload = if round % 2 == 0 {
-                Payload::OrderConfirmed(OrderConfirmed {
-                    order_id: order.to_string(),
-                    ..Default::default()
-                })
-            } else {
-                Payload::OrderCancelled(OrderCancelled {
-                    order_id: order.to_string(),
-                    ..Default::default()
-                })
-            };
-            let meta = EventMeta {
-                message_id: uuid::Uuid::now_v7(),
-                aggregate_id: order,
-                correlation_id: order,
-                causation_id: None,
-                traceparent: None,
-                occurred_at: prost_types::Timestamp::default(),
-            };
-            let message = OutboxMessage {
-                topic: topic.to_owned(),
-                envelope: envelope::seal(meta, payload),
-            };
-            outbox::Outbox::new(
-                outbox::OutboxMode::Table,
-                orderflow_tests::event_keys().order_svc.clone(),
-            )
-            .write(tx.as_mut().unwrap(), &message)
-            .await
-            .unwrap();
+            write_event(tx.as_mut().unwrap(), topic, order, round % 2 == 0).await;
             if one_per_transaction {
                 tx.take().unwrap().commit().await.unwrap();
                 tx = Some(db.pool.begin().await.unwrap());
@@ -368,6 +339,47 @@ async fn write_four_rounds(db: &TestDb, topic: &str, one_per_transaction: bool) 
         }
         tx.take().unwrap().commit().await.unwrap();
     }
+}
+
+/// Writes one event of `order` (OrderConfirmed or OrderCancelled) to the outbox in `tx`.
+async fn write_event(tx: &mut sqlx::PgConnection, topic: &str, order: uuid::Uuid, confirmed: bool) {
+    let payload = if confirmed {
+        Payload::OrderConfirmed(OrderConfirmed {
+            order_id: order.to_string(),
+            ..Default::default()
+        })
+    } else {
+        Payload::OrderCancelled(OrderCancelled {
+            order_id: order.to_string(),
+            ..Default::default()
+        })
+    };
+    let meta = EventMeta {
+        message_id: uuid::Uuid::now_v7(),
+        aggregate_id: order,
+        correlation_id: order,
+        causation_id: None,
+        traceparent: None,
+        occurred_at: prost_types::Timestamp::default(),
+    };
+    let message = OutboxMessage {
+        topic: topic.to_owned(),
+        envelope: envelope::seal(meta, payload),
+    };
+    outbox::Outbox::new(
+        outbox::OutboxMode::Table,
+        orderflow_tests::event_keys().order_svc.clone(),
+    )
+    .write(tx, &message)
+    .await
+    .unwrap();
+}
+
+/// One event in a transaction of its own.
+async fn commit_one_event(db: &TestDb, topic: &str) {
+    let mut tx = db.pool.begin().await.unwrap();
+    write_event(&mut tx, topic, uuid::Uuid::now_v7(), true).await;
+    tx.commit().await.unwrap();
 }
 
 /// Asserts that every key's records arrived in the order its outbox rows were written.
@@ -439,6 +451,42 @@ async fn a_relay_keeps_batches_in_flight_and_still_publishes_each_row_once_in_or
         peak > 1,
         "the next batch was claimed while one was in flight (peak {peak} batches)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_while_a_batch_is_in_flight_is_claimed_after_the_coalescing_delay() {
+    // A batch stays in flight 300 ms (the producer's linger); a commit in that time wakes the
+    // relay, which schedules its claim 600 ms later. The batch settles first: the scheduled
+    // claim must still happen, not wait for the next poll (60 s, beyond the test's patience).
+    let db = fresh_orders_db().await;
+    let topic = fresh_topic(3).await;
+    let mut producer = kafka::producer_config(&stack().kafka, "relay-test", Duration::from_secs(5));
+    producer.set("linger.ms", "300");
+    let relay = relay::Relay::new(relay_pool(&db), producer.create().unwrap(), 500)
+        .with_delivery_timeout(Duration::from_secs(5))
+        .coalescing(Duration::from_millis(600));
+    let in_flight = relay.in_flight_peak();
+    // The first row is there before the relay: its first pass claims it at once (its NOTIFY
+    // went to nobody), so the only notification the relay gets is the second row's.
+    commit_one_event(&db, &topic).await;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(relay.run(Duration::from_secs(60), stop.clone()));
+    assert!(
+        eventually(WAIT, || async {
+            in_flight.load(std::sync::atomic::Ordering::Relaxed) >= 1
+        })
+        .await,
+        "the first row's batch is in flight"
+    );
+    // The relay listened before its first pass.
+    commit_one_event(&db, &topic).await;
+    assert_eq!(unpublished(&db).await, 2, "the first batch is still in flight");
+    assert!(
+        eventually(Duration::from_secs(10), || async { unpublished(&db).await == 0 }).await,
+        "the second row was claimed once its coalescing delay passed"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }
 
 /// For each published outbox row, in the order they were written: when it was written and
