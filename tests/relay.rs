@@ -265,6 +265,16 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
     // The relay's records fail after 2 s (spawn_configured_relay's delivery timeout).
     let (stop, relay) = spawn_relay(&db, &bootstrap, 100);
 
+    // A failed delivery is the broker's failure, not the database's: the relay keeps its key
+    // slots' leases (the session that holds them) through it, rather than handing the slots
+    // to another relay at every backoff while its producer may still deliver what it gave up.
+    assert!(
+        eventually(WAIT, || async { min_failed_attempts(&db).await >= 1 }).await,
+        "the first delivery failed"
+    );
+    let leaseholders = advisory_lock_holders(&db).await;
+    assert!(!leaseholders.is_empty(), "the relay holds its slots' leases");
+
     // For 8 s without a broker: the rows stay pending, and no transaction of the relay lives
     // longer than the delivery timeout (plus a margin for the rollback): it is not holding
     // row locks and the database's xmin horizon for the length of the outage.
@@ -292,6 +302,12 @@ async fn rows_stay_pending_while_the_broker_is_down_and_drain_when_it_returns() 
     .await
     .unwrap();
     assert_eq!(unrecorded, 0, "every pending row records its failed delivery");
+    assert!(min_failed_attempts(&db).await >= 3, "several passes failed meanwhile");
+    assert_eq!(
+        advisory_lock_holders(&db).await,
+        leaseholders,
+        "the same session still holds the leases after failed deliveries"
+    );
     assert!(
         oldest < Duration::from_secs(3),
         "a transaction stayed open {oldest:?} while the broker was away (delivery timeout 2 s)"
@@ -376,6 +392,25 @@ async fn write_event(tx: &mut sqlx::PgConnection, topic: &str, order: uuid::Uuid
 }
 
 /// One event in a transaction of its own.
+/// The fewest failed deliveries recorded on a pending row.
+async fn min_failed_attempts(db: &TestDb) -> i32 {
+    sqlx::query_scalar("SELECT coalesce(min(failed_attempts), 0) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// The sessions holding advisory locks (the relays' key-slot leases) in `db`'s database.
+async fn advisory_lock_holders(db: &TestDb) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+          WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database() ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
 async fn commit_one_event(db: &TestDb, topic: &str) {
     let mut tx = db.pool.begin().await.unwrap();
     write_event(&mut tx, topic, uuid::Uuid::now_v7(), true).await;

@@ -24,7 +24,7 @@ pub const RELAY_PUBLISHED: &str = "orderflow_relay_published_total";
 /// Rows the broker refused.
 pub const RELAY_PUBLISH_ERRORS: &str = "orderflow_relay_publish_errors_total";
 /// Counter: relay passes (each claims and publishes batches until its key slots have nothing
-/// left, or a lease interval has passed).
+/// left, a record fails, or the relay stops; under steady load one pass lasts).
 pub const RELAY_PASSES: &str = "orderflow_relay_passes_total";
 /// Counter: outbox notifications answered by a claim already due (one claim per burst).
 pub const RELAY_WAKEUPS_COALESCED: &str = "orderflow_relay_wakeups_coalesced_total";

@@ -16,8 +16,8 @@
 //! - Rows are claimed without a transaction or a row lock (nobody else publishes the slots),
 //!   published with an idempotent producer (per-partition order kept, no broker-side
 //!   duplicates from retries) and marked only after the broker acknowledged them. Up to
-//!   `RELAY_PIPELINE_DEPTH` batches are in flight at once, settled in claim order
-//!   ([`pipeline`]).
+//!   `RELAY_PIPELINE_DEPTH` batches are in flight at once (a key's rows in one of them at a
+//!   time), settled in claim order ([`pipeline`]).
 //!
 //! Failure windows:
 //! - dies before publishing: nothing was written for the claim, the rows stay unpublished
@@ -32,7 +32,10 @@
 //!   on the database's xmin horizon) while it waits for the broker.
 //! - a record of a key fails while a later record of the same key is acknowledged, in its
 //!   batch or a later one: neither is marked ([`pipeline::Pipeline::marks`]), so the next
-//!   drain publishes the key's rows again in id order.
+//!   drain publishes the key's rows again in id order;
+//! - a database error (a claim, a mark) with batches in flight: the relay waits for their
+//!   answers, marks none, and only then gives up its leases; every row of them is published
+//!   again, by this relay or the one that takes the slots, never by two producers at once.
 
 mod pipeline;
 pub mod wal;
@@ -177,7 +180,8 @@ impl Config {
     /// was given a value other than its default: a setting silently ignored is a setting the
     /// operator believes in and that does nothing.
     pub fn check_mode(&self) -> anyhow::Result<()> {
-        if self.kafka_transactions && self.pipeline_depth != DEFAULT_PIPELINE_DEPTH {
+        // One batch at a time is what transactions get anyway: only a deeper pipeline is refused.
+        if self.kafka_transactions && self.pipeline_depth > 1 && self.pipeline_depth != DEFAULT_PIPELINE_DEPTH {
             anyhow::bail!(
                 "RELAY_PIPELINE_DEPTH does not apply with RELAY_KAFKA_TRANSACTIONS: the producer has one \
                  transaction, so one batch, at a time"
@@ -573,24 +577,42 @@ impl Relay {
             return Ok(());
         }
         let mut leases = self.leases.lock().await;
-        let outcome = self.drain_owned(&mut leases, wakeups, shutdown).await;
-        if outcome.is_err() {
-            // The connection may be broken: start over with a new one (the old one's
-            // leases end with it).
-            leases.reset();
+        let mut pipeline = pipeline::Pipeline::new(self.depth());
+        match self.drain_owned(&mut leases, &mut pipeline, wakeups, shutdown).await {
+            Ok(0) => Ok(()),
+            // The broker refused or did not answer: back off, keeping the leases (nothing is
+            // wrong with the database; giving the slots away would move them between relays at
+            // every backoff while this producer may still deliver the records it gave up on).
+            Ok(failed) => anyhow::bail!("{failed} records were not acknowledged"),
+            Err(error) => {
+                // A database error with batches in flight: their records are still in the
+                // producer. Wait for their answers (at most the delivery timeout) before the
+                // leases go, so that no other relay publishes these keys while this producer
+                // still holds records of them. None is marked: all are published again (at
+                // least once).
+                while pipeline.next_settled().await.is_some() {}
+                // The connection may be broken: start over with a new one (the old one's
+                // leases end with it).
+                leases.reset();
+                Err(error)
+            }
         }
-        outcome
     }
 
+    /// Claims and sends batches, settling them in order, until the owned slots have nothing
+    /// more to publish, a record fails or `shutdown`; how many records failed. On a database
+    /// error it returns at once, with whatever is still in `pipeline`.
     async fn drain_owned(
         &self,
         leases: &mut Leases,
+        pipeline: &mut pipeline::Pipeline<OutboxRow>,
         wakeups: &Wakeups,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<usize> {
         let batch_size = usize::try_from(self.batch_size.max(1)).unwrap_or(usize::MAX);
-        let mut pipeline = pipeline::Pipeline::new(self.depth());
         let mut claim_at = Some(tokio::time::Instant::now());
+        // A claim left rows of a key in flight behind: claim again once a batch settles.
+        let mut held_back = false;
         let mut failed = 0;
         loop {
             let stopping = failed > 0 || shutdown.is_cancelled();
@@ -604,6 +626,8 @@ impl Relay {
                 if leases.owned.is_empty() {
                     break;
                 }
+                // Slots it just took may have rows waiting.
+                claim_at = Some(tokio::time::Instant::now());
                 continue;
             }
             // Claims stop after a failure: the batches in flight settle, then the relay backs off.
@@ -616,10 +640,14 @@ impl Relay {
                 break;
             };
             if room > 0 && claim_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                let rows = claim(connection, &leases.owned, &pipeline.in_flight_ids(), room).await?;
+                let claimed = claim(connection, &leases.owned, &pipeline.in_flight_ids(), room).await?;
+                let full = claimed.len() >= room;
+                let (rows, held) = pipeline.admit(claimed, |row| row.3.as_str());
+                held_back |= held;
                 // As many rows as it could take leaves more behind: claim again when there is
-                // room.
-                claim_at = (rows.len() >= room).then(tokio::time::Instant::now);
+                // room. Unless it held rows back: claiming before a batch settles would find
+                // the same rows and hold them back again.
+                claim_at = (full && !held).then(tokio::time::Instant::now);
                 if rows.is_empty() {
                     continue;
                 }
@@ -638,24 +666,23 @@ impl Relay {
             tokio::select! {
                 biased;
                 Some(settled) = pipeline.next_settled() => {
-                    failed += self.settle(connection, &mut pipeline, settled).await?;
+                    failed += self.settle(connection, pipeline, settled).await?;
                     metrics::gauge!(telemetry::RELAY_BATCHES_IN_FLIGHT).set(pipeline.len() as f64);
+                    if std::mem::take(&mut held_back) {
+                        claim_at = Some(tokio::time::Instant::now());
+                    }
                 }
                 () = wakeups.notified(), if !stopping && claim_at.is_none() => {
                     claim_at = Some(tokio::time::Instant::now() + wakeups.coalesce);
                 }
-                // Due, but no room: the settle branch makes room.
+                // Not due yet: the coalescing delay after a notification.
                 () = tokio::time::sleep_until(claim_at.unwrap_or_else(tokio::time::Instant::now)),
                     if !stopping && claim_at.is_some_and(|at| at > tokio::time::Instant::now()) => {
                     wakeups.absorb();
                 }
             }
         }
-        if failed > 0 {
-            // Do not spin on rows the broker refuses (or while it is away): back off.
-            anyhow::bail!("{failed} records were not acknowledged");
-        }
-        Ok(())
+        Ok(failed)
     }
 
     /// Hands a claimed batch's records to the producer (in a Kafka transaction, if so
@@ -711,6 +738,7 @@ impl Relay {
         });
         Ok(pipeline::InFlight {
             ids: rows.iter().map(|row| row.0).collect(),
+            keys: rows.iter().map(|row| row.3.clone()).collect(),
             rows,
             acknowledgements: Box::pin(acknowledgements),
         })
@@ -1222,6 +1250,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("one batch, at a time"), "{error}");
+        assert!(
+            config(&["--kafka-transactions", "true", "--pipeline-depth", "1"])
+                .check_mode()
+                .is_ok(),
+            "one batch at a time is what transactions do: saying so is not refused"
+        );
         let zero = [
             "relay",
             "--database-url",

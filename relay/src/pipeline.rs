@@ -11,11 +11,18 @@
 //! - a claim leaves out the rows in flight ([`Pipeline::in_flight_ids`]): they stay
 //!   unpublished until settled, and a second claim of them would publish them twice, a
 //!   key's later row between its two copies;
-//! - the producer keeps the order in which batches were handed to it per partition
-//!   (idempotent, one producer), and batches settle in that same order;
-//! - a key whose row failed in one batch is blocked for the rest of the drain: a later row of
-//!   it, acknowledged in a later batch, is not marked either ([`Pipeline::marks`]), so the
-//!   next drain publishes the key's rows again from the failed one, in id order;
+//! - a key has records in one batch in flight at most ([`Pipeline::admit`]): a row of a key
+//!   already in flight is held back, with the key's later rows, until that batch settles.
+//!   The producer keeps the order of a partition's records, but when an outage outlasts a
+//!   record's delivery timeout, librdkafka fails it and may still write the records queued
+//!   after it (a gap, even with idempotence): a key's later row, sent seconds later in
+//!   another batch, could reach consumers before the earlier one, and the earlier one's
+//!   second copy would then come after it. Inside one batch a key's records are queued
+//!   within the same moment and time out together;
+//! - batches settle in claim order, and a key whose row failed is blocked for the rest of the
+//!   drain: a later row of it, acknowledged in a later batch, is not marked either
+//!   ([`Pipeline::marks`]), so the next drain publishes the key's rows again from the failed
+//!   one, in id order;
 //! - after a failure the relay claims nothing more, lets the batches in flight settle, and
 //!   backs off.
 
@@ -26,6 +33,8 @@ use futures::future::BoxFuture;
 /// One batch handed to the producer.
 pub(crate) struct InFlight<Row> {
     pub ids: Vec<i64>,
+    /// The partition keys of its rows.
+    pub keys: HashSet<String>,
     pub rows: Vec<Row>,
     /// One result per row, in the rows' order, once every record of the batch was
     /// acknowledged or failed.
@@ -84,6 +93,19 @@ impl<Row> Pipeline<Row> {
             .collect()
     }
 
+    /// Splits a claim (rows in id order) into the rows that may go to the producer now and
+    /// whether any was held back: a row whose key has a row in flight waits, and so do the
+    /// later rows of its key (the key's order), for that batch to settle.
+    pub fn admit<Claimed>(&self, rows: Vec<Claimed>, key: impl Fn(&Claimed) -> &str) -> (Vec<Claimed>, bool) {
+        let claimed = rows.len();
+        let admitted: Vec<Claimed> = rows
+            .into_iter()
+            .filter(|row| !self.batches.iter().any(|batch| batch.keys.contains(key(row))))
+            .collect();
+        let held_back = admitted.len() < claimed;
+        (admitted, held_back)
+    }
+
     pub fn push(&mut self, batch: InFlight<Row>) {
         self.batches.push_back(batch);
     }
@@ -128,6 +150,7 @@ mod tests {
     fn batch(ids: &[i64], answers: tokio::sync::oneshot::Receiver<Vec<Result<(), String>>>) -> InFlight<()> {
         InFlight {
             ids: ids.to_vec(),
+            keys: ids.iter().map(|id| format!("key-{id}")).collect(),
             rows: vec![(); ids.len()],
             acknowledgements: async move { answers.await.unwrap() }.boxed(),
         }
@@ -206,5 +229,19 @@ mod tests {
         assert_eq!(settled.ids, [2]);
         assert!(pipeline.next_settled().await.is_none());
         assert!(pipeline.is_empty());
+    }
+
+    #[test]
+    fn a_key_in_flight_waits_with_its_later_rows_and_the_other_keys_go() {
+        let mut pipeline = Pipeline::new(4);
+        let (_answers, receiver) = tokio::sync::oneshot::channel();
+        pipeline.push(batch(&[1], receiver));
+        // Rows of a claim: (key, id). key-1 is in flight (batch [1]).
+        let claimed = vec![("key-2", 5), ("key-1", 6), ("key-3", 7), ("key-1", 8)];
+        let (admitted, held_back) = pipeline.admit(claimed, |row| row.0);
+        assert_eq!(admitted, [("key-2", 5), ("key-3", 7)]);
+        assert!(held_back, "the relay must claim again once key-1's batch settles");
+        let (admitted, held_back) = pipeline.admit(vec![("key-2", 9)], |row| row.0);
+        assert_eq!((admitted, held_back), (vec![("key-2", 9)], false));
     }
 }
