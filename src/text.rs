@@ -67,6 +67,35 @@ pub fn visible(raw: &str, max_chars: usize) -> Result<(), TextError> {
     Ok(())
 }
 
+/// A stock-keeping unit, as every service parses it at its edge: 1 to 64 characters of
+/// visible text. One type, so that order-svc and inventory-svc apply one rule. SKUs are
+/// compared as written, byte for byte: no Unicode normalisation, so a catalogue must spell
+/// each SKU one way (a composed and a decomposed "é" are two SKUs).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Sku(String);
+
+impl Sku {
+    /// The longest SKU.
+    pub const MAX_CHARS: usize = 64;
+
+    /// Parses the wire value.
+    pub fn parse(raw: &str) -> Result<Self, TextError> {
+        visible(raw, Self::MAX_CHARS)?;
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Sku {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{TextError, visible};

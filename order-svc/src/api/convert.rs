@@ -53,7 +53,11 @@ pub(super) fn parse_place_order(
         ));
     } else {
         for (index, item) in request.items.iter().enumerate() {
-            let sku = field(v, format!("items[{index}].sku"), Sku::parse(&item.sku));
+            let sku = field(
+                v,
+                format!("items[{index}].sku"),
+                Sku::parse(&item.sku).map_err(ValueError::from),
+            );
             let quantity = field(v, format!("items[{index}].quantity"), Quantity::parse(item.quantity));
             let unit_price = parse_money(v, item.unit_price.as_ref(), &format!("items[{index}].unit_price"));
             if let (Some(sku), Some(quantity), Some(unit_price)) = (sku, quantity, unit_price) {

@@ -1,6 +1,8 @@
 //! Value types parsed at the edge. Each constructor refuses what proto3 cannot tell
 //! apart from "missing" (`0`, `""`), so a default value never becomes a business value.
 
+pub use orderflow::text::Sku;
+
 use super::{Currency, Money};
 
 /// Why a raw value is not a valid domain value.
@@ -140,25 +142,6 @@ impl Quantity {
 fn printable(raw: &str, max_chars: usize) -> Result<String, ValueError> {
     orderflow::text::visible(raw, max_chars)?;
     Ok(raw.to_owned())
-}
-
-/// A stock-keeping unit: 1 to 64 printable characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sku(String);
-
-impl Sku {
-    /// The longest SKU.
-    pub const MAX_CHARS: usize = 64;
-
-    /// Parses the wire value.
-    pub fn parse(raw: &str) -> Result<Self, ValueError> {
-        printable(raw, Self::MAX_CHARS).map(Self)
-    }
-
-    /// The text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 /// The gateway's token for the card: 1 to 128 printable characters. Not a card number.
