@@ -35,6 +35,11 @@ pub fn event_type_of(payload: &Payload) -> &'static str {
         Payload::PaymentFailed(_) => "orderflow.events.v1.PaymentFailed",
         Payload::PaymentCaptured(_) => "orderflow.events.v1.PaymentCaptured",
         Payload::PaymentVoided(_) => "orderflow.events.v1.PaymentVoided",
+        Payload::StockReserved(_) => "orderflow.events.v1.StockReserved",
+        Payload::StockRejected(_) => "orderflow.events.v1.StockRejected",
+        Payload::StockReleased(_) => "orderflow.events.v1.StockReleased",
+        Payload::StockCommitted(_) => "orderflow.events.v1.StockCommitted",
+        Payload::StockCameShort(_) => "orderflow.events.v1.StockCameShort",
     }
 }
 

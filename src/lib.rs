@@ -47,6 +47,8 @@ pub mod topics {
     pub const ORDERS_EVENTS: &str = "orders.events";
     /// Events of the payment service.
     pub const PAYMENTS_EVENTS: &str = "payments.events";
+    /// Events of the inventory service.
+    pub const INVENTORY_EVENTS: &str = "inventory.events";
     /// The dead-letter topic of `topic`.
     pub fn dead_letter(topic: &str) -> String {
         format!("{topic}.dlq")

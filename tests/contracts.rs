@@ -38,6 +38,13 @@ fn eur(amount_minor: i64) -> Option<Money> {
     })
 }
 
+fn book(quantity: i64) -> events::StockLine {
+    events::StockLine {
+        sku: "BOOK-1".into(),
+        quantity,
+    }
+}
+
 /// One fixed example of every event type, with the name of its golden file.
 fn every_event() -> Vec<(&'static str, Payload)> {
     let order_id = id(2).to_string();
@@ -104,9 +111,59 @@ fn every_event() -> Vec<(&'static str, Payload)> {
         (
             "payment_voided",
             Payload::PaymentVoided(events::PaymentVoided {
-                order_id,
+                order_id: order_id.clone(),
                 payment_id,
                 amount: eur(3_750),
+            }),
+        ),
+        (
+            "stock_reserved",
+            Payload::StockReserved(events::StockReserved {
+                order_id: order_id.clone(),
+                lines: vec![book(3)],
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: 1_764_000_900,
+                    nanos: 0,
+                }),
+            }),
+        ),
+        (
+            "stock_rejected",
+            Payload::StockRejected(events::StockRejected {
+                order_id: order_id.clone(),
+                shortages: vec![events::StockShortage {
+                    sku: "BOOK-1".into(),
+                    requested: 3,
+                    available: 1,
+                }],
+            }),
+        ),
+        (
+            "stock_released",
+            Payload::StockReleased(events::StockReleased {
+                order_id: order_id.clone(),
+                reason: events::StockReleaseReason::OrderCancelled as i32,
+                lines: vec![book(3)],
+                sold: true,
+            }),
+        ),
+        (
+            "stock_committed",
+            Payload::StockCommitted(events::StockCommitted {
+                order_id: order_id.clone(),
+                lines: vec![book(3)],
+                after_expiry: false,
+            }),
+        ),
+        (
+            "stock_came_short",
+            Payload::StockCameShort(events::StockCameShort {
+                order_id,
+                shortages: vec![events::StockShortage {
+                    sku: "BOOK-1".into(),
+                    requested: 3,
+                    available: 0,
+                }],
             }),
         ),
     ]
@@ -205,14 +262,14 @@ fn an_event_from_a_newer_schema_with_unknown_fields_decodes() {
 
 #[test]
 fn an_unknown_event_type_is_reported_by_name_not_dropped() {
-    // A newer producer added `OrderShipped` as payload field 40.
+    // A newer producer added `OrderShipped` as payload field 89 (a number no payload uses).
     let mut bytes = EventEnvelope {
         event_type: "orderflow.events.v1.OrderShipped".into(),
         payload: None,
         ..envelope::seal(meta(), every_event().remove(0).1)
     }
     .encode_to_vec();
-    append_field(&mut bytes, 40, b"\x0a\x05order");
+    append_field(&mut bytes, 89, b"\x0a\x05order");
     assert_eq!(
         envelope::open(&bytes),
         Err(ContractError::UnknownEventType {

@@ -158,6 +158,13 @@ fn change_of(payload: &Payload, occurred_at: DateTime<Utc>) -> Change {
             payment_state: Some(PaymentState::Voided),
             ..Change::default()
         },
+        // Not on the topics the projector reads: the read model gains the stock's state when
+        // the saga reserves stock (docs/adr/0007, "Where this stands").
+        Payload::StockReserved(_)
+        | Payload::StockRejected(_)
+        | Payload::StockReleased(_)
+        | Payload::StockCommitted(_)
+        | Payload::StockCameShort(_) => Change::default(),
     }
 }
 

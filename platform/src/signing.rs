@@ -33,6 +33,8 @@ use prost::Message as _;
 pub const ORDER_SVC: &str = "order-svc";
 /// The service that decides payment events.
 pub const PAYMENT_SVC: &str = "payment-svc";
+/// The service that decides stock events.
+pub const INVENTORY_SVC: &str = "inventory-svc";
 
 /// The one service whose key may sign `payload`'s event type.
 pub fn producer_of(payload: &Payload) -> &'static str {
@@ -42,6 +44,11 @@ pub fn producer_of(payload: &Payload) -> &'static str {
         | Payload::PaymentFailed(_)
         | Payload::PaymentCaptured(_)
         | Payload::PaymentVoided(_) => PAYMENT_SVC,
+        Payload::StockReserved(_)
+        | Payload::StockRejected(_)
+        | Payload::StockReleased(_)
+        | Payload::StockCommitted(_)
+        | Payload::StockCameShort(_) => INVENTORY_SVC,
     }
 }
 
