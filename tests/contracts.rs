@@ -262,14 +262,14 @@ fn an_event_from_a_newer_schema_with_unknown_fields_decodes() {
 
 #[test]
 fn an_unknown_event_type_is_reported_by_name_not_dropped() {
-    // A newer producer added `OrderShipped` as payload field 89 (a number no payload uses).
+    // A newer producer added `OrderShipped` as a payload field this build does not define.
     let mut bytes = EventEnvelope {
         event_type: "orderflow.events.v1.OrderShipped".into(),
         payload: None,
         ..envelope::seal(meta(), every_event().remove(0).1)
     }
     .encode_to_vec();
-    append_field(&mut bytes, 89, b"\x0a\x05order");
+    append_field(&mut bytes, orderflow_tests::UNDEFINED_PAYLOAD_FIELD, b"\x0a\x05order");
     assert_eq!(
         envelope::open(&bytes),
         Err(ContractError::UnknownEventType {

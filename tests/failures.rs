@@ -86,7 +86,11 @@ async fn poison_messages_are_dead_lettered_with_context_and_the_partition_keeps_
         ..envelope::seal(meta(order), Payload::OrderPlaced(placed_without_total.clone()))
     }
     .encode_to_vec();
-    prost::encoding::encode_key(40, prost::encoding::WireType::LengthDelimited, &mut unknown_type);
+    prost::encoding::encode_key(
+        orderflow_tests::UNDEFINED_PAYLOAD_FIELD,
+        prost::encoding::WireType::LengthDelimited,
+        &mut unknown_type,
+    );
     prost::encoding::encode_varint(0, &mut unknown_type);
     let mut newer_version = envelope::seal(meta(order), Payload::OrderPlaced(placed_without_total.clone()));
     newer_version.schema_version = 99;
