@@ -59,6 +59,16 @@ pub struct Demand(BTreeMap<Sku, Units>);
 impl Demand {
     /// The demand of an order's lines.
     pub fn new(lines: impl IntoIterator<Item = (Sku, i64)>) -> Result<Self, DomainError> {
+        let demand = Self::recorded(lines)?;
+        if demand.is_empty() {
+            return Err(DomainError::NoLines);
+        }
+        Ok(demand)
+    }
+
+    /// A demand as a reservation records it: possibly empty (a cancellation that came before
+    /// its order), every line positive.
+    pub fn recorded(lines: impl IntoIterator<Item = (Sku, i64)>) -> Result<Self, DomainError> {
         let mut sums: BTreeMap<Sku, i64> = BTreeMap::new();
         for (sku, quantity) in lines {
             if quantity <= 0 {
@@ -69,9 +79,6 @@ impl Demand {
                 .checked_add(quantity)
                 .filter(|&sum| sum <= Units::MAX)
                 .ok_or(DomainError::TooManyUnits { sku })?;
-        }
-        if sums.is_empty() {
-            return Err(DomainError::NoLines);
         }
         Ok(Self(sums.into_iter().map(|(sku, sum)| (sku, Units(sum))).collect()))
     }
