@@ -215,7 +215,9 @@ async fn a_redelivered_unit_changes_nothing_and_a_cancellation_before_its_order_
             command: Command::Release,
         },
     ];
-    run_unit(&db, &unit).await;
+    let (first, _) = run_unit(&db, &unit).await;
+    assert!(matches!(first[0].events[..], [Event::Reserved { .. }]), "{first:?}");
+    assert!(matches!(first[1].events[..], [Event::Released { .. }]), "{first:?}");
     // The same messages again (past the inbox's window), and the cancelled order's placement.
     let (again, _) = run_unit(&db, &unit).await;
     assert!(again.iter().all(|d| d.events.is_empty()), "{again:?}");
@@ -233,4 +235,161 @@ async fn a_redelivered_unit_changes_nothing_and_a_cancellation_before_its_order_
         .await
         .unwrap();
     assert_eq!(reserved, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_units_sell_release_expire_and_take_again_what_earlier_units_held() {
+    let db = fresh_db(&inventory_svc::MIGRATOR).await;
+    seed(&db).await;
+    let scarce = "SKU-0005";
+    let lines = |n| Demand::new([(Sku::parse(scarce).unwrap(), n)]).unwrap();
+    let (sold, cancelled, late) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let ask = |order_id, command| Asked { order_id, command };
+    run_unit(
+        &db,
+        &[
+            ask(sold, Command::Reserve(lines(10))),
+            ask(cancelled, Command::Reserve(lines(10))),
+            ask(late, Command::Reserve(lines(10))),
+        ],
+    )
+    .await;
+    let (second, _) = run_unit(
+        &db,
+        &[
+            ask(sold, Command::Commit),
+            ask(cancelled, Command::Release),
+            ask(late, Command::Expire),
+        ],
+    )
+    .await;
+    assert!(matches!(second[2].events[..], [Event::Expired { .. }]), "{second:?}");
+    let counts = || async {
+        sqlx::query_as::<_, (i64, i64)>("SELECT reserved, sold FROM stock WHERE sku = $1")
+            .bind(scarce)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(counts().await, (0, 10), "one sold, one released, one expired");
+    // The late confirmation finds its stock still there and takes it again; then the sold
+    // order is cancelled after confirmation and its units go back.
+    let (third, _) = run_unit(&db, &[ask(late, Command::Commit), ask(sold, Command::Release)]).await;
+    assert!(matches!(third[0].events[..], [Event::Retaken { .. }]), "{third:?}");
+    assert_eq!(counts().await, (0, 10));
+    let deadline: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT expires_at FROM reservations WHERE order_id = $1")
+            .bind(late)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(deadline, None, "only a held reservation has a deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_refuses_lines_that_are_not_units() {
+    let db = fresh_db(&inventory_svc::MIGRATOR).await;
+    for lines in [
+        r#"{"A": 0}"#,
+        r#"{"A": -1}"#,
+        r#"{"A": 1.5}"#,
+        r#"{"A": "1"}"#,
+        "[]",
+        "{}",
+    ] {
+        let refused =
+            sqlx::query("INSERT INTO reservations (order_id, state, lines) VALUES ($1, 'REJECTED', $2::jsonb)")
+                .bind(uuid::Uuid::now_v7())
+                .bind(lines)
+                .execute(&db.pool)
+                .await;
+        assert!(refused.is_err(), "{lines} was accepted");
+    }
+    sqlx::query("INSERT INTO reservations (order_id, state, lines) VALUES ($1, 'REJECTED', '{\"A\": 2}')")
+        .bind(uuid::Uuid::now_v7())
+        .execute(&db.pool)
+        .await
+        .expect("whole positive units are lines");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_another_transaction_inserted_meanwhile_is_never_overwritten() {
+    use inventory_svc::domain::{Reservation, ReservationState};
+    use inventory_svc::store::{self, Written};
+    let db = fresh_db(&inventory_svc::MIGRATOR).await;
+    let order = uuid::Uuid::now_v7();
+    let mut tx = db.pool.begin().await.unwrap();
+    let found = store::lock_reservations(&mut tx, &[order].into()).await.unwrap();
+    assert!(found.is_empty());
+    // A second consumer of the same order (a zombie instance) records it meanwhile.
+    sqlx::query("INSERT INTO reservations (order_id, state, lines) VALUES ($1, 'REJECTED', '{\"SKU-0005\": 2}')")
+        .bind(order)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let ours = Reservation {
+        state: ReservationState::Released,
+        demand: Demand::default(),
+    };
+    let written = store::write_reservations(
+        &mut tx,
+        &Default::default(),
+        &[Written {
+            order_id: order,
+            reservation: &ours,
+            expires_at: None,
+        }],
+    )
+    .await;
+    assert!(
+        written
+            .as_ref()
+            .is_err_and(|error| error.to_string().contains("appeared concurrently")),
+        "{:?}",
+        written.map(drop)
+    );
+    tx.rollback().await.unwrap();
+    let state: String = sqlx::query_scalar("SELECT state FROM reservations WHERE order_id = $1")
+        .bind(order)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "REJECTED", "the other transaction's row stands");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_of_a_sku_whose_row_is_gone_are_refused_not_dropped() {
+    let db = fresh_db(&inventory_svc::MIGRATOR).await;
+    seed(&db).await;
+    let order = uuid::Uuid::now_v7();
+    let two = Demand::new([(Sku::parse("SKU-0005").unwrap(), 2)]).unwrap();
+    run_unit(
+        &db,
+        &[Asked {
+            order_id: order,
+            command: Command::Reserve(two),
+        }],
+    )
+    .await;
+    sqlx::query("DELETE FROM stock WHERE sku = 'SKU-0005'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    let released = unit::decide_and_write(
+        &mut tx,
+        &[Asked {
+            order_id: order,
+            command: Command::Release,
+        }],
+        Duration::from_secs(900),
+    )
+    .await;
+    assert!(
+        matches!(
+            &released,
+            Err(unit::UnitError::Store(inventory_svc::store::StoreError::Corrupt(_)))
+        ),
+        "{released:?}"
+    );
 }

@@ -30,15 +30,26 @@ pub struct InventoryHandler {
 }
 
 impl InventoryHandler {
+    /// The longest time a reservation may be held: a bound that keeps every deadline in the
+    /// calendar (and a hold of more than a month is a misconfiguration, not a saga).
+    pub const MAX_RESERVATION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
     /// A handler that writes its events for `topic` through `outbox` and holds reservations
     /// for `reservation_ttl` (docs/adr/0007: longer than the saga deadline and the outages
-    /// it rides through).
-    pub fn new(topic: String, outbox: Outbox, reservation_ttl: Duration) -> Self {
-        Self {
+    /// it rides through). A time to live of zero or beyond [`Self::MAX_RESERVATION_TTL`] is
+    /// refused.
+    pub fn new(topic: String, outbox: Outbox, reservation_ttl: Duration) -> Result<Self, String> {
+        if reservation_ttl.is_zero() || reservation_ttl > Self::MAX_RESERVATION_TTL {
+            return Err(format!(
+                "a reservation's time to live must be more than 0 and at most {:?}, not {reservation_ttl:?}",
+                Self::MAX_RESERVATION_TTL
+            ));
+        }
+        Ok(Self {
             topic,
             outbox,
             reservation_ttl,
-        }
+        })
     }
 }
 
@@ -80,6 +91,9 @@ impl Handler for InventoryHandler {
                 UnitError::Store(StoreError::Corrupt(what)) => {
                     (whole, HandlerError::Permanent(format!("corrupt {what}")))
                 }
+                // `new` refuses such a setting; were it reached, stalling the partition (and
+                // its alert) is better than dead-lettering every order.
+                error @ UnitError::TtlOutOfRange(_) => (whole, HandlerError::Transient(error.into())),
             })?;
         let mut messages: Vec<OutboxMessage> = Vec::new();
         for (decided, fresh) in decided.iter().zip(batch) {
@@ -200,4 +214,113 @@ fn shortages_of(shortages: &[Shortage]) -> Vec<StockShortage> {
             available: shortage.available,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use orderflow::envelope::OpenedEvent;
+    use orderflow::events::v1::event_envelope::Payload;
+    use orderflow::events::v1::{OrderConfirmed, OrderPlaced, PaymentAuthorized, StockReleaseReason};
+    use orderflow::orders::v1::OrderItem;
+
+    use super::{asked_of, payload_of};
+    use crate::domain::{Command, Demand, Event, Returned, Sku};
+    use crate::unit::Decided;
+
+    fn opened(payload: Payload) -> OpenedEvent {
+        OpenedEvent {
+            message_id: uuid::Uuid::now_v7(),
+            aggregate_id: uuid::Uuid::from_u128(7),
+            correlation_id: uuid::Uuid::now_v7(),
+            causation_id: None,
+            traceparent: None,
+            signing_key_id: None,
+            schema_version: 1,
+            occurred_at: None,
+            payload,
+        }
+    }
+
+    fn item(sku: &str, quantity: i32) -> OrderItem {
+        OrderItem {
+            sku: sku.into(),
+            quantity,
+            unit_price: None,
+        }
+    }
+
+    fn demand(lines: &[(&str, i64)]) -> Demand {
+        Demand::new(lines.iter().map(|&(sku, n)| (Sku::parse(sku).unwrap(), n))).unwrap()
+    }
+
+    #[test]
+    fn an_order_asks_for_its_lines_summed_per_sku_and_nonsense_is_refused() {
+        let placed = |items| {
+            opened(Payload::OrderPlaced(OrderPlaced {
+                items,
+                payment_token: "tok_secret".into(),
+                ..OrderPlaced::default()
+            }))
+        };
+        let asked = asked_of(&placed(vec![item("A", 2), item("B", 1), item("A", 1)])).unwrap();
+        assert_eq!(asked.order_id, uuid::Uuid::from_u128(7));
+        assert_eq!(asked.command, Command::Reserve(demand(&[("A", 3), ("B", 1)])));
+        assert!(
+            !format!("{asked:?}").contains("tok_secret"),
+            "the card token is never read"
+        );
+        for bad in [vec![], vec![item("", 1)], vec![item("A", 0)], vec![item("A", -2)]] {
+            assert!(asked_of(&placed(bad.clone())).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            asked_of(&opened(Payload::OrderConfirmed(OrderConfirmed::default())))
+                .unwrap()
+                .command,
+            Command::Commit
+        );
+        assert!(asked_of(&opened(Payload::PaymentAuthorized(PaymentAuthorized::default()))).is_err());
+    }
+
+    #[test]
+    fn each_fact_is_published_as_its_event_with_what_it_moved() {
+        let expires_at = chrono::DateTime::from_timestamp(1_764_000_900, 0).unwrap();
+        let decided = Decided {
+            order_id: uuid::Uuid::from_u128(7),
+            events: vec![],
+            expires_at: Some(expires_at),
+        };
+        let Some(Payload::StockReserved(reserved)) = payload_of(
+            &decided,
+            &Event::Reserved {
+                demand: demand(&[("A", 3)]),
+            },
+        ) else {
+            panic!("StockReserved");
+        };
+        assert_eq!(reserved.order_id, uuid::Uuid::from_u128(7).to_string());
+        assert_eq!((reserved.lines[0].sku.as_str(), reserved.lines[0].quantity), ("A", 3));
+        assert_eq!(reserved.expires_at.map(|at| at.seconds), Some(1_764_000_900));
+
+        let released = |returned| match payload_of(&decided, &Event::Released { returned }) {
+            Some(Payload::StockReleased(released)) => (released.lines.len(), released.sold, released.reason),
+            other => panic!("StockReleased, not {other:?}"),
+        };
+        let cancelled = StockReleaseReason::OrderCancelled as i32;
+        assert_eq!(released(Returned::Held(demand(&[("A", 3)]))), (1, false, cancelled));
+        assert_eq!(released(Returned::Sold(demand(&[("A", 3)]))), (1, true, cancelled));
+        assert_eq!(released(Returned::Nothing), (0, false, cancelled));
+        assert!(matches!(
+            payload_of(&decided, &Event::Retaken { demand: demand(&[("A", 1)]) }),
+            Some(Payload::StockCommitted(committed)) if committed.after_expiry
+        ));
+        assert_eq!(
+            payload_of(
+                &decided,
+                &Event::Dispatched {
+                    demand: demand(&[("A", 1)])
+                }
+            ),
+            None
+        );
+    }
 }

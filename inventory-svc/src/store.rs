@@ -1,6 +1,7 @@
 //! inventory's tables, as a unit of work reads, locks and writes them. Locks are always taken
 //! in one order (reservations by order id, then stock rows by SKU in byte order), so that two
-//! units, two instances or a unit and the sweeper never wait on each other in a cycle.
+//! units or two instances never wait on each other in a cycle. Whatever else locks these rows
+//! (the expiry sweeper, a restock) must take them in the same order, or skip what is locked.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -72,28 +73,40 @@ pub async fn lock_stock(tx: &mut PgConnection, skus: &BTreeSet<Sku>) -> Result<S
     Ok(Stock::new(levels))
 }
 
-/// Writes the unit's counts back, one statement for every SKU it locked. A SKU that has no
-/// row is not written (nothing of it was held or sold: a reservation asking for it was
-/// rejected).
-pub async fn write_stock(tx: &mut PgConnection, stock: &Stock) -> Result<(), StoreError> {
+/// Writes back the counts the unit changed (`after` against what it read, `before`), one
+/// statement for all. Every changed SKU must have its row: counts that changed for a SKU with
+/// none (its row deleted while a reservation held it) are refused, never dropped.
+pub async fn write_stock(tx: &mut PgConnection, before: &Stock, after: &Stock) -> Result<(), StoreError> {
     let (mut skus, mut on_hand, mut reserved, mut sold) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (sku, level) in stock.levels() {
-        skus.push(sku.as_str());
-        on_hand.push(level.on_hand);
-        reserved.push(level.reserved);
-        sold.push(level.sold);
+    for (sku, level) in after.levels() {
+        if before.level(sku) != *level {
+            skus.push(sku.as_str());
+            on_hand.push(level.on_hand);
+            reserved.push(level.reserved);
+            sold.push(level.sold);
+        }
     }
-    sqlx::query(
+    if skus.is_empty() {
+        return Ok(());
+    }
+    let updated = sqlx::query(
         "UPDATE stock SET on_hand = u.on_hand, reserved = u.reserved, sold = u.sold
          FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) AS u(sku, on_hand, reserved, sold)
-         WHERE stock.sku = u.sku AND (stock.on_hand, stock.reserved, stock.sold) <> (u.on_hand, u.reserved, u.sold)",
+         WHERE stock.sku = u.sku",
     )
     .bind(&skus)
     .bind(&on_hand)
     .bind(&reserved)
     .bind(&sold)
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
+    if updated != skus.len() as u64 {
+        return Err(StoreError::Corrupt(format!(
+            "stock: {} SKUs changed, {updated} rows: a SKU held by a reservation has no row",
+            skus.len()
+        )));
+    }
     Ok(())
 }
 
@@ -107,27 +120,55 @@ pub struct Written<'a> {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-/// Inserts or updates the reservations the unit changed, one statement for all.
-pub async fn write_reservations(tx: &mut PgConnection, written: &[Written<'_>]) -> Result<(), StoreError> {
-    if written.is_empty() {
-        return Ok(());
+/// Writes the reservations the unit changed: `existing` ones (locked by
+/// [`lock_reservations`]) updated, the others inserted, one statement each, in order id
+/// order. A new row that another transaction inserted meanwhile (read as missing here: only a
+/// second consumer of the same orders could) is not overwritten: the unit fails, transiently,
+/// and its retry finds and locks the row.
+pub async fn write_reservations(
+    tx: &mut PgConnection,
+    existing: &BTreeSet<Uuid>,
+    written: &[Written<'_>],
+) -> Result<(), StoreError> {
+    let (old, new): (Vec<&Written<'_>>, Vec<&Written<'_>>) =
+        written.iter().partition(|w| existing.contains(&w.order_id));
+    for (rows, statement) in [
+        (
+            old,
+            "UPDATE reservations r SET state = u.state, lines = u.lines, expires_at = u.expires_at, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[]) AS u(order_id, state, lines, expires_at)
+             WHERE r.order_id = u.order_id",
+        ),
+        (
+            new,
+            "INSERT INTO reservations (order_id, state, lines, expires_at)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[]) ORDER BY 1
+             ON CONFLICT (order_id) DO NOTHING",
+        ),
+    ] {
+        if rows.is_empty() {
+            continue;
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|w| w.order_id).collect();
+        let states: Vec<&str> = rows.iter().map(|w| w.reservation.state.as_str()).collect();
+        let lines: Vec<serde_json::Value> = rows.iter().map(|w| lines_of(&w.reservation.demand)).collect();
+        let expires: Vec<Option<DateTime<Utc>>> = rows.iter().map(|w| w.expires_at).collect();
+        let affected = sqlx::query(statement)
+            .bind(&ids)
+            .bind(&states)
+            .bind(&lines)
+            .bind(&expires)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if affected != rows.len() as u64 {
+            // Classified transient by the consumer runtime, as payment-svc's same race is.
+            return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                "{affected} of {} reservations written: some appeared concurrently",
+                rows.len()
+            ))));
+        }
     }
-    let ids: Vec<Uuid> = written.iter().map(|w| w.order_id).collect();
-    let states: Vec<&str> = written.iter().map(|w| w.reservation.state.as_str()).collect();
-    let lines: Vec<serde_json::Value> = written.iter().map(|w| lines_of(&w.reservation.demand)).collect();
-    let expires: Vec<Option<DateTime<Utc>>> = written.iter().map(|w| w.expires_at).collect();
-    sqlx::query(
-        "INSERT INTO reservations (order_id, state, lines, expires_at)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[])
-         ON CONFLICT (order_id) DO UPDATE
-         SET state = excluded.state, lines = excluded.lines, expires_at = excluded.expires_at, updated_at = now()",
-    )
-    .bind(&ids)
-    .bind(&states)
-    .bind(&lines)
-    .bind(&expires)
-    .execute(&mut *tx)
-    .await?;
     Ok(())
 }
 

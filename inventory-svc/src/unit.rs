@@ -7,14 +7,14 @@
 //! the commit leaves nothing (the messages are redelivered and decided again over the same
 //! counts); after it, the inbox rows make the redelivery a no-op.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{self, Command, DomainError, Event, Reservation, ReservationState};
+use crate::domain::{self, Command, DomainError, Event, ReservationState};
 use crate::store::{self, StoreError, Written};
 
 /// What one message of the unit asks for one order.
@@ -43,6 +43,10 @@ pub enum UnitError {
     /// The store failed: the whole unit (no one message is to blame).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The reservations' time to live does not fit the calendar: a setting to refuse at
+    /// start-up ([`crate::handler::InventoryHandler::new`] does).
+    #[error("a reservation time to live of {0:?} does not fit the calendar")]
+    TtlOutOfRange(Duration),
     /// The message at this index cannot be honoured (a confirmation of an order inventory
     /// never heard of): permanent, for that message alone.
     #[error("message {index}: {error}")]
@@ -63,20 +67,40 @@ pub async fn decide_and_write(
 ) -> Result<Vec<Decided>, UnitError> {
     let orders: BTreeSet<Uuid> = asked.iter().map(|a| a.order_id).collect();
     let mut reservations = store::lock_reservations(tx, &orders).await?;
+    let existing: BTreeSet<Uuid> = reservations.keys().copied().collect();
+    // Only the stock the unit may change: what new orders ask for, and what reservations hold
+    // or had (an expired one may be taken again). Every other row stays unlocked for the
+    // units beside this one.
     let skus = asked
         .iter()
+        .filter(|a| !reservations.contains_key(&a.order_id))
         .filter_map(|a| match &a.command {
             Command::Reserve(demand) => Some(demand),
             _ => None,
         })
-        .chain(reservations.values().map(|r| &r.demand))
+        .chain(
+            reservations
+                .values()
+                .filter(|r| {
+                    matches!(
+                        r.state,
+                        ReservationState::Reserved | ReservationState::Committed | ReservationState::Expired
+                    )
+                })
+                .map(|r| &r.demand),
+        )
         .flat_map(|demand| demand.lines().map(|(sku, _)| sku.clone()))
         .collect();
-    let mut stock = store::lock_stock(tx, &skus).await?;
+    let before = store::lock_stock(tx, &skus).await?;
+    let mut stock = before.clone();
     let now = store::now(tx).await?;
-    let expires_at = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+    let expires_at = chrono::Duration::from_std(ttl)
+        .ok()
+        .and_then(|ttl| now.checked_add_signed(ttl))
+        .ok_or(UnitError::TtlOutOfRange(ttl))?;
 
-    let mut changed: HashMap<Uuid, Option<DateTime<Utc>>> = HashMap::new();
+    // In order id order: the new rows are inserted in it, like every lock on the table.
+    let mut changed: BTreeMap<Uuid, Option<DateTime<Utc>>> = BTreeMap::new();
     let mut decided = Vec::with_capacity(asked.len());
     for (index, Asked { order_id, command }) in asked.iter().enumerate() {
         let events = domain::decide(reservations.get(order_id), &stock, command.clone())
@@ -95,18 +119,21 @@ pub async fn decide_and_write(
         });
     }
 
-    store::write_stock(tx, &stock).await?;
-    let written: Vec<Written<'_>> = changed
-        .iter()
-        .filter_map(|(order_id, expires_at)| {
-            let reservation: &Reservation = reservations.get(order_id)?;
-            Some(Written {
-                order_id: *order_id,
-                reservation,
-                expires_at: *expires_at,
-            })
-        })
-        .collect();
-    store::write_reservations(tx, &written).await?;
+    store::write_stock(tx, &before, &stock).await?;
+    let mut written: Vec<Written<'_>> = Vec::with_capacity(changed.len());
+    for (order_id, expires_at) in &changed {
+        // Every changed order was just put back in `reservations` by the loop above.
+        let Some(reservation) = reservations.get(order_id) else {
+            return Err(UnitError::Store(StoreError::Corrupt(format!(
+                "the unit lost {order_id}"
+            ))));
+        };
+        written.push(Written {
+            order_id: *order_id,
+            reservation,
+            expires_at: *expires_at,
+        });
+    }
+    store::write_reservations(tx, &existing, &written).await?;
     Ok(decided)
 }

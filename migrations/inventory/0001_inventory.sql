@@ -19,11 +19,16 @@ CREATE TABLE stock (
 CREATE TABLE reservations (
     order_id    uuid        PRIMARY KEY,
     state       text        NOT NULL CHECK (state IN ('RESERVED', 'REJECTED', 'COMMITTED', 'RELEASED', 'EXPIRED', 'SHORT', 'DISPATCHED')),
-    lines       jsonb       NOT NULL CHECK (jsonb_typeof(lines) = 'object'),
+    lines       jsonb       NOT NULL,
     expires_at  timestamptz,
     updated_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT reservation_lines_are_units CHECK (
+        jsonb_typeof(lines) = 'object'
+        AND NOT jsonb_path_exists(lines, '$.* ? (@.type() != "number" || @ <= 0 || @.floor() != @)')),
+    -- Only a cancellation that came before its order holds no lines.
+    CONSTRAINT reservation_lines_only_empty_when_released CHECK (lines <> '{}'::jsonb OR state = 'RELEASED'),
     -- Only a held reservation has a deadline: the sweeper's index covers nothing else.
-    CHECK ((state = 'RESERVED') = (expires_at IS NOT NULL))
+    CONSTRAINT reservation_deadline_only_while_held CHECK ((state = 'RESERVED') = (expires_at IS NOT NULL))
 );
 CREATE INDEX reservations_expiring ON reservations (expires_at) WHERE state = 'RESERVED';
 

@@ -155,11 +155,10 @@ impl Stock {
 
     /// Changes the counts of every SKU of `demand`. Each must be one the unit locked: a unit
     /// locks the SKUs of every order it decides, and a reservation holds only what its own
-    /// order asked for. (Were one missing, its counts would start at zero, go negative and
-    /// fail the database's CHECK: refused, never written.)
+    /// order asked for. (Were one missing, its counts would start at zero; the store refuses
+    /// to write counts for a SKU that has no row.)
     fn change(&mut self, demand: &Demand, change: impl Fn(&mut Level, i64)) {
         for (sku, units) in demand.lines() {
-            debug_assert!(self.0.contains_key(sku), "{sku} was not locked by the unit");
             change(self.0.entry(sku.clone()).or_default(), units.get());
         }
     }
