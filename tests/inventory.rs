@@ -393,3 +393,63 @@ async fn counts_of_a_sku_whose_row_is_gone_are_refused_not_dropped() {
         "{released:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_releases_what_outlived_its_deadline_and_skips_what_a_unit_is_deciding() {
+    let db = fresh_db(&inventory_svc::MIGRATOR).await;
+    seed(&db).await;
+    let orders: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+    let asked: Vec<Asked> = orders
+        .iter()
+        .map(|&order_id| Asked {
+            order_id,
+            command: Command::Reserve(Demand::new([(Sku::parse("SKU-0005").unwrap(), 2)]).unwrap()),
+        })
+        .collect();
+    run_unit(&db, &asked).await;
+    // Two deadlines pass (moved back rather than waited for); the third is still ahead.
+    sqlx::query("UPDATE reservations SET expires_at = now() - interval '1 second' WHERE order_id = ANY($1)")
+        .bind(&orders[..2])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // A unit is deciding the first one: it holds its row.
+    let mut unit_tx = db.pool.begin().await.unwrap();
+    inventory_svc::store::lock_reservations(&mut unit_tx, &[orders[0]].into())
+        .await
+        .unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    // A bound only on the failing path: a sweeper that waited for the unit would wait until
+    // the unit ends, which here is after this call.
+    let swept = tokio::time::timeout(Duration::from_secs(10), unit::expire_due(&mut tx, 100))
+        .await
+        .expect("the sweeper waited for a reservation a unit holds")
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(swept.len(), 1, "the held one is skipped: {swept:?}");
+    assert_eq!(swept[0].order_id, orders[1]);
+    assert!(matches!(swept[0].events[..], [Event::Expired { .. }]));
+    unit_tx.rollback().await.unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let swept = unit::expire_due(&mut tx, 100).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        swept.iter().map(|d| d.order_id).collect::<Vec<_>>(),
+        [orders[0]],
+        "the next pass takes it"
+    );
+    let (reserved, expired): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT reserved FROM stock WHERE sku = 'SKU-0005'),
+                (SELECT count(*) FROM reservations WHERE state = 'EXPIRED' AND expires_at IS NULL)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (reserved, expired),
+        (2, 2),
+        "only the third order still holds its units"
+    );
+}

@@ -35,6 +35,11 @@ pub async fn lock_reservations(
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await?;
+    reservations_of(rows)
+}
+
+/// Reservation rows as read.
+fn reservations_of(rows: Vec<(Uuid, String, serde_json::Value)>) -> Result<HashMap<Uuid, Reservation>, StoreError> {
     rows.into_iter()
         .map(|(order_id, state, lines)| {
             let state = ReservationState::parse(&state)
@@ -44,6 +49,25 @@ pub async fn lock_reservations(
             Ok((order_id, Reservation { state, demand }))
         })
         .collect()
+}
+
+/// Reads and locks at most `limit` reservations held past their deadline (the transaction's
+/// time), in id order, skipping any a unit holds: that unit is deciding it and the sweeper's
+/// next pass will see what it left. Never waiting on a reservation, the sweeper can take part
+/// in no lock cycle.
+pub async fn lock_due_reservations(
+    tx: &mut PgConnection,
+    limit: i64,
+) -> Result<HashMap<Uuid, Reservation>, StoreError> {
+    let rows: Vec<(Uuid, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT order_id, state, lines FROM reservations WHERE state = $1 AND expires_at <= now()
+         ORDER BY order_id LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(ReservationState::Reserved.as_str())
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    reservations_of(rows)
 }
 
 /// Reads and locks the counts of `skus`, in byte order (`COLLATE "C"`, the order of the

@@ -58,6 +58,52 @@ pub enum UnitError {
     },
 }
 
+/// The expiry sweeper's pass, inside `tx`: releases at most `limit` reservations held past
+/// their deadline (skipping any a unit is deciding) and returns what it decided, one entry per
+/// reservation, for the caller to publish (StockReleased, EXPIRED). Dying before the commit
+/// leaves them held; the next pass takes them.
+pub async fn expire_due(tx: &mut PgConnection, limit: i64) -> Result<Vec<Decided>, UnitError> {
+    let mut reservations = store::lock_due_reservations(tx, limit).await?;
+    let existing: BTreeSet<Uuid> = reservations.keys().copied().collect();
+    let skus = reservations
+        .values()
+        .flat_map(|r| r.demand.lines().map(|(sku, _)| sku.clone()))
+        .collect();
+    let before = store::lock_stock(tx, &skus).await?;
+    let mut stock = before.clone();
+    let mut decided = Vec::with_capacity(existing.len());
+    for order_id in &existing {
+        let events = domain::decide(reservations.get(order_id), &stock, Command::Expire).map_err(|error| {
+            UnitError::Refused {
+                index: decided.len(),
+                error,
+            }
+        })?;
+        for event in &events {
+            let after = domain::apply(reservations.remove(order_id), &mut stock, event);
+            reservations.insert(*order_id, after);
+        }
+        decided.push(Decided {
+            order_id: *order_id,
+            events,
+            expires_at: None,
+        });
+    }
+    store::write_stock(tx, &before, &stock).await?;
+    let written: Vec<Written<'_>> = existing
+        .iter()
+        .filter_map(|order_id| {
+            Some(Written {
+                order_id: *order_id,
+                reservation: reservations.get(order_id)?,
+                expires_at: None,
+            })
+        })
+        .collect();
+    store::write_reservations(tx, &existing, &written).await?;
+    Ok(decided)
+}
+
 /// Decides `asked` (the unit's messages, in order) and writes the result, inside `tx`.
 /// Reservations are held for `ttl` from the transaction's time.
 pub async fn decide_and_write(
