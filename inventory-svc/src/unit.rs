@@ -7,14 +7,14 @@
 //! the commit leaves nothing (the messages are redelivered and decided again over the same
 //! counts); after it, the inbox rows make the redelivery a no-op.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{self, Command, DomainError, Event, ReservationState};
+use crate::domain::{self, Command, DomainError, Event, Reservation, ReservationState};
 use crate::store::{self, StoreError, Written};
 
 /// What one message of the unit asks for one order.
@@ -63,45 +63,17 @@ pub enum UnitError {
 /// reservation, for the caller to publish (StockReleased, EXPIRED). Dying before the commit
 /// leaves them held; the next pass takes them.
 pub async fn expire_due(tx: &mut PgConnection, limit: i64) -> Result<Vec<Decided>, UnitError> {
-    let mut reservations = store::lock_due_reservations(tx, limit).await?;
-    let existing: BTreeSet<Uuid> = reservations.keys().copied().collect();
-    let skus = reservations
-        .values()
-        .flat_map(|r| r.demand.lines().map(|(sku, _)| sku.clone()))
-        .collect();
-    let before = store::lock_stock(tx, &skus).await?;
-    let mut stock = before.clone();
-    let mut decided = Vec::with_capacity(existing.len());
-    for order_id in &existing {
-        let events = domain::decide(reservations.get(order_id), &stock, Command::Expire).map_err(|error| {
-            UnitError::Refused {
-                index: decided.len(),
-                error,
-            }
-        })?;
-        for event in &events {
-            let after = domain::apply(reservations.remove(order_id), &mut stock, event);
-            reservations.insert(*order_id, after);
-        }
-        decided.push(Decided {
-            order_id: *order_id,
-            events,
-            expires_at: None,
-        });
-    }
-    store::write_stock(tx, &before, &stock).await?;
-    let written: Vec<Written<'_>> = existing
-        .iter()
-        .filter_map(|order_id| {
-            Some(Written {
-                order_id: *order_id,
-                reservation: reservations.get(order_id)?,
-                expires_at: None,
-            })
+    let reservations = store::lock_due_reservations(tx, limit).await?;
+    let due: BTreeSet<Uuid> = reservations.keys().copied().collect();
+    let asked: Vec<Asked> = due
+        .into_iter()
+        .map(|order_id| Asked {
+            order_id,
+            command: Command::Expire,
         })
         .collect();
-    store::write_reservations(tx, &existing, &written).await?;
-    Ok(decided)
+    // A sweep reserves nothing: the time to live a unit gives new reservations is not used.
+    decide_locked(tx, reservations, &asked, Duration::ZERO).await
 }
 
 /// Decides `asked` (the unit's messages, in order) and writes the result, inside `tx`.
@@ -112,7 +84,18 @@ pub async fn decide_and_write(
     ttl: Duration,
 ) -> Result<Vec<Decided>, UnitError> {
     let orders: BTreeSet<Uuid> = asked.iter().map(|a| a.order_id).collect();
-    let mut reservations = store::lock_reservations(tx, &orders).await?;
+    let reservations = store::lock_reservations(tx, &orders).await?;
+    decide_locked(tx, reservations, asked, ttl).await
+}
+
+/// Decides `asked` over `reservations` (every one of their orders, locked by the caller), the
+/// stock they may change (locked here) and writes the result.
+async fn decide_locked(
+    tx: &mut PgConnection,
+    mut reservations: HashMap<Uuid, Reservation>,
+    asked: &[Asked],
+    ttl: Duration,
+) -> Result<Vec<Decided>, UnitError> {
     let existing: BTreeSet<Uuid> = reservations.keys().copied().collect();
     // Only the stock the unit may change: what new orders ask for, and what reservations hold
     // or had (an expired one may be taken again). Every other row stays unlocked for the
